@@ -1,0 +1,564 @@
+"""
+The transformer: GQA or MLA attention, RoPE, RMSNorm, SwiGLU, a preallocated KV cache with per-row
+positions, and loading/saving Hugging Face style directories (config.json + model.safetensors).
+
+Parameter names are Hugging Face's (model.layers.0.self_attn.q_proj.weight, ...), so a Llama, Qwen2,
+Qwen3 or DeepseekV3 checkpoint loads without renaming, and ours load in transformers.
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    dim: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int = 8  # < n_heads: grouped-query attention
+    head_dim: int = 0  # 0: dim // n_heads
+    dim_ffn: int = 1536  # SwiGLU hidden size
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_len: int = 2048  # longest sequence: RoPE tables and the default KV cache size
+    tie_weight: bool = True  # output head shares the token embedding
+    attention_bias: bool = False  # biases on q/k/v (Qwen2)
+    use_qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    use_gated_attention: bool = False  # sigmoid gate from the block input on the attention output
+    attn: str = "gqa"  # "gqa" | "mla"
+    # MLA (DeepSeek-V2/V3) sizes, used when attn == "mla"
+    q_lora_rank: int = 0  # 0: no query compression
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            self.head_dim = self.dim // self.n_heads
+        problems = []
+        if self.attn not in ("gqa", "mla"):
+            problems.append(f"attn={self.attn!r} (expected 'gqa' or 'mla')")
+        if self.n_heads % self.n_kv_heads:
+            problems.append(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        rope_dim = self.qk_rope_head_dim if self.attn == "mla" else self.head_dim
+        if rope_dim % 2:
+            problems.append(f"the RoPE dimension {rope_dim} must be even")
+        if self.attn == "mla" and (self.attention_bias or self.use_qk_norm or self.use_gated_attention):
+            problems.append("attention_bias, use_qk_norm and use_gated_attention apply to attn='gqa' only")
+        if problems:
+            raise ValueError("ModelConfig: " + "; ".join(problems))
+
+    @classmethod
+    def from_file(cls, path):
+        """A preset: a Python file of plain assignments (configs/tiny.py)."""
+        values = {}
+        with open(path) as f:
+            exec(f.read(), {}, values)
+        return cls.from_dict({k: v for k, v in values.items() if not k.startswith("_")}, path)
+
+    @classmethod
+    def from_dict(cls, d, where="config"):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown model config keys {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32 like the reference implementations, then scale in the input dtype
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    # x (B, nh, T, d); cos/sin (T, d) or (B, 1, T, d). Hugging Face's rotate_half convention.
+    return x * cos + rotate_half(x) * sin
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.dim, config.dim_ffn, bias=False)
+        self.up_proj = nn.Linear(config.dim, config.dim_ffn, bias=False)
+        self.down_proj = nn.Linear(config.dim_ffn, config.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class CacheStep:
+    """Where one forward pass reads and writes the KV cache; computed once, shared by all layers."""
+
+    def __init__(self, cache, batch, seq_len, rows, input_lengths, device):
+        self.full = rows is None  # all rows in order: slice the cache instead of gathering
+        rows = torch.arange(batch, device=device) if rows is None else torch.as_tensor(rows, device=device)
+        start = cache.lengths[rows]  # (b,)
+        offsets = torch.arange(seq_len, device=device)
+        self.positions = start[:, None] + offsets  # (b, T)
+        n_new = torch.full_like(start, seq_len) if input_lengths is None else torch.as_tensor(input_lengths, device=device)
+        end = start + n_new
+        self.length = int(end.max())  # keys to attend to: 0 .. length-1
+        if self.length > cache.max_len:
+            raise ValueError(f"KV cache overflow: a row would reach {self.length} tokens, the cache holds {cache.max_len}")
+        keys = torch.arange(self.length, device=device)
+        self.mask = (keys[None, None, :] <= self.positions[:, :, None])[:, None]  # (b, 1, T, length)
+        self.valid = None if input_lengths is None else offsets[None, :] < n_new[:, None]  # (b, T)
+        row_idx = rows[:, None].expand(-1, seq_len)
+        self.row_idx = row_idx.reshape(-1) if self.valid is None else row_idx[self.valid]
+        self.pos_idx = self.positions.reshape(-1) if self.valid is None else self.positions[self.valid]
+        self.rows, self.end = rows, end
+
+    def new_entries(self, x):
+        # x (b, T, ...) -> (n, ...) the entries of valid tokens, in row_idx/pos_idx order
+        return x.reshape(-1, *x.shape[2:]) if self.valid is None else x[self.valid]
+
+    def read(self, buf):
+        # buf (B, ..., max_len, ...) with max_len at dim `time_dim`
+        return buf[:, :, : self.length] if self.full else buf[self.rows, :, : self.length]
+
+
+class Attention(nn.Module):
+    """Grouped-query attention, optionally with q/k RMSNorm (Qwen3) and a sigmoid output gate."""
+
+    def __init__(self, config):
+        super().__init__()
+        c = config
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.attention_bias)
+        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
+        if c.use_qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.norm_eps)
+        if c.use_gated_attention:
+            self.gate_proj = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=False)
+
+    def forward(self, x, cos, sin, step=None, kv=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = self.n_kv_heads != self.n_heads
+        if step is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            k_buf, v_buf = kv  # (B, n_kv, max_len, hd)
+            k_buf[step.row_idx, :, step.pos_idx] = step.new_entries(k.transpose(1, 2)).to(k_buf.dtype)
+            v_buf[step.row_idx, :, step.pos_idx] = step.new_entries(v.transpose(1, 2)).to(v_buf.dtype)
+            k, v = step.read(k_buf).to(q.dtype), step.read(v_buf).to(q.dtype)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        if hasattr(self, "gate_proj"):
+            y = y * torch.sigmoid(self.gate_proj(x))
+        return self.o_proj(y)
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3). The cache holds, per token, the normalised KV latent
+    and the shared RoPE key: kv_lora_rank + qk_rope_head_dim numbers a layer, whatever the head count."""
+
+    def __init__(self, config):
+        super().__init__()
+        c = config
+        self.n_heads, self.kv_lora_rank = c.n_heads, c.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        q_out = c.n_heads * (self.nope_dim + self.rope_dim)
+        if c.q_lora_rank:
+            self.q_a_proj = nn.Linear(c.dim, c.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.norm_eps)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, q_out, bias=False)
+        else:
+            self.q_proj = nn.Linear(c.dim, q_out, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.dim, c.kv_lora_rank + c.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.norm_eps)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, c.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(c.n_heads * self.v_dim, c.dim, bias=False)
+        self.scale = (self.nope_dim + self.rope_dim) ** -0.5
+
+    def forward(self, x, cos, sin, step=None, kv=None):
+        B, T, _ = x.shape
+        H, r = self.n_heads, self.kv_lora_rank
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_a_proj") else self.q_proj(x)
+        q = q.view(B, T, H, self.nope_dim + self.rope_dim).transpose(1, 2)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)  # (B, H, T, .)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([r, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)  # (B, T, r)
+        q_rope = apply_rope(q_rope, cos, sin)
+        k_rope = apply_rope(k_rope[:, None], cos, sin)  # (B, 1, T, rope)
+        if step is None:
+            # training: expand the latent into per-head keys and values
+            kv = self.kv_b_proj(latent).view(B, T, H, self.nope_dim + self.v_dim).transpose(1, 2)
+            k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+            k = torch.cat([k_nope, k_rope.expand(-1, H, -1, -1)], dim=-1)
+            y = F.scaled_dot_product_attention(torch.cat([q_nope, q_rope], -1), k, v, is_causal=True, scale=self.scale)
+        else:
+            # decoding: absorb kv_b_proj into the query and the output, attend over the cached latent
+            # like multi-query attention with one (r + rope)-wide key and an r-wide value
+            w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, r)
+            w_k, w_v = w[:, : self.nope_dim], w[:, self.nope_dim :]  # (H, nope, r), (H, v, r)
+            buf = kv[0]  # (B, 1, max_len, r + rope)
+            entry = torch.cat([latent, k_rope[:, 0]], dim=-1)[:, :, None]  # (B, T, 1, r + rope)
+            buf[step.row_idx, :, step.pos_idx] = step.new_entries(entry).to(buf.dtype)
+            keys = step.read(buf).to(q.dtype)  # (b, 1, L, r + rope)
+            q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_k)
+            y = F.scaled_dot_product_attention(
+                torch.cat([q_latent, q_rope], -1), keys, keys[..., :r], attn_mask=step.mask, scale=self.scale, enable_gqa=True
+            )  # (B, H, T, r)
+            y = torch.einsum("bhtr,hvr->bhtv", y, w_v)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.v_dim))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = MLAttention(config) if config.attn == "mla" else Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, step=None, kv=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, step, kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# -----------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Preallocated for batch_size rows x max_len tokens, never grown; `lengths` counts tokens per row.
+    GQA layers hold (k, v), each (B, n_kv_heads, max_len, head_dim); MLA layers hold one
+    (B, 1, max_len, kv_lora_rank + qk_rope_head_dim) tensor of latents and RoPE keys."""
+
+    def __init__(self, config, batch_size, max_len=None, device=None, dtype=torch.float32):
+        self.config, self.batch_size = config, batch_size
+        self.max_len = max_len or config.max_len
+        if self.max_len > config.max_len:
+            raise ValueError(f"KVCache max_len={self.max_len} exceeds the model's max_len={config.max_len}")
+        if config.attn == "mla":
+            shape = (batch_size, 1, self.max_len, config.kv_lora_rank + config.qk_rope_head_dim)
+            self.layers = [(torch.zeros(shape, device=device, dtype=dtype),) for _ in range(config.n_layers)]
+        else:
+            shape = (batch_size, config.n_kv_heads, self.max_len, config.head_dim)
+            self.layers = [
+                (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+                for _ in range(config.n_layers)
+            ]
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def reset(self, rows=None):
+        if rows is None:
+            self.lengths.zero_()
+        else:
+            self.lengths[torch.as_tensor(rows, device=self.lengths.device, dtype=torch.long)] = 0
+
+    def bytes_per_token(self):
+        return sum(t[0, ..., 0, :].numel() * t.element_size() for layer in self.layers for t in layer)
+
+
+def kv_cache_bytes_per_token(config, dtype=torch.float32):
+    element = torch.empty(0, dtype=dtype).element_size()
+    if config.attn == "mla":
+        return config.n_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * element
+    return config.n_layers * 2 * config.n_kv_heads * config.head_dim * element
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class Transformer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_weight:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.grad_checkpointing = False  # recompute block activations in backward (train.py sets it)
+        self.init_rope()
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):  # residual projections
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def init_rope(self, device=None):
+        c = self.config
+        rope_dim = c.qk_rope_head_dim if c.attn == "mla" else c.head_dim
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, rope_dim, 2, dtype=torch.int64, device=device).float() / rope_dim))
+        freqs = torch.outer(torch.arange(c.max_len, device=device).float(), inv_freq)
+        angles = torch.cat([freqs, freqs], dim=-1)  # (max_len, rope_dim)
+        self.register_buffer("rope_cos", angles.cos(), persistent=False)
+        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+
+    def forward(self, input_ids, positions=None, cache=None, rows=None, input_lengths=None):
+        """input_ids (B, T) -> float32 logits (B, T, vocab_size). Without a cache: causal attention over
+        input_ids (positions (B, T) optional). With a cache: input_ids are appended to cache rows `rows`
+        (default all) at each row's own length; input_lengths (B,) counts the valid tokens of a
+        right-padded batch."""
+        B, T = input_ids.shape
+        step = None
+        if cache is not None:
+            step = CacheStep(cache, B, T, rows, input_lengths, input_ids.device)
+            positions = step.positions.clamp(max=self.config.max_len - 1)  # padding may run past the end
+        if positions is None:
+            if T > self.config.max_len:
+                raise ValueError(f"sequence of {T} tokens is longer than max_len={self.config.max_len}")
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, d)
+        x = self.embed_tokens(input_ids)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else cache.layers[i]
+            if self.grad_checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, step, kv)
+        logits = self.lm_head(self.norm(x)).float()
+        if step is not None:
+            cache.lengths[step.rows] = step.end
+        return logits
+
+    # --- sizes --------------------------------------------------------------
+
+    def num_params(self, embedding=True):
+        n = sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once
+        return n if embedding else n - self.embed_tokens.weight.numel()
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token (forward + backward): 6 per non-embedding weight plus attention."""
+        c = self.config
+        if c.attn == "mla":
+            qk_dim, v_dim = c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim
+        else:
+            qk_dim = v_dim = c.head_dim
+        # the output head multiplies even when it shares the embedding's weight
+        weights = self.num_params(embedding=False) + (c.vocab_size * c.dim if c.tie_weight else 0)
+        return 6 * weights + 6 * c.n_layers * c.n_heads * (qk_dim + v_dim) * seq_len
+
+    # --- checkpoints ----------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None):
+        """Load a directory of config.json + model.safetensors (or sharded safetensors with an index):
+        ours, or Hugging Face Llama/Qwen2/Qwen3/DeepseekV3 (dense). Nothing is unpickled."""
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path}: no such model directory")
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{config_path}: missing (a model directory needs config.json and model.safetensors)")
+        try:
+            with open(config_path) as f:
+                hf = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+        config, rope_interleave = config_from_hf(hf, config_path)
+        state = load_safetensors_dir(path)
+        if config.tie_weight:
+            state.pop("lm_head.weight", None)
+        if rope_interleave:
+            deinterleave_rope_weights(state, config)
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k: v.shape for k, v in model.state_dict().items() if not (config.tie_weight and k == "lm_head.weight")}
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+        problems = [f"missing {k}" for k in expected if k not in state]
+        problems += [f"unexpected {k}" for k in state if k not in expected]
+        problems += [
+            f"{k}: shape {tuple(v.shape)} in the file, {tuple(expected[k])} from config.json"
+            for k, v in state.items()
+            if k in expected and v.shape != expected[k]
+        ]
+        if problems:
+            shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} problems)" if len(problems) > 8 else "")
+            raise ValueError(f"{path}: weights do not match config.json: {shown}")
+        dtype = dtype or torch.float32
+        state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+        model.load_state_dict(state, strict=False, assign=True)
+        if config.tie_weight:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.init_rope(device)
+        return model
+
+    def save_pretrained(self, path):
+        """Write config.json (readable by transformers where an HF architecture expresses the model) and
+        model.safetensors. Writes into `path` directly; callers wanting atomicity write a temp dir and rename."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        state = {}
+        for k, v in self.state_dict().items():
+            if self.config.tie_weight and k == "lm_head.weight":
+                continue
+            state[k if k.startswith("lm_head") else "model." + k] = v.detach().contiguous().cpu()
+        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        dtype = str(next(self.parameters()).dtype).removeprefix("torch.")
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(config_to_hf(self.config, dtype), f, indent=2)
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face config and weight conversion
+
+SUPPORTED = "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, DeepseekV3ForCausalLM (dense layers) or this project's own"
+
+
+def config_to_hf(c, dtype="float32"):
+    """config.json for transformers. Our own fields go under "astrai" so nothing is lost on the way back."""
+    hf = {
+        "vocab_size": c.vocab_size, "hidden_size": c.dim, "intermediate_size": c.dim_ffn,
+        "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
+        "head_dim": c.head_dim, "hidden_act": "silu", "max_position_embeddings": c.max_len,
+        "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+        "tie_word_embeddings": c.tie_weight, "attention_bias": False, "dtype": dtype,
+    }
+    if c.use_gated_attention:
+        hf.update(model_type="astrai", architectures=["AstrAIForCausalLM"],
+                  note="gated attention (use_gated_attention) has no transformers architecture: load with model.py")
+    elif c.attn == "mla":
+        hf.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"],
+                  q_lora_rank=c.q_lora_rank or None, kv_lora_rank=c.kv_lora_rank,
+                  qk_nope_head_dim=c.qk_nope_head_dim, qk_rope_head_dim=c.qk_rope_head_dim,
+                  v_head_dim=c.v_head_dim, num_key_value_heads=c.n_heads, head_dim=c.qk_rope_head_dim,
+                  first_k_dense_replace=c.n_layers, moe_intermediate_size=c.dim_ffn, rope_interleave=False)
+    elif c.use_qk_norm and not c.attention_bias:
+        hf.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"])
+    elif c.use_qk_norm:
+        hf.update(model_type="astrai", architectures=["AstrAIForCausalLM"],
+                  note="q/k biases together with qk-norm have no transformers architecture: load with model.py")
+    elif c.attention_bias:
+        hf.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"])
+        del hf["attention_bias"]
+    else:
+        hf.update(model_type="llama", architectures=["LlamaForCausalLM"], mlp_bias=False)
+    hf["astrai"] = asdict(c)
+    return hf
+
+
+def config_from_hf(hf, where):
+    """ModelConfig from a config.json dict; returns (config, rope_interleave)."""
+    if "astrai" in hf:
+        return ModelConfig.from_dict(hf["astrai"], where), False
+    model_type = hf.get("model_type")
+    if model_type not in ("llama", "qwen2", "qwen3", "deepseek_v3"):
+        arch = hf.get("architectures") or model_type
+        raise ValueError(f"{where}: unsupported architecture {arch!r}; supported: {SUPPORTED}")
+
+    def need(cond, what):
+        if not cond:
+            raise ValueError(f"{where}: {model_type} with {what} is not supported")
+
+    need(hf.get("hidden_act", "silu") == "silu", f"hidden_act={hf.get('hidden_act')!r} (only silu)")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    need(rope.get("rope_type", rope.get("type", "default")) == "default", f"RoPE scaling {rope}")
+    need(not hf.get("mlp_bias"), "mlp_bias")
+    need(not hf.get("use_sliding_window"), "sliding window attention")
+    n_heads = hf["num_attention_heads"]
+    c = dict(
+        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads, head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+        dim_ffn=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        max_len=hf.get("max_position_embeddings", 2048), tie_weight=bool(hf.get("tie_word_embeddings", False)),
+    )
+    if model_type == "llama":
+        need(not hf.get("attention_bias"), "attention_bias (biases on o_proj too)")
+    elif model_type == "qwen2":
+        c["attention_bias"] = True
+    elif model_type == "qwen3":
+        need(not hf.get("attention_bias"), "attention_bias (biases on o_proj too)")
+        c["use_qk_norm"] = True
+    else:
+        need(not hf.get("attention_bias"), "attention_bias")
+        n_routed = hf.get("n_routed_experts") or 0
+        if n_routed and hf.get("first_k_dense_replace", 0) < hf["num_hidden_layers"]:
+            raise ValueError(
+                f"{where}: MoE is not supported: layers {hf.get('first_k_dense_replace', 0)}.. are mixture-of-experts "
+                f"(first_k_dense_replace={hf.get('first_k_dense_replace')}, n_routed_experts={n_routed}); only dense layers load"
+            )
+        c.update(attn="mla", n_kv_heads=n_heads, head_dim=0, q_lora_rank=hf.get("q_lora_rank") or 0,
+                 kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
+                 qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"])
+        return ModelConfig(**c), bool(hf.get("rope_interleave", True))
+    return ModelConfig(**c), False
+
+
+def deinterleave_rope_weights(state, c):
+    """DeepseekV3's rope_interleave=True rotates (x0, x1), (x2, x3), ... pairs; permuting the rows that
+    produce the RoPE part of q and k to (x0, x2, ..., x1, x3, ...) gives the same attention under rotate_half."""
+    perm = torch.cat([torch.arange(0, c.qk_rope_head_dim, 2), torch.arange(1, c.qk_rope_head_dim, 2)])
+    nope, rope = c.qk_nope_head_dim, c.qk_rope_head_dim
+    for i in range(c.n_layers):
+        p = f"model.layers.{i}.self_attn."
+        qk = p + ("q_b_proj.weight" if c.q_lora_rank else "q_proj.weight")
+        if qk in state:
+            w = state[qk].view(c.n_heads, nope + rope, -1)
+            state[qk] = torch.cat([w[:, :nope], w[:, nope:][:, perm]], dim=1).reshape(c.n_heads * (nope + rope), -1)
+        kv = p + "kv_a_proj_with_mqa.weight"
+        if kv in state:
+            w = state[kv]
+            state[kv] = torch.cat([w[: c.kv_lora_rank], w[c.kv_lora_rank :][perm]], dim=0)
+
+
+def load_safetensors_dir(path):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    state = {}
+    for name in files:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            others = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
+            hint = f" (found {others}: pickled weights are not loaded; convert them to safetensors)" if others else ""
+            raise FileNotFoundError(f"{file}: missing{hint}")
+        try:
+            state.update(load_file(file))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{file}: cannot read safetensors ({e}); the file is truncated or corrupt") from None
+    return state

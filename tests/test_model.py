@@ -1,0 +1,244 @@
+"""model.py against Hugging Face transformers: logits both ways, the KV cache, presets, bad input."""
+import json
+import os
+
+import pytest
+import torch
+
+from model import KVCache, ModelConfig, Transformer, kv_cache_bytes_per_token
+
+transformers = pytest.importorskip("transformers")
+
+torch.manual_seed(0)
+TOL = 1e-4
+
+
+def randomize(model, seed=0):
+    """Weights far from init so that a wrong transpose, scale or RoPE convention shows in the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.15 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def hf_config(family, **kw):
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    common.update(kw)
+    if family == "llama":
+        return transformers.LlamaConfig(num_key_value_heads=2, **common)
+    if family == "qwen2":
+        return transformers.Qwen2Config(num_key_value_heads=2, **common)
+    if family == "qwen3":
+        return transformers.Qwen3Config(num_key_value_heads=1, head_dim=24, **common)
+    mla = dict(kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, num_key_value_heads=4,
+               first_k_dense_replace=common["num_hidden_layers"], n_routed_experts=4)
+    return transformers.DeepseekV3Config(**{**mla, **common})
+
+
+FAMILIES = [
+    ("llama", {}),
+    ("llama", {"tie_word_embeddings": True}),
+    ("qwen2", {}),
+    ("qwen2", {"tie_word_embeddings": True}),
+    ("qwen3", {}),
+    ("deepseek_v3", {"q_lora_rank": None}),
+    ("deepseek_v3", {"q_lora_rank": 32}),
+    ("deepseek_v3", {"q_lora_rank": 32, "rope_interleave": False}),
+]
+
+
+def batch(vocab, B=3, T=11, seed=1):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family,kw", FAMILIES)
+def test_hf_to_ours_logits(tmp_path, family, kw):
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config(family, **kw), attn_implementation="eager").eval()
+    randomize(hf)
+    hf.save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path).eval()
+    x = batch(hf.config.vocab_size)
+    with torch.no_grad():
+        ref = hf(x).logits
+        got = ours(x)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert (got - ref).abs().max().item() < TOL
+    assert ref.std().item() > 0.5  # the comparison is not between two near-zero tensors
+
+
+OUR_CONFIGS = {
+    "llama": dict(n_kv_heads=2),
+    "llama_tied": dict(n_kv_heads=1, tie_weight=True),
+    "qwen2": dict(n_kv_heads=2, attention_bias=True),
+    "qwen3": dict(n_kv_heads=2, use_qk_norm=True, head_dim=24),
+    "deepseek_v3": dict(attn="mla", kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12),
+    "deepseek_v3_q_lora": dict(attn="mla", q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16,
+                               qk_rope_head_dim=8, v_head_dim=12, tie_weight=True),
+}
+
+
+def tiny(**kw):
+    base = dict(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, dim_ffn=96, max_len=64, tie_weight=False)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.mark.parametrize("name", sorted(OUR_CONFIGS))
+def test_ours_to_hf_logits(tmp_path, name):
+    ours = randomize(Transformer(tiny(**OUR_CONFIGS[name]))).eval()
+    ours.save_pretrained(tmp_path)
+    expected_type = name.removesuffix("_tied").removesuffix("_q_lora")
+    assert json.load(open(tmp_path / "config.json"))["model_type"] == expected_type
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    x = batch(97)
+    with torch.no_grad():
+        diff = (hf(x).logits - ours(x)).abs().max().item()
+    assert diff < TOL
+    # and back: our own directory reloads bit for bit
+    again = Transformer.from_pretrained(tmp_path)
+    assert again.config == ours.config
+    with torch.no_grad():
+        assert torch.equal(again(x), ours(x))
+
+
+def test_gated_attention_is_marked_not_hf(tmp_path):
+    ours = Transformer(tiny(use_gated_attention=True, n_kv_heads=2))
+    ours.save_pretrained(tmp_path)
+    config = json.load(open(tmp_path / "config.json"))
+    assert config["model_type"] == "astrai" and "gated attention" in config["note"]
+    with pytest.raises(Exception):
+        transformers.AutoConfig.from_pretrained(tmp_path)
+    again = Transformer.from_pretrained(tmp_path)
+    x = batch(97)
+    with torch.no_grad():
+        assert torch.equal(again(x), ours(x))
+
+
+# -----------------------------------------------------------------------------
+# KV cache: ragged prefill + decode == a full forward of each row alone
+
+
+@pytest.mark.parametrize("kw", [
+    dict(n_kv_heads=2),
+    dict(n_kv_heads=2, use_qk_norm=True, use_gated_attention=True, attention_bias=True),
+    dict(attn="mla", kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12),
+    dict(attn="mla", q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12),
+])
+def test_kv_cache_ragged_matches_full_forward(kw):
+    model = randomize(Transformer(tiny(**kw))).eval()
+    g = torch.Generator().manual_seed(3)
+    prompt_lengths = [5, 9, 2]
+    n_steps = 6
+    seqs = [torch.randint(0, 97, (n + n_steps + 4,), generator=g) for n in prompt_lengths]
+    cache = KVCache(model.config, batch_size=3, max_len=40)
+    got = [[] for _ in seqs]  # logits per row, per position, from the cached path
+    with torch.no_grad():
+        # rows 0 and 1: one right-padded batched prefill; row 2 joins 3 decode steps later
+        T = max(prompt_lengths[:2])
+        x = torch.zeros(2, T, dtype=torch.long)
+        for r in range(2):
+            x[r, : prompt_lengths[r]] = seqs[r][: prompt_lengths[r]]
+        logits = model(x, cache=cache, rows=torch.tensor([0, 1]), input_lengths=torch.tensor(prompt_lengths[:2]))
+        for r in range(2):
+            got[r] += list(logits[r, : prompt_lengths[r]])
+        pos = prompt_lengths[:]
+        for step in range(n_steps + 3):
+            rows = [0, 1] if step < 3 else [0, 1, 2]
+            if step == 3:
+                logits = model(seqs[2][None, : pos[2]], cache=cache, rows=torch.tensor([2]))
+                got[2] += list(logits[0])
+            x = torch.stack([seqs[r][pos[r] : pos[r] + 1] for r in rows])
+            logits = model(x, cache=cache, rows=torch.tensor(rows))
+            for i, r in enumerate(rows):
+                got[r].append(logits[i, 0])
+                pos[r] += 1
+        assert cache.lengths.tolist() == pos
+        for r, seq in enumerate(seqs):
+            full = model(seq[None, : pos[r]])[0]
+            assert len(got[r]) == pos[r]
+            assert (torch.stack(got[r]) - full).abs().max().item() < TOL, f"row {r}"
+
+
+def test_kv_cache_decode_all_rows_and_overflow():
+    model = Transformer(tiny(n_kv_heads=2)).eval()
+    cache = KVCache(model.config, batch_size=2, max_len=8)
+    x = batch(97, B=2, T=6)
+    with torch.no_grad():
+        model(x, cache=cache)
+        assert cache.lengths.tolist() == [6, 6]
+        with pytest.raises(ValueError, match="overflow"):
+            model(x[:, :3], cache=cache)
+    cache.reset([0])
+    assert cache.lengths.tolist() == [0, 6]
+
+
+def test_mla_cache_bytes_per_token():
+    c = tiny(attn="mla", kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12)
+    cache = KVCache(c, batch_size=2, max_len=16, dtype=torch.bfloat16)
+    assert cache.bytes_per_token() == c.n_layers * (24 + 8) * 2 == kv_cache_bytes_per_token(c, torch.bfloat16)
+    g = tiny(n_kv_heads=2)
+    assert KVCache(g, 1, 16).bytes_per_token() == g.n_layers * 2 * 2 * 16 * 4 == kv_cache_bytes_per_token(g)
+
+
+# -----------------------------------------------------------------------------
+# presets, sizes, bad input
+
+
+def test_presets_parameter_counts():
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sizes = {}
+    for name in ("astrai_1b", "astrai_1b_mla", "tiny"):
+        config = ModelConfig.from_file(os.path.join(here, "configs", f"{name}.py"))
+        with torch.device("meta"):
+            sizes[name] = Transformer(config).num_params()
+    c = ModelConfig.from_file(os.path.join(here, "configs", "astrai_1b.py"))
+    per_layer = 1536 * 1536 * 2 + 1536 * 256 * 2 + 3 * 1536 * 6912 + 2 * 1536
+    assert sizes["astrai_1b"] == 24 * per_layer + 2 * 100000 * 1536 + 1536
+    assert 1.15e9 < sizes["astrai_1b"] < 1.25e9 and 1.15e9 < sizes["astrai_1b_mla"] < 1.3e9
+    assert c.n_kv_heads == 4 and not c.tie_weight
+    assert sizes["tiny"] < 5e6
+
+
+def test_flops_per_token():
+    c = tiny()
+    m = Transformer(c)
+    n = sum(p.numel() for p in m.parameters()) - 97 * 64  # untied: head counted, embedding not
+    assert m.flops_per_token(32) == 6 * n + 6 * 2 * 4 * (16 + 16) * 32
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such model directory"):
+        Transformer.from_pretrained(tmp_path / "nope")
+    d = tmp_path / "m"
+    Transformer(tiny()).save_pretrained(d)
+    weights = d / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors.*truncated or corrupt"):
+        Transformer.from_pretrained(d)
+    weights.unlink()
+    (d / "pytorch_model.bin").write_bytes(b"not unpickled")
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors: missing.*pickled weights are not loaded"):
+        Transformer.from_pretrained(d)
+    # weights whose shapes do not match config.json
+    Transformer(tiny()).save_pretrained(d)
+    config = json.load(open(d / "config.json"))
+    config["astrai"]["dim_ffn"] = 128
+    json.dump(config, open(d / "config.json", "w"))
+    with pytest.raises(ValueError, match=r"mlp\.gate_proj\.weight: shape \(96, 64\) in the file, \(128, 64\)"):
+        Transformer.from_pretrained(d)
+    # unsupported architectures, and MoE
+    json.dump({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, open(d / "config.json", "w"))
+    with pytest.raises(ValueError, match="unsupported architecture.*GPT2LMHeadModel"):
+        Transformer.from_pretrained(d)
+    moe = hf_config("deepseek_v3", first_k_dense_replace=1).to_dict()
+    json.dump(moe, open(d / "config.json", "w"))
+    with pytest.raises(ValueError, match="MoE is not supported"):
+        Transformer.from_pretrained(d)
+    with pytest.raises(ValueError, match="unknown model config keys.*'dimm'"):
+        ModelConfig.from_dict({"dimm": 3})
