@@ -419,19 +419,20 @@ class Transformer(nn.Module):
         model.init_rope(device)
         return model
 
-    def save_pretrained(self, path):
+    def save_pretrained(self, path, state_dict=None):
         """Write config.json (readable by transformers where an HF architecture expresses the model) and
-        model.safetensors. Writes into `path` directly; callers wanting atomicity write a temp dir and rename."""
+        model.safetensors. state_dict: a full one gathered elsewhere (FSDP), default this module's.
+        Writes into `path` directly; callers wanting atomicity write a temp dir and rename."""
         from safetensors.torch import save_file
 
         os.makedirs(path, exist_ok=True)
         state = {}
-        for k, v in self.state_dict().items():
+        for k, v in (state_dict or self.state_dict()).items():
             if self.config.tie_weight and k == "lm_head.weight":
                 continue
             state[k if k.startswith("lm_head") else "model." + k] = v.detach().contiguous().cpu()
         save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-        dtype = str(next(self.parameters()).dtype).removeprefix("torch.")
+        dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(config_to_hf(self.config, dtype), f, indent=2)
 

@@ -1,0 +1,289 @@
+"""
+Benchmarks, side by side with Hugging Face transformers (when installed) in one run, reported as ratios.
+
+    python bench.py                       # everything
+    python bench.py --only=train,decode   # some sections: train, decode, serve
+    python bench.py --preset=configs/tiny.py --steps=10
+
+Speed claims live here, never in timed unit tests.
+"""
+import os
+import sys
+import time
+
+import torch
+
+from data import parse_args
+from model import ModelConfig, Transformer
+
+DEFAULTS = dict(
+    only="train,decode,serve",  # comma-separated sections
+    preset="configs/tiny.py",  # model shape for the train/decode sections
+    batch_size=8,
+    block_size=256,
+    steps=10,  # timed steps after warmup
+    prompt_len=32,  # decode: prompt tokens per row
+    decode_tokens=64,  # decode: new tokens per generate() call, no early stop
+    serve_requests=32,  # serve: completions per measurement, prompts of 16-64 tokens
+    serve_tokens=32,  # serve: new tokens per completion, no early stop
+    threads=0,  # torch threads, 0 = torch's default
+    seed=0,
+)
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+def timed(fn, steps, warmup=2):
+    """Seconds per call of fn, median of `steps` calls after `warmup`."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_peak_flops(n=1024, dtype=torch.float32):
+    """Measured FLOP/s of a large square matmul: the denominator of MFU on this machine."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / timed(lambda: a @ b, steps=10)
+
+
+def copy_bandwidth(n_bytes=256 * 2**20):
+    """Measured bytes/s of a large tensor copy (read + write): the memory-bandwidth bound of decoding."""
+    src = torch.empty(n_bytes // 4, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    return 2 * n_bytes / timed(lambda: dst.copy_(src), steps=5)
+
+
+def hf_model_like(model):
+    """The transformers model with our weights, via save_pretrained -> AutoModelForCausalLM, or None."""
+    try:
+        import tempfile
+
+        import transformers
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="sdpa", dtype=torch.float32)
+    return hf
+
+
+def table(rows, header):
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for r in [header] + rows:
+        print("  ".join(str(x).rjust(w) for x, w in zip(r, widths)))
+
+
+# -----------------------------------------------------------------------------
+# train: forward + backward tokens/s and MFU, ours vs transformers
+
+
+def bench_train(args):
+    print("== train: forward+backward, same weights, float32 on", "cuda" if torch.cuda.is_available() else "cpu")
+    peak = matmul_peak_flops()
+    print(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s")
+    torch.manual_seed(args["seed"])
+    config = ModelConfig.from_file(args["preset"])
+    model = Transformer(config)
+    B, T = args["batch_size"], min(args["block_size"], config.max_len)
+    x = torch.randint(0, config.vocab_size, (B, T))
+
+    def ours():
+        logits = model(x)
+        torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), x.view(-1)).backward()
+
+    hf = hf_model_like(model)
+
+    def theirs():
+        logits = hf(x).logits.float()
+        torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), x.view(-1)).backward()
+
+    rows = []
+    flops = model.flops_per_token(T)
+    t_ours = timed(ours, args["steps"])
+    rows.append(["model.py", f"{B * T / t_ours:,.0f}", f"{flops * B * T / t_ours / peak:.1%}", ""])
+    if hf is not None:
+        t_hf = timed(theirs, args["steps"])
+        rows.append(["transformers", f"{B * T / t_hf:,.0f}", f"{flops * B * T / t_hf / peak:.1%}", ""])
+        rows[0][3] = f"{t_hf / t_ours:.2f}x"
+    print(f"preset {args['preset']} ({model.num_params() / 1e6:.1f}M params), batch {B} x {T} tokens")
+    table(rows, ["impl", "tokens/s", "MFU", "ours/theirs"])
+
+
+# -----------------------------------------------------------------------------
+# decode: generate() tokens/s vs transformers' generate (sample.py's section)
+
+
+def bench_decode(args):
+    from sample import generate
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print("== decode: greedy generate() vs transformers' generate, KV cache on both, same weights, float32 on", device)
+    torch.manual_seed(args["seed"])
+    config = ModelConfig.from_file(args["preset"])
+    model = Transformer(config).to(device).eval()
+    hf = hf_model_like(model)
+    if hf is not None:
+        hf = hf.to(device).eval()
+        hf.generation_config.eos_token_id = None  # a fixed number of new tokens on both sides
+        hf.generation_config.pad_token_id = 0
+    P, N, steps = args["prompt_len"], args["decode_tokens"], args["steps"]
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def ours(prompts, n):
+        generate(model, prompts.tolist(), n, temperature=0.0)
+
+    def theirs(prompts, n):
+        with torch.no_grad():
+            hf.generate(prompts, do_sample=False, max_new_tokens=n)
+        sync()
+
+    impls = [("sample.generate", ours)] + ([("transformers", theirs)] if hf is not None else [])
+    rows, ours_tokens_per_s = [], {}
+    for B in (1, 8):
+        prompts = torch.randint(0, config.vocab_size, (B, P), device=device)
+        # decode alone: N new tokens minus the prefill and first token that 1 new token costs. The fastest
+        # of `steps` rounds, the implementations interleaved: on a shared machine other processes land in
+        # many runs, and the difference of two medians can even come out negative
+        calls = [(name, n, lambda fn=fn, n=n: fn(prompts, n)) for name, fn in impls for n in (N, 1)]
+        fastest = {}
+        for rep in range(steps + 1):  # the first round warms up
+            for name, n, call in calls:
+                t0 = time.perf_counter()
+                call()
+                if rep:
+                    fastest[name, n] = min(fastest.get((name, n), float("inf")), time.perf_counter() - t0)
+        for name, _ in impls:
+            seconds = fastest[name, N] - fastest[name, 1]
+            tokens_per_s = B * (N - 1) / seconds
+            rows.append([B, name, f"{tokens_per_s:,.0f}", f"{seconds / (N - 1) * 1e3:.2f}", ""])
+            if name == "sample.generate":
+                ours_tokens_per_s[B] = tokens_per_s
+            else:
+                rows[-2][4] = f"{ours_tokens_per_s[B] / tokens_per_s:.2f}x"
+    print(f"preset {args['preset']} ({model.num_params() / 1e6:.1f}M params), prompts of {P} tokens, {N} new tokens")
+    table(rows, ["batch", "impl", "decode tokens/s", "ms/step", "ours/theirs"])
+
+    # batch 1 reads every weight once per token (the output head even when tied; embedding rows are negligible)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not config.tie_weight:
+        weight_bytes -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    if device == "cuda":
+        src = torch.empty(64 * 2**20, device=device)
+        dst = torch.empty_like(src)
+        bandwidth = 2 * src.numel() * 4 / timed(lambda: (dst.copy_(src), sync()), steps=5)
+    else:
+        bandwidth = copy_bandwidth()
+    bound = bandwidth / weight_bytes
+    print(f"batch-1 memory-bandwidth bound: {weight_bytes / 1e6:.1f} MB of weights / {bandwidth / 1e9:.1f} GB/s copy "
+          f"= {bound:,.0f} tokens/s; generate() reaches {ours_tokens_per_s[1] / bound:.1%} of it")
+
+
+# -----------------------------------------------------------------------------
+# serve: engine throughput under concurrent clients (serve.py's section)
+
+
+def bench_serve(args):
+    """Output tokens/s of serve.py behind its HTTP server with 1, 4 and 16 concurrent clients (each sends its
+    next request when the last one is answered), against the same engine serving one request at a time
+    (max_batch=1) and transformers' continuous batching (generate_batch) on the same weights and prompts."""
+    import http.client
+    import json
+    import logging
+    import random
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from data import train_tokenizer
+    from serve import Engine, make_server
+
+    n_requests, n_tokens = args["serve_requests"], args["serve_tokens"]
+    threads = torch.get_num_threads()
+    if not args["threads"]:  # a tiny model gains nothing from intra-op threads; the HTTP threads need a core
+        torch.set_num_threads(1)
+    print(f"== serve: output tokens/s, {n_requests} greedy completions of {n_tokens} tokens (no stop token), "
+          f"prompts of 16-64 tokens, cpu, {torch.get_num_threads()} torch thread(s)")
+    torch.manual_seed(args["seed"])
+    config = ModelConfig.from_file(args["preset"])
+    model = Transformer(config).eval()
+    rng = random.Random(args["seed"])
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(3000)]
+    tokenizer = train_tokenizer([" ".join(rng.choice(words) for _ in range(40000))], config.vocab_size, progress=False)
+    prompts = [[rng.randrange(config.vocab_size) for _ in range(rng.randint(16, 64))] for _ in range(n_requests)]
+
+    def served(max_batch, clients, requests=prompts):
+        """Output tokens/s of `clients` HTTP clients working through `requests` against a fresh engine."""
+        engine = Engine(model, tokenizer, max_batch, max_waiting=len(requests), stop_ids=()).start()
+        server = make_server(engine, port=0, log_requests=False)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        todo, lock = list(requests), threading.Lock()
+
+        def client(_):
+            conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=600)
+            tokens = 0
+            while True:
+                with lock:
+                    if not todo:
+                        return tokens
+                    prompt = todo.pop()
+                body = json.dumps({"prompt": prompt, "max_tokens": n_tokens, "temperature": 0})
+                conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+                tokens += json.loads(conn.getresponse().read())["usage"]["completion_tokens"]
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            tokens = sum(pool.map(client, range(clients)))
+        seconds = time.perf_counter() - t0
+        server.shutdown()
+        server.server_close()
+        engine.stop()
+        return tokens / seconds
+
+    served(16, 4, prompts[:8])  # warm up
+    hf = hf_model_like(model)
+    if hf is not None:
+        from transformers import ContinuousBatchingConfig, GenerationConfig
+
+        logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)  # psutil warnings on CPU
+        generation_config = GenerationConfig(max_new_tokens=n_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+
+        def theirs(batch, requests=prompts):
+            t0 = time.perf_counter()
+            out = hf.generate_batch(requests, generation_config=generation_config, progress_bar=False, warmup=False,
+                                    continuous_batching_config=ContinuousBatchingConfig(max_requests_per_batch=batch))
+            return sum(len(o.generated_tokens) for o in out.values()) / (time.perf_counter() - t0)
+
+        theirs(4, prompts[:4])  # warm up: the first call pays one-time setup
+    rows = []
+    for clients in (1, 4, 16):
+        batched, one_at_a_time = served(16, clients), served(1, clients)
+        row = [clients, f"{batched:,.0f}", f"{one_at_a_time:,.0f}", f"{batched / one_at_a_time:.2f}x"]
+        if hf is not None:
+            hf_rate = theirs(clients)
+            row += [f"{hf_rate:,.0f}", f"{batched / hf_rate:.2f}x"]
+        rows.append(row)
+    print(f"preset {args['preset']} ({model.num_params() / 1e6:.1f}M params); transformers runs generate_batch "
+          f"with max_requests_per_batch = clients, on all {n_requests} prompts at once")
+    header = ["clients", "serve.py max_batch=16", "max_batch=1", "ratio"]
+    table(rows, header + (["transformers generate_batch", "ours/theirs"] if hf is not None else []))
+    torch.set_num_threads(threads)
+
+
+if __name__ == "__main__":
+    args = parse_args(DEFAULTS, sys.argv[1:])
+    if args["threads"]:
+        torch.set_num_threads(args["threads"])
+    sections = {"train": bench_train, "decode": bench_decode, "serve": bench_serve}
+    for name in args["only"].split(","):
+        if name not in sections:
+            sys.exit(f"bench.py: unknown section {name!r}; choose from {', '.join(sections)}")
+        sections[name](args)
+        print()

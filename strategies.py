@@ -1,0 +1,410 @@
+"""
+The loss of each training strategy. train.py's loop calls `strategy.loss(model, batch, step)` and never
+changes; `--strategy=NAME` picks a class from STRATEGIES.
+
+Each strategy: `data_stage` (which `data.py prepare --stage` its .h5 must be), `__init__(cfg, model)`
+(cfg: train.py's settings dict; model: the unwrapped policy, e.g. to copy a frozen reference; bad
+settings raise ValueError, which train.py reports before training starts) and
+`loss(model, batch, step) -> (loss, metrics)` where metrics is a dict of floats for the log ("tokens",
+when present, is the token count behind tokens/s). `model` may be DDP-wrapped: each loss() calls it
+exactly once, so gradients sync once per backward. Optional state_dict()/load_state_dict() survive resume.
+
+    seq   next-token cross-entropy on every token (pretraining)
+    sft   the same, only on assistant replies
+    dpo   direct preference optimisation against a frozen copy of the initial model (Rafailov et al. 2023)
+    grpo  group relative policy optimisation (Shao et al. 2024): sampled groups, PPO clip, k3 KL
+"""
+import copy
+import importlib
+import math
+import numbers
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# seq and sft: next-token cross-entropy where targets != -100
+
+
+def token_cross_entropy(logits, targets, label_smoothing=0.0):
+    """Mean cross-entropy over positions whose target is not -100 (padding, prompt, user turns)."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+                           label_smoothing=label_smoothing)
+
+
+class NextToken:
+    """Pretraining (seq): every token is a target. SFT uses the same loss; data.py puts -100 on every
+    target outside assistant replies, and pads each conversation into its own row."""
+
+    data_stage = "seq"
+
+    def __init__(self, cfg, model):
+        self.label_smoothing = cfg.get("label_smoothing", 0.0)
+
+    def loss(self, model, batch, step):
+        logits = model(batch["input_ids"])
+        loss = token_cross_entropy(logits, batch["targets"], self.label_smoothing)
+        return loss, {}
+
+
+class SFT(NextToken):
+    data_stage = "sft"
+
+
+# -----------------------------------------------------------------------------
+# pieces shared by dpo and grpo
+
+
+def target_logprobs(logits, targets, temperature=1.0):
+    """logits (B, T, V), targets (B, T) with -100 where nothing is scored -> (B, T) log-probs of the
+    targets under softmax(logits / temperature), 0 at -100 positions."""
+    logits = logits / temperature if temperature != 1.0 else logits
+    picked = logits.gather(-1, targets.clamp(min=0)[..., None])[..., 0]  # (B, T)
+    return (picked - logits.logsumexp(-1)) * (targets != -100)  # no (B, T, V) log_softmax in memory
+
+
+def frozen_copy(model):
+    """The reference policy: a copy of the model as it is now, in eval mode, never trained."""
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+# -----------------------------------------------------------------------------
+# dpo: -log sigmoid(beta * (how much more the policy than the reference prefers chosen over rejected))
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+    """Summed reply log-probs (B,) under the policy and the reference -> (losses (B,), margins (B,)).
+    The margin is the implicit reward of chosen minus that of rejected, beta * log(policy / reference)
+    each; when policy == reference it is 0 and the loss log 2 = 0.693."""
+    margins = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
+    return -F.logsigmoid(margins), margins
+
+
+class DPO:
+    """Batches hold chosen and rejected conversations padded to one width, targets -100 outside the reply.
+    rpo_alpha > 0 adds that much of the chosen replies' next-token loss (RPO, Pang et al. 2024): plain DPO
+    may lower the chosen replies' likelihood along with the rejected ones', which costs exact answers."""
+
+    data_stage = "dpo"
+
+    def __init__(self, cfg, model):
+        if not cfg["beta"] > 0:
+            raise ValueError(f"beta={cfg['beta']}: must be > 0 (typical 0.1; smaller lets the policy drift further)")
+        if cfg.get("rpo_alpha", 0.0) < 0:
+            raise ValueError(f"rpo_alpha={cfg['rpo_alpha']}: must be >= 0 (0 = plain DPO)")
+        self.beta, self.rpo_alpha = cfg["beta"], cfg.get("rpo_alpha", 0.0)
+        self.ref_model = frozen_copy(model)
+
+    def loss(self, model, batch, step):
+        B = batch["chosen_ids"].size(0)
+        ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])  # (2B, T): one forward for both sides
+        targets = torch.cat([batch["chosen_targets"], batch["rejected_targets"]])
+        token_logprobs = target_logprobs(model(ids), targets)  # (2B, T)
+        policy = token_logprobs.sum(-1)  # (2B,)
+        with torch.no_grad():
+            ref = target_logprobs(self.ref_model(ids), targets).sum(-1)
+        losses, margins = dpo_loss(policy[:B], policy[B:], ref[:B], ref[B:], self.beta)
+        loss = losses.mean()
+        metrics = {
+            "margin": margins.mean().item(),
+            "pref_accuracy": (margins > 0).float().mean().item(),  # 0 at the start: policy == reference
+            "chosen_reward": self.beta * (policy[:B] - ref[:B]).mean().item(),  # < 0: chosen replies unlearned too
+        }
+        if self.rpo_alpha:
+            chosen_nll = -token_logprobs[:B].sum() / (batch["chosen_targets"] != -100).sum().clamp(min=1)
+            metrics["dpo_loss"] = loss.item()  # log 2 = 0.693 at the start, as without rpo_alpha
+            loss = loss + self.rpo_alpha * chosen_nll
+        return loss, metrics
+
+
+# -----------------------------------------------------------------------------
+# grpo: the loss on groups of completions of one prompt
+
+
+def group_advantages(rewards, eps=1e-4):
+    """rewards (B, G): G completions of each of B prompts -> (r - group mean) / (group std + eps),
+    std with Bessel's correction (as TRL). A group whose rewards are all equal teaches nothing: 0."""
+    if rewards.size(-1) < 2:
+        return torch.zeros_like(rewards)
+    mean, std = rewards.mean(-1, keepdim=True), rewards.std(-1, keepdim=True)
+    return (rewards - mean) / (std + eps)
+
+
+def clipped_policy_loss(logprobs, old_logprobs, advantages, clip_eps):
+    """PPO's per-token loss -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A), ratio = p / p_old.
+    Returns (loss, clipped): clipped marks tokens where the clip is in force (no gradient)."""
+    ratio = (logprobs - old_logprobs).exp()
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
+    return -torch.min(unclipped, clipped), clipped < unclipped
+
+
+def k3_kl(logprobs, ref_logprobs):
+    """Schulman's k3 estimate of KL(policy || reference) from tokens sampled from the policy:
+    q/p - log(q/p) - 1 with q/p = reference / policy. Never negative; its expectation is the KL."""
+    log_ratio = ref_logprobs - logprobs
+    return log_ratio.exp() - log_ratio - 1
+
+
+def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps, kl_coef):
+    """(N, T) per-token log-probs of N completions, advantages (N,), mask (N, T) 1 on completion tokens ->
+    (loss, kl per token (N, T), clipped (N, T)). Per token: clipped policy loss + kl_coef * k3 KL; averaged
+    over each completion's tokens, then over completions (the GRPO paper's 1/G sum_i 1/|o_i| sum_t)."""
+    policy_loss, clipped = clipped_policy_loss(logprobs, old_logprobs, advantages[:, None], clip_eps)
+    kl = k3_kl(logprobs, ref_logprobs)
+    per_token = (policy_loss + kl_coef * kl) * mask
+    loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    return loss, kl, clipped
+
+
+# -----------------------------------------------------------------------------
+# grpo rewards: (prompt, completion, record) -> float
+
+
+def exact_answer(prompt, completion, record):
+    """1 when the completion's final answer equals the record's "answer" (the check sample.py --eval uses)."""
+    from data import answer_is_correct
+
+    return float(answer_is_correct(completion, str(record["answer"])))
+
+
+REWARDS = {"exact_answer": exact_answer}
+
+
+def load_reward(name):
+    """A built-in name from REWARDS or "module:function", importable from the working directory or PYTHONPATH."""
+    if name in REWARDS:
+        return REWARDS[name]
+    module_name, _, function_name = name.partition(":")
+    if not module_name or not function_name:
+        raise ValueError(f"reward={name!r}: expected a built-in ({', '.join(REWARDS)}) or module:function")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # a missing module, or one that fails while importing
+        raise ValueError(f"reward={name!r}: cannot import module {module_name!r} ({type(e).__name__}: {e})") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ValueError(f"reward={name!r}: module {module_name!r} ({module.__file__}) has no function {function_name!r}")
+    return function
+
+
+def check_reward(value, name, prompt, completion):
+    if not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"reward {name!r} returned {value!r} (a {type(value).__name__}) for completion "
+                         f"{completion[:60]!r} of prompt {prompt[-60:]!r}; it must return a finite number")
+    return float(value)
+
+
+# -----------------------------------------------------------------------------
+# grpo: rollouts, then PPO-style updates on them
+
+
+def pack_completions(prompts, completions, pad_id, device):
+    """Rows prompt + completion -> input_ids (N, T), targets (N, T): each completion token is the target
+    at the position that predicts it; prompt and padding are -100. T = longest row - 1."""
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions)) - 1
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(prompts), width), -100, dtype=torch.long)
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        row = prompt + completion
+        input_ids[i, : len(row) - 1] = torch.tensor(row[:-1])
+        targets[i, len(prompt) - 1 : len(row) - 1] = torch.tensor(completion)
+    return input_ids.to(device), targets.to(device)
+
+
+class GRPO:
+    """Online (the .h5 holds prompts and answers): every ppo_epochs steps, sample group_size completions of
+    each prompt of the batch from the current policy, score them with the reward and keep them with their
+    sampling log-probs; that step and the next ppo_epochs - 1 train on them (their own batches are not
+    used), so later epochs see a policy that has moved and the PPO clip matters. Offline (the .h5 also
+    holds responses and rewards): the same, on the stored responses, the old log-probs being the policy's
+    own at first use.
+
+    Val loss: online, minus the mean reward of greedy completions of the val prompts; offline, the loss.
+    Resume is exact when ckpt_interval is a multiple of ppo_epochs and of sync_interval; otherwise the
+    resumed run starts with a fresh rollout and a reference synced to the resumed policy."""
+
+    data_stage = "grpo"
+
+    def __init__(self, cfg, model):
+        problems = []
+        if cfg["group_size"] < 2:
+            problems.append(f"group_size={cfg['group_size']} must be >= 2: advantages compare completions of one prompt")
+        if cfg["ppo_epochs"] < 1:
+            problems.append(f"ppo_epochs={cfg['ppo_epochs']} must be >= 1")
+        if not cfg["clip_eps"] > 0:
+            problems.append(f"clip_eps={cfg['clip_eps']} must be > 0 (typical 0.2)")
+        if cfg["kl_coef"] < 0:
+            problems.append(f"kl_coef={cfg['kl_coef']} must be >= 0")
+        if cfg["sync_interval"] < 0:
+            problems.append(f"sync_interval={cfg['sync_interval']} must be >= 0 (0 = never)")
+        if cfg["max_new_tokens"] < 1:
+            problems.append(f"max_new_tokens={cfg['max_new_tokens']} must be >= 1")
+        if not cfg["rollout_temperature"] > 0:
+            problems.append(f"rollout_temperature={cfg['rollout_temperature']} must be > 0: greedy groups are all alike")
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1 and cfg.get("parallel") == "fsdp":
+            problems.append("parallel=fsdp: grpo rolls out with the whole model on every rank; use parallel=ddp")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.cfg = cfg
+        self.reward_name = cfg["reward"]
+        self.reward_fn = load_reward(self.reward_name)
+        self.tokenizer = self.find_tokenizer(cfg)
+        self.stop_ids = list(self.tokenizer.stop_ids)
+        self.probe_reward(cfg)
+        self.policy = model  # unwrapped: generate() runs on it, outside DDP
+        self.ref_model = frozen_copy(model)
+        self.rank = int(os.environ.get("RANK", 0))
+        self.rollouts = []  # one per micro-step of the step that made them
+        self.last_step, self.micro = None, 0
+        self.synced_at = 0
+
+    @staticmethod
+    def find_tokenizer(cfg):
+        """train.py's tokenizer: --tokenizer if given, else the one in --init_from."""
+        from data import Tokenizer
+
+        path = cfg["tokenizer"] or (cfg["init_from"] if cfg["init_from"] != "scratch" else "")
+        if not path:
+            raise ValueError("grpo decodes completions for the reward: pass --tokenizer=DIR or --init_from=MODELDIR")
+        try:
+            return Tokenizer.load(path)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"grpo needs a tokenizer: {e}") from None
+
+    def probe_reward(self, cfg):
+        """Call the reward once on the first training record (its answer as the completion), so a reward
+        that fails or returns a non-number stops the run before training, not at its first step."""
+        from data import load_dataset
+
+        try:
+            batch = load_dataset(cfg["data"], "train", cfg["block_size"], stage="grpo").get_batch([0])
+        except (OSError, ValueError, IndexError, KeyError):
+            return  # train.py reports a bad --data itself
+        prompt, record = self.tokenizer.decode(batch["prompt_ids"][0]), batch["records"][0]
+        try:
+            value = self.reward_fn(prompt, batch["answers"][0], record)
+        except Exception as e:
+            raise ValueError(f"reward {self.reward_name!r} raised {type(e).__name__}: {e} on the first record of "
+                             f"{cfg['data']} ({record})") from None
+        check_reward(value, self.reward_name, prompt, batch["answers"][0])
+
+    # --- rollouts -------------------------------------------------------------
+
+    @torch.no_grad()
+    def rollout(self, batch, step):
+        """Completions, rewards and advantages for one micro-batch, with the log-probs the loss compares to."""
+        from sample import generate
+
+        cfg, device = self.cfg, self.policy.lm_head.weight.device
+        if "responses" in batch:  # offline: stored responses (each ends with <|im_end|>) and rewards
+            prompts = [p for p, group in zip(batch["prompt_ids"], batch["responses"]) for _ in group]
+            completions = [c for group in batch["responses"] for c in group]
+            rewards = [torch.tensor(group, dtype=torch.float32) for group in batch["rewards"]]
+            sample_logprobs = None  # the policy's own become the old log-probs at first use
+        else:
+            G = cfg["group_size"]
+            prompts = [p for p in batch["prompt_ids"] for _ in range(G)]  # (B * G) rows, a group adjacent
+            # seeded by step and global micro-batch: 2 ranks roll out what 1 rank does with grad_accum 2
+            micro_batch = self.rank * cfg["grad_accum"] + self.micro
+            seed = cfg["seed"] + 1_000_003 * step + 7919 * micro_batch
+            completions, sample_logprobs = generate(self.policy, prompts, cfg["max_new_tokens"], stop_ids=self.stop_ids,
+                                                    temperature=cfg["rollout_temperature"], seed=seed, return_logprobs=True)
+            scores = [self.reward(prompt, completion, batch["records"][i // G])
+                      for i, (prompt, completion) in enumerate(zip(prompts, completions))]
+            rewards = list(torch.tensor(scores).view(-1, G))
+        input_ids, targets = pack_completions(prompts, completions, self.tokenizer.eot_id or 0, device)
+        old_logprobs = None
+        if sample_logprobs is not None:
+            old_logprobs = torch.zeros(targets.shape, device=device)  # (N, T), aligned with targets
+            for i, (prompt, logprobs) in enumerate(zip(prompts, sample_logprobs)):
+                old_logprobs[i, len(prompt) - 1 : len(prompt) - 1 + len(logprobs)] = torch.tensor(logprobs)
+        return {
+            "input_ids": input_ids, "targets": targets, "old_logprobs": old_logprobs,
+            "advantages": torch.cat([group_advantages(r) for r in rewards]).to(device),  # (N,)
+            "reward_mean": torch.cat(rewards).mean().item(),
+            "reward_std": sum(r.std().item() if len(r) > 1 else 0.0 for r in rewards) / len(rewards),
+            "tokens": sum(len(p) + len(c) - 1 for p, c in zip(prompts, completions)),
+        }
+
+    def reward(self, prompt_ids, completion_ids, record):
+        prompt = self.tokenizer.decode(prompt_ids)
+        if completion_ids and completion_ids[-1] in self.stop_ids:
+            completion_ids = completion_ids[:-1]
+        # a model's vocab may be larger than its tokenizer's: ids past the tokenizer have no text
+        completion = self.tokenizer.decode([t for t in completion_ids if t < self.tokenizer.vocab_size])
+        return check_reward(self.reward_fn(prompt, completion, record), self.reward_name, prompt, completion)
+
+    # --- the loss -------------------------------------------------------------
+
+    def loss(self, model, batch, step):
+        if not torch.is_grad_enabled():  # train.py's val evaluation
+            return self.val_loss(model, batch, step)
+        # train.py calls loss() grad_accum times a step: which call this is picks the cached rollout
+        self.micro = self.micro + 1 if step == self.last_step else 0
+        self.last_step = step
+        cfg = self.cfg
+        if cfg["sync_interval"] and step % cfg["sync_interval"] == 0 and step > self.synced_at:
+            self.ref_model.load_state_dict(self.policy.state_dict())
+            self.synced_at = step
+        if step % cfg["ppo_epochs"] == 0 or self.micro >= len(self.rollouts):
+            if self.micro == 0:
+                self.rollouts = []
+            self.rollouts.append(self.rollout(batch, step))
+        rollout = self.rollouts[self.micro]
+
+        mask = (rollout["targets"] != -100).float()
+        logprobs = target_logprobs(model(rollout["input_ids"]), rollout["targets"], cfg["rollout_temperature"])
+        if rollout["old_logprobs"] is None:
+            rollout["old_logprobs"] = logprobs.detach()
+        loss, kl, clipped = grpo_loss(logprobs, rollout["old_logprobs"], self.reference_logprobs(rollout),
+                                      rollout["advantages"], mask, cfg["clip_eps"], cfg["kl_coef"])
+        n_tokens = mask.sum().clamp(min=1)
+        return loss, {
+            "reward_mean": rollout["reward_mean"],
+            "reward_std": rollout["reward_std"],  # within groups; 0 everywhere means no learning signal
+            "kl": ((kl * mask).sum() / n_tokens).item(),
+            "clip_fraction": ((clipped.float() * mask).sum() / n_tokens).item(),
+            "completion_tokens": (mask.sum() / mask.size(0)).item(),  # mean completion length
+            "tokens": rollout["tokens"],
+        }
+
+    @torch.no_grad()
+    def reference_logprobs(self, rollout):
+        """Each step anew, not cached with the rollout: the reference may have been re-synced since."""
+        return target_logprobs(self.ref_model(rollout["input_ids"]), rollout["targets"], self.cfg["rollout_temperature"])
+
+    @torch.no_grad()
+    def val_loss(self, model, batch, step):
+        if "responses" in batch:
+            rollout = self.rollout(batch, step)
+            mask = (rollout["targets"] != -100).float()
+            logprobs = target_logprobs(model(rollout["input_ids"]), rollout["targets"], self.cfg["rollout_temperature"])
+            loss, _, _ = grpo_loss(logprobs, logprobs, self.reference_logprobs(rollout), rollout["advantages"], mask,
+                                   self.cfg["clip_eps"], self.cfg["kl_coef"])
+            return loss, {}
+        from sample import generate
+
+        completions = generate(self.policy, batch["prompt_ids"], self.cfg["max_new_tokens"], temperature=0.0,
+                               stop_ids=self.stop_ids)
+        rewards = [self.reward(*row) for row in zip(batch["prompt_ids"], completions, batch["records"])]
+        return torch.tensor(-sum(rewards) / len(rewards)), {}
+
+    # --- resume ---------------------------------------------------------------
+
+    def state_dict(self):
+        return {"synced_at": self.synced_at}
+
+    def load_state_dict(self, state):
+        self.synced_at = state["synced_at"]
+        if self.synced_at:  # the reference was the policy at step synced_at; the closest we have is the resumed one
+            self.ref_model.load_state_dict(self.policy.state_dict())
+
+
+STRATEGIES = {"seq": NextToken, "sft": SFT, "dpo": DPO, "grpo": GRPO}

@@ -1,0 +1,379 @@
+"""sample.py against transformers' generate and against the sampling formulas; streaming; the CLI."""
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model import Transformer
+from sample import TextStream, generate, sample_tokens
+
+transformers = pytest.importorskip("transformers")
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 97
+NEVER = VOCAB + 5  # an eos/pad id no model here can produce: transformers then runs the full budget
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine two busy OpenMP threads per
+    process make every small op wait for the other (100x slower here under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomize(model, seed=0):
+    """Weights far from init so that greedy choices are decisive, not near-ties."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.15 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def hf_config(family, **kw):
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    common.update(kw)
+    if family == "llama":
+        return transformers.LlamaConfig(num_key_value_heads=2, **common)
+    if family == "qwen3":
+        return transformers.Qwen3Config(num_key_value_heads=1, head_dim=24, **common)
+    # HF DeepseekV3 wants num_key_value_heads == num_attention_heads; all layers dense
+    mla = dict(kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, num_key_value_heads=4,
+               first_k_dense_replace=common["num_hidden_layers"], n_routed_experts=4)
+    return transformers.DeepseekV3Config(**{**mla, **common})
+
+
+FAMILIES = {
+    "llama": ("llama", {}),
+    "qwen3_tied": ("qwen3", {"tie_word_embeddings": True}),
+    "deepseek_v3": ("deepseek_v3", {"q_lora_rank": None}),
+    "deepseek_v3_q_lora": ("deepseek_v3", {"q_lora_rank": 32}),
+}
+
+
+def hf_and_ours(tmp_path, name, seed=0):
+    family, kw = FAMILIES[name]
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config(family, **kw), attn_implementation="sdpa").eval()
+    randomize(hf, seed)
+    hf.save_pretrained(tmp_path)
+    return hf, Transformer.from_pretrained(tmp_path).eval()
+
+
+def ragged_prompts(lengths=(5, 11, 2, 8), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_greedy(hf, prompt, max_new_tokens, eos=NEVER):
+    """transformers' greedy generate for one prompt alone (no padding involved): the new tokens."""
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens,
+                          eos_token_id=eos, pad_token_id=eos)
+    return out[0, len(prompt) :].tolist()
+
+
+def count_rows_per_call(model):
+    """Records the batch size of every forward call (prefill and each decode step)."""
+    sizes = []
+    model.embed_tokens.register_forward_hook(lambda module, inputs, output: sizes.append(inputs[0].shape[0]))
+    return sizes
+
+
+# -----------------------------------------------------------------------------
+# generate() against transformers
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_greedy_matches_transformers_token_for_token(tmp_path, name, monkeypatch):
+    import sample
+
+    hf, ours = hf_and_ours(tmp_path, name)
+    prompts = ragged_prompts()
+    got = generate(ours, prompts, 48, temperature=0.0)
+    for i, prompt in enumerate(prompts):
+        expected = hf_greedy(hf, prompt, 48)
+        assert len(expected) == 48
+        assert got[i] == expected, f"row {i} (prompt of {len(prompt)} tokens)"
+    assert len({tuple(t) for t in got}) == len(prompts)  # the rows are not all one degenerate sequence
+    monkeypatch.setattr(sample, "PREFILL_LOGITS_BYTES", 2 * 11 * VOCAB * 4)  # prefill in groups of 2 rows
+    assert generate(ours, prompts, 48, temperature=0.0) == got
+
+
+def test_stop_token_ends_a_row_and_the_others_still_match(tmp_path):
+    hf, ours = hf_and_ours(tmp_path, "llama")
+    prompts = ragged_prompts()
+    free = [hf_greedy(hf, p, 48) for p in prompts]
+    # a stop id that row 0 produces early and some other row never produces
+    stop = next(t for t in free[0][3:20] if any(t not in row for row in free[1:]))
+    expected = [hf_greedy(hf, p, 48, eos=stop) for p in prompts]
+    assert expected[0][-1] == stop and len(expected[0]) < 20
+    assert any(len(e) == 48 and stop not in e for e in expected)  # a row that runs on after row 0 stopped
+    rows_per_call = count_rows_per_call(ours)
+    got = generate(ours, prompts, 48, temperature=0.0, stop_ids=[stop])
+    assert got == expected
+    # a finished row costs nothing: the decode steps fed exactly the tokens still needed
+    assert rows_per_call[0] == len(prompts)  # one prefill
+    assert sum(rows_per_call[1:]) == sum(len(e) - 1 for e in expected)
+    assert rows_per_call[1:] == sorted(rows_per_call[1:], reverse=True) and rows_per_call[-1] < len(prompts)
+
+
+def test_logprobs_equal_a_fresh_full_forward(tmp_path):
+    hf, ours = hf_and_ours(tmp_path, "qwen3_tied")
+    prompts = ragged_prompts((3, 9, 6))
+    for temperature in (1.0, 0.0):  # sampled (no truncation) and greedy: both are the raw log-softmax
+        tokens, logprobs = generate(ours, prompts, 20, temperature=temperature, seed=5, return_logprobs=True)
+        for prompt, new, lp in zip(prompts, tokens, logprobs):
+            assert len(new) == len(lp) == 20
+            with torch.no_grad():
+                ref = torch.log_softmax(hf(torch.tensor([prompt + new])).logits[0].float(), -1)
+            expected = ref[len(prompt) - 1 : -1].gather(1, torch.tensor(new)[:, None])[:, 0]
+            assert (torch.tensor(lp) - expected).abs().max().item() < 1e-4
+    assert min(min(lp) for lp in logprobs) < -0.01  # sampled tokens are not all certain ones
+
+
+def test_seeded_sampling_is_reproducible(tmp_path):
+    _, ours = hf_and_ours(tmp_path, "deepseek_v3")
+    prompts = ragged_prompts()
+    a = generate(ours, prompts, 24, temperature=1.0, top_k=20, top_p=0.9, seed=7)
+    b = generate(ours, prompts, 24, temperature=1.0, top_k=20, top_p=0.9, seed=7)
+    c = generate(ours, prompts, 24, temperature=1.0, top_k=20, top_p=0.9, seed=8)
+    assert a == b
+    assert a != c
+    assert a != generate(ours, prompts, 24, temperature=0.0)
+
+
+def test_budget_context_and_bad_prompts(tmp_path):
+    _, ours = hf_and_ours(tmp_path, "llama")  # max_len 128
+    out = generate(ours, [[1] * 125, [2] * 3, [3] * 128], 10, temperature=0.0)
+    assert [len(t) for t in out] == [3, 10, 0]  # prompt + completion never exceeds the context
+    assert generate(ours, [[1, 2]], 0) == [[]]
+    with pytest.raises(ValueError, match="prompt 1 has 129 tokens.*max_len\\) is 128"):
+        generate(ours, [[1], [1] * 129], 4)
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        generate(ours, [[]], 4)
+    with pytest.raises(ValueError, match="outside 0..96"):
+        generate(ours, [[5, 97]], 4)
+
+
+# -----------------------------------------------------------------------------
+# sample_tokens against the formulas
+
+
+def test_sample_tokens_logprobs_are_those_of_the_transformed_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    # temperature 0.5, top-k 3: softmax of logits / 0.5 over tokens 0, 1, 2
+    tokens, lp = sample_tokens(logits.expand(300, -1), 0.5, 3, 1.0, [g] * 300)
+    kept = [4.0, 2.0, 1.0]
+    seen = set(tokens.tolist())
+    for t, l in zip(tokens.tolist(), lp.tolist()):
+        assert abs(l - (kept[t] - math.log(sum(math.exp(v) for v in kept)))) < 1e-6
+    assert seen == {0, 1, 2}
+    # top-p 0.7 on probabilities (0.5, 0.3, 0.15, 0.05): {0.5} < 0.7 <= {0.5, 0.3}, renormalised
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    for _ in range(30):
+        token, lp = sample_tokens(probs.log(), [1.0], [0], [0.7], [g])
+        assert token.item() in (0, 1)
+        assert abs(lp.item() - math.log([0.625, 0.375][token.item()])) < 1e-6
+    # temperature 2 with no cut: softmax(logits / 2)
+    token, lp = sample_tokens(logits, [2.0], [0], [1.0], [g])
+    assert abs(lp.item() - torch.log_softmax(logits[0] / 2, -1)[token.item()].item()) < 1e-6
+
+
+def test_sample_tokens_draws_follow_the_distribution():
+    n = 20000
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    g = torch.Generator().manual_seed(1)
+    tokens, _ = sample_tokens(probs.log().expand(n, -1), 1.0, 0, 1.0, [g] * n)
+    freq = torch.bincount(tokens, minlength=4).float() / n
+    assert (freq - probs).abs().max().item() < 0.015
+    tokens, _ = sample_tokens(probs.log().expand(n, -1), 1.0, 0, 0.7, [g] * n)
+    freq = torch.bincount(tokens, minlength=4).float() / n
+    assert (freq - torch.tensor([0.625, 0.375, 0, 0])).abs().max().item() < 0.015
+
+
+def test_sample_tokens_top_k_1_and_tiny_top_p_are_greedy():
+    logits = torch.randn(16, 50, generator=torch.Generator().manual_seed(2)) * 3
+    greedy, greedy_lp = sample_tokens(logits, 0.0, 0, 1.0)
+    assert torch.equal(greedy, logits.argmax(-1))
+    assert torch.allclose(greedy_lp, torch.log_softmax(logits, -1).max(-1).values)
+    for top_k, top_p in ((1, 1.0), (0, 1e-6), (0, 0.0)):
+        tokens, lp = sample_tokens(logits, 1.3, top_k, top_p)
+        assert torch.equal(tokens, greedy)
+        assert torch.equal(lp, torch.zeros(16))  # the one kept token has probability 1
+
+
+def test_sample_tokens_settings_apply_per_row():
+    logits = torch.tensor([[3.0, 2.9, 2.8, -5.0]] * 4)
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    seen = [set() for _ in range(4)]
+    for _ in range(60):
+        tokens, lp = sample_tokens(logits, [0.0, 1.0, 1.0, 1.0], [0, 1, 2, 0], [1.0, 1.0, 1.0, 0.5], gens)
+        for i, t in enumerate(tokens.tolist()):
+            seen[i].add(t)
+        assert abs(lp[0].item() - torch.log_softmax(logits[0], -1)[0].item()) < 1e-6  # greedy row: raw log-softmax
+        assert lp[1].item() == 0.0
+    assert seen[0] == {0} and seen[1] == {0} and seen[2] == {0, 1} and seen[3] == {0, 1}
+    with pytest.raises(ValueError, match="row 1"):
+        sample_tokens(logits, [0.0, -1.0, 1.0, 1.0], 0, 1.0)
+    with pytest.raises(ValueError, match="top_k has 2 values for 4 rows"):
+        sample_tokens(logits, 1.0, [1, 2], 1.0)
+
+
+def test_sample_tokens_per_row_generators_reproduce_each_row():
+    logits = torch.zeros(3, 1000)
+    a, _ = sample_tokens(logits, 1.0, 0, 1.0, [torch.Generator().manual_seed(s) for s in (1, 2, 3)])
+    b, _ = sample_tokens(logits, 1.0, 0, 1.0, [torch.Generator().manual_seed(s) for s in (1, 9, 3)])
+    assert a[0] == b[0] and a[2] == b[2] and a[1] != b[1]
+
+
+# -----------------------------------------------------------------------------
+# streaming text, loading a model directory, the command line
+
+
+def test_text_stream_never_splits_a_character(tiny_model_dir):
+    from sample import load
+
+    model, tokenizer = load(tiny_model_dir)
+    text = "敏捷的棕色狐狸跳过了懒狗。你好，世界！🙂"
+    ids = tokenizer.encode(text)
+    # the test means something only if some token ends inside a multi-byte character
+    assert any(not _is_utf8(tokenizer.decode_bytes(ids[: n + 1])) for n in range(len(ids)))
+    stream = TextStream(tokenizer)
+    pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == tokenizer.decode(ids) == text
+    assert not any("\ufffd" in p for p in pieces)
+    # a completion of a Chinese prompt streams to the same text as decoding it at once
+    new = generate(model, [ids], 40, temperature=1.0, seed=0)[0]
+    stream = TextStream(tokenizer)
+    assert "".join(stream.push(i) for i in new) + stream.flush() == tokenizer.decode(new)
+
+
+def _is_utf8(data):
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), *args], capture_output=True, text=True,
+                          encoding="utf-8", timeout=120, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_cli_prompt_prints_the_greedy_completion(tiny_model_dir):
+    from sample import load, stop_ids_for
+
+    result = run_cli(f"--model={tiny_model_dir}", "--prompt", "hi", "--max_new_tokens", "5", "--temperature=0")
+    assert result.returncode == 0, result.stderr
+    model, tokenizer = load(tiny_model_dir)
+    stops = stop_ids_for(tiny_model_dir, tokenizer)
+    new = generate(model, [tokenizer.encode("hi")], 5, temperature=0.0, stop_ids=stops)[0]
+    expected = tokenizer.decode([t for t in new if t not in stops])
+    assert result.stdout == expected + "\n"
+
+
+def test_cli_samples_chat_prompt_file_and_errors(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """The rest of the command line, in-process (main() is what `python sample.py` runs) to save startups."""
+    from sample import main
+
+    main([f"--model={tiny_model_dir}", "--prompt", "hi", "--max_new_tokens", "5", "--num_samples", "3",
+          "--top_k", "5", "--seed", "3"])
+    assert capsys.readouterr().out.count("---------------") == 3
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("你好，世界！", encoding="utf-8")
+    main([f"--model={tiny_model_dir}", f"--prompt=FILE:{prompt_file}", "--chat", "--max_new_tokens=4"])
+    assert capsys.readouterr().out.endswith("\n")
+    main([f"--model={tiny_model_dir}", "--prompt=hi", "--dtype=bfloat16", "--device=cpu", "--max_new_tokens=4"])
+    assert capsys.readouterr().out.endswith("\n")
+    # interactive chat reads turns from stdin until EOF
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/reset\n7 + 8?\n"))
+    main([f"--model={tiny_model_dir}", "--chat", "--max_new_tokens=4"])
+    assert capsys.readouterr().out.count("> ") == 4  # three turns read, then EOF
+    for argv, named in ((["--bogus=1"], "--bogus"), (["--max_new_tokens=many"], "max_new_tokens"), ([], "--model")):
+        with pytest.raises(SystemExit, match=named):
+            main(([f"--model={tiny_model_dir}"] if named != "--model" else []) + argv)
+
+
+def test_eval_accuracy(tiny_model_dir, tmp_path):
+    from sample import evaluate, load, stop_ids_for
+
+    model, tokenizer = load(tiny_model_dir)
+    stops = stop_ids_for(tiny_model_dir, tokenizer)
+    records = [{"messages": [{"role": "user", "content": "What is 7 + 8?"}]}, {"prompt": "23 + 45 ="},
+               {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好"}]},
+               {"prompt": "Numbers: 0 1 2"}]
+    # answers: the model's own greedy completion (alone, unbatched) for two records, something it never says for two
+    for n, record in enumerate(records):
+        ids = tokenizer.render_chat(record["messages"], add_generation_prompt=True)[0] if "messages" in record \
+            else tokenizer.encode(record["prompt"])
+        new = generate(model, [ids], 12, temperature=0.0, stop_ids=stops)[0]
+        completion = tokenizer.decode([t for t in new if t not in stops])
+        record["answer"] = completion.strip() if n in (0, 3) else "no such answer 12345"
+        assert n not in (0, 3) or any(c.isalnum() for c in record["answer"])
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    assert evaluate(model, tokenizer, str(task), batch_size=3, max_new_tokens=12, stop_ids=stops) == 0.5
+    result = run_cli(f"--model={tiny_model_dir}", f"--eval={task}", "--max_new_tokens=12", "--batch_size=2")
+    assert result.returncode == 0, result.stderr
+    assert "accuracy 0.5000" in result.stdout
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi", "answer": "1"}\n{"prompt": "no answer"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        evaluate(model, tokenizer, str(bad))
+
+
+def test_hugging_face_directory_works_like_ours(tiny_model_dir, tmp_path):
+    """A Qwen3 directory written by transformers with tokenizer.json, whose generation_config.json names an
+    eos token the tokenizer does not know as one: the CLI prints what transformers generates, stop included."""
+    import shutil
+
+    from data import Tokenizer
+    from sample import stop_ids_for
+
+    tokenizer = Tokenizer.load(tiny_model_dir)
+    hf = transformers.AutoModelForCausalLM.from_config(
+        hf_config("qwen3", vocab_size=tokenizer.vocab_size, tie_word_embeddings=True)).eval()
+    randomize(hf, seed=4)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tiny_model_dir, name), tmp_path / name)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    prompt = "The quick brown fox"
+    prompt_ids = hf_tokenizer.encode(prompt)
+    free = hf_greedy(hf, prompt_ids, 24, eos=tokenizer.eot_id)
+    eos = next(t for n, t in enumerate(free) if n >= 4 and t not in free[:n])  # first seen after a few tokens
+    hf.generation_config.eos_token_id = eos
+    hf.generation_config.pad_token_id = tokenizer.eot_id
+    hf.save_pretrained(tmp_path)
+    assert stop_ids_for(str(tmp_path), tokenizer) == tokenizer.stop_ids + [eos]
+    with torch.no_grad():  # transformers reads the eos from generation_config.json
+        out = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).generate(
+            torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=24)[0, len(prompt_ids) :].tolist()
+    assert out[-1] == eos and len(out) < 24
+    expected = hf_tokenizer.decode(out[:-1])
+    result = run_cli(f"--model={tmp_path}", f"--prompt={prompt}", "--max_new_tokens=24", "--temperature=0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+
+
+def test_stop_ids_for_reads_hf_configs(tiny_model_dir, tmp_path):
+    from data import Tokenizer
+    from sample import stop_ids_for
+
+    tokenizer = Tokenizer.load(tiny_model_dir)
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 5}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, tokenizer.im_end_id]}))
+    assert stop_ids_for(str(tmp_path), tokenizer) == tokenizer.stop_ids + [5, 7]
