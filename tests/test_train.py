@@ -91,7 +91,7 @@ def test_distributed_equals_grad_accumulation(demo, tmp_path, parallel):
     single, multi = tmp_path / "single", tmp_path / "multi"
     args = ["--max_iters=6", "--ckpt_interval=0", "--weight_decay=0.1"]
     run(*common(demo, single, *args, "--grad_accum=2"))
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         *common(demo, multi, *args, "--grad_accum=1", f"--parallel={parallel}")],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
