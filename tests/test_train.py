@@ -116,7 +116,8 @@ def unigram_entropy(h5_path):
 
 def test_pretraining_beats_unigram_entropy(demo, tmp_path):
     out = tmp_path / "learn"
-    log = run(*common(demo, out, "--max_iters=150", "--eval_interval=50", "--eval_iters=10", "--ckpt_interval=0")).stdout
+    log = run(*common(demo, out, "--max_iters=300", "--eval_interval=100", "--eval_iters=10", "--ckpt_interval=0",
+                      "--batch_size=8", "--block_size=64", "--lr=1e-2", "--min_lr=1e-3", "--warmup_iters=20")).stdout
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     entropy = unigram_entropy(demo / "pretrain.h5")
