@@ -11,7 +11,8 @@ exactly once, so gradients sync once per backward. Optional state_dict()/load_st
 
     seq   next-token cross-entropy on every token (pretraining)
     sft   the same, only on assistant replies
-    dpo   direct preference optimisation against a frozen copy of the initial model (Rafailov et al. 2023)
+    dpo   direct preference optimisation against a frozen copy of the initial model (Rafailov et al. 2023),
+          optionally plus the chosen replies' next-token loss (rpo_alpha)
     grpo  group relative policy optimisation (Shao et al. 2024): sampled groups, PPO clip, k3 KL
 """
 import copy

@@ -1,8 +1,8 @@
 # Direct preference optimisation of the SFT demo model on pairs of a right and a wrong answer (see README.md):
 #   python train.py configs/dpo.py
-# The reference is a frozen copy of the starting (SFT) model. The loss starts at log 2 = 0.693 with
+# The reference is a frozen copy of the starting (SFT) model. dpo_loss starts at log 2 = 0.693 with
 # pref_accuracy 0 (policy == reference) and falls as the policy learns to prefer the right answers;
-# a loss stuck at 0.693 means nothing is being learned.
+# a dpo_loss stuck at 0.693 means nothing is being learned.
 out_dir = "out/dpo"
 init_from = "out/sft/final"
 data = "data/demo/dpo.h5"
@@ -10,10 +10,12 @@ strategy = "dpo"
 max_iters = 150
 batch_size = 16  # pairs: each step runs 32 conversations through the policy and the reference
 block_size = 128
-# beta = 1 holds the policy closer to the reference than the usual 0.1. On this data, beta 0.1 also pushed
-# the chosen replies down (chosen_reward < 0) and cost answer accuracy on the training problems; at lr 3e-4
-# the model fell apart (ids outside the tokenizer). Watch chosen_reward: far below 0 means too far.
-beta = 1.0
+beta = 0.1
+# The pairs differ only in the answer's digits, the case where plain DPO lowers the chosen reply along with
+# the rejected one and the probability goes to a third, also wrong, number: measured on the held-out
+# problems, plain DPO took answer accuracy from 0.93 to 0.85-0.92 whatever the lr and beta. Adding the
+# chosen replies' next-token loss (RPO) keeps them likely: 0.955 with rpo_alpha = 5, preference accuracy 0.84.
+rpo_alpha = 5.0
 lr = 1e-4  # a tenth of SFT's
 min_lr = 1e-5
 warmup_iters = 10

@@ -166,6 +166,15 @@ def test_dpo_is_log_2_at_the_start_and_sums_reply_logprobs():
     assert metrics["pref_accuracy"] == sum(m > 0 for m in margins) / 2
     assert not any(p.requires_grad for p in dpo.ref_model.parameters())
 
+    # rpo_alpha adds the chosen replies' mean next-token loss; dpo_loss still shows the DPO part
+    rpo = strategies.DPO(dict(DEFAULTS, beta=0.1, rpo_alpha=0.5), model)
+    with torch.no_grad():
+        rpo_loss, rpo_metrics = rpo.loss(policy, batch, 0)
+        chosen = [reply_logprob(policy, batch["chosen_ids"][i], batch["chosen_targets"][i]) for i in range(2)]
+    n_tokens = (batch["chosen_targets"] != -100).sum().item()
+    assert rpo_metrics["dpo_loss"] == pytest.approx(loss.item(), abs=1e-6)
+    assert rpo_loss.item() == pytest.approx(loss.item() - 0.5 * sum(chosen) / n_tokens, abs=1e-5)
+
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
