@@ -15,6 +15,7 @@ import torch
 
 from data import parse_args
 from model import ModelConfig, Transformer
+from train import measure_peak_flops
 
 DEFAULTS = dict(
     only="train,decode,serve",  # comma-separated sections
@@ -44,12 +45,6 @@ def timed(fn, steps, warmup=2):
         fn()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
-
-
-def matmul_peak_flops(n=1024, dtype=torch.float32):
-    """Measured FLOP/s of a large square matmul: the denominator of MFU on this machine."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n**3 / timed(lambda: a @ b, steps=10)
 
 
 def copy_bandwidth(n_bytes=256 * 2**20):
@@ -85,7 +80,7 @@ def table(rows, header):
 
 def bench_train(args):
     print("== train: forward+backward, same weights, float32 on", "cuda" if torch.cuda.is_available() else "cpu")
-    peak = matmul_peak_flops()
+    peak = measure_peak_flops("cuda" if torch.cuda.is_available() else "cpu")
     print(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s")
     torch.manual_seed(args["seed"])
     config = ModelConfig.from_file(args["preset"])

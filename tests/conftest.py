@@ -14,6 +14,19 @@ TEXT = (
 ) * 20
 
 
+def randomize(model, seed=0):
+    """Weights far from init, so that a wrong transpose, scale or RoPE convention shows in the logits and
+    greedy choices are decisive, not near-ties."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.15 * torch.randn(p.shape, generator=g))
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A MODELDIR (config.json, model.safetensors, tokenizer files) of a random tiny GQA model."""

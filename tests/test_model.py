@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from conftest import randomize
 
 from model import KVCache, ModelConfig, Transformer, kv_cache_bytes_per_token
 
@@ -11,18 +12,6 @@ transformers = pytest.importorskip("transformers")
 
 torch.manual_seed(0)
 TOL = 1e-4
-
-
-def randomize(model, seed=0):
-    """Weights far from init so that a wrong transpose, scale or RoPE convention shows in the logits."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.15 * torch.randn(p.shape, generator=g))
-    return model
 
 
 def hf_config(family, **kw):

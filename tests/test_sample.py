@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import randomize
 
 from model import Transformer
 from sample import TextStream, generate, sample_tokens
@@ -27,18 +28,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def randomize(model, seed=0):
-    """Weights far from init so that greedy choices are decisive, not near-ties."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.15 * torch.randn(p.shape, generator=g))
-    return model
 
 
 def hf_config(family, **kw):
