@@ -19,10 +19,13 @@ from train import measure_peak_flops
 
 DEFAULTS = dict(
     only="train,decode,serve",  # comma-separated sections
-    preset="configs/tiny.py",  # model shape for the train/decode sections
+    preset="configs/tiny.py",  # model shape for the decode/serve sections
+    # train section: model shapes, each a preset with optional :key=value overrides of its config, batch_size
+    # or block_size; the 1B preset at 2 of its 24 layers keeps a CPU step to seconds (per-layer cost is the same)
+    train_shapes="configs/tiny.py,configs/astrai_1b.py:n_layers=2:batch_size=1,configs/astrai_1b_mla.py:n_layers=2:batch_size=1",
     batch_size=8,
     block_size=256,
-    steps=10,  # timed steps after warmup
+    steps=10,  # timed rounds after a warmup round (the fastest counts)
     prompt_len=32,  # decode: prompt tokens per row
     decode_tokens=64,  # decode: new tokens per generate() call, no early stop
     serve_requests=32,  # serve: completions per measurement, prompts of 16-64 tokens
@@ -75,39 +78,84 @@ def table(rows, header):
 
 
 # -----------------------------------------------------------------------------
-# train: forward + backward tokens/s and MFU, ours vs transformers
+# train: tokens/s and MFU of forward+backward and of a whole step (with AdamW), ours vs transformers
+
+
+def fastest(calls, rounds):
+    """{name: seconds}, the fastest of `rounds` calls of each, interleaved after one warmup round: on a shared
+    machine other processes land in many runs, and interleaving spreads them over all implementations."""
+    best = {}
+    for r in range(rounds + 1):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            if r:
+                best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
+    return best
+
+
+def parse_shape(spec):
+    """'configs/astrai_1b.py:n_layers=2:batch_size=1' -> (ModelConfig, overrides such as batch_size)."""
+    path, *pairs = spec.split(":")
+    values = {}
+    with open(path) as f:
+        exec(f.read(), {}, values)
+    values = {k: v for k, v in values.items() if not k.startswith("_")}
+    extra = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        (extra if key in ("batch_size", "block_size") else values)[key] = int(value)
+    return ModelConfig.from_dict(values, path), extra
 
 
 def bench_train(args):
-    print("== train: forward+backward, same weights, float32 on", "cuda" if torch.cuda.is_available() else "cpu")
-    peak = measure_peak_flops("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s")
-    torch.manual_seed(args["seed"])
-    config = ModelConfig.from_file(args["preset"])
-    model = Transformer(config)
-    B, T = args["batch_size"], min(args["block_size"], config.max_len)
-    x = torch.randint(0, config.vocab_size, (B, T))
-
-    def ours():
-        logits = model(x)
-        torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), x.view(-1)).backward()
-
-    hf = hf_model_like(model)
-
-    def theirs():
-        logits = hf(x).logits.float()
-        torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), x.view(-1)).backward()
-
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"== train: tokens/s and MFU, same weights, float32 on {device}; fwd+bwd = forward, cross-entropy, backward; "
+          "step = that plus AdamW")
+    peak = measure_peak_flops(device)
+    print(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s (MFU's denominator)")
     rows = []
-    flops = model.flops_per_token(T)
-    t_ours = timed(ours, args["steps"])
-    rows.append(["model.py", f"{B * T / t_ours:,.0f}", f"{flops * B * T / t_ours / peak:.1%}", ""])
-    if hf is not None:
-        t_hf = timed(theirs, args["steps"])
-        rows.append(["transformers", f"{B * T / t_hf:,.0f}", f"{flops * B * T / t_hf / peak:.1%}", ""])
-        rows[0][3] = f"{t_hf / t_ours:.2f}x"
-    print(f"preset {args['preset']} ({model.num_params() / 1e6:.1f}M params), batch {B} x {T} tokens")
-    table(rows, ["impl", "tokens/s", "MFU", "ours/theirs"])
+    for spec in args["train_shapes"].split(","):
+        torch.manual_seed(args["seed"])
+        config, extra = parse_shape(spec)
+        B, T = extra.get("batch_size", args["batch_size"]), min(extra.get("block_size", args["block_size"]), config.max_len)
+        model = Transformer(config).to(device)
+        x = torch.randint(0, config.vocab_size, (B, T), device=device)
+        hf = hf_model_like(model)
+        impls = {"model.py": (model, lambda: model(x))}
+        if hf is not None:
+            hf = hf.to(device)
+            impls["transformers"] = (hf, lambda: hf(x).logits.float())
+        calls = {}
+        for name, (m, forward) in impls.items():
+            opt = torch.optim.AdamW(m.parameters(), lr=1e-5)
+
+            def fwd_bwd(forward=forward, m=m):
+                logits = forward()
+                torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), x.view(-1)).backward()
+                m.zero_grad(set_to_none=True)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+
+            def step(forward=forward, opt=opt):
+                logits = forward()
+                torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), x.view(-1)).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+
+            calls[name, "fwd+bwd"], calls[name, "step"] = fwd_bwd, step
+        best = fastest(calls, args["steps"])
+        flops = model.flops_per_token(T) * B * T
+        for name in impls:
+            t, t_step = best[name, "fwd+bwd"], best[name, "step"]
+            ratio = f"{best['transformers', 'fwd+bwd'] / t:.2f}x" if hf is not None and name == "model.py" else ""
+            rows.append([spec, f"{config.n_layers}x{config.dim}", f"{model.num_params() / 1e6:,.1f}M", f"{B}x{T}", name,
+                         f"{B * T / t:,.0f}", f"{flops / t / peak:.1%}", ratio, f"{B * T / t_step:,.0f}", f"{flops / t_step / peak:.1%}"])
+        del model, hf, impls, calls
+    table(rows, ["shape", "layers x dim", "params", "batch", "impl", "fwd+bwd tok/s", "MFU", "ours/theirs",
+                 "step tok/s", "step MFU"])
 
 
 # -----------------------------------------------------------------------------
@@ -145,19 +193,11 @@ def bench_decode(args):
     rows, ours_tokens_per_s = [], {}
     for B in (1, 8):
         prompts = torch.randint(0, config.vocab_size, (B, P), device=device)
-        # decode alone: N new tokens minus the prefill and first token that 1 new token costs. The fastest
-        # of `steps` rounds, the implementations interleaved: on a shared machine other processes land in
-        # many runs, and the difference of two medians can even come out negative
-        calls = [(name, n, lambda fn=fn, n=n: fn(prompts, n)) for name, fn in impls for n in (N, 1)]
-        fastest = {}
-        for rep in range(steps + 1):  # the first round warms up
-            for name, n, call in calls:
-                t0 = time.perf_counter()
-                call()
-                if rep:
-                    fastest[name, n] = min(fastest.get((name, n), float("inf")), time.perf_counter() - t0)
+        # decode alone: N new tokens minus the prefill and first token that 1 new token costs (fastest of
+        # interleaved rounds: the difference of two medians can even come out negative on a shared machine)
+        best = fastest({(name, n): lambda fn=fn, n=n: fn(prompts, n) for name, fn in impls for n in (N, 1)}, steps)
         for name, _ in impls:
-            seconds = fastest[name, N] - fastest[name, 1]
+            seconds = best[name, N] - best[name, 1]
             tokens_per_s = B * (N - 1) / seconds
             rows.append([B, name, f"{tokens_per_s:,.0f}", f"{seconds / (N - 1) * 1e3:.2f}", ""])
             if name == "sample.generate":

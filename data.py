@@ -206,6 +206,10 @@ class Tokenizer:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
 
+    def token_ids(self):
+        """The special token ids a model's config.json names (Transformer.save_pretrained's token_ids)."""
+        return {"bos_token_id": None, "eos_token_id": self.stop_ids, "pad_token_id": self.eot_id}
+
     def save(self, directory: str):
         """tokenizer.json + tokenizer_config.json: what transformers.AutoTokenizer.from_pretrained(directory) reads."""
         os.makedirs(directory, exist_ok=True)

@@ -87,17 +87,16 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # normalise in float32 like the reference implementations, then scale in the input dtype
+        if x.dtype == torch.float32:  # no casts: a decode step is ~200 tiny ops, each costing microseconds
+            return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x, cos, sin):
-    # x (B, nh, T, d); cos/sin (T, d) or (B, 1, T, d). Hugging Face's rotate_half convention.
-    return x * cos + rotate_half(x) * sin
+    """Hugging Face's rotate_half convention, x * cos + cat(-x2, x1) * sin, as x * cos + roll(x) * sin with
+    the sign folded into sin's first half (init_rope): 3 kernels instead of 6. x (B, nh, T, d);
+    cos/sin (T, d) or (B, 1, T, d)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
 class MLP(nn.Module):
@@ -125,8 +124,11 @@ class CacheStep:
         self.length = int(end.max())  # keys to attend to: 0 .. length-1
         if self.length > cache.max_len:
             raise ValueError(f"KV cache overflow: a row would reach {self.length} tokens, the cache holds {cache.max_len}")
-        keys = torch.arange(self.length, device=device)
-        self.mask = (keys[None, None, :] <= self.positions[:, :, None])[:, None]  # (b, 1, T, length)
+        if seq_len == 1 and int(end.min()) == self.length:
+            self.mask = None  # one new token a row and every row at the same length: each sees every key
+        else:
+            keys = torch.arange(self.length, device=device)
+            self.mask = (keys[None, None, :] <= self.positions[:, :, None])[:, None]  # (b, 1, T, length)
         self.valid = None if input_lengths is None else offsets[None, :] < n_new[:, None]  # (b, T)
         row_idx = rows[:, None].expand(-1, seq_len)
         self.row_idx = row_idx.reshape(-1) if self.valid is None else row_idx[self.valid]
@@ -175,7 +177,7 @@ class Attention(nn.Module):
             k_buf, v_buf = kv  # (B, n_kv, max_len, hd)
             k_buf[step.row_idx, :, step.pos_idx] = step.new_entries(k.transpose(1, 2)).to(k_buf.dtype)
             v_buf[step.row_idx, :, step.pos_idx] = step.new_entries(v.transpose(1, 2)).to(v_buf.dtype)
-            k, v = step.read(k_buf).to(q.dtype), step.read(v_buf).to(q.dtype)
+            k, v = step.read(k_buf), step.read(v_buf)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         if hasattr(self, "gate_proj"):
@@ -229,7 +231,7 @@ class MLAttention(nn.Module):
             buf = kv[0]  # (B, 1, max_len, r + rope)
             entry = torch.cat([latent, k_rope[:, 0]], dim=-1)[:, :, None]  # (B, T, 1, r + rope)
             buf[step.row_idx, :, step.pos_idx] = step.new_entries(entry).to(buf.dtype)
-            keys = step.read(buf).to(q.dtype)  # (b, 1, L, r + rope)
+            keys = step.read(buf)  # (b, 1, L, r + rope)
             q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_k)
             y = F.scaled_dot_product_attention(
                 torch.cat([q_latent, q_rope], -1), keys, keys[..., :r], attn_mask=step.mask, scale=self.scale, enable_gqa=True
@@ -325,15 +327,15 @@ class Transformer(nn.Module):
         rope_dim = c.qk_rope_head_dim if c.attn == "mla" else c.head_dim
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, rope_dim, 2, dtype=torch.int64, device=device).float() / rope_dim))
         freqs = torch.outer(torch.arange(c.max_len, device=device).float(), inv_freq)
-        angles = torch.cat([freqs, freqs], dim=-1)  # (max_len, rope_dim)
-        self.register_buffer("rope_cos", angles.cos(), persistent=False)
-        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self.register_buffer("rope_cos", torch.cat([freqs.cos(), freqs.cos()], dim=-1), persistent=False)
+        self.register_buffer("rope_sin", torch.cat([-freqs.sin(), freqs.sin()], dim=-1), persistent=False)  # see apply_rope
 
-    def forward(self, input_ids, positions=None, cache=None, rows=None, input_lengths=None):
+    def forward(self, input_ids, positions=None, cache=None, rows=None, input_lengths=None, last_only=False):
         """input_ids (B, T) -> float32 logits (B, T, vocab_size). Without a cache: causal attention over
         input_ids (positions (B, T) optional). With a cache: input_ids are appended to cache rows `rows`
         (default all) at each row's own length; input_lengths (B,) counts the valid tokens of a
-        right-padded batch."""
+        right-padded batch. last_only: logits (B, 1, vocab_size) at each row's last valid token only, the
+        one that predicts the next token (a prefill then skips the output head everywhere else)."""
         B, T = input_ids.shape
         step = None
         if cache is not None:
@@ -353,6 +355,11 @@ class Transformer(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, step, kv)
+        if last_only:
+            if input_lengths is None:
+                x = x[:, -1:]
+            else:
+                x = x[torch.arange(B, device=x.device), torch.as_tensor(input_lengths, device=x.device) - 1][:, None]
         logits = self.lm_head(self.norm(x)).float()
         if step is not None:
             cache.lengths[step.rows] = step.end
@@ -419,9 +426,11 @@ class Transformer(nn.Module):
         model.init_rope(device)
         return model
 
-    def save_pretrained(self, path, state_dict=None):
+    def save_pretrained(self, path, state_dict=None, token_ids=None):
         """Write config.json (readable by transformers where an HF architecture expresses the model) and
         model.safetensors. state_dict: a full one gathered elsewhere (FSDP), default this module's.
+        token_ids: {"eos_token_id": ..., "bos_token_id": ..., "pad_token_id": ...} from the tokenizer; they
+        are written as null when not given, since transformers would otherwise assume Llama's 1 and 2.
         Writes into `path` directly; callers wanting atomicity write a temp dir and rename."""
         from safetensors.torch import save_file
 
@@ -434,7 +443,7 @@ class Transformer(nn.Module):
         save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
         dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
         with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(config_to_hf(self.config, dtype), f, indent=2)
+            json.dump(config_to_hf(self.config, dtype, token_ids), f, indent=2)
 
 
 # -----------------------------------------------------------------------------
@@ -443,7 +452,7 @@ class Transformer(nn.Module):
 SUPPORTED = "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, DeepseekV3ForCausalLM (dense layers) or this project's own"
 
 
-def config_to_hf(c, dtype="float32"):
+def config_to_hf(c, dtype="float32", token_ids=None):
     """config.json for transformers. Our own fields go under "astrai" so nothing is lost on the way back."""
     hf = {
         "vocab_size": c.vocab_size, "hidden_size": c.dim, "intermediate_size": c.dim_ffn,
@@ -452,6 +461,7 @@ def config_to_hf(c, dtype="float32"):
         "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
         "tie_word_embeddings": c.tie_weight, "attention_bias": False, "dtype": dtype,
+        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **(token_ids or {}),
     }
     if c.use_gated_attention:
         hf.update(model_type="astrai", architectures=["AstrAIForCausalLM"],

@@ -37,7 +37,6 @@ DEFAULTS = dict(
     batch_size=32,  # rows per generate() call with --eval
 )
 
-PREFILL_LOGITS_BYTES = 2**30  # largest (rows, prompt length, vocab) float32 logits tensor one prefill call makes
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # -----------------------------------------------------------------------------
@@ -121,7 +120,7 @@ def sample_tokens(logits, temperature, top_k, top_p, generators=None):
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(), seed=None,
-             return_logprobs=False, on_token=None):
+             return_logprobs=False, on_token=None, vocab_size=None):
     """Continue each prompt (a list of token ids; lengths may differ) by up to max_new_tokens tokens.
 
     One right-padded prefill of all prompts into a KV cache sized for the batch, then one batched decode
@@ -129,7 +128,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     context (prompt + completion <= max_len) leaves the decode batch. Returns the new tokens per row, the
     stop token included as the last one when hit; with return_logprobs also their log-probs under the
     sampling distribution (see sample_tokens). on_token(row, token_id), when given, sees each token as
-    it is sampled (streaming)."""
+    it is sampled (streaming). vocab_size: the tokenizer's; ids at or past it (the padded embedding rows
+    many models have) are never sampled, since they have no text."""
     config = model.config
     weight = model.lm_head.weight
     device, dtype = weight.device, weight.dtype
@@ -156,14 +156,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     cache = KVCache(config, batch_size=B, max_len=min(config.max_len, T + max_new_tokens), device=device, dtype=dtype)
     x = torch.tensor([p + [0] * (T - len(p)) for p in prompts], dtype=torch.long, device=device)  # (B, T)
     input_lengths = torch.tensor(lengths, device=device)
-    # the model returns logits at every position, (b, T, V) float32: prefill groups of rows to bound that
-    group = max(1, PREFILL_LOGITS_BYTES // (T * config.vocab_size * 4))
-    logits = []
-    for start in range(0, B, group):
-        g = torch.arange(start, min(start + group, B), device=device)
-        group_logits = model(x[g], cache=cache, rows=None if group >= B else g, input_lengths=input_lengths[g])
-        logits.append(group_logits[torch.arange(len(g), device=device), input_lengths[g] - 1])
-    logits = torch.cat(logits)  # (B, V)
+    logits = model(x, cache=cache, input_lengths=input_lengths, last_only=True)[:, 0]  # (B, V)
+    no_text = slice(vocab_size, None) if vocab_size and vocab_size < config.vocab_size else None
     rows = None  # None: all B rows in order, which the cache slices instead of gathering
     if len(active) < B:
         rows = torch.tensor(active, device=device)
@@ -174,6 +168,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     logprobs = torch.zeros(B, max(budgets), device=device) if return_logprobs else None  # (B, steps)
     for step in range(max(budgets)):
         b = len(active)
+        if no_text is not None:
+            logits[:, no_text] = float("-inf")
         if temperature == 0 and not return_logprobs:
             tokens = logits.argmax(-1)  # what sample_tokens does for greedy rows, minus the log-softmax
         else:
@@ -306,7 +302,8 @@ def evaluate(model, tokenizer, task_path, batch_size=32, max_new_tokens=64, stop
     correct = 0
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        outputs = generate(model, [prompts[i] for i in batch], max_new_tokens, temperature=0.0, stop_ids=stop_ids)
+        outputs = generate(model, [prompts[i] for i in batch], max_new_tokens, temperature=0.0, stop_ids=stop_ids,
+                           vocab_size=tokenizer.vocab_size)
         for i, tokens in zip(batch, outputs):
             if tokens and tokens[-1] in stop_ids:
                 tokens = tokens[:-1]
@@ -328,7 +325,7 @@ def stream_completion(model, tokenizer, prompt_ids, args, stop_ids, seed):
             print(stream.push(token), end="", flush=True)
 
     tokens = generate(model, [prompt_ids], args["max_new_tokens"], args["temperature"], args["top_k"], args["top_p"],
-                      stop_ids, seed, on_token=show)[0]
+                      stop_ids, seed, on_token=show, vocab_size=tokenizer.vocab_size)[0]
     print(stream.flush())
     return tokens[:-1] if tokens and tokens[-1] in stops else tokens
 

@@ -216,12 +216,12 @@ class Engine:
             ids = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=self.device)  # (b, T)
             rows = torch.tensor([s.slot for s in prefilling], device=self.device)
             input_lengths = None if min(lengths) == T else torch.tensor(lengths, device=self.device)
-            out = self.model(ids, cache=self.cache, rows=rows, input_lengths=input_lengths)  # (b, T, V)
+            out = self.model(ids, cache=self.cache, rows=rows, input_lengths=input_lengths, last_only=True)  # (b, 1, V)
             for i, seq in enumerate(prefilling):
                 seq.prefilled += lengths[i]
                 if seq.prefilled == len(seq.prompt):  # the prompt's last token predicts the first new one
                     batch.append(seq)
-                    logits.append(out[i, lengths[i] - 1])
+                    logits.append(out[i, 0])
 
         if decoding:  # one token for every row that has its prompt in the cache
             slots = [s.slot for s in decoding]

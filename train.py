@@ -309,7 +309,7 @@ def train(cfg):
         if master:
             tmp = path + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            raw_model.save_pretrained(tmp, state_dict=model_state)
+            raw_model.save_pretrained(tmp, state_dict=model_state, token_ids=tokenizer.token_ids())
             tokenizer.save(tmp)
             if optim_state is not None:
                 torch.save(optim_state, os.path.join(tmp, "optimizer.pt"))

@@ -153,6 +153,30 @@ def test_kv_cache_ragged_matches_full_forward(kw):
             assert (torch.stack(got[r]) - full).abs().max().item() < TOL, f"row {r}"
 
 
+@pytest.mark.parametrize("kw", [dict(n_kv_heads=2), dict(attn="mla", kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12)])
+def test_last_only_prefill_and_aligned_decode(kw):
+    """last_only gives each row's logits at its last valid token; decode steps with every row at one length
+    (attention without a mask) and at different lengths (with one) both match a full forward."""
+    model = randomize(Transformer(tiny(**kw))).eval()
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(0, 97, (12,), generator=g) for _ in range(3)]
+    with torch.no_grad():
+        full = [model(s[None])[0] for s in seqs]
+        for lengths in ([4, 4, 4], [4, 7, 2]):  # aligned rows, then ragged ones
+            cache = KVCache(model.config, batch_size=3, max_len=16)
+            x = torch.stack(seqs)[:, : max(lengths)]
+            logits = model(x, cache=cache, input_lengths=torch.tensor(lengths), last_only=True)
+            assert logits.shape == (3, 1, 97)
+            for r, n in enumerate(lengths):
+                assert (logits[r, 0] - full[r][n - 1]).abs().max().item() < TOL
+            for step in range(3):
+                x = torch.stack([s[n + step : n + step + 1] for s, n in zip(seqs, lengths)])
+                logits = model(x, cache=cache)
+                for r, n in enumerate(lengths):
+                    assert (logits[r, 0] - full[r][n + step]).abs().max().item() < TOL, f"lengths {lengths} step {step}"
+        assert (model(torch.stack(seqs), last_only=True)[:, 0] - torch.stack(full)[:, -1]).abs().max().item() < TOL
+
+
 def test_kv_cache_decode_all_rows_and_overflow():
     model = Transformer(tiny(n_kv_heads=2)).eval()
     cache = KVCache(model.config, batch_size=2, max_len=8)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import randomize
 
-from model import Transformer
+from model import ModelConfig, Transformer
 from sample import TextStream, generate, sample_tokens
 
 transformers = pytest.importorskip("transformers")
@@ -96,8 +96,6 @@ def test_greedy_matches_transformers_token_for_token(tmp_path, name, monkeypatch
         assert len(expected) == 48
         assert got[i] == expected, f"row {i} (prompt of {len(prompt)} tokens)"
     assert len({tuple(t) for t in got}) == len(prompts)  # the rows are not all one degenerate sequence
-    monkeypatch.setattr(sample, "PREFILL_LOGITS_BYTES", 2 * 11 * VOCAB * 4)  # prefill in groups of 2 rows
-    assert generate(ours, prompts, 48, temperature=0.0) == got
 
 
 def test_stop_token_ends_a_row_and_the_others_still_match(tmp_path):
@@ -323,6 +321,33 @@ def test_eval_accuracy(tiny_model_dir, tmp_path):
     bad.write_text('{"prompt": "hi", "answer": "1"}\n{"prompt": "no answer"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         evaluate(model, tokenizer, str(bad))
+
+
+def test_padded_vocab_ids_are_never_sampled(tiny_model_dir, tmp_path):
+    """A model whose embedding has rows past the tokenizer (as many HF models do) and that prefers them:
+    generate(vocab_size=...) never emits them, and --eval decodes what it does emit."""
+    from sample import evaluate, load
+
+    model, tokenizer = load(tiny_model_dir)
+    V = tokenizer.vocab_size
+    padded = Transformer(ModelConfig(**{**model.config.__dict__, "vocab_size": V + 2})).eval()
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, p in padded.state_dict().items():
+            p[: state[name].shape[0]] = state[name]
+        # the final norm keeps one coordinate; padded ids V and V+1 get huge logits of either sign on it
+        padded.norm.weight.zero_()
+        padded.norm.weight[0] = 1.0
+        padded.lm_head.weight[V:] = 0.0
+        padded.lm_head.weight[V, 0], padded.lm_head.weight[V + 1, 0] = 100.0, -100.0
+    prompts = [tokenizer.encode("7 + 8 ="), tokenizer.encode("你好")]
+    assert all(t >= V for row in generate(padded, prompts, 6, temperature=0.0) for t in row)  # the trap works
+    for temperature in (0.0, 1.0):
+        rows = generate(padded, prompts, 6, temperature=temperature, seed=0, vocab_size=V)
+        assert all(len(row) == 6 and all(t < V for t in row) for row in rows)
+    task = tmp_path / "task.jsonl"
+    task.write_text(json.dumps({"prompt": "7 + 8 =", "answer": "15"}) + "\n")
+    assert evaluate(padded, tokenizer, str(task), max_new_tokens=6) == 0.0
 
 
 def test_hugging_face_directory_works_like_ours(tiny_model_dir, tmp_path):

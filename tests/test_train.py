@@ -130,6 +130,31 @@ def test_pretraining_beats_unigram_entropy(demo, tmp_path):
     assert svg.startswith("<svg") and svg.count("<polyline") == 2
     train_rows = [r for r in rows if "loss" in r]
     assert set(train_rows[0]) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s"}
+    exported_model_works_in_transformers(out / "final")
+
+
+def exported_model_works_in_transformers(final):
+    """final/ as transformers sees it: same logits as model.py, the tokenizer's stop tokens as eos (not
+    Llama's default 2), and greedy generate() stopping where ours does."""
+    transformers = pytest.importorskip("transformers")
+    sys.path.insert(0, ROOT)
+    from data import Tokenizer
+    from model import Transformer
+    from sample import generate
+
+    ours, tok = Transformer.from_pretrained(str(final)).eval(), Tokenizer.load(str(final))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(final), dtype=torch.float32).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(final))
+    assert hf.generation_config.eos_token_id == tok.stop_ids and hf.generation_config.bos_token_id is None
+    text = "12 + 7 = 19\n\n30 + 4 ="
+    ids = tok.encode(text)
+    assert hf_tok(text)["input_ids"] == ids
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        assert (ours(x) - hf(x).logits).abs().max().item() < 1e-4
+        stop = tok.eot_id  # the demo text's documents end in <|endoftext|>: a trained model emits it
+        theirs = hf.generate(x, do_sample=False, max_new_tokens=40, eos_token_id=stop, pad_token_id=stop)[0, len(ids):]
+    assert generate(ours, [ids], 40, temperature=0.0, stop_ids=[stop])[0] == theirs.tolist()
 
 
 def test_bad_input_stops_before_training(demo, tmp_path):
