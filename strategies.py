@@ -228,8 +228,7 @@ class GRPO:
     own at first use.
 
     Val loss: online, minus the mean reward of greedy completions of the val prompts; offline, the loss.
-    Resume is exact when ckpt_interval is a multiple of ppo_epochs and of sync_interval; otherwise the
-    resumed run starts with a fresh rollout and a reference synced to the resumed policy."""
+    Resume is exact: a checkpoint holds each rank's cached rollouts and, once synced, the reference."""
 
     data_stage = "grpo"
 
@@ -400,12 +399,17 @@ class GRPO:
     # --- resume ---------------------------------------------------------------
 
     def state_dict(self):
-        return {"synced_at": self.synced_at}
+        """What resuming mid-way through ppo_epochs or sync_interval needs (train.py saves it per rank)."""
+        state = {"synced_at": self.synced_at, "last_step": self.last_step, "micro": self.micro, "rollouts": self.rollouts}
+        if self.synced_at:  # the reference is the policy of step synced_at, no longer on disk elsewhere
+            state["ref_model"] = self.ref_model.state_dict()
+        return state
 
     def load_state_dict(self, state):
-        self.synced_at = state["synced_at"]
-        if self.synced_at:  # the reference was the policy at step synced_at; the closest we have is the resumed one
-            self.ref_model.load_state_dict(self.policy.state_dict())
+        self.synced_at, self.last_step, self.micro, self.rollouts = (
+            state["synced_at"], state["last_step"], state["micro"], state["rollouts"])
+        if self.synced_at:
+            self.ref_model.load_state_dict(state["ref_model"])
 
 
 STRATEGIES = {"seq": NextToken, "sft": SFT, "dpo": DPO, "grpo": GRPO}

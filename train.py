@@ -289,8 +289,8 @@ def train(cfg):
         set_optimizer_state_dict(raw_model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
         sampler.load_state_dict(state["sampler"])
         set_rng_state(torch.load(os.path.join(ckpt, f"rng-{rank}.pt"), weights_only=True))
-        if hasattr(strategy, "load_state_dict") and "strategy" in state:
-            strategy.load_state_dict(state["strategy"])
+        if hasattr(strategy, "load_state_dict"):
+            strategy.load_state_dict(torch.load(os.path.join(ckpt, f"strategy-{rank}.pt"), weights_only=True))
         step, train_points, val_points = state["step"], state["train_points"], state["val_points"]
         log(f"resumed from {ckpt} at step {step}")
     elif cfg["resume"] == "auto":
@@ -300,12 +300,13 @@ def train(cfg):
         """A MODELDIR plus what resuming needs, written to a temp dir and renamed: never half a checkpoint."""
         model_state = get_model_state_dict(raw_model, options=full)
         optim_state = get_optimizer_state_dict(raw_model, optimizer, options=full) if "ckpt-" in path else None
-        rng = rng_state()
-        rngs = [None] * world_size
+        # every rank's RNG states and strategy state (GRPO's cached rollouts), gathered to the master
+        rank_state = (rng_state(), strategy.state_dict() if hasattr(strategy, "state_dict") else None)
+        rank_states = [None] * world_size
         if distributed:
-            dist.all_gather_object(rngs, rng)
+            dist.all_gather_object(rank_states, rank_state)
         else:
-            rngs = [rng]
+            rank_states = [rank_state]
         if master:
             tmp = path + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -313,12 +314,12 @@ def train(cfg):
             tokenizer.save(tmp)
             if optim_state is not None:
                 torch.save(optim_state, os.path.join(tmp, "optimizer.pt"))
-                for r, state in enumerate(rngs):
-                    torch.save(state, os.path.join(tmp, f"rng-{r}.pt"))
+                for r, (rng, strategy_state) in enumerate(rank_states):
+                    torch.save(rng, os.path.join(tmp, f"rng-{r}.pt"))
+                    if strategy_state is not None:
+                        torch.save(strategy_state, os.path.join(tmp, f"strategy-{r}.pt"))
                 state = {"step": step, "sampler": sampler.state_dict(), "config": cfg,
                          "train_points": train_points, "val_points": val_points}
-                if hasattr(strategy, "state_dict"):
-                    state["strategy"] = strategy.state_dict()
                 with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
                     json.dump(state, f)
             shutil.rmtree(path, ignore_errors=True)

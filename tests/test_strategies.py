@@ -237,7 +237,9 @@ def test_grpo_reference_resyncs_every_sync_interval_steps(tokenizer_dir, tmp_pat
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    assert grpo.state_dict() == {"synced_at": 3}
+    state = grpo.state_dict()
+    assert state["synced_at"] == 3 and state["last_step"] == 3 and len(state["rollouts"]) == 1
+    assert all(torch.equal(state["ref_model"][k], v) for k, v in grpo.ref_model.state_dict().items())
 
 
 def test_grpo_offline_moves_toward_rewarded_responses(tokenizer_dir, tmp_path, monkeypatch):
@@ -324,6 +326,24 @@ def test_grpo_through_train_py(demo, tmp_path):
     assert {"reward_mean", "reward_std", "kl", "clip_fraction"} <= set(rows[0])
     assert rows[0]["kl"] == pytest.approx(0, abs=1e-6) and rows[0]["clip_fraction"] == 0  # fresh rollout, ratio 1
     assert -1 <= rows[-1]["val_loss"] <= 0  # minus the mean exact-answer reward of greedy completions
+
+
+def test_grpo_resume_mid_rollout_and_after_a_reference_sync_is_exact(demo, tmp_path):
+    # checkpoint at step 3: the rollout of step 3 still has its second update (step 4) to serve, and the
+    # reference was synced at step 2, so the checkpoint must carry both
+    args = ["--batch_size=2", "--group_size=4", "--max_new_tokens=8", "--ppo_epochs=2", "--sync_interval=2",
+            "--kl_coef=0.5", "--lr_schedule=constant", "--ckpt_interval=3"]
+    run(*train_args(demo, tmp_path / "full", "grpo", *args, "--max_iters=6"))
+    run(*train_args(demo, tmp_path / "resumed", "grpo", *args, "--max_iters=3"))
+    assert (tmp_path / "resumed" / "ckpt-3" / "strategy-0.pt").exists()
+    assert "resumed from" in run(*train_args(demo, tmp_path / "resumed", "grpo", *args, "--max_iters=6", "--resume=auto")).stdout
+    full = {r["step"]: r for r in metrics(tmp_path / "full") if "loss" in r}
+    resumed = {r["step"]: r for r in metrics(tmp_path / "resumed") if "loss" in r}
+    assert sorted(full) == sorted(resumed) == list(range(1, 7))
+    assert full[4]["kl"] > 0  # the reference synced at step 2 differs from the policy at step 4
+    for step in range(4, 7):
+        for key in ("loss", "reward_mean", "kl", "clip_fraction"):
+            assert full[step][key] == resumed[step][key], (step, key, full[step], resumed[step])  # bitwise
 
 
 def test_grpo_ddp_equals_grad_accumulation(demo, tmp_path):
