@@ -339,16 +339,21 @@ def train(cfg):
 
     @torch.no_grad()
     def evaluate():
+        """{"val_loss": ..., "val_" + each strategy metric (DPO's pref_accuracy, ...)}, means over the first
+        eval_iters batches of the val split (the same on every process)."""
         model.eval()
         n = min(cfg["eval_iters"] * cfg["batch_size"], len(val_data))
-        losses = []
+        sums, batches = {}, 0
         for start in range(0, n, cfg["batch_size"]):
             batch = to_device(val_data.get_batch(list(range(start, min(start + cfg["batch_size"], n)))))
             with autocast:
-                loss, _ = strategy.loss(model, batch, step)
-            losses.append(loss.item())
+                loss, metrics_batch = strategy.loss(model, batch, step)
+            for k, v in {"loss": loss.item(), **metrics_batch}.items():
+                if k != "tokens":
+                    sums["val_" + k] = sums.get("val_" + k, 0.0) + v
+            batches += 1
         model.train()
-        return sum(losses) / max(1, len(losses))
+        return {k: v / max(1, batches) for k, v in sums.items()}
 
     def to_device(batch):
         return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -424,11 +429,11 @@ def train(cfg):
             t_last, tokens_since = time.time(), 0
         last_step = step == cfg["max_iters"]
         if len(val_data) and ((cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or last_step):
-            val_loss = evaluate()
-            val_points.append((step, val_loss))
-            log(f"step {step:5d} | val loss {val_loss:.4f}")
+            val = evaluate()
+            val_points.append((step, val["val_loss"]))
+            log(f"step {step:5d} | val loss {val['val_loss']:.4f}" + "".join(f" | {k} {v:.4f}" for k, v in val.items() if k != "val_loss"))
             if master:
-                metrics.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
+                metrics.write(json.dumps({"step": step, **val}) + "\n")
                 metrics.flush()
                 write_loss_svg(os.path.join(cfg["out_dir"], "loss.svg"), train_points, val_points)
         if stop or (cfg["ckpt_interval"] and step % cfg["ckpt_interval"] == 0) or last_step:

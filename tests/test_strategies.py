@@ -316,7 +316,7 @@ def test_dpo_through_train_py(demo, tmp_path):
     assert rows[0]["step"] == 1 and rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference
     assert rows[0]["margin"] == 0 and rows[0]["pref_accuracy"] == 0
     assert {"margin", "pref_accuracy", "chosen_reward"} <= set(rows[2]) and rows[2]["loss"] != rows[0]["loss"]
-    assert "val_loss" in rows[-1]
+    assert "val_loss" in rows[-1] and 0 <= rows[-1]["val_pref_accuracy"] <= 1  # strategy metrics on the val split too
     assert (tmp_path / "final" / "model.safetensors").exists()
 
 
