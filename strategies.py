@@ -233,23 +233,18 @@ class GRPO:
     data_stage = "grpo"
 
     def __init__(self, cfg, model):
-        problems = []
-        if cfg["group_size"] < 2:
-            problems.append(f"group_size={cfg['group_size']} must be >= 2: advantages compare completions of one prompt")
-        if cfg["ppo_epochs"] < 1:
-            problems.append(f"ppo_epochs={cfg['ppo_epochs']} must be >= 1")
-        if not cfg["clip_eps"] > 0:
-            problems.append(f"clip_eps={cfg['clip_eps']} must be > 0 (typical 0.2)")
-        if cfg["kl_coef"] < 0:
-            problems.append(f"kl_coef={cfg['kl_coef']} must be >= 0")
-        if cfg["sync_interval"] < 0:
-            problems.append(f"sync_interval={cfg['sync_interval']} must be >= 0 (0 = never)")
-        if cfg["max_new_tokens"] < 1:
-            problems.append(f"max_new_tokens={cfg['max_new_tokens']} must be >= 1")
-        if not cfg["rollout_temperature"] > 0:
-            problems.append(f"rollout_temperature={cfg['rollout_temperature']} must be > 0: greedy groups are all alike")
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1 and cfg.get("parallel") == "fsdp":
-            problems.append("parallel=fsdp: grpo rolls out with the whole model on every rank; use parallel=ddp")
+        checks = [  # (setting is fine, what is wrong)
+            (cfg["group_size"] >= 2, f"group_size={cfg['group_size']} must be >= 2: advantages compare completions of one prompt"),
+            (cfg["ppo_epochs"] >= 1, f"ppo_epochs={cfg['ppo_epochs']} must be >= 1"),
+            (cfg["clip_eps"] > 0, f"clip_eps={cfg['clip_eps']} must be > 0 (typical 0.2)"),
+            (cfg["kl_coef"] >= 0, f"kl_coef={cfg['kl_coef']} must be >= 0"),
+            (cfg["sync_interval"] >= 0, f"sync_interval={cfg['sync_interval']} must be >= 0 (0 = never)"),
+            (cfg["max_new_tokens"] >= 1, f"max_new_tokens={cfg['max_new_tokens']} must be >= 1"),
+            (cfg["rollout_temperature"] > 0, f"rollout_temperature={cfg['rollout_temperature']} must be > 0: greedy groups are all alike"),
+            (int(os.environ.get("WORLD_SIZE", 1)) == 1 or cfg.get("parallel") != "fsdp",
+             "parallel=fsdp: grpo rolls out with the whole model on every rank; use parallel=ddp"),
+        ]
+        problems = [message for ok, message in checks if not ok]
         if problems:
             raise ValueError("; ".join(problems))
         self.cfg = cfg
