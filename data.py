@@ -595,8 +595,8 @@ def prepare(stage: str, inputs: list[str], tokenizer_dir: str, out_path: str, va
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
     if progress:
-        print(f"\rwrote {out_path}: {stage}, train {n_records['train']:,} records, val {n_records['val']:,}, "
-              f"{n_bytes / 1e6:.1f} MB in {time.time() - t0:.1f}s" + " " * 20, file=sys.stderr)
+        print(("\n" if last_print else "") + f"wrote {out_path}: {stage}, train {n_records['train']:,} records, "
+              f"val {n_records['val']:,}, {n_bytes / 1e6:.1f} MB in {time.time() - t0:.1f}s", file=sys.stderr)
     return n_records
 
 
