@@ -16,6 +16,7 @@ beta = 0.1
 # problems, plain DPO lowered answer accuracy (0.81 -> 0.68-0.76 after this SFT, 0.93 -> 0.85-0.92 after a
 # longer one) whatever the lr and beta. Adding the chosen replies' next-token loss (RPO) keeps them likely:
 # with rpo_alpha = 5 accuracy rose (0.81 -> 0.835, 0.93 -> 0.955) and held-out preference accuracy was 0.77-0.84.
+# In the current pipeline (2000-step pretraining): 0.86 -> 0.88, preference accuracy 0.885.
 rpo_alpha = 5.0
 lr = 1e-4  # a tenth of SFT's
 min_lr = 1e-5
