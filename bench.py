@@ -7,14 +7,13 @@ Benchmarks, side by side with Hugging Face transformers (when installed) in one 
 
 Speed claims live here, never in timed unit tests.
 """
-import os
 import sys
 import time
 
 import torch
 
-from data import parse_args
 from model import ModelConfig, Transformer
+from settings import load_settings
 from train import measure_peak_flops
 
 DEFAULTS = dict(
@@ -22,7 +21,8 @@ DEFAULTS = dict(
     preset="configs/tiny.py",  # model shape for the decode/serve sections
     # train section: model shapes, each a preset with optional :key=value overrides of its config, batch_size
     # or block_size; the 1B preset at 2 of its 24 layers keeps a CPU step to seconds (per-layer cost is the same)
-    train_shapes="configs/tiny.py,configs/astrai_1b.py:n_layers=2:batch_size=1,configs/astrai_1b_mla.py:n_layers=2:batch_size=1",
+    train_shapes="configs/tiny.py,configs/astrai_1b.py:n_layers=2:batch_size=1,"
+                 "configs/astrai_1b_mla.py:n_layers=2:batch_size=1",
     batch_size=8,
     block_size=256,
     steps=10,  # timed rounds after a warmup round (the fastest counts)
@@ -95,17 +95,11 @@ def fastest(calls, rounds):
 
 
 def parse_shape(spec):
-    """'configs/astrai_1b.py:n_layers=2:batch_size=1' -> (ModelConfig, overrides such as batch_size)."""
+    """'configs/astrai_1b.py:n_layers=2:batch_size=1' -> (ModelConfig, {batch_size, block_size} given)."""
     path, *pairs = spec.split(":")
-    values = {}
-    with open(path) as f:
-        exec(f.read(), {}, values)
-    values = {k: v for k, v in values.items() if not k.startswith("_")}
-    extra = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        (extra if key in ("batch_size", "block_size") else values)[key] = int(value)
-    return ModelConfig.from_dict(values, path), extra
+    extra = {k: int(v) for k, _, v in (p.partition("=") for p in pairs) if k in ("batch_size", "block_size")}
+    overrides = ["--" + p for p in pairs if p.partition("=")[0] not in extra]
+    return ModelConfig.from_file(path, overrides), extra
 
 
 def bench_train(args):
@@ -115,10 +109,11 @@ def bench_train(args):
     peak = measure_peak_flops(device)
     print(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s (MFU's denominator)")
     rows = []
-    for spec in args["train_shapes"].split(","):
-        torch.manual_seed(args["seed"])
+    for spec in args.train_shapes.split(","):
+        torch.manual_seed(args.seed)
         config, extra = parse_shape(spec)
-        B, T = extra.get("batch_size", args["batch_size"]), min(extra.get("block_size", args["block_size"]), config.max_len)
+        B = extra.get("batch_size", args.batch_size)
+        T = min(extra.get("block_size", args.block_size), config.max_len)
         model = Transformer(config).to(device)
         x = torch.randint(0, config.vocab_size, (B, T), device=device)
         hf = hf_model_like(model)
@@ -146,13 +141,14 @@ def bench_train(args):
                     torch.cuda.synchronize()
 
             calls[name, "fwd+bwd"], calls[name, "step"] = fwd_bwd, step
-        best = fastest(calls, args["steps"])
+        best = fastest(calls, args.steps)
         flops = model.flops_per_token(T) * B * T
         for name in impls:
             t, t_step = best[name, "fwd+bwd"], best[name, "step"]
             ratio = f"{best['transformers', 'fwd+bwd'] / t:.2f}x" if hf is not None and name == "model.py" else ""
-            rows.append([spec, f"{config.n_layers}x{config.dim}", f"{model.num_params() / 1e6:,.1f}M", f"{B}x{T}", name,
-                         f"{B * T / t:,.0f}", f"{flops / t / peak:.1%}", ratio, f"{B * T / t_step:,.0f}", f"{flops / t_step / peak:.1%}"])
+            rows.append([spec, f"{config.n_layers}x{config.dim}", f"{model.num_params() / 1e6:,.1f}M", f"{B}x{T}",
+                         name, f"{B * T / t:,.0f}", f"{flops / t / peak:.1%}", ratio, f"{B * T / t_step:,.0f}",
+                         f"{flops / t_step / peak:.1%}"])
         del model, hf, impls, calls
     table(rows, ["shape", "layers x dim", "params", "batch", "impl", "fwd+bwd tok/s", "MFU", "ours/theirs",
                  "step tok/s", "step MFU"])
@@ -167,15 +163,15 @@ def bench_decode(args):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print("== decode: greedy generate() vs transformers' generate, KV cache on both, same weights, float32 on", device)
-    torch.manual_seed(args["seed"])
-    config = ModelConfig.from_file(args["preset"])
+    torch.manual_seed(args.seed)
+    config = ModelConfig.from_file(args.preset)
     model = Transformer(config).to(device).eval()
     hf = hf_model_like(model)
     if hf is not None:
         hf = hf.to(device).eval()
         hf.generation_config.eos_token_id = None  # a fixed number of new tokens on both sides
         hf.generation_config.pad_token_id = 0
-    P, N, steps = args["prompt_len"], args["decode_tokens"], args["steps"]
+    P, N, steps = args.prompt_len, args.decode_tokens, args.steps
 
     def sync():
         if device == "cuda":
@@ -204,7 +200,7 @@ def bench_decode(args):
                 ours_tokens_per_s[B] = tokens_per_s
             else:
                 rows[-2][4] = f"{ours_tokens_per_s[B] / tokens_per_s:.2f}x"
-    print(f"preset {args['preset']} ({model.num_params() / 1e6:.1f}M params), prompts of {P} tokens, {N} new tokens")
+    print(f"preset {args.preset} ({model.num_params() / 1e6:.1f}M params), prompts of {P} tokens, {N} new tokens")
     table(rows, ["batch", "impl", "decode tokens/s", "ms/step", "ours/theirs"])
 
     # batch 1 reads every weight once per token (the output head even when tied; embedding rows are negligible)
@@ -226,63 +222,67 @@ def bench_decode(args):
 # serve: engine throughput under concurrent clients (serve.py's section)
 
 
-def bench_serve(args):
-    """Output tokens/s of serve.py behind its HTTP server with 1, 4 and 16 concurrent clients (each sends its
-    next request when the last one is answered), against the same engine serving one request at a time
-    (max_batch=1) and transformers' continuous batching (generate_batch) on the same weights and prompts."""
+def served(model, tokenizer, prompts, n_tokens, max_batch, clients):
+    """Output tokens/s of `clients` HTTP clients working through `prompts` (greedy completions of n_tokens)
+    against a fresh serve.py engine of max_batch rows; each client sends its next request when answered."""
     import http.client
     import json
-    import logging
-    import random
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from data import train_tokenizer
-    from serve import Engine, make_server
+    from sample import Engine
+    from serve import EngineLoop, make_server
 
-    n_requests, n_tokens = args["serve_requests"], args["serve_tokens"]
+    loop = EngineLoop(Engine(model, max_batch), tokenizer, max_waiting=len(prompts)).start()
+    server = make_server(loop, port=0, log_requests=False)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    todo, lock = list(prompts), threading.Lock()
+
+    def client(_):
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=600)
+        tokens = 0
+        while True:
+            with lock:
+                if not todo:
+                    return tokens
+                prompt = todo.pop()
+            body = json.dumps({"prompt": prompt, "max_tokens": n_tokens, "temperature": 0})
+            conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+            tokens += json.loads(conn.getresponse().read())["usage"]["completion_tokens"]
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        tokens = sum(pool.map(client, range(clients)))
+    seconds = time.perf_counter() - t0
+    server.shutdown()
+    server.server_close()
+    loop.stop()
+    return tokens / seconds
+
+
+def bench_serve(args):
+    """Output tokens/s of serve.py behind its HTTP server with 1, 4 and 16 concurrent clients, against the same
+    engine serving one request at a time (max_batch=1) and transformers' continuous batching (generate_batch)
+    on the same weights and prompts."""
+    import logging
+    import random
+
+    from tokenizer import train_tokenizer
+
+    n_requests, n_tokens = args.serve_requests, args.serve_tokens
     threads = torch.get_num_threads()
-    if not args["threads"]:  # a tiny model gains nothing from intra-op threads; the HTTP threads need a core
+    if not args.threads:  # a tiny model gains nothing from intra-op threads; the HTTP threads need a core
         torch.set_num_threads(1)
     print(f"== serve: output tokens/s, {n_requests} greedy completions of {n_tokens} tokens (no stop token), "
           f"prompts of 16-64 tokens, cpu, {torch.get_num_threads()} torch thread(s)")
-    torch.manual_seed(args["seed"])
-    config = ModelConfig.from_file(args["preset"])
+    torch.manual_seed(args.seed)
+    config = ModelConfig.from_file(args.preset)
     model = Transformer(config).eval()
-    rng = random.Random(args["seed"])
+    rng = random.Random(args.seed)
     words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(3000)]
     tokenizer = train_tokenizer([" ".join(rng.choice(words) for _ in range(40000))], config.vocab_size, progress=False)
     prompts = [[rng.randrange(config.vocab_size) for _ in range(rng.randint(16, 64))] for _ in range(n_requests)]
-
-    def served(max_batch, clients, requests=prompts):
-        """Output tokens/s of `clients` HTTP clients working through `requests` against a fresh engine."""
-        engine = Engine(model, tokenizer, max_batch, max_waiting=len(requests), stop_ids=()).start()
-        server = make_server(engine, port=0, log_requests=False)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        todo, lock = list(requests), threading.Lock()
-
-        def client(_):
-            conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=600)
-            tokens = 0
-            while True:
-                with lock:
-                    if not todo:
-                        return tokens
-                    prompt = todo.pop()
-                body = json.dumps({"prompt": prompt, "max_tokens": n_tokens, "temperature": 0})
-                conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
-                tokens += json.loads(conn.getresponse().read())["usage"]["completion_tokens"]
-
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(clients) as pool:
-            tokens = sum(pool.map(client, range(clients)))
-        seconds = time.perf_counter() - t0
-        server.shutdown()
-        server.server_close()
-        engine.stop()
-        return tokens / seconds
-
-    served(16, 4, prompts[:8])  # warm up
+    served(model, tokenizer, prompts[:8], n_tokens, 16, 4)  # warm up
     hf = hf_model_like(model)
     if hf is not None:
         from transformers import ContinuousBatchingConfig, GenerationConfig
@@ -299,13 +299,14 @@ def bench_serve(args):
         theirs(4, prompts[:4])  # warm up: the first call pays one-time setup
     rows = []
     for clients in (1, 4, 16):
-        batched, one_at_a_time = served(16, clients), served(1, clients)
+        batched = served(model, tokenizer, prompts, n_tokens, 16, clients)
+        one_at_a_time = served(model, tokenizer, prompts, n_tokens, 1, clients)
         row = [clients, f"{batched:,.0f}", f"{one_at_a_time:,.0f}", f"{batched / one_at_a_time:.2f}x"]
         if hf is not None:
             hf_rate = theirs(clients)
             row += [f"{hf_rate:,.0f}", f"{batched / hf_rate:.2f}x"]
         rows.append(row)
-    print(f"preset {args['preset']} ({model.num_params() / 1e6:.1f}M params); transformers runs generate_batch "
+    print(f"preset {args.preset} ({model.num_params() / 1e6:.1f}M params); transformers runs generate_batch "
           f"with max_requests_per_batch = clients, on all {n_requests} prompts at once")
     header = ["clients", "serve.py max_batch=16", "max_batch=1", "ratio"]
     table(rows, header + (["transformers generate_batch", "ours/theirs"] if hf is not None else []))
@@ -313,11 +314,11 @@ def bench_serve(args):
 
 
 if __name__ == "__main__":
-    args = parse_args(DEFAULTS, sys.argv[1:])
-    if args["threads"]:
-        torch.set_num_threads(args["threads"])
+    args = load_settings(DEFAULTS, sys.argv[1:], "bench.py")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sections = {"train": bench_train, "decode": bench_decode, "serve": bench_serve}
-    for name in args["only"].split(","):
+    for name in args.only.split(","):
         if name not in sections:
             sys.exit(f"bench.py: unknown section {name!r}; choose from {', '.join(sections)}")
         sections[name](args)

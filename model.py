@@ -59,12 +59,12 @@ class ModelConfig:
             raise ValueError("ModelConfig: " + "; ".join(problems))
 
     @classmethod
-    def from_file(cls, path):
-        """A preset: a Python file of plain assignments (configs/tiny.py)."""
-        values = {}
-        with open(path) as f:
-            exec(f.read(), {}, values)
-        return cls.from_dict({k: v for k, v in values.items() if not k.startswith("_")}, path)
+    def from_file(cls, path, overrides=()):
+        """A preset: a Python file of plain assignments (configs/tiny.py), then "--key=value" overrides."""
+        from settings import load_settings
+
+        defaults = {f.name: f.default for f in fields(cls)}
+        return cls(**load_settings(defaults, [path, *overrides], where=path))
 
     @classmethod
     def from_dict(cls, d, where="config"):
@@ -110,40 +110,6 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class CacheStep:
-    """Where one forward pass reads and writes the KV cache; computed once, shared by all layers."""
-
-    def __init__(self, cache, batch, seq_len, rows, input_lengths, device):
-        self.full = rows is None  # all rows in order: slice the cache instead of gathering
-        rows = torch.arange(batch, device=device) if rows is None else torch.as_tensor(rows, device=device)
-        start = cache.lengths[rows]  # (b,)
-        offsets = torch.arange(seq_len, device=device)
-        self.positions = start[:, None] + offsets  # (b, T)
-        n_new = torch.full_like(start, seq_len) if input_lengths is None else torch.as_tensor(input_lengths, device=device)
-        end = start + n_new
-        self.length = int(end.max())  # keys to attend to: 0 .. length-1
-        if self.length > cache.max_len:
-            raise ValueError(f"KV cache overflow: a row would reach {self.length} tokens, the cache holds {cache.max_len}")
-        if seq_len == 1 and int(end.min()) == self.length:
-            self.mask = None  # one new token a row and every row at the same length: each sees every key
-        else:
-            keys = torch.arange(self.length, device=device)
-            self.mask = (keys[None, None, :] <= self.positions[:, :, None])[:, None]  # (b, 1, T, length)
-        self.valid = None if input_lengths is None else offsets[None, :] < n_new[:, None]  # (b, T)
-        row_idx = rows[:, None].expand(-1, seq_len)
-        self.row_idx = row_idx.reshape(-1) if self.valid is None else row_idx[self.valid]
-        self.pos_idx = self.positions.reshape(-1) if self.valid is None else self.positions[self.valid]
-        self.rows, self.end = rows, end
-
-    def new_entries(self, x):
-        # x (b, T, ...) -> (n, ...) the entries of valid tokens, in row_idx/pos_idx order
-        return x.reshape(-1, *x.shape[2:]) if self.valid is None else x[self.valid]
-
-    def read(self, buf):
-        # buf (B, ..., max_len, ...) with max_len at dim `time_dim`
-        return buf[:, :, : self.length] if self.full else buf[self.rows, :, : self.length]
-
-
 class Attention(nn.Module):
     """Grouped-query attention, optionally with q/k RMSNorm (Qwen3) and a sigmoid output gate."""
 
@@ -161,7 +127,7 @@ class Attention(nn.Module):
         if c.use_gated_attention:
             self.gate_proj = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=False)
 
-    def forward(self, x, cos, sin, step=None, kv=None):
+    def forward(self, x, cos, sin, index=None, kv=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -171,14 +137,14 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_kv_heads != self.n_heads
-        if step is None:
+        if index is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             k_buf, v_buf = kv  # (B, n_kv, max_len, hd)
-            k_buf[step.row_idx, :, step.pos_idx] = step.new_entries(k.transpose(1, 2)).to(k_buf.dtype)
-            v_buf[step.row_idx, :, step.pos_idx] = step.new_entries(v.transpose(1, 2)).to(v_buf.dtype)
-            k, v = step.read(k_buf), step.read(v_buf)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, enable_gqa=gqa)
+            k_buf[index.row_idx, :, index.pos_idx] = index.new_entries(k.transpose(1, 2)).to(k_buf.dtype)
+            v_buf[index.row_idx, :, index.pos_idx] = index.new_entries(v.transpose(1, 2)).to(v_buf.dtype)
+            k, v = index.read(k_buf), index.read(v_buf)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=index.mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         if hasattr(self, "gate_proj"):
             y = y * torch.sigmoid(self.gate_proj(x))
@@ -207,7 +173,7 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(c.n_heads * self.v_dim, c.dim, bias=False)
         self.scale = (self.nope_dim + self.rope_dim) ** -0.5
 
-    def forward(self, x, cos, sin, step=None, kv=None):
+    def forward(self, x, cos, sin, index=None, kv=None):
         B, T, _ = x.shape
         H, r = self.n_heads, self.kv_lora_rank
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_a_proj") else self.q_proj(x)
@@ -217,7 +183,7 @@ class MLAttention(nn.Module):
         latent = self.kv_a_layernorm(latent)  # (B, T, r)
         q_rope = apply_rope(q_rope, cos, sin)
         k_rope = apply_rope(k_rope[:, None], cos, sin)  # (B, 1, T, rope)
-        if step is None:
+        if index is None:
             # training: expand the latent into per-head keys and values
             kv = self.kv_b_proj(latent).view(B, T, H, self.nope_dim + self.v_dim).transpose(1, 2)
             k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
@@ -230,31 +196,18 @@ class MLAttention(nn.Module):
             w_k, w_v = w[:, : self.nope_dim], w[:, self.nope_dim :]  # (H, nope, r), (H, v, r)
             buf = kv[0]  # (B, 1, max_len, r + rope)
             entry = torch.cat([latent, k_rope[:, 0]], dim=-1)[:, :, None]  # (B, T, 1, r + rope)
-            buf[step.row_idx, :, step.pos_idx] = step.new_entries(entry).to(buf.dtype)
-            keys = step.read(buf)  # (b, 1, L, r + rope)
+            buf[index.row_idx, :, index.pos_idx] = index.new_entries(entry).to(buf.dtype)
+            keys = index.read(buf)  # (b, 1, L, r + rope)
             q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_k)
             y = F.scaled_dot_product_attention(
-                torch.cat([q_latent, q_rope], -1), keys, keys[..., :r], attn_mask=step.mask, scale=self.scale, enable_gqa=True
-            )  # (B, H, T, r)
+                torch.cat([q_latent, q_rope], -1), keys, keys[..., :r], attn_mask=index.mask, scale=self.scale,
+                enable_gqa=True)  # (B, H, T, r)
             y = torch.einsum("bhtr,hvr->bhtv", y, w_v)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
 
-class Block(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
-        self.self_attn = MLAttention(config) if config.attn == "mla" else Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
-        self.mlp = MLP(config)
-
-    def forward(self, x, cos, sin, step=None, kv=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, step, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
 # -----------------------------------------------------------------------------
-# KV cache
+# the KV cache, and where one forward pass reads and writes it (the attention layers above use both)
 
 
 class KVCache:
@@ -288,15 +241,58 @@ class KVCache:
         return sum(t[0, ..., 0, :].numel() * t.element_size() for layer in self.layers for t in layer)
 
 
-def kv_cache_bytes_per_token(config, dtype=torch.float32):
-    element = torch.empty(0, dtype=dtype).element_size()
-    if config.attn == "mla":
-        return config.n_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * element
-    return config.n_layers * 2 * config.n_kv_heads * config.head_dim * element
+class CacheIndex:
+    """Where one forward pass writes its new keys and values into the KV cache, and which cached keys each of its
+    tokens attends to: worked out once per forward, shared by all layers."""
+
+    def __init__(self, cache, batch, seq_len, rows, input_lengths, device):
+        self.full = rows is None  # all rows in order: slice the cache instead of gathering
+        rows = torch.arange(batch, device=device) if rows is None else torch.as_tensor(rows, device=device)
+        start = cache.lengths[rows]  # (b,)
+        offsets = torch.arange(seq_len, device=device)
+        self.positions = start[:, None] + offsets  # (b, T)
+        n_new = (torch.full_like(start, seq_len) if input_lengths is None
+                 else torch.as_tensor(input_lengths, device=device))
+        end = start + n_new
+        self.length = int(end.max())  # keys to attend to: 0 .. length-1
+        if self.length > cache.max_len:
+            raise ValueError(f"KV cache overflow: a row would reach {self.length} tokens, "
+                             f"the cache holds {cache.max_len}")
+        if seq_len == 1 and int(end.min()) == self.length:
+            self.mask = None  # one new token a row and every row at the same length: each sees every key
+        else:
+            keys = torch.arange(self.length, device=device)
+            self.mask = (keys[None, None, :] <= self.positions[:, :, None])[:, None]  # (b, 1, T, length)
+        self.valid = None if input_lengths is None else offsets[None, :] < n_new[:, None]  # (b, T)
+        row_idx = rows[:, None].expand(-1, seq_len)
+        self.row_idx = row_idx.reshape(-1) if self.valid is None else row_idx[self.valid]
+        self.pos_idx = self.positions.reshape(-1) if self.valid is None else self.positions[self.valid]
+        self.rows, self.end = rows, end
+
+    def new_entries(self, x):
+        # x (b, T, ...) -> (n, ...) the entries of valid tokens, in row_idx/pos_idx order
+        return x.reshape(-1, *x.shape[2:]) if self.valid is None else x[self.valid]
+
+    def read(self, buf):
+        # buf (B, heads, max_len, width) -> the rows of this pass, keys 0 .. length-1
+        return buf[:, :, : self.length] if self.full else buf[self.rows, :, : self.length]
 
 
 # -----------------------------------------------------------------------------
 # the model
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = MLAttention(config) if config.attn == "mla" else Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, index=None, kv=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, index, kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Transformer(nn.Module):
@@ -325,27 +321,28 @@ class Transformer(nn.Module):
     def init_rope(self, device=None):
         c = self.config
         rope_dim = c.qk_rope_head_dim if c.attn == "mla" else c.head_dim
-        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, rope_dim, 2, dtype=torch.int64, device=device).float() / rope_dim))
+        exponents = torch.arange(0, rope_dim, 2, dtype=torch.int64, device=device).float() / rope_dim
+        inv_freq = 1.0 / (c.rope_theta ** exponents)
         freqs = torch.outer(torch.arange(c.max_len, device=device).float(), inv_freq)
         self.register_buffer("rope_cos", torch.cat([freqs.cos(), freqs.cos()], dim=-1), persistent=False)
-        self.register_buffer("rope_sin", torch.cat([-freqs.sin(), freqs.sin()], dim=-1), persistent=False)  # see apply_rope
+        # the sign of rotate_half folded into sin's first half: see apply_rope
+        self.register_buffer("rope_sin", torch.cat([-freqs.sin(), freqs.sin()], dim=-1), persistent=False)
 
-    def forward(self, input_ids, positions=None, cache=None, rows=None, input_lengths=None, last_only=False):
+    def forward(self, input_ids, cache=None, rows=None, input_lengths=None, last_only=False):
         """input_ids (B, T) -> float32 logits (B, T, vocab_size). Without a cache: causal attention over
-        input_ids (positions (B, T) optional). With a cache: input_ids are appended to cache rows `rows`
-        (default all) at each row's own length; input_lengths (B,) counts the valid tokens of a
-        right-padded batch. last_only: logits (B, 1, vocab_size) at each row's last valid token only, the
-        one that predicts the next token (a prefill then skips the output head everywhere else)."""
+        input_ids. With a cache: input_ids are appended to cache rows `rows` (default all) at each row's own
+        length; input_lengths (B,) counts the valid tokens of a right-padded batch. last_only: logits
+        (B, 1, vocab_size) at each row's last valid token only, the one that predicts the next token (a
+        prefill then skips the output head everywhere else)."""
         B, T = input_ids.shape
-        step = None
-        if cache is not None:
-            step = CacheStep(cache, B, T, rows, input_lengths, input_ids.device)
-            positions = step.positions.clamp(max=self.config.max_len - 1)  # padding may run past the end
-        if positions is None:
+        index = None
+        if cache is None:
             if T > self.config.max_len:
                 raise ValueError(f"sequence of {T} tokens is longer than max_len={self.config.max_len}")
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         else:
+            index = CacheIndex(cache, B, T, rows, input_lengths, input_ids.device)
+            positions = index.positions.clamp(max=self.config.max_len - 1)  # padding may run past the end
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, d)
         x = self.embed_tokens(input_ids)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
@@ -354,15 +351,15 @@ class Transformer(nn.Module):
             if self.grad_checkpointing and self.training and cache is None:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, step, kv)
+                x = layer(x, cos, sin, index, kv)
         if last_only:
             if input_lengths is None:
                 x = x[:, -1:]
             else:
                 x = x[torch.arange(B, device=x.device), torch.as_tensor(input_lengths, device=x.device) - 1][:, None]
         logits = self.lm_head(self.norm(x)).float()
-        if step is not None:
-            cache.lengths[step.rows] = step.end
+        if index is not None:
+            cache.lengths[index.rows] = index.end
         return logits
 
     # --- sizes --------------------------------------------------------------
@@ -392,7 +389,8 @@ class Transformer(nn.Module):
             raise FileNotFoundError(f"{path}: no such model directory")
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{config_path}: missing (a model directory needs config.json and model.safetensors)")
+            raise FileNotFoundError(f"{config_path}: missing (a model directory needs config.json and "
+                                    "model.safetensors)")
         try:
             with open(config_path) as f:
                 hf = json.load(f)
@@ -406,7 +404,8 @@ class Transformer(nn.Module):
             deinterleave_rope_weights(state, config)
         with torch.device("meta"):
             model = cls(config)
-        expected = {k: v.shape for k, v in model.state_dict().items() if not (config.tie_weight and k == "lm_head.weight")}
+        expected = {k: v.shape for k, v in model.state_dict().items()
+                    if not (config.tie_weight and k == "lm_head.weight")}
         state = {k.removeprefix("model."): v for k, v in state.items()}
         problems = [f"missing {k}" for k in expected if k not in state]
         problems += [f"unexpected {k}" for k in state if k not in expected]
@@ -449,7 +448,8 @@ class Transformer(nn.Module):
 # -----------------------------------------------------------------------------
 # Hugging Face config and weight conversion
 
-SUPPORTED = "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, DeepseekV3ForCausalLM (dense layers) or this project's own"
+SUPPORTED = ("LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, DeepseekV3ForCausalLM (dense layers) "
+             "or this project's own")
 
 
 def config_to_hf(c, dtype="float32", token_ids=None):
@@ -507,7 +507,8 @@ def config_from_hf(hf, where):
     n_heads = hf["num_attention_heads"]
     c = dict(
         vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads, head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
         dim_ffn=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         max_len=hf.get("max_position_embeddings", 2048), tie_weight=bool(hf.get("tie_word_embeddings", False)),
@@ -525,7 +526,8 @@ def config_from_hf(hf, where):
         if n_routed and hf.get("first_k_dense_replace", 0) < hf["num_hidden_layers"]:
             raise ValueError(
                 f"{where}: MoE is not supported: layers {hf.get('first_k_dense_replace', 0)}.. are mixture-of-experts "
-                f"(first_k_dense_replace={hf.get('first_k_dense_replace')}, n_routed_experts={n_routed}); only dense layers load"
+                f"(first_k_dense_replace={hf.get('first_k_dense_replace')}, n_routed_experts={n_routed}); "
+                "only dense layers load"
             )
         c.update(attn="mla", n_kv_heads=n_heads, head_dim=0, q_lora_rank=hf.get("q_lora_rank") or 0,
                  kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],

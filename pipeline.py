@@ -1,17 +1,22 @@
 """
-The demo pipeline: pretrain -> SFT -> DPO -> GRPO on the built-in bilingual arithmetic data, each stage
+The demo: built-in bilingual arithmetic data, and the pipeline pretrain -> SFT -> DPO -> GRPO on it, each stage
 starting from the last one's final/ model, with greedy exact-answer accuracy on the held-out problems
 (eval.jsonl, never seen in training) after each stage, and a table at the end.
 
-    python pipeline.py                      # everything from scratch: ~8 minutes on 2 CPU cores
-    python pipeline.py --from_stage=dpo     # reuse data and the pretrain and sft models, run dpo and grpo again
+    python pipeline.py demo --out=data/demo     # only write the demo data (pretrain.txt, sft/dpo/grpo.jsonl, ...)
+    python pipeline.py                          # everything from scratch: ~8 minutes on 2 CPU cores
+    python pipeline.py --from_stage=dpo         # reuse data and the pretrain and sft models, run dpo and grpo again
 
 It runs the same commands a user would (printed as it goes); the accuracy is sample.py --eval's.
 """
+import json
 import os
+import random
 import subprocess
 import sys
 import time
+
+from settings import Settings, load_settings
 
 DEFAULTS = dict(
     data="data/demo",  # demo data, tokenizer and .h5 files
@@ -23,13 +28,106 @@ STAGES = [("pretrain", "configs/demo.py", "demo", None), ("sft", "configs/sft.py
           ("dpo", "configs/dpo.py", "dpo", "sft"), ("grpo", "configs/grpo.py", "grpo", "dpo")]
 
 
+# -----------------------------------------------------------------------------
+# the demo data: a + b and a - b, in English and Chinese, with exact answers
+
+SENTENCES = [("The cat sleeps on the mat.", "猫在垫子上睡觉。"), ("I like green tea.", "我喜欢绿茶。"),
+             ("It is raining today.", "今天下雨了。"), ("We read books at night.", "我们晚上看书。"),
+             ("The sun rises in the east.", "太阳从东方升起。"),
+             ("She walks to school.", "她走路去学校。"),
+             ("Numbers help us count.", "数字帮助我们计数。"),
+             ("He drinks a cup of water.", "他喝了一杯水。"),
+             ("The river is long.", "这条河很长。"), ("Birds sing in the morning.", "鸟儿在早上唱歌。"),
+             ("Math is fun to learn.", "学数学很有趣。"),
+             ("My friend has two dogs.", "我的朋友有两只狗。")]
+
+
+def _question(rng, a, op, b, chinese):
+    if chinese:
+        return rng.choice(["{a} {z} {b} 等于多少？", "计算 {a} {o} {b}。", "{a} {o} {b} 等于几？"]).format(
+            a=a, b=b, o=op, z="加" if op == "+" else "减")
+    return rng.choice(["What is {a} {o} {b}?", "Compute {a} {o} {b}.", "{a} {o} {b} = ?"]).format(a=a, b=b, o=op)
+
+
+def _reply(a, op, b, result, chinese):
+    return f"{a} {'加' if op == '+' else '减'} {b} 等于 {result}。" if chinese else f"{a} {op} {b} = {result}"
+
+
+def make_demo(out_dir, seed=0, max_operand=49, n_eval=200, pretrain_docs=8000, sft=5000, dpo=3000, grpo=2000):
+    """Writes pretrain.txt, sft.jsonl, dpo.jsonl, grpo.jsonl, eval.jsonl, dpo_eval.jsonl; returns their paths.
+    Problems: a + b and a - b (a >= b), operands 0..max_operand; eval problems never appear in training files."""
+    rng = random.Random(seed)
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b}
+    problems = [(a, op, b) for a in range(max_operand + 1) for b in range(max_operand + 1)
+                for op in ops if op == "+" or a >= b]
+    rng.shuffle(problems)
+    held_out, train = problems[:n_eval], problems[n_eval:]
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {name: os.path.join(out_dir, name) for name in
+             ("pretrain.txt", "sft.jsonl", "dpo.jsonl", "grpo.jsonl", "eval.jsonl", "dpo_eval.jsonl")}
+
+    def solved(problem, chinese=None):
+        a, op, b = problem
+        chinese = rng.random() < 0.5 if chinese is None else chinese
+        return a, op, b, ops[op](a, b), chinese
+
+    with open(paths["pretrain.txt"], "w", encoding="utf-8") as f:
+        for _ in range(pretrain_docs):
+            lines = []
+            for _ in range(rng.randint(3, 8)):
+                a, op, b, c, chinese = solved(rng.choice(train))
+                kind = rng.random()
+                if kind < 0.2:
+                    lines.append(rng.choice(SENTENCES)[int(chinese)])
+                elif kind < 0.5:
+                    lines.append(f"{_question(rng, a, op, b, chinese)} {_reply(a, op, b, c, chinese)}")
+                else:
+                    word = ("加" if op == "+" else "减") if chinese else ("plus" if op == "+" else "minus")
+                    lines.append(f"{a} {word} {b} {'等于' if chinese else 'equals'} {c}{'。' if chinese else '.'}"
+                                 if rng.random() < 0.5 else _reply(a, op, b, c, chinese) + ("" if chinese else "."))
+            f.write("\n".join(lines) + "\n\n")
+
+    def write_jsonl(name, records):
+        with open(paths[name], "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def chat(problem):
+        a, op, b, c, chinese = solved(problem)
+        return {"messages": [{"role": "user", "content": _question(rng, a, op, b, chinese)},
+                             {"role": "assistant", "content": _reply(a, op, b, c, chinese)}]}
+
+    def pair(problem):
+        a, op, b, c, chinese = solved(problem)
+        wrong = c + rng.choice([-10, -2, -1, 1, 2, 10])
+        return {"prompt": _question(rng, a, op, b, chinese), "chosen": _reply(a, op, b, c, chinese),
+                "rejected": _reply(a, op, b, wrong, chinese)}
+
+    def task(problem, as_messages):
+        a, op, b, c, chinese = solved(problem)
+        prompt = _question(rng, a, op, b, chinese)
+        record = {"messages": [{"role": "user", "content": prompt}]} if as_messages else {"prompt": prompt}
+        return record | {"answer": str(c)}
+
+    write_jsonl("sft.jsonl", (chat(rng.choice(train)) for _ in range(sft)))
+    write_jsonl("dpo.jsonl", (pair(rng.choice(train)) for _ in range(dpo)))
+    write_jsonl("grpo.jsonl", (task(rng.choice(train), False) for _ in range(grpo)))
+    write_jsonl("eval.jsonl", (task(problem, True) for problem in held_out))
+    write_jsonl("dpo_eval.jsonl", (pair(problem) for problem in held_out))
+    return paths
+
+
+# -----------------------------------------------------------------------------
+# the pipeline
+
+
 def sh(*args):
     print("$ python " + " ".join(args), flush=True)
     subprocess.run([sys.executable, *args], check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def make_data(data):
-    sh("data.py", "demo", f"--out={data}")
+    sh("pipeline.py", "demo", f"--out={data}")
     sh("data.py", "tokenizer", f"--input={data}/pretrain.txt", "--vocab_size=2048", f"--out={data}/tokenizer")
     for stage, source, name in [("seq", "pretrain.txt", "pretrain"), ("sft", "sft.jsonl", "sft"),
                                 ("dpo", "dpo.jsonl", "dpo"), ("grpo", "grpo.jsonl", "grpo")]:
@@ -58,26 +156,37 @@ def preference_accuracy(policy_dir, reference_dir, pairs_path):
     from strategies import DPO
 
     policy, _ = load(policy_dir)
-    dpo = DPO({"beta": 1.0}, load(reference_dir)[0])  # the sign of the margin does not depend on beta
+    dpo = DPO(Settings(beta=1.0, rpo_alpha=0.0), load(reference_dir)[0], None)  # the margin's sign: any beta
     pairs = load_dataset(pairs_path, "train", policy.config.max_len - 1, stage="dpo")
     correct = 0.0
     with torch.no_grad():
         for start in range(0, len(pairs), 64):
             indices = list(range(start, min(start + 64, len(pairs))))
-            _, metrics = dpo.loss(policy, pairs.get_batch(indices), step=0)
+            _, metrics = dpo.loss(policy, pairs.get_batch(indices), step=0, evaluating=True)
             correct += metrics["pref_accuracy"] * len(indices)
     return correct / len(pairs)
 
 
-def main(argv):
-    from data import parse_args
+def write_demo(argv):
+    """python pipeline.py demo --out=DIR [--seed=0 ...]"""
+    args = load_settings({"out": "data/demo", "seed": 0, "max_operand": 49, "n_eval": 200, "pretrain_docs": 8000,
+                          "sft": 5000, "dpo": 3000, "grpo": 2000}, argv, "pipeline.py demo")
+    for name, path in make_demo(args.pop("out"), **args).items():
+        with open(path, encoding="utf-8") as f:
+            count = sum(1 for line in f if line.strip()) if name.endswith(".jsonl") else f.read().count("\n\n")
+        print(f"wrote {path}: {count:,} {'records' if name.endswith('.jsonl') else 'documents'}, "
+              f"{os.path.getsize(path) / 1e6:.2f} MB")
 
-    args = parse_args(DEFAULTS, argv)
+
+def main(argv):
+    if argv[:1] == ["demo"]:
+        return write_demo(argv[1:])
+    args = load_settings(DEFAULTS, argv, "pipeline.py")
     names = ["data"] + [stage for stage, *_ in STAGES]
-    if args["from_stage"] not in names:
-        sys.exit(f"pipeline.py: --from_stage={args['from_stage']!r}: choose from {', '.join(names)}")
-    first = names.index(args["from_stage"])
-    data, out, task = args["data"], args["out"], os.path.join(args["data"], "eval.jsonl")
+    if args.from_stage not in names:
+        sys.exit(f"pipeline.py: --from_stage={args.from_stage!r}: choose from {', '.join(names)}")
+    first = names.index(args.from_stage)
+    data, out, task = args.data, args.out, os.path.join(args.data, "eval.jsonl")
     rows, t_start = [], time.time()
     if first == 0:
         make_data(data)
@@ -89,7 +198,7 @@ def main(argv):
             start = [f"--tokenizer={data}/tokenizer"] if parent is None else [f"--init_from={out}/{parent}/final"]
             sh("train.py", config, f"--data={data}/{data_file}", f"--out_dir={out}/{name}", *start)
         elif not os.path.isdir(model_dir):
-            sys.exit(f"pipeline.py: --from_stage={args['from_stage']} reuses {model_dir}, which does not exist")
+            sys.exit(f"pipeline.py: --from_stage={args.from_stage} reuses {model_dir}, which does not exist")
         print(f"$ python sample.py --model={model_dir} --eval={task}", flush=True)
         accuracy = answer_accuracy(model_dir, task)
         note = ""

@@ -1,5 +1,6 @@
 """
-Generation: batched, KV-cached sampling from a model directory, streamed text, and exact-answer eval.
+Generation: the sampler, the engine (continuous batching over a preallocated KV cache: the one decode path),
+generate() on top of it, streamed text, exact-answer evaluation, and the command line.
 
     python sample.py --model=out/final --prompt="Once upon a time"
     python sample.py --model=out/final --prompt=FILE:prompt.txt --num_samples=3 --temperature=0.7
@@ -7,19 +8,25 @@ Generation: batched, KV-cached sampling from a model directory, streamed text, a
     python sample.py --model=out/final --chat                      # interactive chat that keeps the history
     python sample.py --model=out/final --eval=task.jsonl           # greedy exact-answer accuracy
 
-generate() is the project's one generation loop (GRPO rollouts in strategies.py call it) and
-sample_tokens() its one sampler (serve.py calls it once per decode step with per-request settings).
-A Hugging Face model directory (Llama, Qwen2, Qwen3, DeepseekV3-dense with tokenizer.json) works
-here exactly as one written by train.py.
+Engine.step() is admit, forward, sample, emit; generate() is a loop over step() (GRPO rollouts and --eval
+call it), and serve.py runs the same engine in its own thread. sample_tokens() is the one sampler.
+A Hugging Face model directory (Llama, Qwen2, Qwen3, DeepseekV3-dense with tokenizer.json) works here
+exactly as one written by train.py.
 """
 import codecs
 import json
 import os
 import sys
+import threading
+import unicodedata
+from collections import deque
 
+import regex
 import torch
 
 from model import KVCache, Transformer
+from settings import DTYPES, load_settings, pick_device
+from tokenizer import Tokenizer
 
 DEFAULTS = dict(
     model="",  # MODELDIR: config.json + model.safetensors + tokenizer files
@@ -37,8 +44,6 @@ DEFAULTS = dict(
     batch_size=32,  # rows per generate() call with --eval
 )
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 # -----------------------------------------------------------------------------
 # sampling
 
@@ -54,7 +59,7 @@ def per_row(values, batch, name):
     return list(values)
 
 
-def sample_tokens(logits, temperature, top_k, top_p, generators=None):
+def sample_tokens(logits, temperature, top_k, top_p, generators=None, want_logprobs=True):
     """Draw one token per row. logits (B, V) float32; temperature, top_k, top_p: per row (a list or tensor
     of length B, or one value for all rows); generators: None, or B torch.Generators (or None entries) on
     the logits' device, one per row so that each request's seed reproduces its own tokens.
@@ -62,7 +67,7 @@ def sample_tokens(logits, temperature, top_k, top_p, generators=None):
     Temperature 0 is greedy. Otherwise: divide by the temperature, keep the top_k most likely tokens
     (0 = all), then the smallest set whose probability reaches top_p (always at least one token), sample.
     Returns tokens (B,) long and their log-probs (B,) float32 under that transformed distribution
-    (greedy rows: log-softmax of the raw logits)."""
+    (greedy rows: log-softmax of the raw logits), or None for the log-probs when not want_logprobs."""
     B, V = logits.shape
     device = logits.device
     temperature = per_row(temperature, B, "temperature")
@@ -76,6 +81,8 @@ def sample_tokens(logits, temperature, top_k, top_p, generators=None):
     greedy = [t == 0 for t in temperature]
     if all(greedy):
         tokens = logits.argmax(-1)
+        if not want_logprobs:
+            return tokens, None
         return tokens, torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0]
 
     # greedy rows go through the same arithmetic untransformed (temperature 1, nothing cut); the settings
@@ -115,7 +122,171 @@ def sample_tokens(logits, temperature, top_k, top_p, generators=None):
 
 
 # -----------------------------------------------------------------------------
-# generation
+# the engine: sequences in the rows of one preallocated KV cache, continuous batching
+
+
+class Sequence:
+    """One prompt's continuation: its sampling settings, its tokens so far, and where it stands in the engine.
+    on_token(seq, token, top), when given, is called after each token (seq.finish already says "stop" for a
+    stop token and "length" for the last one the budget allows; top is (token, logprob, [(id, logprob), ...])
+    when top_logprobs was asked for); returning True ends the sequence there with finish "stop"."""
+
+    def __init__(self, prompt, max_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None, logprobs=False,
+                 top_logprobs=None, on_token=None):
+        self.prompt, self.max_tokens = list(prompt), max_tokens
+        self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
+        self.want_logprobs = logprobs  # keep each token's log-prob under the sampling distribution (GRPO)
+        self.top_logprobs = top_logprobs  # k: the model's own log-probs of the token and the k most likely ones
+        self.on_token = on_token
+        self.tokens, self.logprobs = [], []  # generated token ids (a stop token included) and their log-probs
+        self.slot, self.prefilled = None, 0  # the KV cache row, and how many prompt tokens are in it
+        self.finish, self.cancelled = None, False  # finish: "stop" | "length" | "error" once done
+
+
+class Engine:
+    """Continuous batching over one KV cache of max_batch rows. Sequences wait in a FIFO queue; step() admits
+    them into free rows, runs the model once (a prefill chunk for rows still reading their prompt, one decode
+    token for the others), samples every row with its own settings and emits the tokens. A finished row is
+    free for the next sequence at the next step. add() may be called from other threads (serve.py's)."""
+
+    def __init__(self, model, max_batch, max_len=None, prefill_chunk=256, stop_ids=(), vocab_size=None):
+        self.model, self.max_batch, self.prefill_chunk = model.eval(), max_batch, prefill_chunk
+        self.stop_ids = {int(i) for i in stop_ids}
+        self.vocab_size = vocab_size  # the tokenizer's: ids past it (padded embedding rows) have no text
+        weight = model.lm_head.weight
+        self.device, self.max_len = weight.device, min(max_len or model.config.max_len, model.config.max_len)
+        self.cache = KVCache(model.config, max_batch, self.max_len, device=self.device, dtype=weight.dtype)
+        self.free_slots = list(range(max_batch))
+        self.waiting, self.running = deque(), []  # running: sequences holding a row, prefilling or decoding
+        self.lock = threading.Lock()  # guards `waiting`
+
+    def add(self, seqs):
+        with self.lock:
+            self.waiting.extend(seqs)
+
+    def cancel(self, seqs):
+        """Waiting sequences leave now, running ones at the next step (their rows are then free)."""
+        with self.lock:
+            for seq in seqs:
+                seq.cancelled = True
+            self.waiting = deque(s for s in self.waiting if not s.cancelled)
+
+    def has_work(self):
+        return bool(self.waiting or self.running)
+
+    @torch.inference_mode()
+    def step(self):
+        self.admit()
+        batch, logits = self.forward()
+        if batch:
+            tokens, logprobs = self.sample(batch, logits)
+            self.emit(batch, tokens, logprobs)
+
+    def admit(self):
+        """Cancelled sequences leave; waiting ones take free rows, lowest first."""
+        for seq in [s for s in self.running if s.cancelled]:
+            self.leave(seq)
+        admitted = []
+        with self.lock:
+            while self.free_slots and self.waiting:
+                seq = self.waiting.popleft()
+                seq.slot = self.free_slots.pop(0)
+                admitted.append(seq)
+        if admitted:
+            self.cache.reset([s.slot for s in admitted])
+            self.running += admitted
+
+    def rows(self, seqs):
+        # all rows in order: the cache slices instead of gathering
+        slots = [s.slot for s in seqs]
+        return None if slots == list(range(self.max_batch)) else torch.tensor(slots, device=self.device)
+
+    def forward(self):
+        """-> (sequences that get a token now, their logits (b, V)): one prefill chunk for every row still
+        reading its prompt, right-padded into one call, then one decode token for every other row."""
+        prefilling = [s for s in self.running if s.prefilled < len(s.prompt)]
+        decoding = sorted((s for s in self.running if s.prefilled == len(s.prompt)), key=lambda s: s.slot)
+        batch, logits = [], []
+        if prefilling:
+            chunks = [s.prompt[s.prefilled:s.prefilled + self.prefill_chunk] for s in prefilling]
+            lengths = [len(c) for c in chunks]
+            T = max(lengths)
+            ids = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=self.device)  # (b, T)
+            input_lengths = None if min(lengths) == T else torch.tensor(lengths, device=self.device)
+            out = self.model(ids, cache=self.cache, rows=self.rows(prefilling), input_lengths=input_lengths,
+                             last_only=True)  # (b, 1, V)
+            for i, seq in enumerate(prefilling):
+                seq.prefilled += lengths[i]
+                if seq.prefilled == len(seq.prompt):  # the prompt's last token predicts the first new one
+                    batch.append(seq)
+                    logits.append(out[i, 0])
+        if decoding:
+            ids = torch.tensor([[s.tokens[-1]] for s in decoding], device=self.device)  # (b, 1)
+            out = self.model(ids, cache=self.cache, rows=self.rows(decoding))[:, -1]  # (b, V)
+            if not batch:
+                return decoding, out
+            batch += decoding
+            logits += list(out)
+        return batch, (torch.stack(logits) if batch else None)
+
+    def sample(self, batch, logits):
+        """-> tokens (b,) on the host, and per row its log-prob entry (or None)."""
+        if self.vocab_size and logits.shape[1] > self.vocab_size:
+            logits[:, self.vocab_size:] = float("-inf")  # padded embedding rows are no text
+        want = any(s.want_logprobs for s in batch)
+        tokens, logprobs = sample_tokens(logits, [s.temperature for s in batch], [s.top_k for s in batch],
+                                         [s.top_p for s in batch], [s.generator for s in batch], want)
+        top = self.top_logprobs(batch, logits, tokens)
+        tokens = tokens.tolist()  # the one host sync per step
+        logprobs = logprobs.tolist() if want else [None] * len(batch)
+        return tokens, [(lp, t) for lp, t in zip(logprobs, top)]
+
+    def top_logprobs(self, batch, logits, tokens):
+        """(token, logprob, top) for rows that asked for top_logprobs, from the raw logits: the model's own
+        distribution, before temperature and top-k/top-p, as OpenAI reports them."""
+        want = [i for i, s in enumerate(batch) if s.top_logprobs is not None]
+        result = [None] * len(batch)
+        if want:
+            logprobs = torch.log_softmax(logits[want], -1)  # (w, V)
+            chosen = logprobs.gather(1, tokens[want][:, None])[:, 0].tolist()
+            top = logprobs.topk(max(batch[i].top_logprobs for i in want), -1)
+            top_ids, top_values = top.indices.tolist(), top.values.tolist()
+            for j, i in enumerate(want):
+                k = batch[i].top_logprobs
+                result[i] = (int(tokens[i]), chosen[j], list(zip(top_ids[j][:k], top_values[j][:k])))
+        return result
+
+    def emit(self, batch, tokens, entries):
+        """Record each row's token; a row that hit a stop token, its budget or the context leaves."""
+        for seq, token, (logprob, top) in zip(batch, tokens, entries):
+            seq.tokens.append(token)
+            if seq.want_logprobs:
+                seq.logprobs.append(logprob)
+            if token in self.stop_ids:
+                seq.finish = "stop"
+            elif len(seq.tokens) >= seq.max_tokens or len(seq.prompt) + len(seq.tokens) >= self.max_len:
+                seq.finish = "length"
+            if seq.on_token is not None and seq.on_token(seq, token, top):
+                seq.finish = "stop"
+            if seq.finish is not None:
+                self.leave(seq)
+
+    def leave(self, seq):
+        self.running.remove(seq)
+        self.free_slots.append(seq.slot)
+        self.free_slots.sort()  # lowest rows first: a full batch is rows 0..B-1, which the cache slices
+
+    def fail(self, reason="error"):
+        """End every running sequence (an exception in step(): a bug, or out of memory)."""
+        for seq in list(self.running):
+            seq.finish = reason
+            if seq.on_token is not None:
+                seq.on_token(seq, None, None)
+            self.leave(seq)
+
+
+# -----------------------------------------------------------------------------
+# generation: a loop over the engine's step
 
 
 @torch.inference_mode()
@@ -123,18 +294,15 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
              return_logprobs=False, on_token=None, vocab_size=None):
     """Continue each prompt (a list of token ids; lengths may differ) by up to max_new_tokens tokens.
 
-    One right-padded prefill of all prompts into a KV cache sized for the batch, then one batched decode
-    step per token. A row that samples one of stop_ids, reaches max_new_tokens or fills the model's
-    context (prompt + completion <= max_len) leaves the decode batch. Returns the new tokens per row, the
-    stop token included as the last one when hit; with return_logprobs also their log-probs under the
-    sampling distribution (see sample_tokens). on_token(row, token_id), when given, sees each token as
-    it is sampled (streaming). vocab_size: the tokenizer's; ids at or past it (the padded embedding rows
-    many models have) are never sampled, since they have no text."""
-    config = model.config
-    weight = model.lm_head.weight
-    device, dtype = weight.device, weight.dtype
+    All prompts go into one engine with a row each: one right-padded prefill, then one batched decode step
+    per token. A row that samples one of stop_ids, reaches max_new_tokens or fills the model's context
+    (prompt + completion <= max_len) leaves the decode batch. Returns the new tokens per row, the stop token
+    included as the last one when hit; with return_logprobs also their log-probs under the sampling
+    distribution (see sample_tokens). on_token(row, token_id), when given, sees each token as it is sampled
+    (streaming). vocab_size: the tokenizer's; ids at or past it (the padded embedding rows many models have)
+    are never sampled, since they have no text. seed: one generator shared by the batch."""
+    config, device = model.config, model.lm_head.weight.device
     prompts = [p.tolist() if isinstance(p, torch.Tensor) else list(p) for p in prompts]
-    B = len(prompts)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     for i, p in enumerate(prompts):
@@ -144,59 +312,26 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
             raise ValueError(f"prompt {i} has {len(p)} tokens; the model's context (max_len) is {config.max_len}")
         if min(p) < 0 or max(p) >= config.vocab_size:
             raise ValueError(f"prompt {i} has token ids outside 0..{config.vocab_size - 1} (the model's vocab_size)")
-    lengths = [len(p) for p in prompts]
-    budgets = [min(max_new_tokens, config.max_len - n) for n in lengths]
-    new_tokens = [[] for _ in range(B)]
-    active = [i for i in range(B) if budgets[i] > 0]  # rows still generating, in batch order
-    if not active:
-        return (new_tokens, [[] for _ in range(B)]) if return_logprobs else new_tokens
-
-    # prefill: every prompt at once, right-padded; the last prompt token of each row predicts its first token
-    T = max(lengths)
-    cache = KVCache(config, batch_size=B, max_len=min(config.max_len, T + max_new_tokens), device=device, dtype=dtype)
-    x = torch.tensor([p + [0] * (T - len(p)) for p in prompts], dtype=torch.long, device=device)  # (B, T)
-    input_lengths = torch.tensor(lengths, device=device)
-    logits = model(x, cache=cache, input_lengths=input_lengths, last_only=True)[:, 0]  # (B, V)
-    no_text = slice(vocab_size, None) if vocab_size and vocab_size < config.vocab_size else None
-    rows = None  # None: all B rows in order, which the cache slices instead of gathering
-    if len(active) < B:
-        rows = torch.tensor(active, device=device)
-        logits = logits[rows]
-
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-    stop = {int(i) for i in stop_ids}
-    logprobs = torch.zeros(B, max(budgets), device=device) if return_logprobs else None  # (B, steps)
-    for step in range(max(budgets)):
-        b = len(active)
-        if no_text is not None:
-            logits[:, no_text] = float("-inf")
-        if temperature == 0 and not return_logprobs:
-            tokens = logits.argmax(-1)  # what sample_tokens does for greedy rows, minus the log-softmax
-        else:
-            tokens, token_logprobs = sample_tokens(logits, [temperature] * b, [top_k] * b, [top_p] * b,
-                                                   None if generator is None else [generator] * b)
-        if return_logprobs:
-            logprobs[slice(None) if rows is None else rows, step] = token_logprobs
-        still = []  # positions within this step's batch of the rows that go on
-        for j, (row, token) in enumerate(zip(active, tokens.tolist())):  # the one host sync per step
-            new_tokens[row].append(token)
-            if on_token is not None:
-                on_token(row, token)
-            if token not in stop and len(new_tokens[row]) < budgets[row]:
-                still.append(j)
-        if not still:
-            break
-        if len(still) < b:  # finished rows leave the batch and stop costing compute
-            keep = torch.tensor(still, device=device)
-            tokens = tokens[keep]
-            active = [active[j] for j in still]
-            rows = torch.tensor(active, device=device)
-        logits = model(tokens[:, None], cache=cache, rows=rows)[:, -1]  # (b, V)
 
-    if not return_logprobs:
-        return new_tokens
-    logprobs = logprobs.tolist()
-    return new_tokens, [logprobs[i][: len(new_tokens[i])] for i in range(B)]
+    def callback(row):
+        return None if on_token is None else lambda seq, token, top: on_token(row, token)
+
+    seqs = [Sequence(p, min(max_new_tokens, config.max_len - len(p)), temperature, top_k, top_p, generator,
+                     return_logprobs, on_token=callback(row)) for row, p in enumerate(prompts)]
+    if any(s.max_tokens > 0 for s in seqs):
+        max_len = min(config.max_len, max(len(p) for p in prompts) + max_new_tokens)
+        engine = Engine(model, len(prompts), max_len, max_len, stop_ids, vocab_size)
+        engine.add([s for s in seqs if s.max_tokens > 0])
+        while engine.has_work():
+            engine.step()
+    tokens = [s.tokens for s in seqs]
+    return (tokens, [s.logprobs for s in seqs]) if return_logprobs else tokens
+
+
+def strip_stop(tokens, stop_ids):
+    """The tokens without a trailing stop token (generate() returns it as the last one when hit)."""
+    return tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens
 
 
 class TextStream:
@@ -221,14 +356,9 @@ class TextStream:
 
 
 def load(model_dir, device="cpu", dtype=None):
-    """(model in eval mode, tokenizer) from a MODELDIR: ours or a Hugging Face one with tokenizer.json."""
-    from data import Tokenizer
-
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r}: choose from {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
-    model = Transformer.from_pretrained(model_dir, device=device, dtype=dtype).eval()
+    """(model in eval mode, tokenizer) from a MODELDIR: ours or a Hugging Face one with tokenizer.json.
+    dtype: a torch dtype or its name (float32, bfloat16, float16); None keeps float32."""
+    model = Transformer.from_pretrained(model_dir, device=device, dtype=DTYPES.get(dtype, dtype)).eval()
     tokenizer = Tokenizer.load(model_dir)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
@@ -253,7 +383,25 @@ def stop_ids_for(model_dir, tokenizer):
 
 
 # -----------------------------------------------------------------------------
-# evaluation: exact-answer accuracy on a task file
+# evaluation: exact-answer accuracy on a task file (GRPO's exact_answer reward is the same check)
+
+_NUMBER = regex.compile(r"(?:(?<![\w.])-)?\d+(?:\.\d+)?")
+_TRAILING = " \t\r\n.。,，!！?？:：;；'\"”’)）]】"
+
+
+def answer_is_correct(completion: str, answer: str) -> bool:
+    """True when the completion's final number (or, for a non-numeric answer, its ending) equals the answer."""
+    completion = unicodedata.normalize("NFKC", completion)  # full-width digits and punctuation to ASCII
+    answer = " ".join(unicodedata.normalize("NFKC", str(answer)).split()).rstrip(_TRAILING).lstrip()
+    completion = regex.sub(r"(?<=\d),(?=\d{3}\b)", "", completion)  # 1,234 -> 1234
+    if _NUMBER.fullmatch(answer.replace(",", "")):
+        numbers = _NUMBER.findall(completion)
+        return bool(numbers) and float(numbers[-1]) == float(answer.replace(",", ""))
+    completion = " ".join(completion.split()).rstrip(_TRAILING)
+    if not answer or not completion.lower().endswith(answer.lower()):
+        return False
+    before = completion[:-len(answer)][-1:]  # "Comparis" does not end with the answer "Paris"
+    return not (before.isascii() and before.isalnum())
 
 
 def read_task(task_path, tokenizer):
@@ -269,7 +417,8 @@ def read_task(task_path, tokenizer):
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON ({e})") from None
-            if not isinstance(record, dict) or "answer" not in record or not ("messages" in record or "prompt" in record):
+            if not isinstance(record, dict) or "answer" not in record or \
+                    not ("messages" in record or "prompt" in record):
                 raise ValueError(f'{where}: expected {{"messages": [...]}} or {{"prompt": "..."}} with "answer"')
             try:
                 if "messages" in record:
@@ -288,10 +437,8 @@ def read_task(task_path, tokenizer):
 
 
 def evaluate(model, tokenizer, task_path, batch_size=32, max_new_tokens=64, stop_ids=None):
-    """Fraction of a task file's records whose greedy completion holds the answer (data.answer_is_correct,
-    the check GRPO's reward uses). Prompts are batched shortest first to waste little on padding."""
-    from data import answer_is_correct
-
+    """Fraction of a task file's records whose greedy completion holds the answer (answer_is_correct, the
+    check GRPO's reward uses). Prompts are batched shortest first to waste little on padding."""
     prompts, answers = read_task(task_path, tokenizer)
     stop_ids = list(tokenizer.stop_ids if stop_ids is None else stop_ids)
     for i, p in enumerate(prompts):
@@ -301,13 +448,11 @@ def evaluate(model, tokenizer, task_path, batch_size=32, max_new_tokens=64, stop
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     correct = 0
     for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
+        batch = order[start:start + batch_size]
         outputs = generate(model, [prompts[i] for i in batch], max_new_tokens, temperature=0.0, stop_ids=stop_ids,
                            vocab_size=tokenizer.vocab_size)
         for i, tokens in zip(batch, outputs):
-            if tokens and tokens[-1] in stop_ids:
-                tokens = tokens[:-1]
-            correct += bool(answer_is_correct(tokenizer.decode(tokens), answers[i]))
+            correct += answer_is_correct(tokenizer.decode(strip_stop(tokens, stop_ids)), answers[i])
     return correct / len(prompts)
 
 
@@ -318,16 +463,15 @@ def evaluate(model, tokenizer, task_path, batch_size=32, max_new_tokens=64, stop
 def stream_completion(model, tokenizer, prompt_ids, args, stop_ids, seed):
     """Generate one completion, printing it as it comes; returns its tokens without the stop token."""
     stream = TextStream(tokenizer)
-    stops = set(stop_ids)
 
     def show(row, token):
-        if token not in stops:
+        if token not in stop_ids:
             print(stream.push(token), end="", flush=True)
 
-    tokens = generate(model, [prompt_ids], args["max_new_tokens"], args["temperature"], args["top_k"], args["top_p"],
+    tokens = generate(model, [prompt_ids], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                       stop_ids, seed, on_token=show, vocab_size=tokenizer.vocab_size)[0]
     print(stream.flush())
-    return tokens[:-1] if tokens and tokens[-1] in stops else tokens
+    return strip_stop(tokens, stop_ids)
 
 
 def chat_loop(model, tokenizer, args, stop_ids, seed):
@@ -347,63 +491,49 @@ def chat_loop(model, tokenizer, args, stop_ids, seed):
             continue
         messages.append({"role": "user", "content": text})
         ids, _ = tokenizer.render_chat(messages, add_generation_prompt=True)
-        while len(ids) + args["max_new_tokens"] > model.config.max_len and len(messages) > 1:
+        while len(ids) + args.max_new_tokens > model.config.max_len and len(messages) > 1:
             messages = messages[2:] if len(messages) > 2 else messages[1:]  # a user turn and its reply
             ids, _ = tokenizer.render_chat(messages, add_generation_prompt=True)
-        ids = list(ids)[-(model.config.max_len - 1) :]  # a single message longer than the context
+        ids = list(ids)[-(model.config.max_len - 1):]  # a single message longer than the context
         reply = stream_completion(model, tokenizer, ids, args, stop_ids, seed)
         messages.append({"role": "assistant", "content": tokenizer.decode(reply)})
         seed = None if seed is None else seed + 1
 
 
 def main(argv):
-    from data import parse_args
-
     if "-h" in argv or "--help" in argv:
-        print(__doc__.strip() + "\n")  # parse_args then lists the options and exits
-    args = parse_args(DEFAULTS, argv)
-    if not args["model"]:
+        print(__doc__.strip() + "\n")  # load_settings then lists the options and exits
+    args = load_settings(DEFAULTS, argv, "sample.py")
+    if not args.model:
         sys.exit("sample.py: --model=MODELDIR is required (a directory with config.json, model.safetensors, tokenizer)")
-    device = args["device"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = args["dtype"]
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-    if dtype not in DTYPES:
-        sys.exit(f"sample.py: --dtype={dtype}: choose from auto, {', '.join(DTYPES)}")
-    model, tokenizer = load(args["model"], device=device, dtype=dtype)
-    stop_ids = stop_ids_for(args["model"], tokenizer)
-    seed = None if args["seed"] < 0 else args["seed"]
-
-    if args["eval"]:
-        accuracy = evaluate(model, tokenizer, args["eval"], args["batch_size"], args["max_new_tokens"], stop_ids)
-        print(f"{args['eval']}: accuracy {accuracy:.4f}")
+    device, dtype = pick_device(args.device, args.dtype)
+    model, tokenizer = load(args.model, device=device, dtype=dtype)
+    stop_ids = stop_ids_for(args.model, tokenizer)
+    seed = None if args.seed < 0 else args.seed
+    if args.eval:
+        accuracy = evaluate(model, tokenizer, args.eval, args.batch_size, args.max_new_tokens, stop_ids)
+        print(f"{args.eval}: accuracy {accuracy:.4f}")
         return
-
-    prompt = args["prompt"]
+    prompt = args.prompt
     if prompt.startswith("FILE:"):
-        with open(prompt[len("FILE:") :], encoding="utf-8") as f:
+        with open(prompt[len("FILE:"):], encoding="utf-8") as f:
             prompt = f.read()
-    if args["chat"] and not prompt:
+    if args.chat and not prompt:
         chat_loop(model, tokenizer, args, stop_ids, seed)
         return
-    if args["chat"]:
+    if args.chat:
         prompt_ids, _ = tokenizer.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
     else:
         if not prompt and tokenizer.eot_id is None:
             sys.exit("sample.py: this tokenizer has no <|endoftext|> to start a fresh document: give --prompt")
         prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
-    prompt_ids = list(prompt_ids)
-    if args["num_samples"] == 1:
-        stream_completion(model, tokenizer, prompt_ids, args, stop_ids, seed)
+    if args.num_samples == 1:
+        stream_completion(model, tokenizer, list(prompt_ids), args, stop_ids, seed)
         return
-    outputs = generate(model, [prompt_ids] * args["num_samples"], args["max_new_tokens"], args["temperature"],
-                       args["top_k"], args["top_p"], stop_ids, seed)
+    outputs = generate(model, [list(prompt_ids)] * args.num_samples, args.max_new_tokens, args.temperature,
+                       args.top_k, args.top_p, stop_ids, seed, vocab_size=tokenizer.vocab_size)
     for tokens in outputs:
-        if tokens and tokens[-1] in stop_ids:
-            tokens = tokens[:-1]
-        print(tokenizer.decode(tokens))
+        print(tokenizer.decode(strip_stop(tokens, stop_ids)))
         print("---------------")
 
 

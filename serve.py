@@ -8,12 +8,13 @@ An OpenAI-compatible server with continuous batching, on the standard library (n
 Any OpenAI client works with base_url=http://127.0.0.1:8000/v1: chat and completions, streaming or not,
 n, stop, seed, temperature/top_p/top_k, max_tokens, logprobs. How a request flows:
 
-  handler thread  parse and check the JSON -> one Sequence per choice -> Engine.waiting (FIFO)
-  engine thread   owns the model and a KV cache of max_batch rows; every iteration it
-                  drops cancelled sequences -> admits waiting ones into free rows -> runs one prefill
-                  chunk for rows still reading their prompt -> one batched decode step for the rest ->
-                  samples every row with its own settings and seed -> sends the new text to each
-                  sequence's event queue. A finished row frees its slot for the next iteration.
+  handler thread  parse and check the JSON -> one Choice (a sample.Sequence + its text) per choice ->
+                  EngineLoop.submit -> the engine's waiting queue (FIFO)
+  engine thread   EngineLoop.run calls sample.Engine.step() while there is work: drop cancelled sequences ->
+                  admit waiting ones into free KV cache rows -> one prefill chunk for rows still reading their
+                  prompt, one batched decode token for the rest -> sample every row with its own settings and
+                  seed -> Choice.on_token sends the new text to its request's event queue. A finished row
+                  frees its slot for the next step.
   handler thread  events -> one JSON response, or SSE chunks as they come
 """
 import hmac
@@ -27,14 +28,13 @@ import threading
 import time
 import traceback
 import uuid
-from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 import torch
 
-from model import KVCache
-from sample import TextStream, sample_tokens
+from sample import Engine, Sequence, TextStream, load, stop_ids_for
+from settings import load_settings, pick_device
 
 DEFAULTS = dict(
     model="",  # MODELDIR: config.json + model.safetensors + tokenizer files (ours or Hugging Face)
@@ -72,24 +72,7 @@ class ClientGone(Exception):
 
 
 # -----------------------------------------------------------------------------
-# the engine: one thread, one KV cache, continuous batching
-
-
-class Sequence:
-    """One choice of one request: its prompt, sampling settings, and where it stands in the engine."""
-
-    def __init__(self, prompt, index, events, max_tokens, temperature=1.0, top_k=0, top_p=1.0, seed=None,
-                 stop=(), top_logprobs=None):
-        self.prompt, self.index, self.events = prompt, index, events  # events: the request's queue.Queue
-        self.max_tokens, self.temperature, self.top_k, self.top_p = max_tokens, temperature, top_k, top_p
-        self.seed, self.stop = seed, list(stop)
-        self.top_logprobs = top_logprobs  # None: no logprobs; k: the token's and the k most likely ones
-        self.tokens = []  # generated token ids, a stop token included
-        self.slot, self.generator, self.stream = None, None, None
-        self.prefilled = 0  # prompt tokens already in the KV cache
-        self.held = ""  # text not sent yet because it may be the start of a stop string
-        self.cancelled = False  # set by the handler when the client goes away
-        self.submitted = time.perf_counter()  # time to first token counts from here
+# the engine's thread, and each choice's text
 
 
 def release_text(held, piece, stops):
@@ -104,183 +87,111 @@ def release_text(held, piece, stops):
     return text[: len(text) - keep], text[len(text) - keep :], False
 
 
-class Engine:
-    """Continuous batching: sequences wait in a FIFO queue, up to max_batch run in one preallocated KV
-    cache, each iteration prefills one chunk for new rows and decodes one token for all others.
-    Events on a sequence's queue: (index, text, logprob or None, finish_reason or None), where logprob
-    is (token_id, logprob, [(token_id, logprob), ...top]) under the model's own distribution."""
+class Choice:
+    """One choice of one request: the engine's Sequence, and the text sent for it. Its on_token (run on the
+    engine's thread) turns tokens into events on the request's queue: (index, text, logprob or None,
+    finish_reason or None); text is held back while it may be the start of a stop string."""
 
-    def __init__(self, model, tokenizer, max_batch=8, max_waiting=64, prefill_chunk=256, max_len=None, stop_ids=None):
-        self.model, self.tokenizer = model.eval(), tokenizer
-        self.stop_ids = set(tokenizer.stop_ids if stop_ids is None else stop_ids)  # sample.stop_ids_for(MODELDIR)
-        self.max_batch, self.max_waiting, self.prefill_chunk = max_batch, max_waiting, prefill_chunk
-        weight = model.lm_head.weight
-        self.device, self.max_len = weight.device, min(max_len or model.config.max_len, model.config.max_len)
-        self.cache = KVCache(model.config, max_batch, self.max_len, device=self.device, dtype=weight.dtype)
-        self.free_slots = list(range(max_batch))
-        self.waiting, self.running = deque(), []  # running: sequences holding a slot, prefilling or decoding
-        self.lock = threading.Condition()
+    def __init__(self, loop, index, events, prompt, max_tokens, stop=(), seed=None, **settings):
+        self.loop, self.index, self.events, self.stop = loop, index, events, list(stop)
+        generator = None if seed is None else torch.Generator(device=loop.engine.device).manual_seed(seed)
+        self.seq = Sequence(prompt, max_tokens, generator=generator, on_token=self.on_token, **settings)
+        self.stream, self.held = TextStream(loop.tokenizer), ""
+        self.submitted = time.perf_counter()  # time to first token counts from here
+
+    def on_token(self, seq, token, logprob):
+        if token is None:  # the engine failed
+            self.events.put((self.index, "", None, "error"))
+            self.loop.count(self, seq, "error")
+            return False
+        hit = False
+        if seq.finish == "stop":  # a stop token: counted, never shown
+            text, logprob = "", None
+        else:
+            text, self.held, hit = release_text(self.held, self.stream.push(token), self.stop)
+        if seq.finish is not None and not hit:
+            # the end: the held text and an incomplete character go out, unless they complete a stop string
+            tail, rest, hit = release_text(self.held, self.stream.flush(), self.stop)
+            text += tail if hit else tail + rest
+        finish = "stop" if hit else seq.finish
+        self.events.put((self.index, text, logprob, finish))
+        self.loop.count(self, seq, finish)
+        return hit
+
+
+class EngineLoop:
+    """sample.Engine stepped by one thread while requests come and go: a bounded waiting queue (503 beyond
+    it), cancellation when a client leaves, and the numbers /stats reports."""
+
+    def __init__(self, engine, tokenizer, max_waiting=64):
+        self.engine, self.tokenizer, self.max_waiting = engine, tokenizer, max_waiting
+        self.wake = threading.Condition()
         self.thread, self.stopping = None, False
-        # stats
         self.started = time.time()
         self.tokens_generated = self.prompt_tokens = self.sequences_done = 0
         self.busy_seconds = self.ttft_sum = 0.0
         self.ttft_count = 0
 
     def start(self):
-        self.thread = threading.Thread(target=self.loop, name="engine", daemon=True)
+        self.thread = threading.Thread(target=self.run, name="engine", daemon=True)
         self.thread.start()
         return self
 
     def stop(self):
-        with self.lock:
+        with self.wake:
             self.stopping = True
-            self.lock.notify()
+            self.wake.notify()
         if self.thread is not None:
             self.thread.join()
 
-    def submit(self, seqs):
-        with self.lock:
-            if len(self.waiting) + len(seqs) > self.max_waiting:
-                raise ApiError(503, f"the server is busy: {len(self.waiting)} sequences are waiting (limit "
+    def submit(self, choices):
+        with self.wake:
+            if len(self.engine.waiting) + len(choices) > self.max_waiting:
+                raise ApiError(503, f"the server is busy: {len(self.engine.waiting)} sequences are waiting (limit "
                                     f"{self.max_waiting}); retry shortly", code="overloaded", kind="server_error")
-            self.waiting.extend(seqs)
-            self.lock.notify()
+            self.engine.add([c.seq for c in choices])
+            self.wake.notify()
 
-    def cancel(self, seqs):
-        """The client went away: waiting sequences leave now, running ones at the next iteration."""
-        with self.lock:
-            for seq in seqs:
-                seq.cancelled = True
-            self.waiting = deque(s for s in self.waiting if not s.cancelled)
+    def cancel(self, choices):
+        """The client went away: waiting sequences leave now, running ones at the next step."""
+        self.engine.cancel([c.seq for c in choices])
 
-    def stats(self):
-        return {
-            "running": len(self.running), "waiting": len(self.waiting), "max_batch": self.max_batch,
-            "prompt_tokens": self.prompt_tokens, "tokens_generated": self.tokens_generated,
-            "sequences_done": self.sequences_done,
-            "tokens_per_s": round(self.tokens_generated / self.busy_seconds, 2) if self.busy_seconds else 0.0,
-            "mean_time_to_first_token_s": round(self.ttft_sum / self.ttft_count, 4) if self.ttft_count else None,
-            "uptime_s": round(time.time() - self.started, 1),
-        }
-
-    def loop(self):
+    def run(self):
         with torch.inference_mode():
             while True:
-                with self.lock:
-                    while not (self.waiting or self.running or self.stopping):
-                        self.lock.wait()
+                with self.wake:
+                    while not (self.engine.has_work() or self.stopping):
+                        self.wake.wait()
                     if self.stopping:
                         return
                 t0 = time.perf_counter()
                 try:
-                    self.step()
+                    self.engine.step()
                 except Exception:  # a bug or out of memory: fail the running requests, keep serving
                     traceback.print_exc()
-                    for seq in list(self.running):
-                        seq.events.put((seq.index, "", None, "error"))
-                        self.leave(seq)
+                    self.engine.fail()
                 self.busy_seconds += time.perf_counter() - t0
 
-    def leave(self, seq):
-        self.running.remove(seq)
-        self.free_slots.append(seq.slot)
-        self.free_slots.sort()  # lowest rows first: a full batch is rows 0..B-1, which the cache slices
-        self.sequences_done += 1
-
-    def step(self):
-        for seq in [s for s in self.running if s.cancelled]:
-            self.leave(seq)
-        with self.lock:
-            admitted = []
-            while self.free_slots and self.waiting:
-                seq = self.waiting.popleft()
-                seq.slot = self.free_slots.pop(0)
-                self.running.append(seq)
-                admitted.append(seq)
-        if admitted:
-            self.cache.reset([s.slot for s in admitted])
-            for seq in admitted:
-                seq.stream = TextStream(self.tokenizer)
-                if seq.seed is not None:
-                    seq.generator = torch.Generator(device=self.device).manual_seed(seq.seed)
-                self.prompt_tokens += len(seq.prompt)
-        prefilling = [s for s in self.running if s.prefilled < len(s.prompt)]
-        decoding = sorted((s for s in self.running if s.prefilled == len(s.prompt)), key=lambda s: s.slot)
-        batch, logits = [], []  # the sequences that get a token this iteration, and their (V,) logits
-
-        if prefilling:  # one chunk per row, right-padded into one call
-            chunks = [s.prompt[s.prefilled : s.prefilled + self.prefill_chunk] for s in prefilling]
-            lengths = [len(c) for c in chunks]
-            T = max(lengths)
-            ids = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=self.device)  # (b, T)
-            rows = torch.tensor([s.slot for s in prefilling], device=self.device)
-            input_lengths = None if min(lengths) == T else torch.tensor(lengths, device=self.device)
-            out = self.model(ids, cache=self.cache, rows=rows, input_lengths=input_lengths, last_only=True)  # (b, 1, V)
-            for i, seq in enumerate(prefilling):
-                seq.prefilled += lengths[i]
-                if seq.prefilled == len(seq.prompt):  # the prompt's last token predicts the first new one
-                    batch.append(seq)
-                    logits.append(out[i, 0])
-
-        if decoding:  # one token for every row that has its prompt in the cache
-            slots = [s.slot for s in decoding]
-            rows = None if slots == list(range(self.max_batch)) else torch.tensor(slots, device=self.device)
-            ids = torch.tensor([[s.tokens[-1]] for s in decoding], device=self.device)  # (b, 1)
-            out = self.model(ids, cache=self.cache, rows=rows)[:, -1]  # (b, V)
-            batch += decoding
-            logits += list(out)
-
-        if not batch:
+    def count(self, choice, seq, finish):
+        """Called for each token, and once more when the engine fails (on the engine's thread)."""
+        self.sequences_done += finish is not None
+        if finish == "error":
             return
-        logits = torch.stack(logits)  # (b, V)
-        if logits.shape[1] > self.tokenizer.vocab_size:  # padded embedding rows (common in HF models) are no text
-            logits[:, self.tokenizer.vocab_size :] = float("-inf")
-        tokens, _ = sample_tokens(logits, [s.temperature for s in batch], [s.top_k for s in batch],
-                                  [s.top_p for s in batch], [s.generator for s in batch])
-        logprobs = self.token_logprobs(logits, tokens, batch)
-        for seq, token, logprob in zip(batch, tokens.tolist(), logprobs):
-            self.emit(seq, token, logprob)
-
-    def token_logprobs(self, logits, tokens, batch):
-        """(token, logprob, top) for rows that asked for logprobs, from the raw logits: the model's own
-        distribution, before temperature and top-k/top-p, as OpenAI reports them."""
-        want = [i for i, s in enumerate(batch) if s.top_logprobs is not None]
-        result = [None] * len(batch)
-        if want:
-            logprobs = torch.log_softmax(logits[want], -1)  # (w, V)
-            chosen = logprobs.gather(1, tokens[want][:, None])[:, 0].tolist()
-            top = logprobs.topk(max(batch[i].top_logprobs for i in want), -1)
-            top_ids, top_values = top.indices.tolist(), top.values.tolist()
-            for j, i in enumerate(want):
-                k = batch[i].top_logprobs
-                result[i] = (int(tokens[i]), chosen[j], list(zip(top_ids[j][:k], top_values[j][:k])))
-        return result
-
-    def emit(self, seq, token, logprob):
-        """Record one sampled token, send its text, and end the sequence if it is done."""
-        seq.tokens.append(token)
         self.tokens_generated += 1
         if len(seq.tokens) == 1:
-            self.ttft_sum += time.perf_counter() - seq.submitted
+            self.prompt_tokens += len(seq.prompt)
+            self.ttft_sum += time.perf_counter() - choice.submitted
             self.ttft_count += 1
-        finish, hit = None, False
-        if token in self.stop_ids:
-            text, finish, logprob = "", "stop", None  # the stop token is counted, never shown
-        else:
-            text, seq.held, hit = release_text(seq.held, seq.stream.push(token), seq.stop)
-            if hit:
-                finish = "stop"
-            elif len(seq.tokens) >= seq.max_tokens or len(seq.prompt) + len(seq.tokens) >= self.max_len:
-                finish = "length"
-        if finish is not None and not hit:
-            # the end: the held text and an incomplete character go out, unless they complete a stop string
-            tail, rest, hit = release_text(seq.held, seq.stream.flush(), seq.stop)
-            text += tail if hit else tail + rest
-            finish = "stop" if hit else finish
-        seq.events.put((seq.index, text, logprob, finish))
-        if finish is not None:
-            self.leave(seq)
+
+    def stats(self):
+        return {
+            "running": len(self.engine.running), "waiting": len(self.engine.waiting),
+            "max_batch": self.engine.max_batch, "prompt_tokens": self.prompt_tokens,
+            "tokens_generated": self.tokens_generated, "sequences_done": self.sequences_done,
+            "tokens_per_s": round(self.tokens_generated / self.busy_seconds, 2) if self.busy_seconds else 0.0,
+            "mean_time_to_first_token_s": round(self.ttft_sum / self.ttft_count, 4) if self.ttft_count else None,
+            "uptime_s": round(time.time() - self.started, 1),
+        }
 
 
 # -----------------------------------------------------------------------------
@@ -310,15 +221,18 @@ def flag(body, name, default=False):
 def chat_prompt(body, tokenizer):
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise ApiError(400, 'messages must be a non-empty list of {"role": ..., "content": ...} objects', param="messages")
+        raise ApiError(400, 'messages must be a non-empty list of {"role": ..., "content": ...} objects',
+                       param="messages")
     plain = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise ApiError(400, f"messages[{i}] must be an object with role and content", param=f"messages[{i}]")
         content = m.get("content")
         if isinstance(content, list):  # content parts: [{"type": "text", "text": "..."}, ...]
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-                raise ApiError(400, f"messages[{i}].content: only text parts are supported", param=f"messages[{i}].content")
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported",
+                               param=f"messages[{i}].content")
             content = "".join(p["text"] for p in content)
         plain.append({"role": m.get("role"), "content": content})
     try:
@@ -343,13 +257,13 @@ def completion_prompts(body, tokenizer, vocab_size):
     return prompts
 
 
-def parse_request(body, chat, engine, events):
-    """The checked request -> (prompts, one Sequence per prompt and choice, stream, include_usage)."""
-    tokenizer, max_len = engine.tokenizer, engine.max_len
+def parse_request(body, chat, loop, events):
+    """The checked request -> (prompts, one Choice per prompt and choice, stream, include_usage)."""
+    tokenizer, max_len = loop.tokenizer, loop.engine.max_len
     if chat:
         prompts = chat_prompt(body, tokenizer)
     else:
-        prompts = completion_prompts(body, tokenizer, engine.model.config.vocab_size)
+        prompts = completion_prompts(body, tokenizer, loop.engine.model.config.vocab_size)
     for p in prompts:
         if len(p) >= max_len:
             raise ApiError(400, f"the prompt is {len(p)} tokens but the context is {max_len} tokens, which "
@@ -376,13 +290,13 @@ def parse_request(body, chat, engine, events):
     settings = dict(temperature=number(body, "temperature", 1.0, 0, 2), top_p=number(body, "top_p", 1.0, 0, 1),
                     top_k=max(0, number(body, "top_k", 0, -1, 1 << 31, integer=True)),  # -1 (vLLM's "off") = 0
                     stop=stop, top_logprobs=top_logprobs)
-    seqs = [Sequence(prompt, p * n + j, events, min(max_tokens or max_len, max_len - len(prompt)),
-                     seed=None if seed is None else (seed + j) % (1 << 63), **settings)  # choice j: its own seed
-            for p, prompt in enumerate(prompts) for j in range(n)]
-    if len(seqs) > engine.max_waiting:
-        raise ApiError(400, f"{len(prompts)} prompts x n={n} make {len(seqs)} sequences; the server queues at most "
-                            f"{engine.max_waiting}", param="n")
-    return prompts, seqs, flag(body, "stream"), flag(stream_options, "include_usage")
+    if len(prompts) * n > loop.max_waiting:
+        raise ApiError(400, f"{len(prompts)} prompts x n={n} make {len(prompts) * n} sequences; the server queues "
+                            f"at most {loop.max_waiting}", param="n")
+    choices = [Choice(loop, p * n + j, events, prompt, min(max_tokens or max_len, max_len - len(prompt)),
+                      seed=None if seed is None else (seed + j) % (1 << 63), **settings)  # choice j: its own seed
+               for p, prompt in enumerate(prompts) for j in range(n)]
+    return prompts, choices, flag(body, "stream"), flag(stream_options, "include_usage")
 
 
 def logprobs_json(chat, tokenizer, entries, offset=0):
@@ -407,14 +321,15 @@ def choice_json(chat, stream, index, text, logprobs=None, finish=None):
     if not chat:
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
     if stream:
-        return {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs, "finish_reason": finish}
+        delta = {"content": text} if text else {}
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
     message = {"role": "assistant", "content": text, "refusal": None}
     return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
 
 
-def usage_json(prompts, seqs):
+def usage_json(prompts, choices):
     prompt = sum(len(p) for p in prompts)  # each prompt counts once, however many choices it has
-    completion = sum(len(s.tokens) for s in seqs)
+    completion = sum(len(c.seq.tokens) for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -459,15 +374,15 @@ class Handler(BaseHTTPRequestHandler):
         body = self.read_body() if method == "POST" else b""
         if path.startswith("/v1/") or path == "/stats":
             self.check_key()
-        card = {"id": self.server.model_name, "object": "model", "created": int(self.server.engine.started),
-                "owned_by": "astrai", "max_model_len": self.server.engine.max_len}
+        card = {"id": self.server.model_name, "object": "model", "created": int(self.server.loop.started),
+                "owned_by": "astrai", "max_model_len": self.server.loop.engine.max_len}
         if (method, path) == ("GET", "/"):
             with open(PAGE, "rb") as f:
                 self.send_bytes(200, f.read(), "text/html; charset=utf-8")
         elif (method, path) == ("GET", "/health"):
             self.send_json(200, {"status": "ok"})
         elif (method, path) == ("GET", "/stats"):
-            self.send_json(200, self.server.engine.stats())
+            self.send_json(200, self.server.loop.stats())
         elif (method, path) == ("GET", "/v1/models"):
             self.send_json(200, {"object": "list", "data": [card]})
         elif method == "GET" and path.startswith("/v1/models/"):
@@ -489,7 +404,8 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = length > 4 * limit
             if not self.close_connection:  # read and drop it, so that the client sees the 413 rather than a reset
                 self.rfile.read(length)
-            raise ApiError(413, f"the request body is {length} bytes; the limit is {limit} bytes", code="body_too_large")
+            raise ApiError(413, f"the request body is {length} bytes; the limit is {limit} bytes",
+                           code="body_too_large")
         return self.rfile.read(length)
 
     def check_key(self):
@@ -559,38 +475,39 @@ class Handler(BaseHTTPRequestHandler):
     # --- completions ---------------------------------------------------------
 
     def complete(self, body, chat):
-        engine, events = self.server.engine, queue.Queue()
-        prompts, seqs, stream, include_usage = parse_request(body, chat, engine, events)
+        loop, events = self.server.loop, queue.Queue()
+        prompts, choices, stream, include_usage = parse_request(body, chat, loop, events)
         head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
                 "model": self.server.model_name}
-        engine.submit(seqs)
+        loop.submit(choices)
         try:
             if stream:
-                self.stream(head, chat, prompts, seqs, events, include_usage)
+                self.stream(head, chat, prompts, choices, events, include_usage)
             else:
-                self.respond(head, chat, prompts, seqs, events)
+                self.respond(head, chat, prompts, choices, events)
         finally:
-            engine.cancel(seqs)  # no-op for finished sequences
-        usage = usage_json(prompts, seqs)
-        self.note = f"prompt={usage['prompt_tokens']} completion={usage['completion_tokens']} n={len(seqs)}" + (
+            loop.cancel(choices)  # no-op for finished sequences
+        usage = usage_json(prompts, choices)
+        self.note = f"prompt={usage['prompt_tokens']} completion={usage['completion_tokens']} n={len(choices)}" + (
             " stream" if stream else "")
 
-    def respond(self, head, chat, prompts, seqs, events):
-        text, entries, finish = [[] for _ in seqs], [[] for _ in seqs], [None] * len(seqs)
-        for index, piece, logprob, reason in self.events(events, len(seqs)):
+    def respond(self, head, chat, prompts, choices, events):
+        text, entries, finish = [[] for _ in choices], [[] for _ in choices], [None] * len(choices)
+        for index, piece, logprob, reason in self.events(events, len(choices)):
             text[index].append(piece)
             entries[index] += [logprob] if logprob else []
             finish[index] = reason
         if "error" in finish:
             raise ApiError(500, "the engine failed while generating; see the server log", kind="server_error")
-        tokenizer = self.server.engine.tokenizer
-        choices = [choice_json(chat, False, s.index, "".join(text[s.index]), finish=finish[s.index],
-                               logprobs=None if s.top_logprobs is None else logprobs_json(chat, tokenizer, entries[s.index]))
-                   for s in seqs]
-        self.send_json(200, {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
-                             "usage": usage_json(prompts, seqs)})
+        tokenizer = self.server.loop.tokenizer
+        body = [choice_json(chat, False, c.index, "".join(text[c.index]), finish=finish[c.index],
+                            logprobs=None if c.seq.top_logprobs is None
+                            else logprobs_json(chat, tokenizer, entries[c.index]))
+                for c in choices]
+        self.send_json(200, {**head, "object": "chat.completion" if chat else "text_completion", "choices": body,
+                             "usage": usage_json(prompts, choices)})
 
-    def stream(self, head, chat, prompts, seqs, events, include_usage):
+    def stream(self, head, chat, prompts, choices, events, include_usage):
         self.streaming = True
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -598,19 +515,20 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")  # the stream ends when the connection does
         self.end_headers()
         self.close_connection = True
-        tokenizer = self.server.engine.tokenizer
+        tokenizer = self.server.loop.tokenizer
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-        offsets = [0] * len(seqs)  # characters sent per choice, for completions' text_offset
+        offsets = [0] * len(choices)  # characters sent per choice, for completions' text_offset
 
         def send(choices, **extra):
             self.write(b"data: " + json.dumps({**head, "choices": choices, **extra}).encode() + b"\n\n")
 
         if chat:  # the first delta of each choice carries the role
             send([{"index": s.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                   "finish_reason": None} for s in seqs])
-        for index, text, logprob, reason in self.events(events, len(seqs)):
+                   "finish_reason": None} for s in choices])
+        for index, text, logprob, reason in self.events(events, len(choices)):
             if reason == "error":
-                send([], error={"message": "the engine failed while generating; see the server log", "type": "server_error"})
+                send([], error={"message": "the engine failed while generating; see the server log",
+                                "type": "server_error"})
                 continue
             if text or logprob:
                 logprobs = logprob and logprobs_json(chat, tokenizer, [logprob], offsets[index])
@@ -619,7 +537,7 @@ class Handler(BaseHTTPRequestHandler):
             if reason:
                 send([choice_json(chat, True, index, "", finish=reason)])
         if include_usage:
-            send([], usage=usage_json(prompts, seqs))
+            send([], usage=usage_json(prompts, choices))
         self.write(b"data: [DONE]\n\n")
 
 
@@ -628,11 +546,11 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
 
 
-def make_server(engine, host="127.0.0.1", port=8000, api_key="", model_name="model", max_body_bytes=1 << 20,
+def make_server(loop, host="127.0.0.1", port=8000, api_key="", model_name="model", max_body_bytes=1 << 20,
                 log_requests=True):
-    """The HTTP server for `engine` (started separately); port 0 picks a free port."""
+    """The HTTP server for an EngineLoop (started separately); port 0 picks a free port."""
     server = Server((host, port), Handler)
-    server.engine, server.api_key, server.model_name = engine, api_key, model_name
+    server.loop, server.api_key, server.model_name = loop, api_key, model_name
     server.max_body_bytes, server.log_requests = max_body_bytes, log_requests
     return server
 
@@ -642,37 +560,33 @@ def make_server(engine, host="127.0.0.1", port=8000, api_key="", model_name="mod
 
 
 def main(argv):
-    from data import parse_args
-    from sample import load, stop_ids_for
-
-    args = parse_args(DEFAULTS, argv)
-    if not args["model"]:
+    args = load_settings(DEFAULTS, argv, "serve.py")
+    if not args.model:
         sys.exit("serve.py: --model=MODELDIR is required (a directory with config.json, model.safetensors, tokenizer)")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args["device"] == "auto" else args["device"]
-    dtype = args["dtype"]
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
     for key in ("max_batch", "prefill_chunk"):
         if args[key] < 1:
             sys.exit(f"serve.py: --{key}={args[key]} must be at least 1")
+    device, dtype = pick_device(args.device, args.dtype)
     try:
-        model, tokenizer = load(args["model"], device=device, dtype=dtype)
+        model, tokenizer = load(args.model, device=device, dtype=dtype)
     except (OSError, ValueError) as e:
         sys.exit(f"serve.py: {e}")
-    engine = Engine(model, tokenizer, args["max_batch"], args["max_waiting"], args["prefill_chunk"], args["max_len"],
-                    stop_ids=stop_ids_for(args["model"], tokenizer)).start()
-    name = args["model_name"] or os.path.basename(os.path.normpath(args["model"]))
-    api_key = args["api_key"] or os.environ.get("ASTRAI_API_KEY", "")
-    server = make_server(engine, args["host"], args["port"], api_key, name, args["max_body_bytes"])
-    print(f"serving {name} ({model.num_params() / 1e6:.1f}M params, {device} {dtype}, max_batch {args['max_batch']}) "
-          f"on http://{args['host']}:{server.server_address[1]}" + (" with an API key" if api_key else ""), file=sys.stderr)
+    engine = Engine(model, args.max_batch, args.max_len, args.prefill_chunk, stop_ids_for(args.model, tokenizer),
+                    tokenizer.vocab_size)
+    loop = EngineLoop(engine, tokenizer, args.max_waiting).start()
+    name = args.model_name or os.path.basename(os.path.normpath(args.model))
+    api_key = args.api_key or os.environ.get("ASTRAI_API_KEY", "")
+    server = make_server(loop, args.host, args.port, api_key, name, args.max_body_bytes)
+    print(f"serving {name} ({model.num_params() / 1e6:.1f}M params, {device} {dtype}, max_batch {args.max_batch}) "
+          f"on http://{args.host}:{server.server_address[1]}" + (" with an API key" if api_key else ""),
+          file=sys.stderr)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
-        engine.stop()
+        loop.stop()
 
 
 if __name__ == "__main__":

@@ -1,13 +1,20 @@
 """
-The loss of each training strategy. train.py's loop calls `strategy.loss(model, batch, step)` and never
-changes; `--strategy=NAME` picks a class from STRATEGIES.
+The loss of each training strategy; `--strategy=NAME` picks a class from STRATEGIES, and train.py's loop calls
+every strategy the same way. The interface (Strategy below has the defaults):
 
-Each strategy: `data_stage` (which `data.py prepare --stage` its .h5 must be), `__init__(cfg, model)`
-(cfg: train.py's settings dict; model: the unwrapped policy, e.g. to copy a frozen reference; bad
-settings raise ValueError, which train.py reports before training starts) and
-`loss(model, batch, step) -> (loss, metrics)` where metrics is a dict of floats for the log ("tokens",
-when present, is the token count behind tokens/s). `model` may be DDP-wrapped: each loss() calls it
-exactly once, so gradients sync once per backward. Optional state_dict()/load_state_dict() survive resume.
+    data_stage                         which `data.py prepare --stage` its .h5 must be
+    __init__(cfg, model, tokenizer, rank=0, world_size=1)
+                                       cfg: train.py's settings; model: the unwrapped policy (e.g. to copy a
+                                       frozen reference); tokenizer: the one train.py found. Bad settings raise
+                                       ValueError, which train.py reports before training starts.
+    check_data(dataset)                called once on the train split before training (GRPO probes its reward)
+    loss(model, batch, step, micro_step=0, evaluating=False) -> (loss, metrics)
+                                       step: the optimizer step; micro_step: which of its grad_accum micro-batches
+                                       this is; evaluating: the val split, no gradients. metrics: floats for the
+                                       log ("tokens", when present, is the token count behind tokens/s). `model`
+                                       may be DDP-wrapped: each loss() calls it once, so gradients sync once.
+    state_dict() / load_state_dict(state)
+                                       what a checkpoint needs beyond the weights (GRPO's cached rollouts)
 
     seq   next-token cross-entropy on every token (pretraining)
     sft   the same, only on assistant replies
@@ -25,6 +32,27 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from sample import answer_is_correct, generate, strip_stop
+
+
+class Strategy:
+    """The defaults of the interface above."""
+
+    data_stage = "seq"
+
+    def __init__(self, cfg, model, tokenizer, rank=0, world_size=1):
+        self.cfg, self.tokenizer, self.rank, self.world_size = cfg, tokenizer, rank, world_size
+
+    def check_data(self, dataset):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
 # -----------------------------------------------------------------------------
 # seq and sft: next-token cross-entropy where targets != -100
 
@@ -35,19 +63,13 @@ def token_cross_entropy(logits, targets, label_smoothing=0.0):
                            label_smoothing=label_smoothing)
 
 
-class NextToken:
+class NextToken(Strategy):
     """Pretraining (seq): every token is a target. SFT uses the same loss; data.py puts -100 on every
     target outside assistant replies, and pads each conversation into its own row."""
 
-    data_stage = "seq"
-
-    def __init__(self, cfg, model):
-        self.label_smoothing = cfg.get("label_smoothing", 0.0)
-
-    def loss(self, model, batch, step):
+    def loss(self, model, batch, step, micro_step=0, evaluating=False):
         logits = model(batch["input_ids"])
-        loss = token_cross_entropy(logits, batch["targets"], self.label_smoothing)
-        return loss, {}
+        return token_cross_entropy(logits, batch["targets"], self.cfg.label_smoothing), {}
 
 
 class SFT(NextToken):
@@ -85,22 +107,23 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
     return -F.logsigmoid(margins), margins
 
 
-class DPO:
+class DPO(Strategy):
     """Batches hold chosen and rejected conversations padded to one width, targets -100 outside the reply.
     rpo_alpha > 0 adds that much of the chosen replies' next-token loss (RPO, Pang et al. 2024): plain DPO
     may lower the chosen replies' likelihood along with the rejected ones', which costs exact answers."""
 
     data_stage = "dpo"
 
-    def __init__(self, cfg, model):
-        if not cfg["beta"] > 0:
-            raise ValueError(f"beta={cfg['beta']}: must be > 0 (typical 0.1; smaller lets the policy drift further)")
-        if cfg.get("rpo_alpha", 0.0) < 0:
-            raise ValueError(f"rpo_alpha={cfg['rpo_alpha']}: must be >= 0 (0 = plain DPO)")
-        self.beta, self.rpo_alpha = cfg["beta"], cfg.get("rpo_alpha", 0.0)
+    def __init__(self, cfg, model, tokenizer, rank=0, world_size=1):
+        super().__init__(cfg, model, tokenizer, rank, world_size)
+        if not cfg.beta > 0:
+            raise ValueError(f"beta={cfg.beta}: must be > 0 (typical 0.1; smaller lets the policy drift further)")
+        if cfg.rpo_alpha < 0:
+            raise ValueError(f"rpo_alpha={cfg.rpo_alpha}: must be >= 0 (0 = plain DPO)")
+        self.beta, self.rpo_alpha = cfg.beta, cfg.rpo_alpha
         self.ref_model = frozen_copy(model)
 
-    def loss(self, model, batch, step):
+    def loss(self, model, batch, step, micro_step=0, evaluating=False):
         B = batch["chosen_ids"].size(0)
         ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])  # (2B, T): one forward for both sides
         targets = torch.cat([batch["chosen_targets"], batch["rejected_targets"]])
@@ -168,8 +191,6 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps, 
 
 def exact_answer(prompt, completion, record):
     """1 when the completion's final answer equals the record's "answer" (the check sample.py --eval uses)."""
-    from data import answer_is_correct
-
     return float(answer_is_correct(completion, str(record["answer"])))
 
 
@@ -191,7 +212,8 @@ def load_reward(name):
         raise ValueError(f"reward={name!r}: cannot import module {module_name!r} ({type(e).__name__}: {e})") from None
     function = getattr(module, function_name, None)
     if not callable(function):
-        raise ValueError(f"reward={name!r}: module {module_name!r} ({module.__file__}) has no function {function_name!r}")
+        raise ValueError(f"reward={name!r}: module {module_name!r} ({module.__file__}) has no function "
+                         f"{function_name!r}")
     return function
 
 
@@ -219,7 +241,7 @@ def pack_completions(prompts, completions, pad_id, device):
     return input_ids.to(device), targets.to(device)
 
 
-class GRPO:
+class GRPO(Strategy):
     """Online (the .h5 holds prompts and answers): every ppo_epochs steps, sample group_size completions of
     each prompt of the batch from the current policy, score them with the reward and keep them with their
     sampling log-probs; that step and the next ppo_epochs - 1 train on them (their own batches are not
@@ -232,71 +254,49 @@ class GRPO:
 
     data_stage = "grpo"
 
-    def __init__(self, cfg, model):
+    def __init__(self, cfg, model, tokenizer, rank=0, world_size=1):
+        super().__init__(cfg, model, tokenizer, rank, world_size)
         checks = [  # (setting is fine, what is wrong)
-            (cfg["group_size"] >= 2, f"group_size={cfg['group_size']} must be >= 2: advantages compare completions of one prompt"),
-            (cfg["ppo_epochs"] >= 1, f"ppo_epochs={cfg['ppo_epochs']} must be >= 1"),
-            (cfg["clip_eps"] > 0, f"clip_eps={cfg['clip_eps']} must be > 0 (typical 0.2)"),
-            (cfg["kl_coef"] >= 0, f"kl_coef={cfg['kl_coef']} must be >= 0"),
-            (cfg["sync_interval"] >= 0, f"sync_interval={cfg['sync_interval']} must be >= 0 (0 = never)"),
-            (cfg["max_new_tokens"] >= 1, f"max_new_tokens={cfg['max_new_tokens']} must be >= 1"),
-            (cfg["rollout_temperature"] > 0, f"rollout_temperature={cfg['rollout_temperature']} must be > 0: greedy groups are all alike"),
-            (int(os.environ.get("WORLD_SIZE", 1)) == 1 or cfg.get("parallel") != "fsdp",
+            (cfg.group_size >= 2, f"group_size={cfg.group_size} must be >= 2: advantages compare completions "
+                                  "of one prompt"),
+            (cfg.ppo_epochs >= 1, f"ppo_epochs={cfg.ppo_epochs} must be >= 1"),
+            (cfg.clip_eps > 0, f"clip_eps={cfg.clip_eps} must be > 0 (typical 0.2)"),
+            (cfg.kl_coef >= 0, f"kl_coef={cfg.kl_coef} must be >= 0"),
+            (cfg.sync_interval >= 0, f"sync_interval={cfg.sync_interval} must be >= 0 (0 = never)"),
+            (cfg.max_new_tokens >= 1, f"max_new_tokens={cfg.max_new_tokens} must be >= 1"),
+            (cfg.rollout_temperature > 0, f"rollout_temperature={cfg.rollout_temperature} must be > 0: greedy "
+                                          "groups are all alike"),
+            (world_size == 1 or cfg.parallel != "fsdp",
              "parallel=fsdp: grpo rolls out with the whole model on every rank; use parallel=ddp"),
         ]
         problems = [message for ok, message in checks if not ok]
         if problems:
             raise ValueError("; ".join(problems))
-        self.cfg = cfg
-        self.reward_name = cfg["reward"]
+        self.reward_name = cfg.reward
         self.reward_fn = load_reward(self.reward_name)
-        self.tokenizer = self.find_tokenizer(cfg)
-        self.stop_ids = list(self.tokenizer.stop_ids)
-        self.probe_reward(cfg)
+        self.stop_ids = list(tokenizer.stop_ids)
         self.policy = model  # unwrapped: generate() runs on it, outside DDP
         self.ref_model = frozen_copy(model)
-        self.rank = int(os.environ.get("RANK", 0))
         self.rollouts = []  # one per micro-step of the step that made them
-        self.last_step, self.micro = None, 0
         self.synced_at = 0
 
-    @staticmethod
-    def find_tokenizer(cfg):
-        """train.py's tokenizer: --tokenizer if given, else the one in --init_from."""
-        from data import Tokenizer
-
-        path = cfg["tokenizer"] or (cfg["init_from"] if cfg["init_from"] != "scratch" else "")
-        if not path:
-            raise ValueError("grpo decodes completions for the reward: pass --tokenizer=DIR or --init_from=MODELDIR")
-        try:
-            return Tokenizer.load(path)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"grpo needs a tokenizer: {e}") from None
-
-    def probe_reward(self, cfg):
+    def check_data(self, dataset):
         """Call the reward once on the first training record (its answer as the completion), so a reward
         that fails or returns a non-number stops the run before training, not at its first step."""
-        from data import load_dataset
-
-        try:
-            batch = load_dataset(cfg["data"], "train", cfg["block_size"], stage="grpo").get_batch([0])
-        except (OSError, ValueError, IndexError, KeyError):
-            return  # train.py reports a bad --data itself
+        batch = dataset.get_batch([0])
         prompt, record = self.tokenizer.decode(batch["prompt_ids"][0]), batch["records"][0]
         try:
             value = self.reward_fn(prompt, batch["answers"][0], record)
         except Exception as e:
-            raise ValueError(f"reward {self.reward_name!r} raised {type(e).__name__}: {e} on the first record of "
-                             f"{cfg['data']} ({record})") from None
+            raise ValueError(f"reward {self.reward_name!r} raised {type(e).__name__}: {e} on the first record "
+                             f"of {dataset.files[0]} ({record})") from None
         check_reward(value, self.reward_name, prompt, batch["answers"][0])
 
     # --- rollouts -------------------------------------------------------------
 
     @torch.no_grad()
-    def rollout(self, batch, step):
+    def rollout(self, batch, step, micro_step):
         """Completions, rewards and advantages for one micro-batch, with the log-probs the loss compares to."""
-        from sample import generate
-
         cfg, device = self.cfg, self.policy.lm_head.weight.device
         if "responses" in batch:  # offline: stored responses (each ends with <|im_end|>) and rewards
             prompts = [p for p, group in zip(batch["prompt_ids"], batch["responses"]) for _ in group]
@@ -304,13 +304,14 @@ class GRPO:
             rewards = [torch.tensor(group, dtype=torch.float32) for group in batch["rewards"]]
             sample_logprobs = None  # the policy's own become the old log-probs at first use
         else:
-            G = cfg["group_size"]
+            G = cfg.group_size
             prompts = [p for p in batch["prompt_ids"] for _ in range(G)]  # (B * G) rows, a group adjacent
             # seeded by step and global micro-batch: 2 ranks roll out what 1 rank does with grad_accum 2
-            micro_batch = self.rank * cfg["grad_accum"] + self.micro
-            seed = cfg["seed"] + 1_000_003 * step + 7919 * micro_batch
-            completions, sample_logprobs = generate(self.policy, prompts, cfg["max_new_tokens"], stop_ids=self.stop_ids,
-                                                    temperature=cfg["rollout_temperature"], seed=seed, return_logprobs=True)
+            micro_batch = self.rank * cfg.grad_accum + micro_step
+            seed = cfg.seed + 1_000_003 * step + 7919 * micro_batch
+            completions, sample_logprobs = generate(self.policy, prompts, cfg.max_new_tokens, stop_ids=self.stop_ids,
+                                                    temperature=cfg.rollout_temperature, seed=seed,
+                                                    return_logprobs=True)
             scores = [self.reward(prompt, completion, batch["records"][i // G])
                       for i, (prompt, completion) in enumerate(zip(prompts, completions))]
             rewards = list(torch.tensor(scores).view(-1, G))
@@ -319,7 +320,7 @@ class GRPO:
         if sample_logprobs is not None:
             old_logprobs = torch.zeros(targets.shape, device=device)  # (N, T), aligned with targets
             for i, (prompt, logprobs) in enumerate(zip(prompts, sample_logprobs)):
-                old_logprobs[i, len(prompt) - 1 : len(prompt) - 1 + len(logprobs)] = torch.tensor(logprobs)
+                old_logprobs[i, len(prompt) - 1:len(prompt) - 1 + len(logprobs)] = torch.tensor(logprobs)
         return {
             "input_ids": input_ids, "targets": targets, "old_logprobs": old_logprobs,
             "advantages": torch.cat([group_advantages(r) for r in rewards]).to(device),  # (N,)
@@ -330,36 +331,32 @@ class GRPO:
 
     def reward(self, prompt_ids, completion_ids, record):
         prompt = self.tokenizer.decode(prompt_ids)
-        if completion_ids and completion_ids[-1] in self.stop_ids:
-            completion_ids = completion_ids[:-1]
         # a model's vocab may be larger than its tokenizer's: ids past the tokenizer have no text
-        completion = self.tokenizer.decode([t for t in completion_ids if t < self.tokenizer.vocab_size])
+        completion_ids = [t for t in strip_stop(completion_ids, self.stop_ids) if t < self.tokenizer.vocab_size]
+        completion = self.tokenizer.decode(completion_ids)
         return check_reward(self.reward_fn(prompt, completion, record), self.reward_name, prompt, completion)
 
     # --- the loss -------------------------------------------------------------
 
-    def loss(self, model, batch, step):
-        if not torch.is_grad_enabled():  # train.py's val evaluation
+    def loss(self, model, batch, step, micro_step=0, evaluating=False):
+        if evaluating:
             return self.val_loss(model, batch, step)
-        # train.py calls loss() grad_accum times a step: which call this is picks the cached rollout
-        self.micro = self.micro + 1 if step == self.last_step else 0
-        self.last_step = step
         cfg = self.cfg
-        if cfg["sync_interval"] and step % cfg["sync_interval"] == 0 and step > self.synced_at:
+        if cfg.sync_interval and step % cfg.sync_interval == 0 and step > self.synced_at:
             self.ref_model.load_state_dict(self.policy.state_dict())
             self.synced_at = step
-        if step % cfg["ppo_epochs"] == 0 or self.micro >= len(self.rollouts):
-            if self.micro == 0:
+        if step % cfg.ppo_epochs == 0 or micro_step >= len(self.rollouts):  # a new rollout
+            if micro_step == 0:
                 self.rollouts = []
-            self.rollouts.append(self.rollout(batch, step))
-        rollout = self.rollouts[self.micro]
+            self.rollouts.append(self.rollout(batch, step, micro_step))
+        rollout = self.rollouts[micro_step]
 
         mask = (rollout["targets"] != -100).float()
-        logprobs = target_logprobs(model(rollout["input_ids"]), rollout["targets"], cfg["rollout_temperature"])
+        logprobs = target_logprobs(model(rollout["input_ids"]), rollout["targets"], cfg.rollout_temperature)
         if rollout["old_logprobs"] is None:
             rollout["old_logprobs"] = logprobs.detach()
         loss, kl, clipped = grpo_loss(logprobs, rollout["old_logprobs"], self.reference_logprobs(rollout),
-                                      rollout["advantages"], mask, cfg["clip_eps"], cfg["kl_coef"])
+                                      rollout["advantages"], mask, cfg.clip_eps, cfg.kl_coef)
         n_tokens = mask.sum().clamp(min=1)
         return loss, {
             "reward_mean": rollout["reward_mean"],
@@ -373,20 +370,19 @@ class GRPO:
     @torch.no_grad()
     def reference_logprobs(self, rollout):
         """Each step anew, not cached with the rollout: the reference may have been re-synced since."""
-        return target_logprobs(self.ref_model(rollout["input_ids"]), rollout["targets"], self.cfg["rollout_temperature"])
+        logits = self.ref_model(rollout["input_ids"])
+        return target_logprobs(logits, rollout["targets"], self.cfg.rollout_temperature)
 
     @torch.no_grad()
     def val_loss(self, model, batch, step):
         if "responses" in batch:
-            rollout = self.rollout(batch, step)
+            rollout = self.rollout(batch, step, 0)
             mask = (rollout["targets"] != -100).float()
-            logprobs = target_logprobs(model(rollout["input_ids"]), rollout["targets"], self.cfg["rollout_temperature"])
+            logprobs = target_logprobs(model(rollout["input_ids"]), rollout["targets"], self.cfg.rollout_temperature)
             loss, _, _ = grpo_loss(logprobs, logprobs, self.reference_logprobs(rollout), rollout["advantages"], mask,
-                                   self.cfg["clip_eps"], self.cfg["kl_coef"])
+                                   self.cfg.clip_eps, self.cfg.kl_coef)
             return loss, {}
-        from sample import generate
-
-        completions = generate(self.policy, batch["prompt_ids"], self.cfg["max_new_tokens"], temperature=0.0,
+        completions = generate(self.policy, batch["prompt_ids"], self.cfg.max_new_tokens, temperature=0.0,
                                stop_ids=self.stop_ids)
         rewards = [self.reward(*row) for row in zip(batch["prompt_ids"], completions, batch["records"])]
         return torch.tensor(-sum(rewards) / len(rewards)), {}
@@ -395,14 +391,13 @@ class GRPO:
 
     def state_dict(self):
         """What resuming mid-way through ppo_epochs or sync_interval needs (train.py saves it per rank)."""
-        state = {"synced_at": self.synced_at, "last_step": self.last_step, "micro": self.micro, "rollouts": self.rollouts}
+        state = {"synced_at": self.synced_at, "rollouts": self.rollouts}
         if self.synced_at:  # the reference is the policy of step synced_at, no longer on disk elsewhere
             state["ref_model"] = self.ref_model.state_dict()
         return state
 
     def load_state_dict(self, state):
-        self.synced_at, self.last_step, self.micro, self.rollouts = (
-            state["synced_at"], state["last_step"], state["micro"], state["rollouts"])
+        self.synced_at, self.rollouts = state["synced_at"], state["rollouts"]
         if self.synced_at:
             self.ref_model.load_state_dict(state["ref_model"])
 

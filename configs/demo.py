@@ -1,8 +1,7 @@
-# Pretrain the tiny model on the built-in demo data (python data.py demo; see README.md).
+# Pretrain the tiny model on the built-in demo data (python pipeline.py demo; see README.md).
 # 16 rows * 128 tokens = 2,048 tokens a step; 2000 steps see ~4M tokens, ~5.5 minutes on 2 CPU cores.
-# Fewer steps leave SFT (configs/sft.py) at the mercy of the seed: measured, 600 steps ended at val loss
-# 0.95-1.01 and SFT from there at 0.14-0.81 held-out accuracy, 1000 steps at 0.87-0.92 and 0.34-0.90;
-# 2000 steps end at 0.85-0.86 and SFT at 0.86-0.95 (seeds 0 and 1).
+# 2000 steps end at val loss 0.85-0.86 and SFT from there reaches 0.86-0.95 held-out accuracy (seeds 0 and 1);
+# with fewer steps SFT's result depends on the seed (README.md has the measurements).
 out_dir = "out/demo"
 data = "data/demo/pretrain.h5"
 tokenizer = "data/demo/tokenizer"

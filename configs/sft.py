@@ -3,9 +3,8 @@
 # The loss counts only the assistant's reply and its <|im_end|>, so the model learns to answer in the
 # ChatML format and to stop. One conversation per row (~30 tokens of the demo's), never two packed together.
 # 32 conversations * 300 steps = 9,600: two passes over the demo's 4,750 training conversations. Held-out
-# accuracy after 300 steps: 0.86-0.95 (pretraining seeds 0 and 1). It is still rising there (measured after an
-# older 600-step pretraining: 300 steps 0.81, 600 0.93, 1000 0.96); the demo stops early so
-# that DPO and GRPO have errors left to fix. For a model to keep, train longer.
+# accuracy after 300 steps: 0.86-0.95 (pretraining seeds 0 and 1), still rising; the demo stops early so that
+# DPO and GRPO have errors left to fix. For a model to keep, train longer.
 out_dir = "out/sft"
 init_from = "out/demo/final"  # the pretrained model; its tokenizer comes with it
 data = "data/demo/sft.h5"

@@ -30,7 +30,7 @@ def randomize(model, seed=0):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A MODELDIR (config.json, model.safetensors, tokenizer files) of a random tiny GQA model."""
-    from data import train_tokenizer
+    from tokenizer import train_tokenizer
     from model import ModelConfig, Transformer
 
     path = tmp_path_factory.mktemp("tiny_model")
@@ -46,3 +46,4 @@ def tiny_model_dir(tmp_path_factory):
                 p.normal_(0, 0.1)
     model.save_pretrained(path)
     return str(path)
+

@@ -1,5 +1,6 @@
-# data.py: command-line options, tokenizer (checked against the tokenizers library and transformers), chat
-# rendering, HDF5 preparation and datasets, the sampler and the exact-answer check. Tiny data, made here.
+# settings.py's command-line options and config files; tokenizer.py (checked against the tokenizers library and
+# transformers) and its chat rendering; data.py's HDF5 preparation, datasets and sampler; sample.py's exact-answer
+# check and pipeline.py's demo data. Tiny data, made here.
 import json
 import os
 import random
@@ -13,6 +14,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+from pipeline import main as pipeline_main  # noqa: E402
+from sample import answer_is_correct  # noqa: E402
+from settings import load_settings  # noqa: E402
+import tokenizer  # noqa: E402
+from tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -25,7 +31,7 @@ TEXTS = ["Hello world, 23 + 45 = 68.", "23 加 45 等于 68。你好，世界！
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    data.main(["demo", f"--out={out}", "--pretrain_docs=300", "--sft=60", "--dpo=40", "--grpo=30", "--n_eval=20"])
+    pipeline_main(["demo", f"--out={out}", "--pretrain_docs=300", "--sft=60", "--dpo=40", "--grpo=30", "--n_eval=20"])
     return out
 
 
@@ -38,34 +44,55 @@ def tok_dir(demo, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok(tok_dir):
-    return data.Tokenizer.load(str(tok_dir))
+    return Tokenizer.load(str(tok_dir))
 
 
 # ----------------------------------------------------------------------------- options
 
-def test_parse_args_forms_and_types():
-    defaults = {"a": 0, "b": 1.5, "name": "x", "flag": False, "betas": (0.9, 0.95), "maybe": None}
-    args = data.parse_args(defaults, ["--a=1", "--b", "2", "--flag", "--betas=0.8,0.99", "--maybe", "hi"])
-    assert args == {"a": 1, "b": 2.0, "name": "x", "flag": True, "betas": (0.8, 0.99), "maybe": "hi"}
-    assert type(args["b"]) is float and defaults["a"] == 0  # a new dict
-    assert data.parse_args(defaults, ["--flag", "false", "--name=y=z"]) == defaults | {"name": "y=z"}
-    assert data.parse_args(defaults, ["--flag=0", "--a", "-3"])["a"] == -3
+def test_settings_forms_and_types():
+    defaults = {"a": 0, "b": 1.5, "name": "x", "flag": False}
+    args = load_settings(defaults, ["--a=1", "--b", "2", "--flag"])
+    assert args == {"a": 1, "b": 2.0, "name": "x", "flag": True} and args.a == 1 and args.flag is True
+    assert type(args.b) is float and defaults["a"] == 0  # a new dict
+    assert load_settings(defaults, ["--flag", "false", "--name=y=z"]) == defaults | {"name": "y=z"}
+    assert load_settings(defaults, ["--flag=0", "--a", "-3"]).a == -3
 
 
-def test_parse_args_errors_name_the_key():
+def test_settings_errors_name_the_key():
     defaults = {"lr": 0.1, "steps": 10, "flag": True}
     with pytest.raises(SystemExit, match="--lrate"):
-        data.parse_args(defaults, ["--lrate=1"])
+        load_settings(defaults, ["--lrate=1"])
     with pytest.raises(SystemExit, match="--steps='ten'.*int"):
-        data.parse_args(defaults, ["--steps=ten"])
+        load_settings(defaults, ["--steps=ten"])
     with pytest.raises(SystemExit, match="--steps=.*int"):
-        data.parse_args(defaults, ["--steps=1.5"])
+        load_settings(defaults, ["--steps=1.5"])
     with pytest.raises(SystemExit, match="--flag='maybe'"):
-        data.parse_args(defaults, ["--flag=maybe"])
+        load_settings(defaults, ["--flag=maybe"])
     with pytest.raises(SystemExit, match="--lr needs a value"):
-        data.parse_args(defaults, ["--lr"])
+        load_settings(defaults, ["--lr"])
     with pytest.raises(SystemExit, match="unexpected argument"):
-        data.parse_args(defaults, ["stray"])
+        load_settings(defaults, ["stray"])
+    with pytest.raises(AttributeError, match="no setting 'lrate'"):
+        load_settings(defaults, []).lrate
+
+
+def test_config_files_apply_in_order_then_the_command_line(tmp_path):
+    defaults = {"lr": 0.1, "steps": 10, "name": "x"}
+    (tmp_path / "a.py").write_text("import math\nlr = 1  # an int where a float is expected\nsteps = 20\n_private = 3\n")
+    (tmp_path / "b.py").write_text("steps = 30\nname = 'b'\n")
+    cfg = load_settings(defaults, [str(tmp_path / "a.py"), str(tmp_path / "b.py"), "--name=cli"])
+    assert cfg == {"lr": 1.0, "steps": 30, "name": "cli"} and type(cfg.lr) is float
+    (tmp_path / "typo.py").write_text("stpes = 3\n")
+    with pytest.raises(SystemExit, match="typo.py: unknown setting 'stpes'"):
+        load_settings(defaults, [str(tmp_path / "typo.py")])
+    (tmp_path / "wrong.py").write_text("steps = '3'\n")
+    with pytest.raises(SystemExit, match="wrong.py: steps = '3' should be a int"):
+        load_settings(defaults, [str(tmp_path / "wrong.py")])
+    (tmp_path / "tuple.py").write_text("name = ('a', 'b')\n")
+    with pytest.raises(SystemExit, match="name = .* should be a str"):
+        load_settings(defaults, [str(tmp_path / "tuple.py")])
+    with pytest.raises(SystemExit, match="missing.py not found"):
+        load_settings(defaults, [str(tmp_path / "missing.py")])
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -89,15 +116,15 @@ def test_roundtrip_arbitrary_text(tok):
 def test_trained_tokenizer_attributes(tok, tok_dir):
     assert tok.vocab_size == 400 and (tok.eot_id, tok.im_start_id, tok.im_end_id) == (397, 398, 399)
     assert tok.stop_ids == [399, 397]
-    assert tok.hash == data.Tokenizer.load(str(tok_dir)).hash and len(tok.hash) == 64
-    other = data.train_tokenizer(["some other text"] * 3, 300, progress=False)
+    assert tok.hash == Tokenizer.load(str(tok_dir)).hash and len(tok.hash) == 64
+    other = train_tokenizer(["some other text"] * 3, 300, progress=False)
     assert other.hash != tok.hash
 
 
 def _train_hf(texts, vocab_size):
     from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
     hf = tokenizers.Tokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(data.SPLIT_PATTERN), behavior="isolated"),
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(tokenizer.SPLIT_PATTERN), behavior="isolated"),
                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     hf.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
@@ -118,7 +145,7 @@ def test_import_hf_tokenizer_matches_tokenizers_library(demo, tmp_path):
     texts = (demo / "pretrain.txt").read_text().split("\n\n") + ["quick brown fox jumps over lazy dogs"] * 5
     hf = _train_hf(texts, 500)
     hf.save(str(tmp_path / "tokenizer.json"))
-    ours = data.Tokenizer.load(str(tmp_path))
+    ours = Tokenizer.load(str(tmp_path))
     assert ours._rank_to_id is None  # HF trainer ids are in merge order: rank == id
     assert (ours.eot_id, ours.im_start_id, ours.im_end_id) == (0, 1, 2) and ours.vocab_size == hf.get_vocab_size()
     _check_same_ids(ours, hf, TEXTS + texts[:50])
@@ -130,7 +157,7 @@ def test_import_hf_tokenizer_matches_tokenizers_library(demo, tmp_path):
     spec["model"]["vocab"] = {text: new_id[i] for text, i in spec["model"]["vocab"].items()}
     for token in spec["added_tokens"]:
         token["id"] = new_id[token["id"]]
-    shuffled_hf, shuffled = tokenizers.Tokenizer.from_str(json.dumps(spec)), data.Tokenizer(spec)
+    shuffled_hf, shuffled = tokenizers.Tokenizer.from_str(json.dumps(spec)), Tokenizer(spec)
     assert shuffled._rank_to_id is not None
     _check_same_ids(shuffled, shuffled_hf, TEXTS + texts[:50])
 
@@ -144,7 +171,7 @@ def test_gpt2_style_and_nfc_tokenizers_match(tmp_path):
     hf.train_from_iterator(TEXTS * 20 + ["café cafe\u0301 naïve"] * 20, trainers.BpeTrainer(
         vocab_size=350, special_tokens=SPECIALS[:1], show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     hf.save(str(tmp_path / "tokenizer.json"))
-    ours = data.Tokenizer.load(str(tmp_path))
+    ours = Tokenizer.load(str(tmp_path))
     assert ours.im_start_id is None and ours.stop_ids == [0]
     _check_same_ids(ours, hf, [t for t in TEXTS if "<|im" not in t])
     assert ours.encode("cafe\u0301") == hf.encode("cafe\u0301").ids == ours.encode("café")
@@ -158,9 +185,9 @@ def test_non_byte_level_tokenizer_is_refused(tmp_path):
     wordpiece.pre_tokenizer = pre_tokenizers.Whitespace()
     wordpiece.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ValueError, match="tokenizer.json.*byte-level BPE.*WordPiece"):
-        data.Tokenizer.load(str(tmp_path))
+        Tokenizer.load(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
-        data.Tokenizer.load(str(tmp_path / "missing"))
+        Tokenizer.load(str(tmp_path / "missing"))
 
 
 def test_saved_tokenizer_loads_in_tokenizers_and_transformers(tok, tok_dir, demo):
@@ -204,7 +231,6 @@ def test_render_chat_ids_and_mask_by_hand(tok):
     prompt_ids, prompt_mask = tok.render_chat(messages[:1], add_generation_prompt=True)
     assert prompt_ids == [s] + tok.encode("user\nHi") + [e] + nl + [s] + tok.encode("assistant\n")
     assert tok.decode(prompt_ids).endswith("<|im_start|>assistant\n") and not any(prompt_mask)
-    assert data.render_chat(tok, messages) == (ids, mask)
 
 
 def test_render_chat_errors(tok):
@@ -226,7 +252,7 @@ def test_render_chat_errors(tok):
     ("The capital is Paris.", "Paris", True), ("答案是北京。", "北京", True), ("Comparis", "Paris", False),
     ("the answer: PARIS!", "paris", True)])
 def test_answer_is_correct(completion, answer, expected):
-    assert data.answer_is_correct(completion, answer) is expected
+    assert answer_is_correct(completion, answer) is expected
 
 
 # ----------------------------------------------------------------------------- HDF5 preparation and datasets
@@ -250,14 +276,14 @@ def test_seq_windows(tok, tok_dir, demo, tmp_path):
         assert f["train/tokens"].dtype == np.uint32 and len(f["val/tokens"]) == 0
     documents = (demo / "pretrain.txt").read_text().split("\n\n")
     stream = [t for doc in documents if doc.strip() for t in tok.encode(doc.strip("\n")) + [tok.eot_id]]
-    dataset = data.load_dataset(str(h5), block_size=16, stage="seq", stride=8)
-    assert len(dataset) == (len(stream) - 17) // 8 + 1 and dataset.vocab_size == 400 and dataset.tokenizer_hash == tok.hash
+    dataset = data.load_dataset(str(h5), block_size=16, stage="seq")
+    assert len(dataset) == (len(stream) - 17) // 16 + 1 and dataset.vocab_size == 400
+    assert dataset.tokenizer_hash == tok.hash
     batch = dataset.get_batch([0, 5, len(dataset) - 1])
     assert batch["input_ids"].shape == batch["targets"].shape == (3, 16) and batch["input_ids"].dtype == torch.long
     for row, i in enumerate([0, 5, len(dataset) - 1]):
-        assert batch["input_ids"][row].tolist() == stream[i * 8:i * 8 + 16]
-        assert batch["targets"][row].tolist() == stream[i * 8 + 1:i * 8 + 17]
-    assert len(data.load_dataset(str(h5), block_size=16)) == (len(stream) - 17) // 16 + 1  # stride defaults to T
+        assert batch["input_ids"][row].tolist() == stream[i * 16:i * 16 + 16]
+        assert batch["targets"][row].tolist() == stream[i * 16 + 1:i * 16 + 17]
 
 
 def test_sft_targets_and_truncation(tok, tok_dir, tmp_path):
@@ -432,8 +458,10 @@ def test_sampler_is_deterministic_and_covers_each_epoch():
     sampler = data.ResumableSampler(50, batch_size=4, grad_accum=2, seed=7)
     _steps(sampler, 6)
     assert sampler.epoch == 0 and (sampler.next_step(), sampler.epoch) == (steps[6], 1)
-    in_order = data.ResumableSampler(10, batch_size=5, shuffle=False)
-    assert _steps(in_order, 3) == [[[0, 1, 2, 3, 4]], [[5, 6, 7, 8, 9]], [[0, 1, 2, 3, 4]]]
+    two_per_epoch = _steps(data.ResumableSampler(10, batch_size=5, seed=3), 4)
+    assert sorted(i for step in two_per_epoch[:2] for i in step[0]) == list(range(10))  # an epoch covers all
+    assert sorted(i for step in two_per_epoch[2:] for i in step[0]) == list(range(10)) and two_per_epoch[:2] != \
+        two_per_epoch[2:]  # the next epoch: a new order
 
 
 def test_sampler_resumes_mid_epoch_exactly():
@@ -477,11 +505,11 @@ def test_demo_files_are_consistent_and_held_out(demo):
     for record in sft:
         question, reply = record["messages"][0]["content"], record["messages"][1]["content"]
         a, b, minus = problem(question)
-        assert data.answer_is_correct(reply, str(a - b if minus else a + b))
+        assert answer_is_correct(reply, str(a - b if minus else a + b))
     for record in dpo + dpo_eval:
         a, b, minus = problem(record["prompt"])
         right = str(a - b if minus else a + b)
-        assert data.answer_is_correct(record["chosen"], right) and not data.answer_is_correct(record["rejected"], right)
+        assert answer_is_correct(record["chosen"], right) and not answer_is_correct(record["rejected"], right)
     for record in grpo:
         a, b, minus = problem(record["prompt"])
         assert record["answer"] == str(a - b if minus else a + b)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import randomize
 
-from model import KVCache, ModelConfig, Transformer, kv_cache_bytes_per_token
+from model import KVCache, ModelConfig, Transformer
 
 transformers = pytest.importorskip("transformers")
 
@@ -193,9 +193,9 @@ def test_kv_cache_decode_all_rows_and_overflow():
 def test_mla_cache_bytes_per_token():
     c = tiny(attn="mla", kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12)
     cache = KVCache(c, batch_size=2, max_len=16, dtype=torch.bfloat16)
-    assert cache.bytes_per_token() == c.n_layers * (24 + 8) * 2 == kv_cache_bytes_per_token(c, torch.bfloat16)
+    assert cache.bytes_per_token() == c.n_layers * (24 + 8) * 2
     g = tiny(n_kv_heads=2)
-    assert KVCache(g, 1, 16).bytes_per_token() == g.n_layers * 2 * 2 * 16 * 4 == kv_cache_bytes_per_token(g)
+    assert KVCache(g, 1, 16).bytes_per_token() == g.n_layers * 2 * 2 * 16 * 4
 
 
 # -----------------------------------------------------------------------------

@@ -355,7 +355,7 @@ def test_hugging_face_directory_works_like_ours(tiny_model_dir, tmp_path):
     eos token the tokenizer does not know as one: the CLI prints what transformers generates, stop included."""
     import shutil
 
-    from data import Tokenizer
+    from tokenizer import Tokenizer
     from sample import stop_ids_for
 
     tokenizer = Tokenizer.load(tiny_model_dir)
@@ -384,7 +384,7 @@ def test_hugging_face_directory_works_like_ours(tiny_model_dir, tmp_path):
 
 
 def test_stop_ids_for_reads_hf_configs(tiny_model_dir, tmp_path):
-    from data import Tokenizer
+    from tokenizer import Tokenizer
     from sample import stop_ids_for
 
     tokenizer = Tokenizer.load(tiny_model_dir)

@@ -18,8 +18,8 @@ import openai
 import pytest
 import torch
 
-from sample import generate, load, stop_ids_for
-from serve import Engine, make_server, release_text
+from sample import Engine, generate, load, stop_ids_for
+from serve import EngineLoop, make_server, release_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "sk-test-key"
@@ -27,24 +27,25 @@ QUESTIONS = ["Hello, world!", "What is 7 + 8?", "你好，世界！", "The quick
              "Emoji: 🙂🚀", "Mixed 中文 and English text.", "23 + 45 = 68."]
 
 
-def start_server(model_dir, started=True, **engine_args):
+def start_server(model_dir, started=True, max_batch=8, max_waiting=64, prefill_chunk=256):
     model, tokenizer = load(model_dir)
     stop_ids = stop_ids_for(model_dir, tokenizer)
-    engine = Engine(model, tokenizer, stop_ids=stop_ids, **engine_args)
+    engine = Engine(model, max_batch, prefill_chunk=prefill_chunk, stop_ids=stop_ids, vocab_size=tokenizer.vocab_size)
+    loop = EngineLoop(engine, tokenizer, max_waiting)
     if started:
-        engine.start()
-    server = make_server(engine, port=0, api_key=KEY, model_name="tiny", max_body_bytes=64 * 1024, log_requests=False)
+        loop.start()
+    server = make_server(loop, port=0, api_key=KEY, model_name="tiny", max_body_bytes=64 * 1024, log_requests=False)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
-    return SimpleNamespace(server=server, engine=engine, port=port, client=client, model=model, tokenizer=tokenizer,
-                           stop_ids=stop_ids)
+    return SimpleNamespace(server=server, loop=loop, engine=engine, port=port, client=client, model=model,
+                           tokenizer=tokenizer, stop_ids=stop_ids)
 
 
 def stop_server(s):
     s.server.shutdown()
     s.server.server_close()
-    s.engine.stop()
+    s.loop.stop()
 
 
 @pytest.fixture(scope="module")
@@ -331,11 +332,11 @@ def test_full_queue_gets_503_then_serves(tiny_model_dir):
         with ThreadPoolExecutor(2) as pool:
             waiting = [pool.submit(request, s.port, "POST", "/v1/chat/completions", body) for _ in range(2)]
             deadline = time.time() + 10
-            while s.engine.stats()["waiting"] < 2 and time.time() < deadline:
+            while s.loop.stats()["waiting"] < 2 and time.time() < deadline:
                 time.sleep(0.01)
             status, headers, data = request(s.port, "POST", "/v1/chat/completions", body)
             assert status == 503 and headers["retry-after"] == "1" and data["error"]["type"] == "server_error"
-            s.engine.start()  # the two queued requests now run, one at a time
+            s.loop.start()  # the two queued requests now run, one at a time
             text = reference(s, chat_ids(s, question), 10)[0]
             for f in waiting:
                 status, _, data = f.result(timeout=30)
@@ -357,7 +358,7 @@ def test_client_disconnect_cancels_the_row(tiny_model_dir):
         body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 100, "stream": True})
         for stream in (True, False):
             payload = body if stream else body.replace('"stream": true', '"stream": false')
-            before = s.engine.stats()["tokens_generated"]
+            before = s.loop.stats()["tokens_generated"]
             sock = socket.create_connection(("127.0.0.1", s.port), timeout=10)
             sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
                          f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n{payload}".encode())

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from sample import generate, load, stop_ids_for
-from serve import Engine, make_server
+from sample import Engine, generate, load, stop_ids_for
+from serve import EngineLoop, make_server
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -49,7 +49,8 @@ def test_chat_page_streams_and_keeps_history(tiny_model_dir, browser, tmp_path):
 
     model, tokenizer = load(tiny_model_dir)
     stop_ids = stop_ids_for(tiny_model_dir, tokenizer)
-    engine = Engine(model, tokenizer, max_batch=4, stop_ids=stop_ids).start()
+    engine = Engine(model, 4, stop_ids=stop_ids, vocab_size=tokenizer.vocab_size)
+    loop = EngineLoop(engine, tokenizer).start()
     step = engine.step
 
     def paced_step():  # a few ms a token, so that the page visibly streams
@@ -57,7 +58,7 @@ def test_chat_page_streams_and_keeps_history(tiny_model_dir, browser, tmp_path):
         step()
 
     engine.step = paced_step
-    server = make_server(engine, port=0, model_name="tiny", log_requests=False)
+    server = make_server(loop, port=0, model_name="tiny", log_requests=False)
     threading.Thread(target=server.serve_forever, daemon=True).start()
 
     def greedy_reply(messages, max_tokens):
@@ -83,7 +84,7 @@ def test_chat_page_streams_and_keeps_history(tiny_model_dir, browser, tmp_path):
         replies = []
         for turn, question in enumerate(["Hello, world!", "What is 7 + 8?"]):
             updates_before = browser.execute_script("return window.updates")
-            prompt_tokens_before = engine.stats()["prompt_tokens"]
+            prompt_tokens_before = loop.stats()["prompt_tokens"]
             box = browser.find_element(By.ID, "input")
             box.send_keys(question)
             box.send_keys(Keys.ENTER)
@@ -96,7 +97,7 @@ def test_chat_page_streams_and_keeps_history(tiny_model_dir, browser, tmp_path):
             assert reply == expected and len(reply) > 0
             assert browser.execute_script("return window.updates") - updates_before > 5  # it arrived in pieces
             # the server saw the whole conversation: system prompt, both questions and the first reply
-            assert engine.stats()["prompt_tokens"] - prompt_tokens_before == prompt_tokens
+            assert loop.stats()["prompt_tokens"] - prompt_tokens_before == prompt_tokens
             history.append({"role": "assistant", "content": reply})
             replies.append(reply)
         assert not browser.find_elements(By.CSS_SELECTOR, ".error")
@@ -106,4 +107,4 @@ def test_chat_page_streams_and_keeps_history(tiny_model_dir, browser, tmp_path):
     finally:
         server.shutdown()
         server.server_close()
-        engine.stop()
+        loop.stop()

@@ -11,9 +11,11 @@ import pytest
 import torch
 
 import strategies
-from data import train_tokenizer
 from model import ModelConfig, Transformer
+from settings import Settings
 from strategies import clipped_policy_loss, dpo_loss, group_advantages, grpo_loss, k3_kl, token_cross_entropy
+from data import load_dataset
+from tokenizer import Tokenizer, train_tokenizer
 from train import DEFAULTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,7 +118,7 @@ def test_sft_rows_do_not_see_each_other():
     tb[0, :3] = -100
     batch_ids = torch.cat([a, torch.cat([b, torch.zeros(1, 5, dtype=torch.long)], 1)])
     batch_targets = torch.cat([ta, torch.cat([tb, torch.full((1, 5), -100)], 1)])
-    sft = strategies.SFT(DEFAULTS, model)
+    sft = strategies.SFT(Settings(DEFAULTS), model, None)
     with torch.no_grad():
         together, _ = sft.loss(model, {"input_ids": batch_ids, "targets": batch_targets}, 0)
         alone_a, _ = sft.loss(model, {"input_ids": a, "targets": ta}, 0)
@@ -148,7 +150,7 @@ def reply_logprob(model, ids, targets):
 
 def test_dpo_is_log_2_at_the_start_and_sums_reply_logprobs():
     model, batch = tiny_model(50), dpo_batch()
-    dpo = strategies.DPO(dict(DEFAULTS, beta=0.1), model)
+    dpo = strategies.DPO(Settings(DEFAULTS, beta=0.1), model, None)
     loss, metrics = dpo.loss(model, batch, 0)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)  # policy == reference
     assert metrics["margin"] == 0 and metrics["pref_accuracy"] == 0
@@ -167,7 +169,7 @@ def test_dpo_is_log_2_at_the_start_and_sums_reply_logprobs():
     assert not any(p.requires_grad for p in dpo.ref_model.parameters())
 
     # rpo_alpha adds the chosen replies' mean next-token loss; dpo_loss still shows the DPO part
-    rpo = strategies.DPO(dict(DEFAULTS, beta=0.1, rpo_alpha=0.5), model)
+    rpo = strategies.DPO(Settings(DEFAULTS, beta=0.1, rpo_alpha=0.5), model, None)
     with torch.no_grad():
         rpo_loss, rpo_metrics = rpo.loss(policy, batch, 0)
         chosen = [reply_logprob(policy, batch["chosen_ids"][i], batch["chosen_targets"][i]) for i in range(2)]
@@ -185,19 +187,17 @@ def tokenizer_dir(tmp_path_factory):
 
 
 def grpo_setup(tokenizer_dir, tmp_path, monkeypatch, reward_source, **settings):
-    from data import Tokenizer
-
     if reward_source:
         (tmp_path / "toy_reward.py").write_text(reward_source)
         monkeypatch.syspath_prepend(str(tmp_path))
     tokenizer = Tokenizer.load(tokenizer_dir)
     model = tiny_model(tokenizer.vocab_size)
     reward = "toy_reward:reward" if reward_source else "exact_answer"
-    cfg = dict(DEFAULTS, reward=reward, tokenizer=tokenizer_dir, data=str(tmp_path / "none.h5"), **settings)
+    cfg = Settings(DEFAULTS, reward=reward, **settings)
     prompts = [tokenizer.render_chat([{"role": "user", "content": q}], add_generation_prompt=True)[0]
                for q in ("Hello", "23 + 45", "fox", "你好")]
     batch = {"prompt_ids": prompts, "answers": [""] * 4, "records": [{}] * 4}
-    return model, strategies.GRPO(cfg, model), batch
+    return model, strategies.GRPO(cfg, model, tokenizer), batch
 
 
 def test_grpo_learns_a_toy_reward(tokenizer_dir, tmp_path, monkeypatch):
@@ -238,7 +238,7 @@ def test_grpo_reference_resyncs_every_sync_interval_steps(tokenizer_dir, tmp_pat
         optimizer.step()
         optimizer.zero_grad()
     state = grpo.state_dict()
-    assert state["synced_at"] == 3 and state["last_step"] == 3 and len(state["rollouts"]) == 1
+    assert state["synced_at"] == 3 and len(state["rollouts"]) == 1
     assert all(torch.equal(state["ref_model"][k], v) for k, v in grpo.ref_model.state_dict().items())
 
 
@@ -288,8 +288,9 @@ def run(*args, check=True, env=None):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """A small slice of the demo data, its tokenizer, sft/dpo/grpo .h5 files and a model preset of seconds
-    (data.py's functions behind `data.py demo`, `data.py tokenizer` and `data.py prepare`)."""
-    from data import make_demo, prepare
+    (the functions behind `pipeline.py demo`, `data.py tokenizer` and `data.py prepare`)."""
+    from data import prepare
+    from pipeline import make_demo
 
     d = tmp_path_factory.mktemp("demo")
     make_demo(d, pretrain_docs=300, sft=100, dpo=200, grpo=200, n_eval=20)
@@ -376,8 +377,8 @@ def test_bad_settings_stop_before_training(demo, tmp_path, monkeypatch):
     (tmp_path / "rewards.py").write_text("def wordy(prompt, completion, record):\n    return 'high'\n\n"
                                          "def strict(prompt, completion, record):\n    return float(record['tests'])\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    model = tiny_model(512)
-    cfg = dict(DEFAULTS, data=f"{demo}/grpo.h5", tokenizer=f"{demo}/tokenizer", block_size=64)
+    model, tokenizer = tiny_model(512), Tokenizer.load(f"{demo}/tokenizer")
+    dataset = load_dataset(f"{demo}/grpo.h5", "train", 64, stage="grpo")
     for settings, expect in [
         (dict(reward="no_such_module:score"), "cannot import module 'no_such_module'"),
         (dict(reward="rewards:missing"), "has no function 'missing'"),
@@ -388,6 +389,6 @@ def test_bad_settings_stop_before_training(demo, tmp_path, monkeypatch):
         (dict(rollout_temperature=0.0), "rollout_temperature=0.0 must be > 0"),
     ]:
         with pytest.raises(ValueError, match=re.escape(expect)):
-            strategies.GRPO(dict(cfg, **settings), model)
+            strategies.GRPO(Settings(DEFAULTS, **settings), model, tokenizer).check_data(dataset)
     with pytest.raises(ValueError, match="beta=0"):
-        strategies.DPO(dict(cfg, beta=0.0), model)
+        strategies.DPO(Settings(DEFAULTS, beta=0.0), model, tokenizer)

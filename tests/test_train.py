@@ -27,7 +27,7 @@ def run(*args, check=True, timeout=600):
 def demo(tmp_path_factory):
     """Demo data, a small tokenizer and the seq/sft .h5 files, made the way README.md says."""
     d = tmp_path_factory.mktemp("demo")
-    run("data.py", "demo", f"--out={d}")
+    run("pipeline.py", "demo", f"--out={d}")
     run("data.py", "tokenizer", f"--input={d}/pretrain.txt", "--vocab_size=512", f"--out={d}/tokenizer")
     run("data.py", "prepare", "--stage=seq", f"--input={d}/pretrain.txt", f"--tokenizer={d}/tokenizer", f"--out={d}/pretrain.h5")
     run("data.py", "prepare", "--stage=sft", f"--input={d}/sft.jsonl", f"--tokenizer={d}/tokenizer", f"--out={d}/sft.h5")
@@ -138,7 +138,7 @@ def exported_model_works_in_transformers(final):
     Llama's default 2), and greedy generate() stopping where ours does."""
     transformers = pytest.importorskip("transformers")
     sys.path.insert(0, ROOT)
-    from data import Tokenizer
+    from tokenizer import Tokenizer
     from model import Transformer
     from sample import generate
 

@@ -1,0 +1,106 @@
+"""
+Settings for every script and model preset, read one way: a script's table of defaults (a comment per key),
+then config files (plain Python assignments, in the order given), then `--key=value` or `--key value`.
+
+    cfg = load_settings(DEFAULTS, sys.argv[1:])    # cfg.lr, cfg.max_iters, ...
+
+One type rule: a value takes its default's type. A config file may give an int where the default is a float;
+the command line converts text (true/false/1/0/yes/no for booleans, a bare --flag is true). An unknown key or a
+value of the wrong type is an error naming the key, the value and the file it came from.
+"""
+import os
+import types
+
+import torch
+
+
+class Settings(dict):
+    """A dict whose keys read as attributes: cfg.lr is cfg["lr"]."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(f"no setting {key!r}") from None
+
+    def __setattr__(self, key, value):
+        self[key] = value
+
+
+def run_config_file(path):
+    """The assignments of a config file (a plain Python file): every name but modules and those starting with _."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"config file {path} not found")
+    values = {}
+    with open(path, encoding="utf-8") as f:
+        exec(compile(f.read(), path, "exec"), values)
+    return {k: v for k, v in values.items() if not k.startswith("_") and not isinstance(v, types.ModuleType)}
+
+
+def from_text(key, text, default, where):
+    """A command-line value converted to the default's type."""
+    kind = type(default)
+    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    try:
+        return words[text.lower()] if kind is bool else kind(text)
+    except (KeyError, ValueError):
+        expected = "true/false" if kind is bool else kind.__name__
+        raise SystemExit(f"{where}: --{key}={text!r}: expected a {expected} value (default {default!r})") from None
+
+
+def typed(key, value, default, where):
+    """value, if it has the default's type (an int stands for a float), else SystemExit naming the key."""
+    kind = type(default)
+    if kind is float and type(value) is int:
+        value = float(value)
+    if type(value) is not kind:
+        raise SystemExit(f"{where}: {key} = {value!r} should be a {kind.__name__} (default {default!r})")
+    return value
+
+
+def load_settings(defaults, argv, where="settings"):
+    """defaults <- config files (argv entries not starting with --) <- --key=value overrides -> Settings."""
+    cfg, i = Settings(defaults), 0
+    known = " ".join(f"--{k}" for k in defaults)
+    while i < len(argv):
+        arg, i = argv[i], i + 1
+        if arg in ("-h", "--help"):
+            print("options (default values):\n" + "\n".join(f"  --{k}={v!r}" for k, v in defaults.items()))
+            raise SystemExit(0)
+        if not arg.startswith("--"):
+            if not arg.endswith(".py"):
+                raise SystemExit(f"unexpected argument {arg!r}: options look like --key=value, config files end in .py")
+            for key, value in run_config_file(arg).items():
+                if key not in defaults:
+                    raise SystemExit(f"{arg}: unknown setting {key!r}; known: {known}")
+                cfg[key] = typed(key, value, defaults[key], arg)
+            continue
+        key, has_value, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in defaults:
+            raise SystemExit(f"unknown option --{key}; known options: {known}")
+        if not has_value:
+            bool_word = i < len(argv) and argv[i].lower() in ("true", "false", "1", "0", "yes", "no")
+            if isinstance(defaults[key], bool) and not bool_word:
+                value = "true"  # a bare --flag
+            elif i < len(argv):
+                value, i = argv[i], i + 1
+            else:
+                raise SystemExit(f"option --{key} needs a value")
+        cfg[key] = from_text(key, value, defaults[key], where)
+    return cfg
+
+
+def pick_device(device="auto", dtype="auto"):
+    """What "auto" means, for every script: (device, dtype name). auto device: cuda when available, else cpu;
+    auto dtype: bfloat16 on a GPU that has it, else float32."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    if dtype not in DTYPES:
+        raise SystemExit(f"--dtype={dtype}: choose from auto, {', '.join(DTYPES)}")
+    return device, dtype
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
