@@ -1,27 +1,39 @@
 """
 The tokenizer: byte-level BPE encoded and decoded by tiktoken, read from and written as a Hugging Face
-tokenizer.json (so GPT-2, Llama 3, Qwen and DeepSeek tokenizers load, and ours load in transformers), BPE
-training, and the one chat renderer, which returns the loss mask with the ids.
+tokenizer.json (GPT-2, Llama 3, Qwen2/3 and DeepSeek-V3 tokenizers load; ours load in transformers), BPE
+training, and the one chat renderer: the model's own chat_template (ChatML for ours), returning the loss mask.
 
     tokenizer = Tokenizer.load("data/demo/tokenizer")       # a directory holding tokenizer.json
     ids, loss_mask = tokenizer.render_chat(messages)        # 1 on what each assistant message adds
     tokenizer = train_tokenizer(texts, vocab_size=2048)     # python data.py tokenizer ... runs this
+
+tokenizer.json's pipeline, in the `tokenizers` library's order: added tokens are cut out of the text, the
+normalizer runs on the text between them, the pre-tokenizer's splits run one after another (each on the pieces
+of the one before), and BPE runs on each final piece. tiktoken takes exactly one split regex, so the last split
+becomes tiktoken's regex and runs in Rust; only what one regex cannot say runs in Python: a normalizer, the
+splits before the last one of a Sequence (DeepSeek-V3's digit and CJK runs), added tokens' strip flags.
 """
 import collections
+import datetime
 import heapq
 import json
 import os
 import sys
 import time
 import unicodedata
-from functools import cached_property
+from bisect import bisect_left, bisect_right
+from functools import cached_property, reduce
 from hashlib import sha256
+from itertools import accumulate
 
-import regex  # tiktoken depends on it; used for the pre-split when training
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
+import regex  # tiktoken depends on it; the Python-side splits and the pre-split when training
 import tiktoken
 
 # -----------------------------------------------------------------------------
-# formats: special tokens, the pre-split regex, ChatML, GPT-2's byte map
+# formats: special tokens, split regexes, ChatML, GPT-2's byte map
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Qwen2's pre-split: a run of letters with at most one non-letter in front (" the", or a whole run of Chinese
@@ -30,10 +42,18 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 SPLIT_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+LLAMA3_SPLIT_PATTERN = SPLIT_PATTERN.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
+DEEPSEEK3_SPLIT_PATTERNS = (r"\p{N}{1,3}", "[一-龥\u3040-ゟ゠-ヿ]+",
+                            r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
+                            r"""| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+# the split regexes of the families, as llama.cpp names them (GGUF's tokenizer.ggml.pre); each matches every character
+KNOWN_SPLITS = {(GPT2_SPLIT_PATTERN,): "gpt-2", (LLAMA3_SPLIT_PATTERN,): "llama-bpe", (SPLIT_PATTERN,): "qwen2",
+                DEEPSEEK3_SPLIT_PATTERNS: "deepseek-v3"}
 CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
                  "'<|im_end|>' + '\\n' }}{% endfor %}"
                  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 CHAT_ROLES = ("system", "user", "assistant")
+BEHAVIORS = ("Isolated", "Removed", "MergedWithPrevious", "MergedWithNext", "Contiguous")
 
 
 def _bytes_to_unicode():
@@ -46,33 +66,162 @@ def _bytes_to_unicode():
 BYTE_TO_CHAR = _bytes_to_unicode()
 CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
 
+# -----------------------------------------------------------------------------
+# tokenizer.json's normalizer and pre-tokenizer, as Python functions and regexes
 
-def _split_pattern(hf_json, source):
-    """The one regex of a byte-level pre-tokenizer (tiktoken takes exactly one), or a clear error."""
-    pre = hf_json.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    kinds = [step.get("type") for step in steps]
-    if kinds.count("ByteLevel") != 1 or kinds.count("Split") > 1 or set(kinds) - {"ByteLevel", "Split"}:
-        raise ValueError(f"{source}: pre_tokenizer {kinds} is not supported; need ByteLevel, optionally after one "
-                         "Split (as GPT-2, Llama 3, Qwen2 and Qwen3 tokenizers have)")
-    byte_level = steps[kinds.index("ByteLevel")]
-    if byte_level.get("add_prefix_space"):
-        raise ValueError(f"{source}: ByteLevel add_prefix_space=true is not supported")
-    if "Split" not in kinds:
-        return GPT2_SPLIT_PATTERN if byte_level.get("use_regex", True) else r"[\s\S]+"
-    split = steps[kinds.index("Split")]
-    if byte_level.get("use_regex", True) or split.get("behavior") != "Isolated" or split.get("invert"):
-        raise ValueError(f"{source}: only a Split with behavior Isolated, invert false, then ByteLevel with "
-                         "use_regex false is supported")
-    pattern = split["pattern"]
-    return pattern["Regex"] if "Regex" in pattern else regex.escape(pattern["String"])
+
+def _lowercase(text):
+    # the tokenizers library lowercases char by char; str.lower() alone would turn a word-final capital sigma into ς
+    return text.lower() if "Σ" not in text else "".join(c.lower() for c in text)
+
+
+def _normalizer(spec, source):
+    """A function on text doing what tokenizer.json's normalizer does, or None for no normalizer."""
+    kind = (spec or {}).get("type")
+    if kind is None:
+        return None
+    if kind == "Sequence":
+        steps = [f for f in (_normalizer(s, source) for s in spec.get("normalizers", [])) if f]
+        return (lambda text: reduce(lambda t, f: f(t), steps, text)) if steps else None
+    if kind in ("NFC", "NFKC", "NFD", "NFKD"):
+        return lambda text: unicodedata.normalize(kind, text)
+    if kind == "Lowercase":
+        return _lowercase
+    if kind == "Replace":
+        pattern, content = spec["pattern"], spec["content"]
+        compiled = regex.compile(pattern["Regex"] if "Regex" in pattern else regex.escape(pattern["String"]))
+        return lambda text: compiled.sub(lambda _: content, text)
+    raise ValueError(f"{source}: normalizer {kind!r} is not supported; supported: NFC, NFKC, NFD, NFKD, Lowercase, "
+                     "Replace and Sequences of them")
+
+
+def _splits(pre, source):
+    """The pre_tokenizer as a list of splits (regex, behavior, invert), run in order; ByteLevel must come last."""
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre] if pre else []
+    kinds, splits = [step.get("type") for step in steps], []
+    for step, kind in zip(steps, kinds):
+        if kind == "Split":
+            pattern, behavior = step["pattern"], step.get("behavior")
+            if behavior not in BEHAVIORS:
+                raise ValueError(f"{source}: Split behavior {behavior!r} is not one of {', '.join(BEHAVIORS)}")
+            text = pattern["Regex"] if "Regex" in pattern else regex.escape(pattern["String"])
+            splits.append((text, behavior, bool(step.get("invert"))))
+        elif kind == "Digits":
+            splits.append((r"\p{N}", "Isolated" if step.get("individual_digits") else "Contiguous", False))
+        elif kind == "ByteLevel":
+            if step.get("add_prefix_space"):
+                raise ValueError(f"{source}: ByteLevel add_prefix_space=true is not supported (decoding would not "
+                                 "give the text back)")
+            if step.get("use_regex", True):
+                splits.append((GPT2_SPLIT_PATTERN, "Isolated", False))
+        else:
+            raise ValueError(f"{source}: pre_tokenizer {kind!r} is not supported; supported: Split, Digits, "
+                             "ByteLevel and a Sequence of them")
+    if kinds.count("ByteLevel") != 1 or kinds[-1] != "ByteLevel":
+        raise ValueError(f"{source}: pre_tokenizer {kinds}: a byte-level tokenizer needs exactly one ByteLevel, "
+                         "last (after any Split and Digits)")
+    return splits
+
+
+def _one_regex(pattern, behavior, invert):
+    """A regex whose matches, in order, are the pieces a split keeps (tiktoken drops what its regex skips), or None
+    where no regex can say it. `gap` is a run of text where the pattern matches nowhere: the text between matches."""
+    if behavior == "Isolated" and not invert and (pattern,) in KNOWN_SPLITS:
+        return pattern  # it matches every character: no gaps
+    match, gap = f"(?>{pattern})", f"(?:(?:(?!{pattern})[\\s\\S])+)"
+    if behavior in ("Isolated", "Contiguous"):  # Contiguous joins touching matches (gaps never touch)
+        return f"{match}{'+' if behavior == 'Contiguous' else ''}|{gap}"
+    return {("Removed", True): match, ("Removed", False): None,  # the matches dropped: regexes match, never skip
+            ("MergedWithPrevious", False): f"{gap}{match}?|{match}", ("MergedWithNext", False): f"{match}?{gap}|{match}",
+            ("MergedWithPrevious", True): f"{match}{gap}?|{gap}", ("MergedWithNext", True): f"{gap}?{match}|{gap}",
+            }[behavior, invert]
+
+
+def _split(text, compiled, behavior, invert):
+    """The tokenizers library's Split of one piece: delimiters are the matches (invert: the text between them)."""
+    segments, end = [], 0  # (text, is_delimiter)
+    for found in compiled.finditer(text):
+        if found.end() > found.start():
+            if found.start() > end:
+                segments.append((text[end:found.start()], invert))
+            segments.append((found.group(), not invert))
+            end = found.end()
+    if end < len(text):
+        segments.append((text[end:], invert))
+    if behavior == "Isolated":
+        return [piece for piece, _ in segments]
+    if behavior == "Removed":
+        return [piece for piece, delimiter in segments if not delimiter]
+    pieces, after_delimiter = [], False
+    if behavior == "MergedWithNext":
+        segments = segments[::-1]
+    for piece, delimiter in segments:  # a delimiter joins its neighbour unless that is a delimiter too
+        join = (pieces and delimiter == after_delimiter) if behavior == "Contiguous" else \
+            (pieces and delimiter and not after_delimiter)
+        if join:
+            pieces[-1] = piece + pieces[-1] if behavior == "MergedWithNext" else pieces[-1] + piece
+        else:
+            pieces.append(piece)
+        after_delimiter = delimiter
+    return pieces[::-1] if behavior == "MergedWithNext" else pieces
+
+
+def _added_matcher(tokens, normalize):
+    """(regex of the added tokens' contents, longest first as the library matches them, {text: token}) or None."""
+    texts = {(normalize(t["content"]) if normalize and t.get("normalized") else t["content"]): t for t in tokens}
+    if not texts:
+        return None
+    return regex.compile("|".join(regex.escape(t) for t in sorted(texts, key=len, reverse=True))), texts
+
+
+def _cut(text, matcher):
+    """[(text, None) | (added token's text, its id)]: the added tokens found, with their lstrip/rstrip/single_word."""
+    if matcher is None:
+        return [(text, None)] if text else []
+    compiled, tokens = matcher
+    out, start = [], 0
+    for found in compiled.finditer(text):
+        token, begin, end = tokens[found.group()], found.start(), found.end()
+        if token.get("single_word") and (regex.search(r"\w$", text[:begin]) or regex.match(r"\w", text[end:])):
+            continue
+        if token.get("lstrip"):
+            begin = max(start, regex.search(r"\s*\Z", text[:begin]).start())
+        if token.get("rstrip"):
+            end += regex.match(r"\s*", text[end:]).end()
+        if begin > start:
+            out.append((text[start:begin], None))
+        out.append((found.group(), token["id"]))
+        start = end
+    return out + [(text[start:], None)] if start < len(text) else out
+
+
+def _template_environment():
+    """jinja2 set up as transformers' apply_chat_template sets it up: sandboxed, with its helpers."""
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # no HTML escaping
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+    return env
+
+
+# -----------------------------------------------------------------------------
+# the tokenizer
 
 
 class Tokenizer:
-    """Byte-level BPE: encode/decode with tiktoken, stored as a Hugging Face tokenizer.json (self.hf_json)."""
+    """Byte-level BPE: encode/decode with tiktoken, stored as a Hugging Face tokenizer.json (self.hf_json).
+    config: tokenizer_config.json's content (bos/eos token names, chat_template); chat_template wins over it."""
 
-    def __init__(self, hf_json: dict, source: str = "tokenizer.json"):
-        self.hf_json = hf_json
+    def __init__(self, hf_json: dict, source: str = "tokenizer.json", config: dict | None = None,
+                 chat_template: str | None = None):
+        self.hf_json, self.source = hf_json, source
         model = hf_json.get("model") or {}
         if model.get("type") != "BPE" or (hf_json.get("decoder") or {}).get("type") != "ByteLevel":
             raise ValueError(f"{source}: only byte-level BPE tokenizers (model BPE, decoder ByteLevel, as GPT-2, "
@@ -81,23 +230,62 @@ class Tokenizer:
         if model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
             raise ValueError(f"{source}: BPE dropout, continuing_subword_prefix and end_of_word_suffix are "
                              "not supported")
-        normalizer = (hf_json.get("normalizer") or {}).get("type")
-        if normalizer not in (None, "NFC"):
-            raise ValueError(f"{source}: normalizer {normalizer!r} is not supported (only none or NFC)")
-        self._nfc = normalizer == "NFC"  # Qwen2/Qwen3 normalize to NFC before splitting
-        pattern = _split_pattern(hf_json, source)
+        self._normalize = _normalizer(hf_json.get("normalizer"), source)
+        self.splits = _splits(hf_json.get("pre_tokenizer") or {}, source)
+        last = _one_regex(*self.splits[-1]) if self.splits else r"[\s\S]+"
+        in_python = self.splits[:-1] if last else self.splits
+        try:
+            self._python_splits = [(regex.compile(p), behavior, invert) for p, behavior, invert in in_python]
+        except regex.error as e:
+            raise ValueError(f"{source}: pre_tokenizer regex {e.pattern!r}: {e}") from None
+        added = hf_json.get("added_tokens", [])
+        self._added_ids = {t["content"]: t["id"] for t in added}
+        self._added_id_set = set(self._added_ids.values())
+        self._build_bpe(model, last or r"[\s\S]+")
+        # the added tokens tiktoken can cut out itself: no flags, no normalizer, no token the start of another
+        contents = sorted(self._added_ids)
+        self._fast = not self._python_splits and self._normalize is None and \
+            not any(t.get(k) for t in added for k in ("lstrip", "rstrip", "single_word")) and \
+            not any(b.startswith(a) for a, b in zip(contents, contents[1:]))
+        self._plain_added = {t["content"] for t in added if not t.get("special")}
+        self._matchers = {special: (_added_matcher([t for t in added if (special or not t.get("special"))
+                                                    and not t.get("normalized")], None),
+                                    _added_matcher([t for t in added if (special or not t.get("special"))
+                                                    and t.get("normalized")], self._normalize))
+                          for special in (False, True)}
 
-        vocab = model["vocab"]
+        config = config or {}
+        name = lambda value: value.get("content") if isinstance(value, dict) else value  # noqa: E731
+        self.special_token_names = {key: name(config[key]) for key in ("bos_token", "eos_token", "unk_token",
+                                    "sep_token", "pad_token", "cls_token", "mask_token") if name(config.get(key))}
+        ids = self._added_ids
+        self.bos_id = ids.get(self.special_token_names.get("bos_token"))
+        eos_id = ids.get(self.special_token_names.get("eos_token"))
+        self.eot_id = ids.get("<|endoftext|>", ids.get("<|end_of_text|>", eos_id))  # the latter is Llama 3's
+        self.im_start_id, self.im_end_id = ids.get("<|im_start|>"), ids.get("<|im_end|>")
+        stops = (self.im_end_id, ids.get("<|eot_id|>"), self.eot_id, eos_id)
+        self.stop_ids = list(dict.fromkeys(i for i in stops if i is not None))
+        template = chat_template or config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if template is None and self.im_start_id is not None and self.im_end_id is not None:
+            template = CHAT_TEMPLATE
+        self.chat_template = template
+
+    def _build_bpe(self, model, pattern):
+        source, vocab = self.source, model["vocab"]
         self._id_to_bytes = {}  # decoding needs no tiktoken: a token id is its bytes
         for text, token_id in vocab.items():
+            if text in self._added_ids:
+                continue
             try:
                 self._id_to_bytes[token_id] = bytes(CHAR_TO_BYTE[c] for c in text)
             except KeyError:
                 raise ValueError(f"{source}: vocab entry {text!r} is not byte-level (a character outside GPT-2's "
                                  "byte map)") from None
-        added = {token["content"]: token["id"] for token in hf_json.get("added_tokens", [])}
-        for content, token_id in added.items():
-            self._id_to_bytes[token_id] = content.encode()
+        for token in self.hf_json.get("added_tokens", []):  # the library decodes a normalized one normalized
+            normalize = self._normalize if token.get("normalized") and self._normalize else str
+            self._id_to_bytes[token["id"]] = normalize(token["content"]).encode()
         missing = [b for b in range(256) if BYTE_TO_CHAR[b] not in vocab]
         if missing:
             raise ValueError(f"{source}: {len(missing)} of the 256 single-byte tokens are missing "
@@ -114,7 +302,7 @@ class Tokenizer:
             if left + right not in seen:  # a token made by two merges: the first one ranks it
                 seen.add(left + right)
                 merged_ids.append(vocab[left + right])
-        bpe_ids = byte_ids + merged_ids
+        bpe_ids, added = byte_ids + merged_ids, self._added_ids
         in_merge_order = all(a < b for a, b in zip(merged_ids, merged_ids[1:]))
         if in_merge_order and len(set(bpe_ids) | set(added.values())) == len(bpe_ids) + len(added):
             self._rank_to_id = None  # the usual case (GPT-2, Llama 3, Qwen, ours): rank == id
@@ -129,40 +317,43 @@ class Tokenizer:
                                                special_tokens=special_ranks)
         except Exception as e:
             raise ValueError(f"{source}: tiktoken rejects the split pattern {pattern!r}: {e}") from None
-
         self.vocab_size = max(self._id_to_bytes) + 1
         self._decode_table = [self._id_to_bytes.get(i) for i in range(self.vocab_size)]
-        self.eot_id = added.get("<|endoftext|>", added.get("<|end_of_text|>"))  # the latter is Llama 3's
-        self.im_start_id, self.im_end_id = added.get("<|im_start|>"), added.get("<|im_end|>")
-        self.stop_ids = [i for i in (self.im_end_id, added.get("<|eot_id|>"), self.eot_id) if i is not None]
 
     @classmethod
     def load(cls, directory: str) -> "Tokenizer":
+        """tokenizer.json, with tokenizer_config.json and chat_template.jinja beside it when present."""
         path = directory if os.path.isfile(directory) else os.path.join(directory, "tokenizer.json")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: not found; a tokenizer directory holds a Hugging Face tokenizer.json "
                                     "(make one with: python data.py tokenizer --input=... --out=DIR)")
-        try:
-            with open(path, encoding="utf-8") as f:
-                return cls(json.load(f), source=path)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        found = {}
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            file = path if name == "tokenizer.json" else os.path.join(os.path.dirname(path), name)
+            if os.path.isfile(file):
+                with open(file, encoding="utf-8") as f:
+                    try:
+                        found[name] = f.read() if name.endswith(".jinja") else json.load(f)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{file}: not valid JSON ({e})") from None
+        return cls(found["tokenizer.json"], path, found.get("tokenizer_config.json"), found.get("chat_template.jinja"))
 
     def token_ids(self):
         """The special token ids a model's config.json names (Transformer.save_pretrained's token_ids)."""
-        return {"bos_token_id": None, "eos_token_id": self.stop_ids, "pad_token_id": self.eot_id}
+        return {"bos_token_id": self.bos_id, "eos_token_id": self.stop_ids, "pad_token_id": self.eot_id}
 
     def save(self, directory: str):
         """tokenizer.json + tokenizer_config.json: what transformers.AutoTokenizer.from_pretrained(directory) reads."""
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, "tokenizer.json"), "w", encoding="utf-8") as f:
             json.dump(self.hf_json, f, ensure_ascii=False, indent=1)
-        names = {i: content for content, i in ((t["content"], t["id"]) for t in self.hf_json.get("added_tokens", []))}
+        names = {i: content for content, i in self._added_ids.items()}
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
                   "bos_token": None, "eos_token": names.get(self.stop_ids[0]) if self.stop_ids else None,
                   "pad_token": names.get(self.eot_id), "unk_token": None}
-        if self.im_start_id is not None and self.im_end_id is not None:
-            config["chat_template"] = CHAT_TEMPLATE
+        config |= self.special_token_names
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
         with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, ensure_ascii=False, indent=2)
 
@@ -171,17 +362,49 @@ class Tokenizer:
         canonical = json.dumps(self.hf_json, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         return sha256(canonical.encode()).hexdigest()
 
+    # --- encoding and decoding ------------------------------------------------
+
     def _ids(self, ranks):
         return ranks if self._rank_to_id is None else [self._rank_to_id[r] for r in ranks]
 
     def encode(self, text: str) -> list[int]:
-        """Plain text: '<|im_end|>' typed by a user stays text, never becomes the special token."""
-        return self._ids(self._tiktoken.encode_ordinary(unicodedata.normalize("NFC", text) if self._nfc else text))
+        """Plain text: '<|im_end|>' typed by a user stays text, never becomes the special token (added tokens not
+        marked special still match, as in the tokenizers library with encode_special_tokens=True)."""
+        if self._fast:
+            if not self._plain_added:
+                return self._ids(self._tiktoken.encode_ordinary(text))
+            return self._ids(self._tiktoken.encode(text, allowed_special=self._plain_added, disallowed_special=()))
+        return self._encode(text, special=False)
 
     def encode_with_special(self, text: str) -> list[int]:
         """Special-token strings in `text` become their ids, as Hugging Face tokenizers do."""
-        text = unicodedata.normalize("NFC", text) if self._nfc else text
-        return self._ids(self._tiktoken.encode(text, allowed_special="all"))
+        if self._fast:
+            return self._ids(self._tiktoken.encode(text, allowed_special="all"))
+        return self._encode(text, special=True)
+
+    def _cut_added(self, text, special):
+        """The library's order: added tokens found in the raw text (normalized=False ones), the text between them
+        normalized, then normalized=True ones found in that -> [(text, None) | (token text, id)]."""
+        raw, normalized = self._matchers[special]
+        pieces = []
+        for piece, token_id in _cut(text, raw):
+            if token_id is not None:
+                pieces.append((piece, token_id))
+            else:
+                pieces += _cut(self._normalize(piece) if self._normalize else piece, normalized)
+        return pieces
+
+    def _encode(self, text, special):
+        ids, encode = [], self._tiktoken.encode_ordinary
+        for piece, token_id in self._cut_added(text, special):
+            if token_id is not None:
+                ids.append(token_id)
+                continue
+            pieces = [piece]
+            for compiled, behavior, invert in self._python_splits:
+                pieces = [p for piece in pieces for p in _split(piece, compiled, behavior, invert)]
+            ids += self._ids([t for p in pieces for t in encode(p)])
+        return ids
 
     def decode_bytes(self, ids) -> bytes:
         try:
@@ -193,33 +416,67 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
+    # --- chat -----------------------------------------------------------------
+
+    @cached_property
+    def _template(self):
+        try:
+            return _template_environment().from_string(self.chat_template)
+        except jinja2.TemplateError as e:
+            raise ValueError(f"{self.source}: chat_template does not compile: {e}") from None
+
+    def _render(self, messages, add_generation_prompt):
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         **self.special_token_names)
+        except (jinja2.TemplateError, TypeError, KeyError, IndexError, AttributeError) as e:
+            raise ValueError(f"chat_template: {type(e).__name__}: {e}") from None
+
+    def _as_tokenized(self, text):
+        """The bytes the ids of `text` decode to: text after normalization and added tokens' strip flags."""
+        return text.encode() if self._fast else b"".join(p.encode() for p, _ in self._cut_added(text, True))
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-        """ChatML `<|im_start|>{role}\\n{content}<|im_end|>\\n` -> (ids, loss_mask). The mask is 1 on assistant
-        content and its <|im_end|>; a token that straddles the role's "\\n" and the content counts as content."""
-        if self.im_start_id is None or self.im_end_id is None:
-            raise ValueError("this tokenizer has no <|im_start|>/<|im_end|> tokens, so it cannot render ChatML")
+        """messages -> (ids, loss_mask): rendered with the chat_template (ChatML for ours) and tokenized with
+        special-token strings as special tokens, as transformers' apply_chat_template does. The mask is 1 on the
+        tokens each assistant message adds: from the end of the conversation before it rendered with a generation
+        prompt to the end of the conversation up to it, cut after its last special token (ChatML's <|im_end|>, not
+        the "\\n" after it, which generation never produces); a token straddling the start counts as the message's.
+        A prompt (add_generation_prompt=True) is for generating: its mask is all 0."""
+        if self.chat_template is None:
+            raise ValueError(f"{self.source}: no chat_template (tokenizer_config.json or chat_template.jinja) and no "
+                             "<|im_start|>/<|im_end|> tokens for ChatML, so this tokenizer cannot render a chat")
         if not isinstance(messages, list) or not messages:
             raise ValueError(f"messages must be a non-empty list of {{'role', 'content'}} dicts, got {messages!r:.80}")
-        newline = self.encode("\n")
-        ids, mask = [], []
+        roles = CHAT_ROLES if self.chat_template == CHAT_TEMPLATE else None
         for n, message in enumerate(messages):
             role = message.get("role") if isinstance(message, dict) else None
-            content = message.get("content") if isinstance(message, dict) else None
-            if role not in CHAT_ROLES:
-                raise ValueError(f"message {n}: role {role!r} is not one of {', '.join(CHAT_ROLES)}")
-            if not isinstance(content, str):
-                raise ValueError(f"message {n} ({role}): content must be a string, got {type(content).__name__}")
-            head_bytes, body = len(role) + 1, self.encode(role + "\n" + content)
-            n_head = 0
-            while n_head < len(body) and head_bytes >= len(self._decode_table[body[n_head]]):
-                head_bytes -= len(self._decode_table[body[n_head]])
-                n_head += 1
-            learn = int(role == "assistant")
-            ids += [self.im_start_id, *body, self.im_end_id, *newline]
-            mask += [0] * (1 + n_head) + [learn] * (len(body) - n_head + 1) + [0] * len(newline)
+            if not isinstance(role, str) or roles and role not in roles:
+                raise ValueError(f"message {n}: role {role!r} is not one of {', '.join(roles or ['a string'])}")
+            if not isinstance(message.get("content"), str):
+                raise ValueError(f"message {n} ({role}): content must be a string, got "
+                                 f"{type(message.get('content')).__name__}")
+        text = self._render(messages, add_generation_prompt)
+        ids = self.encode_with_special(text)
+        mask = [0] * len(ids)
         if add_generation_prompt:
-            prompt = [self.im_start_id, *self.encode("assistant\n")]
-            ids, mask = ids + prompt, mask + [0] * len(prompt)
+            return ids, mask
+        full, ends = self._as_tokenized(text), list(accumulate(len(self._decode_table[i]) for i in ids))
+        if self.decode_bytes(ids) != full:
+            raise ValueError(f"{self.source}: the pre_tokenizer drops text (a Split with behavior Removed), so "
+                             "tokens cannot be matched to messages for the loss mask")
+        for n, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start, end = self._as_tokenized(self._render(messages[:n], True)), \
+                self._as_tokenized(self._render(messages[: n + 1], False))
+            if not (full.startswith(start) and full.startswith(end)):
+                raise ValueError(f"chat_template renders messages[:{n + 1}] differently inside the whole "
+                                 f"conversation, so the tokens message {n} adds are not defined")
+            first, last = bisect_right(ends, len(start)), min(len(ids), bisect_left(ends, len(end)) + 1)
+            special = [i for i in range(first, last) if ids[i] in self._added_id_set]
+            last = special[-1] + 1 if special else last
+            mask[first:last] = [1] * max(0, last - first)
         return ids, mask
 
 

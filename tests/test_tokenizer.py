@@ -1,0 +1,162 @@
+# tokenizer.py against the `tokenizers` library: tokenizer.json files in the shapes of the families model.py loads
+# (Llama 3, Qwen2/3, DeepSeek-V3), every Split behavior, normalizers and added-token flags, trained here on
+# bilingual text; and chat templates against transformers' apply_chat_template.
+import json
+import os
+import random
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import tokenizer as tk  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+
+tokenizers = pytest.importorskip("tokenizers")
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, trainers  # noqa: E402
+from tokenizers import pre_tokenizers as pre  # noqa: E402
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+FRAGMENTS = [
+    "def square(x):\n    return x ** 2  # the square\n", "for (int i = 0; i < n; ++i) { a[i] = b[i] * 2; }\n",
+    "if __name__ == '__main__':\r\n\tmain()\r\n", "中华人民共和国成立于1949年10月1日。", "我们今天学习机器学习和深度学习！",
+    "日本語のテキスト、カタカナとひらがな。", "ﾊﾝｶｸｶﾀｶﾅ and ＦＵＬＬ ｗｉｄｔｈ １２３４５６７", "emoji 😀🎉👍🏽 ❤️ 👨‍👩‍👧",
+    "It's don't WE'LL they've I'm you'd", "3.14159 2,000,000 1234567890 ٣٤٥ ½ ² ①", "ﬁne ﬂow Ⅻ ㎏ ℃",
+    "ΟΔΟΣ Σίσυφος İstanbul straße", "café cafe\u0301 naïve ñ", " " * 17, "\t\t  \n\n\n", "a  b   c    d",
+    "<|im_end|>", "<|im_start|>user\n", "<|endoftext|>", "x[MASK]y", " [MASK] ", "<think>ok</think>",
+    "CRLF\r\n\r\nend", "trailing   ", "价格：￥１２３。", "😀😀😀😀", "https://example.com/a?b=1&c=2",
+]
+
+
+def texts(n, seed=0):
+    """n texts of code, CJK, kana, emoji, full-width digits, CRLF, whitespace runs, special-token strings."""
+    rng = random.Random(seed)
+    soup = "".join(chr(rng.choice([rng.randrange(32, 0x250), rng.randrange(0x3000, 0x30FF), rng.randrange(0x4E00, 0x9FA5),
+                                   rng.randrange(0xFF00, 0xFFEF), rng.randrange(0x1F300, 0x1F64F)])) for _ in range(400))
+    soup += " \t\n\r\x0b\x0c\x1c\x85\xa0\u2028\u3000" * 3
+    out = []
+    for _ in range(n):
+        parts = [rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 4))]
+        parts.insert(rng.randrange(len(parts) + 1), "".join(rng.choice(soup) for _ in range(rng.randint(0, 30))))
+        out.append(rng.choice(["", " ", "\n"]).join(parts))
+    return out + ["", " ", "\n", " " * 300, "1" * 50, "中" * 40]
+
+
+def train(pre_tokenizer, normalizer=None, vocab_size=600, ignore_merges=False):
+    """A byte-level BPE tokenizer trained with the `tokenizers` library on the bilingual texts."""
+    hf = tokenizers.Tokenizer(models.BPE(ignore_merges=ignore_merges))
+    hf.normalizer, hf.pre_tokenizer, hf.decoder = normalizer, pre_tokenizer, decoders.ByteLevel()
+    hf.train_from_iterator(texts(400, seed=1) * 2, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False, initial_alphabet=pre.ByteLevel.alphabet()))
+    return hf
+
+
+def with_pre_tokenizer(hf, pre_tokenizer):
+    """The same vocab and merges under another pre-tokenizer."""
+    spec = json.loads(hf.to_str())
+    spec["pre_tokenizer"] = json.loads(pre_tokenizer.__getstate__())
+    return tokenizers.Tokenizer.from_str(json.dumps(spec))
+
+
+def check_same(hf, texts_, exact_decode=True):
+    ours = Tokenizer(json.loads(hf.to_str()))
+    for text in texts_:
+        hf.encode_special_tokens = False
+        ids = hf.encode(text, add_special_tokens=False).ids
+        assert ours.encode_with_special(text) == ids, text
+        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=False), text
+        hf.encode_special_tokens = True
+        plain = hf.encode(text, add_special_tokens=False).ids
+        assert ours.encode(text) == plain, text
+        if exact_decode:
+            assert ours.decode(plain) == text
+    return ours
+
+
+def split(pattern):
+    return pre.Split(Regex(pattern), behavior="isolated")
+
+
+BYTE_LEVEL = pre.ByteLevel(add_prefix_space=False, use_regex=False)
+
+
+@pytest.fixture(scope="module")
+def deepseek():
+    return train(pre.Sequence([*map(split, tk.DEEPSEEK3_SPLIT_PATTERNS), BYTE_LEVEL]), normalizers.Sequence([]))
+
+
+def test_deepseek_v3_shape_matches(deepseek):
+    ours = check_same(deepseek, texts(3000))
+    assert len(ours._python_splits) == 2  # digits and CJK runs in Python, the word regex in tiktoken
+    pieces = [p for p, _ in deepseek.pre_tokenizer.pre_tokenize_str("12345 中文カナ")]
+    assert pieces == ["123", "45", "Ġ", "ä¸ŃæĸĩãĤ«ãĥĬ"]  # the split shape is DeepSeek's: digits by 3, CJK+kana runs
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "gpt2"])
+def test_single_regex_families_match(family):
+    pattern = {"llama3": tk.LLAMA3_SPLIT_PATTERN, "qwen2": tk.SPLIT_PATTERN}.get(family)
+    hf = train(pre.Sequence([split(pattern), BYTE_LEVEL]) if pattern else pre.ByteLevel(add_prefix_space=False),
+               normalizers.NFC() if family == "qwen2" else None, ignore_merges=family == "llama3")
+    ours = check_same(hf, texts(2000), exact_decode=family != "qwen2")
+    assert ours._python_splits == [] and ours._fast == (family != "qwen2")  # Qwen2's NFC runs in Python
+
+
+def test_nfkc_digits_and_byte_level_regex(tmp_path):
+    hf = train(pre.Sequence([pre.Digits(individual_digits=True), pre.ByteLevel(add_prefix_space=False)]),
+               normalizers.NFKC())
+    ours = check_same(hf, texts(1500), exact_decode=False)
+    assert ours.encode("１２３") == ours.encode("123") == hf.encode("123").ids and len(ours.encode("123")) == 3
+
+
+def test_every_split_behavior_and_invert(deepseek):
+    for behavior in ["isolated", "removed", "merged_with_previous", "merged_with_next", "contiguous"]:
+        for invert in (False, True):
+            for pattern in (r"\s", r"\p{N}+|[一-龥]", "-"):
+                hf = with_pre_tokenizer(deepseek, pre.Sequence([
+                    pre.Split(Regex(pattern), behavior=behavior, invert=invert), split(r"\p{L}+|\p{N}"),
+                    pre.Digits(individual_digits=False), pre.Split(Regex(pattern), behavior=behavior, invert=invert),
+                    BYTE_LEVEL]))
+                check_same(hf, texts(150, seed=2) + ["a--b- -c", "  x  "], exact_decode=behavior != "removed")
+    hf = with_pre_tokenizer(deepseek, pre.Sequence([pre.Split("ab", behavior="merged_with_next"), BYTE_LEVEL]))
+    check_same(hf, ["xabyabab", "abcab ab"])  # a String pattern
+
+
+def test_normalizer_sequence_and_added_token_flags(deepseek):
+    spec = json.loads(deepseek.to_str())
+    spec["normalizer"] = json.loads(normalizers.Sequence([
+        normalizers.NFKD(), normalizers.Lowercase(), normalizers.Replace(Regex(r"\s{4,}"), "    "),
+        normalizers.Replace("é", "e"), normalizers.NFC()]).__getstate__())
+    hf = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    hf.add_special_tokens([AddedToken("[MASK]", lstrip=True, rstrip=True, normalized=False, special=True)])
+    hf.add_tokens([AddedToken("<think>", normalized=False, special=False), AddedToken("ＡＢＣ", normalized=True),
+                   AddedToken("</think>", single_word=True, normalized=False, special=False)])
+    check_same(hf, texts(1500, seed=3) + ["x [MASK]  y", "abc ＡＢＣ Abc", "a</think> </think>", "ΟΔΟΣ"],
+               exact_decode=False)
+
+
+def test_shuffled_ids_and_a_vocab_holding_the_added_tokens(deepseek):
+    spec = json.loads(deepseek.to_str())
+    new_id = list(range(deepseek.get_vocab_size()))
+    random.Random(1).shuffle(new_id)
+    spec["model"]["vocab"] = {text: new_id[i] for text, i in spec["model"]["vocab"].items()}
+    for token in spec["added_tokens"]:
+        token["id"] = new_id[token["id"]]
+        spec["model"]["vocab"][token["content"]] = token["id"]  # DeepSeek-V3's vocab lists its special tokens
+    hf = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    assert Tokenizer(spec)._rank_to_id is not None
+    check_same(hf, texts(300, seed=4))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.update(pre_tokenizer={"type": "Metaspace", "replacement": "▁"}), "'Metaspace' is not supported"),
+    (lambda s: s["pre_tokenizer"]["pretokenizers"].reverse(), "exactly one ByteLevel, last"),
+    (lambda s: s["pre_tokenizer"]["pretokenizers"][-1].update(add_prefix_space=True), "add_prefix_space"),
+    (lambda s: s.update(normalizer={"type": "BertNormalizer"}), "normalizer 'BertNormalizer' is not supported"),
+    (lambda s: s["pre_tokenizer"]["pretokenizers"][0].update(behavior="Sideways"), "behavior 'Sideways'"),
+    (lambda s: s["pre_tokenizer"]["pretokenizers"][0]["pattern"].update(Regex="(unclosed"), "regex '\\(unclosed'"),
+])
+def test_shapes_we_cannot_express_are_named(deepseek, change, message):
+    spec = json.loads(deepseek.to_str())
+    change(spec)
+    with pytest.raises(ValueError, match=message):
+        Tokenizer(spec)
