@@ -42,12 +42,12 @@ def texts(n, seed=0):
     return out + ["", " ", "\n", " " * 300, "1" * 50, "中" * 40]
 
 
-def train(pre_tokenizer, normalizer=None, vocab_size=600, ignore_merges=False):
+def train(pre_tokenizer, normalizer=None, vocab_size=600, ignore_merges=False, specials=SPECIALS):
     """A byte-level BPE tokenizer trained with the `tokenizers` library on the bilingual texts."""
     hf = tokenizers.Tokenizer(models.BPE(ignore_merges=ignore_merges))
     hf.normalizer, hf.pre_tokenizer, hf.decoder = normalizer, pre_tokenizer, decoders.ByteLevel()
     hf.train_from_iterator(texts(400, seed=1) * 2, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False, initial_alphabet=pre.ByteLevel.alphabet()))
+        vocab_size=vocab_size, special_tokens=specials, show_progress=False, initial_alphabet=pre.ByteLevel.alphabet()))
     return hf
 
 
@@ -160,3 +160,131 @@ def test_shapes_we_cannot_express_are_named(deepseek, change, message):
     change(spec)
     with pytest.raises(ValueError, match=message):
         Tokenizer(spec)
+
+
+# ----------------------------------------------------------------------------- chat templates
+# written here from the public formats of Llama 3 Instruct, DeepSeek-V3 and Qwen2.5 (tools left out)
+
+LLAMA3_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('Unknown role: ' + message['role']) }}{% endif %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim"
+    " + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+DEEPSEEK3_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{% set ns = namespace(system_prompt='', is_first_sp=true) %}{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}{%- if ns.is_first_sp %}"
+    "{% set ns.system_prompt = ns.system_prompt + message['content'] %}{% set ns.is_first_sp = false %}{%- else %}"
+    "{% set ns.system_prompt = ns.system_prompt + '\n\n' + message['content'] %}{%- endif %}{%- endif %}"
+    "{%- endfor %}{{ bos_token }}{{ ns.system_prompt }}{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}{%- endif %}"
+    "{%- if message['role'] == 'assistant' %}{% set content = message['content'] %}"
+    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}{%- endif %}{%- endfor -%}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}")
+QWEN2_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    "<|im_end|>\n' }}{%- endif %}{%- for message in messages %}{%- if (message.role == 'user') or "
+    "(message.role == 'system' and not loop.first) or (message.role == 'assistant') %}"
+    "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
+FAMILIES = {  # template, special tokens, bos, eos, pre-tokenizer, what ends an assistant turn
+    "llama3": (LLAMA3_TEMPLATE, ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                                 "<|eot_id|>"], "<|begin_of_text|>", "<|eot_id|>", [tk.LLAMA3_SPLIT_PATTERN], "<|eot_id|>"),
+    "deepseek3": (DEEPSEEK3_TEMPLATE, ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"],
+                  "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", tk.DEEPSEEK3_SPLIT_PATTERNS, "<｜end▁of▁sentence｜>"),
+    "qwen2": (QWEN2_TEMPLATE, SPECIALS, None, "<|im_end|>", [tk.SPLIT_PATTERN], "<|im_end|>"),
+}
+CONVERSATION = [{"role": "system", "content": "You add numbers."}, {"role": "user", "content": "What is 2 + 3?"},
+                {"role": "assistant", "content": " 2 + 3 = 5 "}, {"role": "user", "content": "计算 4 减 1。<|im_end|>"},
+                {"role": "assistant", "content": "<think>4 - 1</think>4 减 1 等于 3。"}]
+
+
+def model_dir(path, family):
+    template, specials, bos, eos, patterns, _ = FAMILIES[family]
+    hf = train(pre.Sequence([*map(split, patterns), BYTE_LEVEL]), vocab_size=400, specials=specials)
+    hf.save(str(path / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": {"__type": "AddedToken", "content": eos, "special": True},
+              "clean_up_tokenization_spaces": False}
+    if family == "llama3":  # a chat_template.jinja file instead of the config's key
+        (path / "chat_template.jinja").write_text(template)
+    else:
+        config["chat_template"] = template
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_chat_templates_match_transformers(family, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    path = model_dir(tmp_path, family)
+    ours, auto = Tokenizer.load(str(path)), transformers.AutoTokenizer.from_pretrained(str(path))
+    assert auto.convert_tokens_to_ids(FAMILIES[family][3]) in ours.stop_ids
+    for conversation in (CONVERSATION, CONVERSATION[1:], CONVERSATION[1:4], CONVERSATION[:2], CONVERSATION[:3]):
+        for generation_prompt in (False, True):
+            if generation_prompt and conversation[-1]["role"] == "assistant":
+                continue
+            ids, mask = ours.render_chat(conversation, add_generation_prompt=generation_prompt)
+            assert ids == auto.apply_chat_template(conversation, add_generation_prompt=generation_prompt,
+                                                   return_dict=False)
+            # learned: each assistant message's text as the template writes it, and the token ending the turn
+            end = FAMILIES[family][5]
+            answers = [m["content"].strip() if family == "llama3" else m["content"].split("</think>")[-1]
+                       if family == "deepseek3" else m["content"] for m in conversation if m["role"] == "assistant"]
+            assert ours.decode([i for i, m in zip(ids, mask) if m]) == \
+                ("" if generation_prompt else "".join(a + end for a in answers))
+
+
+def test_loss_mask_equals_transformers_generation_tags(tmp_path):
+    """transformers computes an assistant mask from {% generation %} blocks; our mask (from prefix renderings) is
+    the same on ChatML with those blocks around each assistant reply and its <|im_end|>."""
+    transformers = pytest.importorskip("transformers")
+    tagged = tk.CHAT_TEMPLATE.replace(
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}",
+        "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}{% generation %}"
+        "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}{% else %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endif %}")
+    path = model_dir(tmp_path, "qwen2")
+    auto = transformers.AutoTokenizer.from_pretrained(str(path))
+    ours = Tokenizer.load(str(path))
+    ours.chat_template = tk.CHAT_TEMPLATE
+    for conversation in (CONVERSATION, CONVERSATION[1:3], [{"role": "assistant", "content": "Hi! 你好"}]):
+        out = auto.apply_chat_template(conversation, chat_template=tagged, return_assistant_tokens_mask=True)
+        assert ours.render_chat(conversation) == (out["input_ids"], out["assistant_masks"])
+
+
+def test_template_errors_are_value_errors(tmp_path):
+    ours = Tokenizer.load(str(model_dir(tmp_path, "llama3")))
+    with pytest.raises(ValueError, match="chat_template: TemplateError: Unknown role: tool"):
+        ours.render_chat([{"role": "tool", "content": "42"}])
+    ours.chat_template = "{{ messages.append(1) }}"  # the immutable sandbox refuses
+    del ours.__dict__["_template"]
+    with pytest.raises(ValueError, match="chat_template: SecurityError"):
+        ours.render_chat([{"role": "user", "content": "x"}])
+    ours.chat_template = "{% for %}"
+    del ours.__dict__["_template"]
+    with pytest.raises(ValueError, match="chat_template does not compile"):
+        ours.render_chat([{"role": "user", "content": "x"}])
+    ours.chat_template = "{% for m in messages %}{% if loop.last %}<|eot_id|>{% endif %}{{ m.content }}{% endfor %}"
+    del ours.__dict__["_template"]  # renders the last message unlike the others (as Qwen3's does reasoning)
+    with pytest.raises(ValueError, match=r"renders messages\[:2\] differently"):
+        ours.render_chat(CONVERSATION[1:])
+    serve = pytest.importorskip("serve")  # serve.py answers a ValueError from render_chat with a 400
+    with pytest.raises(serve.ApiError) as error:
+        serve.chat_prompt({"messages": [{"role": "tool", "content": "42"}]}, Tokenizer.load(str(tmp_path)))
+    assert error.value.status == 400 and "Unknown role: tool" in str(error.value)
+
+
+def test_saved_tokenizer_keeps_its_template_and_ours_write_chatml(tmp_path):
+    (tmp_path / "a").mkdir()
+    ours = Tokenizer.load(str(model_dir(tmp_path / "a", "deepseek3")))
+    ours.save(str(tmp_path / "b"))
+    again = Tokenizer.load(str(tmp_path / "b"))
+    assert again.chat_template == DEEPSEEK3_TEMPLATE and again.bos_id == ours.bos_id and again.stop_ids == ours.stop_ids
+    assert again.render_chat(CONVERSATION) == ours.render_chat(CONVERSATION)
+    trained = tk.train_tokenizer(texts(50), vocab_size=300, progress=False)
+    trained.save(str(tmp_path / "c"))
+    config = json.loads((tmp_path / "c" / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == tk.CHAT_TEMPLATE == Tokenizer.load(str(tmp_path / "c")).chat_template
