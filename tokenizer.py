@@ -22,7 +22,7 @@ import sys
 import time
 import unicodedata
 from bisect import bisect_left, bisect_right
-from functools import cached_property, reduce
+from functools import cached_property, lru_cache, reduce
 from hashlib import sha256
 from itertools import accumulate
 
@@ -195,7 +195,8 @@ def _cut(text, matcher):
     return out + [(text[start:], None)] if start < len(text) else out
 
 
-def _template_environment():
+@lru_cache(maxsize=16)
+def _compiled_template(template):
     """jinja2 set up as transformers' apply_chat_template sets it up: sandboxed, with its helpers."""
     def raise_exception(message):
         raise jinja2.TemplateError(message)
@@ -208,7 +209,10 @@ def _template_environment():
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception,
                        strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
-    return env
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"chat_template does not compile: {e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -418,16 +422,9 @@ class Tokenizer:
 
     # --- chat -----------------------------------------------------------------
 
-    @cached_property
-    def _template(self):
-        try:
-            return _template_environment().from_string(self.chat_template)
-        except jinja2.TemplateError as e:
-            raise ValueError(f"{self.source}: chat_template does not compile: {e}") from None
-
     def _render(self, messages, add_generation_prompt):
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+            return _compiled_template(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                          **self.special_token_names)
         except (jinja2.TemplateError, TypeError, KeyError, IndexError, AttributeError) as e:
             raise ValueError(f"chat_template: {type(e).__name__}: {e}") from None

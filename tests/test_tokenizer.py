@@ -260,15 +260,13 @@ def test_template_errors_are_value_errors(tmp_path):
     with pytest.raises(ValueError, match="chat_template: TemplateError: Unknown role: tool"):
         ours.render_chat([{"role": "tool", "content": "42"}])
     ours.chat_template = "{{ messages.append(1) }}"  # the immutable sandbox refuses
-    del ours.__dict__["_template"]
     with pytest.raises(ValueError, match="chat_template: SecurityError"):
         ours.render_chat([{"role": "user", "content": "x"}])
     ours.chat_template = "{% for %}"
-    del ours.__dict__["_template"]
     with pytest.raises(ValueError, match="chat_template does not compile"):
         ours.render_chat([{"role": "user", "content": "x"}])
     ours.chat_template = "{% for m in messages %}{% if loop.last %}<|eot_id|>{% endif %}{{ m.content }}{% endfor %}"
-    del ours.__dict__["_template"]  # renders the last message unlike the others (as Qwen3's does reasoning)
+    # it renders the last message unlike the others (as Qwen3's does reasoning)
     with pytest.raises(ValueError, match=r"renders messages\[:2\] differently"):
         ours.render_chat(CONVERSATION[1:])
     serve = pytest.importorskip("serve")  # serve.py answers a ValueError from render_chat with a 400
