@@ -1,0 +1,200 @@
+"""
+GGUF export: a MODELDIR (ours, or a Hugging Face Llama / Qwen2 / Qwen3 / DeepseekV3-dense one) as one GGUF file
+for llama.cpp and Ollama, written with llama.cpp's own Python writer (`pip install gguf`, needed by this file only).
+
+    python export.py --model=out/demo/final --gguf=demo.gguf [--outtype=f32|f16|bf16|q8_0]
+
+What goes in: llama.cpp's architecture for the model (llama: GQA; qwen2: q/k/v biases; qwen3: qk-norm;
+deepseek2: MLA with every layer dense) and its sizes; every weight under llama.cpp's name, in its layout; the
+tokenizer as llama.cpp's `gpt2` BPE: the byte-level vocab, our merges and `tokenizer.ggml.pre`, the name of the
+split regex llama.cpp hard-codes that equals ours (it runs no regex from the file); BOS, stop and padding ids; the
+chat template. llama.cpp's own converter names the pre-tokenizer by hashing the ids of a test string, so it refuses
+every tokenizer it has not seen, which is every one `data.py tokenizer` trains.
+"""
+import os
+import sys
+
+import numpy as np
+import torch
+
+from model import Transformer
+from settings import load_settings
+from tokenizer import KNOWN_SPLITS, Tokenizer
+
+DEFAULTS = {
+    "model": "",  # MODELDIR: config.json + model.safetensors + tokenizer.json (+ tokenizer_config.json)
+    "gguf": "",  # the file to write
+    "outtype": "f16",  # f32 | f16 | bf16 | q8_0: the 2-D weights; norms and biases stay f32, as llama.cpp expects
+}
+OUTTYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+
+# -----------------------------------------------------------------------------
+# architecture, names and layout
+
+LAYER_NAMES = {  # ours (Hugging Face's) -> llama.cpp's, inside blk.N.
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "self_attn.q_a_proj": "attn_q_a",
+    "self_attn.q_a_layernorm": "attn_q_a_norm", "self_attn.q_b_proj": "attn_q_b",
+    "self_attn.kv_a_proj_with_mqa": "attn_kv_a_mqa", "self_attn.kv_a_layernorm": "attn_kv_a_norm",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+GLOBAL_NAMES = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output"}
+
+
+def architecture(c):
+    """llama.cpp's architecture for a ModelConfig, or a ValueError saying why there is none."""
+    if c.use_gated_attention:
+        raise ValueError("gated attention (use_gated_attention) has no llama.cpp architecture")
+    if c.use_qk_norm and c.attention_bias:
+        raise ValueError("q/k biases together with qk-norm have no llama.cpp architecture")
+    return "deepseek2" if c.attn == "mla" else "qwen3" if c.use_qk_norm else "qwen2" if c.attention_bias else "llama"
+
+
+def pair_rope_rows(w, n_heads, rope_dim):
+    """llama.cpp's llama and deepseek2 rotate adjacent pairs (x0, x1), (x2, x3), ... ("normal" RoPE); we rotate x_i
+    with x_{i+d/2} (Hugging Face's rotate_half). Reordering the rows that make each head's last rope_dim outputs
+    (i, i + d/2 -> 2i, 2i + 1) gives the same attention scores under theirs."""
+    w = w.reshape(n_heads, -1, w.shape[-1])
+    head_dim = w.shape[1]
+    rope = w[:, head_dim - rope_dim:].reshape(n_heads, 2, rope_dim // 2, -1).transpose(1, 2)
+    return torch.cat([w[:, : head_dim - rope_dim], rope.reshape(n_heads, rope_dim, -1)], 1).reshape(-1, w.shape[-1])
+
+
+def gguf_tensors(model):
+    """(llama.cpp name, float32 tensor in llama.cpp's layout) for every weight of the model."""
+    c, arch = model.config, architecture(model.config)
+    for key, w in model.state_dict().items():
+        if key == "lm_head.weight" and c.tie_weight:
+            continue  # llama.cpp reuses token_embd when output is absent
+        w, parts = w.detach().float().cpu(), key.split(".")
+        if parts[0] != "layers":
+            yield f"{GLOBAL_NAMES[parts[0]]}.{parts[1]}", w
+            continue
+        block, inner, kind = f"blk.{parts[1]}", ".".join(parts[2:-1]), parts[-1]
+        if arch == "llama" and inner in ("self_attn.q_proj", "self_attn.k_proj"):
+            w = pair_rope_rows(w, c.n_heads if inner == "self_attn.q_proj" else c.n_kv_heads, c.head_dim)
+        elif arch == "deepseek2" and inner in ("self_attn.q_proj", "self_attn.q_b_proj"):
+            w = pair_rope_rows(w, c.n_heads, c.qk_rope_head_dim)
+        elif arch == "deepseek2" and inner == "self_attn.kv_a_proj_with_mqa":  # the shared RoPE key comes last
+            w = pair_rope_rows(w, 1, c.qk_rope_head_dim)
+        elif inner == "self_attn.kv_b_proj":  # llama.cpp absorbs it as two per-head matrices, as our decode does
+            kv = w.view(c.n_heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
+            yield f"{block}.attn_k_b.weight", kv[:, : c.qk_nope_head_dim].transpose(1, 2).contiguous()  # (H, r, nope)
+            yield f"{block}.attn_v_b.weight", kv[:, c.qk_nope_head_dim :].contiguous()  # (H, v, r)
+            continue
+        yield f"{block}.{LAYER_NAMES[inner]}.{kind}", w
+
+
+# -----------------------------------------------------------------------------
+# writing the file
+
+
+def add_hyperparameters(writer, c, arch):
+    writer.add_context_length(c.max_len)
+    writer.add_embedding_length(c.dim)
+    writer.add_block_count(c.n_layers)
+    writer.add_feed_forward_length(c.dim_ffn)
+    writer.add_head_count(c.n_heads)
+    writer.add_rope_freq_base(c.rope_theta)
+    writer.add_layer_norm_rms_eps(c.norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    if arch != "deepseek2":
+        writer.add_head_count_kv(c.n_kv_heads)
+        writer.add_key_length(c.head_dim)
+        writer.add_value_length(c.head_dim)
+        writer.add_rope_dimension_count(c.head_dim)
+        return
+    # MLA as llama.cpp runs it: one shared (latent + RoPE key) "head", values read from the latent
+    writer.add_head_count_kv(1)
+    writer.add_key_length(c.kv_lora_rank + c.qk_rope_head_dim)
+    writer.add_value_length(c.kv_lora_rank)
+    writer.add_key_length_mla(c.qk_nope_head_dim + c.qk_rope_head_dim)
+    writer.add_value_length_mla(c.v_head_dim)
+    writer.add_kv_lora_rank(c.kv_lora_rank)
+    writer.add_q_lora_rank(c.q_lora_rank)
+    writer.add_rope_dimension_count(c.qk_rope_head_dim)
+    writer.add_leading_dense_block_count(c.n_layers)  # every layer dense: no experts
+    writer.add_expert_feed_forward_length(c.dim_ffn)
+    writer.add_expert_shared_count(0)
+
+
+def add_tokenizer(writer, tokenizer, vocab_size):
+    import gguf
+
+    patterns = tuple(pattern for pattern, _, _ in tokenizer.splits)
+    pre = KNOWN_SPLITS.get(patterns) if all(b == "Isolated" and not inv for _, b, inv in tokenizer.splits) else None
+    if pre is None:
+        known = "; ".join(f"{name}: {list(p)}" for p, name in KNOWN_SPLITS.items())
+        raise ValueError(f"{tokenizer.source}: llama.cpp has no pre-tokenizer equal to this tokenizer's splits "
+                         f"{tokenizer.splits}; it has these ({known})")
+    normalizer = tokenizer.hf_json.get("normalizer") or {}
+    if normalizer.get("type") not in (None, "NFC") and normalizer != {"type": "Sequence", "normalizers": []}:
+        raise ValueError(f"{tokenizer.source}: normalizer {normalizer.get('type')!r}: llama.cpp normalizes nothing")
+    model = tokenizer.hf_json["model"]
+    names = {i: text for text, i in model["vocab"].items()}
+    added = {t["id"]: t for t in tokenizer.hf_json.get("added_tokens", [])}
+    tokens, types = [], []
+    for i in range(vocab_size):  # the model's vocab may be larger than the tokenizer's: padding ids
+        token = added.get(i)
+        tokens.append(token["content"] if token else names.get(i, f"[PAD{i}]"))
+        types.append(gguf.TokenType.NORMAL if not token and i in names else gguf.TokenType.UNUSED if not token
+                     else gguf.TokenType.CONTROL if token.get("special") else gguf.TokenType.USER_DEFINED)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
+    writer.add_add_bos_token(tokenizer.bos_id is not None)
+    if tokenizer.bos_id is not None:
+        writer.add_bos_token_id(tokenizer.bos_id)
+    if tokenizer.stop_ids:
+        writer.add_eos_token_id(tokenizer.stop_ids[0])
+    if tokenizer.eot_id is not None:
+        writer.add_pad_token_id(tokenizer.eot_id)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def export(model_dir, path, outtype="f16"):
+    """Write MODELDIR as the GGUF file `path` (via path.tmp, renamed when complete)."""
+    import gguf
+
+    if outtype not in OUTTYPES:
+        raise ValueError(f"--outtype={outtype!r}: choose from {', '.join(OUTTYPES)}")
+    model, tokenizer = Transformer.from_pretrained(model_dir).eval(), Tokenizer.load(model_dir)
+    arch = architecture(model.config)
+    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[outtype]
+    writer = gguf.GGUFWriter(path + ".tmp", arch)
+    writer.add_name(os.path.basename(os.path.normpath(model_dir)))
+    writer.add_file_type(getattr(gguf.LlamaFileType, OUTTYPES[outtype]))
+    add_hyperparameters(writer, model.config, arch)
+    add_tokenizer(writer, tokenizer, model.config.vocab_size)
+    for name, w in gguf_tensors(model):
+        data, kind = w.numpy(), qtype
+        if data.ndim == 1 or data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+            kind = gguf.GGMLQuantizationType.F32 if data.ndim == 1 else gguf.GGMLQuantizationType.F16  # q8_0 blocks: 32
+        writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(path + ".tmp", path)
+    return arch
+
+
+if __name__ == "__main__":
+    cfg = load_settings(DEFAULTS, sys.argv[1:], where="export.py")
+    if not cfg.model or not cfg.gguf:
+        raise SystemExit("export.py: --model=MODELDIR and --gguf=FILE are both needed")
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise SystemExit("export.py needs llama.cpp's writer: pip install gguf") from None
+    try:
+        arch = export(cfg.model, cfg.gguf, cfg.outtype)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"export.py: {e}") from None
+    print(f"wrote {cfg.gguf} ({arch}, {cfg.outtype}, {os.path.getsize(cfg.gguf) / 2**20:.1f} MiB): "
+          f"llama-server -m {cfg.gguf}")
