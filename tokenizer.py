@@ -166,6 +166,15 @@ def _split(text, compiled, behavior, invert):
     return pieces[::-1] if behavior == "MergedWithNext" else pieces
 
 
+def _python_split(pattern, behavior, invert):
+    """A function doing one split on one piece."""
+    compiled = regex.compile(pattern)
+    if behavior == "Isolated" and not compiled.groups and compiled.search("") is None:
+        split = regex.compile(f"({pattern})").split  # [gap, match, gap, ...] in C, 3x faster than _split
+        return lambda text: [piece for piece in split(text) if piece]
+    return lambda text: _split(text, compiled, behavior, invert)
+
+
 def _added_matcher(tokens, normalize):
     """(regex of the added tokens' contents, longest first as the library matches them, {text: token}) or None."""
     texts = {(normalize(t["content"]) if normalize and t.get("normalized") else t["content"]): t for t in tokens}
@@ -239,7 +248,7 @@ class Tokenizer:
         last = _one_regex(*self.splits[-1]) if self.splits else r"[\s\S]+"
         in_python = self.splits[:-1] if last else self.splits
         try:
-            self._python_splits = [(regex.compile(p), behavior, invert) for p, behavior, invert in in_python]
+            self._python_splits = [_python_split(*split) for split in in_python]
         except regex.error as e:
             raise ValueError(f"{source}: pre_tokenizer regex {e.pattern!r}: {e}") from None
         added = hf_json.get("added_tokens", [])
@@ -405,8 +414,8 @@ class Tokenizer:
                 ids.append(token_id)
                 continue
             pieces = [piece]
-            for compiled, behavior, invert in self._python_splits:
-                pieces = [p for piece in pieces for p in _split(piece, compiled, behavior, invert)]
+            for split in self._python_splits:
+                pieces = [p for piece in pieces for p in split(piece)]
             ids += self._ids([t for p in pieces for t in encode(p)])
         return ids
 
