@@ -18,6 +18,7 @@ import datetime
 import heapq
 import json
 import os
+import pathlib
 import sys
 import time
 import unicodedata
@@ -137,42 +138,18 @@ def _one_regex(pattern, behavior, invert):
             }[behavior, invert]
 
 
-def _split(text, compiled, behavior, invert):
-    """The tokenizers library's Split of one piece: delimiters are the matches (invert: the text between them)."""
-    segments, end = [], 0  # (text, is_delimiter)
-    for found in compiled.finditer(text):
-        if found.end() > found.start():
-            if found.start() > end:
-                segments.append((text[end:found.start()], invert))
-            segments.append((found.group(), not invert))
-            end = found.end()
-    if end < len(text):
-        segments.append((text[end:], invert))
-    if behavior == "Isolated":
-        return [piece for piece, _ in segments]
-    if behavior == "Removed":
-        return [piece for piece, delimiter in segments if not delimiter]
-    pieces, after_delimiter = [], False
-    if behavior == "MergedWithNext":
-        segments = segments[::-1]
-    for piece, delimiter in segments:  # a delimiter joins its neighbour unless that is a delimiter too
-        join = (pieces and delimiter == after_delimiter) if behavior == "Contiguous" else \
-            (pieces and delimiter and not after_delimiter)
-        if join:
-            pieces[-1] = piece + pieces[-1] if behavior == "MergedWithNext" else pieces[-1] + piece
-        else:
-            pieces.append(piece)
-        after_delimiter = delimiter
-    return pieces[::-1] if behavior == "MergedWithNext" else pieces
-
-
 def _python_split(pattern, behavior, invert):
-    """A function doing one split on one piece."""
-    compiled = regex.compile(pattern)
-    if behavior == "Isolated" and not compiled.groups and compiled.search("") is None:
-        split = regex.compile(f"({pattern})").split  # [gap, match, gap, ...] in C, 3x faster than _split
+    """A function splitting one piece as a Split does, for the splits before the last."""
+    compiled, one = regex.compile(pattern), _one_regex(pattern, behavior, invert)
+    if compiled.search("") is not None:
+        raise ValueError(f"Split pattern {pattern!r} matches the empty string: not supported")
+    if one is None:  # Removed: the text between matches (regex.split puts each match's groups between them)
+        return lambda text: [piece for piece in compiled.split(text)[:: compiled.groups + 1] if piece]
+    if behavior == "Isolated" and not compiled.groups:  # [gap, match, gap, ...] from regex.split, in C: 3x faster
+        split = regex.compile(f"({pattern})").split
         return lambda text: [piece for piece in split(text) if piece]
-    return lambda text: _split(text, compiled, behavior, invert)
+    finditer = regex.compile(one).finditer
+    return lambda text: [found.group() for found in finditer(text)]
 
 
 def _added_matcher(tokens, normalize):
@@ -202,6 +179,14 @@ def _cut(text, matcher):
         out.append((found.group(), token["id"]))
         start = end
     return out + [(text[start:], None)] if start < len(text) else out
+
+
+def _read_json(file):
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
 
 
 @lru_cache(maxsize=16)
@@ -235,39 +220,37 @@ class Tokenizer:
     def __init__(self, hf_json: dict, source: str = "tokenizer.json", config: dict | None = None,
                  chat_template: str | None = None):
         self.hf_json, self.source = hf_json, source
-        model = hf_json.get("model") or {}
-        if model.get("type") != "BPE" or (hf_json.get("decoder") or {}).get("type") != "ByteLevel":
+        model, decoder = hf_json.get("model") or {}, (hf_json.get("decoder") or {}).get("type")
+        if model.get("type") != "BPE" or decoder != "ByteLevel":
             raise ValueError(f"{source}: only byte-level BPE tokenizers (model BPE, decoder ByteLevel, as GPT-2, "
                              f"Llama 3 and Qwen ship) can be loaded; this one has model {model.get('type')!r} "
-                             f"and decoder {(hf_json.get('decoder') or {}).get('type')!r}")
+                             f"and decoder {decoder!r}")
         if model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
             raise ValueError(f"{source}: BPE dropout, continuing_subword_prefix and end_of_word_suffix are "
                              "not supported")
         self._normalize = _normalizer(hf_json.get("normalizer"), source)
-        self.splits = _splits(hf_json.get("pre_tokenizer") or {}, source)
+        self.splits = _splits(hf_json.get("pre_tokenizer") or {}, source)  # [(regex, behavior, invert)]
         last = _one_regex(*self.splits[-1]) if self.splits else r"[\s\S]+"
-        in_python = self.splits[:-1] if last else self.splits
         try:
-            self._python_splits = [_python_split(*split) for split in in_python]
+            self._python_splits = [_python_split(*split) for split in self.splits[: -1 if last else None]]
         except regex.error as e:
             raise ValueError(f"{source}: pre_tokenizer regex {e.pattern!r}: {e}") from None
         added = hf_json.get("added_tokens", [])
         self._added_ids = {t["content"]: t["id"] for t in added}
-        self._added_id_set = set(self._added_ids.values())
-        self._build_bpe(model, last or r"[\s\S]+")
-        # the added tokens tiktoken can cut out itself: no flags, no normalizer, no token the start of another
-        contents = sorted(self._added_ids)
+        self._build_bpe(model, added, last or r"[\s\S]+")
+        # tiktoken cuts out added tokens itself where they have no flags and no normalizer or split runs in Python
+        contents = sorted(self._added_ids)  # and no token starts another: tiktoken would pick either
         self._fast = not self._python_splits and self._normalize is None and \
             not any(t.get(k) for t in added for k in ("lstrip", "rstrip", "single_word")) and \
             not any(b.startswith(a) for a, b in zip(contents, contents[1:]))
         self._plain_added = {t["content"] for t in added if not t.get("special")}
-        self._matchers = {special: (_added_matcher([t for t in added if (special or not t.get("special"))
-                                                    and not t.get("normalized")], None),
-                                    _added_matcher([t for t in added if (special or not t.get("special"))
-                                                    and t.get("normalized")], self._normalize))
-                          for special in (False, True)}
+        pick = lambda special, normalized: [t for t in added if (special or not t.get("special"))  # noqa: E731
+                                            and bool(t.get("normalized")) == normalized]
+        self._matchers = {special: (_added_matcher(pick(special, False), None),
+                                    _added_matcher(pick(special, True), self._normalize)) for special in (False, True)}
+        self._read_config(config or {}, chat_template)
 
-        config = config or {}
+    def _read_config(self, config, chat_template):
         name = lambda value: value.get("content") if isinstance(value, dict) else value  # noqa: E731
         self.special_token_names = {key: name(config[key]) for key in ("bos_token", "eos_token", "unk_token",
                                     "sep_token", "pad_token", "cls_token", "mask_token") if name(config.get(key))}
@@ -285,28 +268,25 @@ class Tokenizer:
             template = CHAT_TEMPLATE
         self.chat_template = template
 
-    def _build_bpe(self, model, pattern):
+    def _build_bpe(self, model, added, pattern):
         source, vocab = self.source, model["vocab"]
-        self._id_to_bytes = {}  # decoding needs no tiktoken: a token id is its bytes
+        token_bytes = {}  # decoding needs no tiktoken: a token id is its bytes
         for text, token_id in vocab.items():
-            if text in self._added_ids:
-                continue
-            try:
-                self._id_to_bytes[token_id] = bytes(CHAR_TO_BYTE[c] for c in text)
-            except KeyError:
-                raise ValueError(f"{source}: vocab entry {text!r} is not byte-level (a character outside GPT-2's "
-                                 "byte map)") from None
-        for token in self.hf_json.get("added_tokens", []):  # the library decodes a normalized one normalized
+            if text not in self._added_ids:
+                try:
+                    token_bytes[token_id] = bytes(CHAR_TO_BYTE[c] for c in text)
+                except KeyError:
+                    raise ValueError(f"{source}: vocab entry {text!r} is not byte-level (a character outside GPT-2's "
+                                     "byte map)") from None
+        for token in added:  # the library decodes a normalized=True added token normalized
             normalize = self._normalize if token.get("normalized") and self._normalize else str
-            self._id_to_bytes[token["id"]] = normalize(token["content"]).encode()
+            token_bytes[token["id"]] = normalize(token["content"]).encode()
         missing = [b for b in range(256) if BYTE_TO_CHAR[b] not in vocab]
         if missing:
-            raise ValueError(f"{source}: {len(missing)} of the 256 single-byte tokens are missing "
-                             f"(e.g. byte {missing[0]}); "
-                             "train byte-level BPE with the full byte alphabet (initial_alphabet=ByteLevel.alphabet())")
+            raise ValueError(f"{source}: {len(missing)} of the 256 single-byte tokens are missing (e.g. byte "
+                             f"{missing[0]}); train with the full byte alphabet (initial_alphabet=ByteLevel.alphabet())")
         # tiktoken merges the adjacent pair whose joined bytes have the lowest rank; HF merges the pair listed
         # first in `merges`. Both agree when a token's rank is the index of the merge that made it.
-        byte_ids = [vocab[BYTE_TO_CHAR[b]] for b in range(256)]
         merged_ids, seen = [], set()
         for merge in model["merges"]:
             left, right = merge.split(" ") if isinstance(merge, str) else merge
@@ -315,41 +295,34 @@ class Tokenizer:
             if left + right not in seen:  # a token made by two merges: the first one ranks it
                 seen.add(left + right)
                 merged_ids.append(vocab[left + right])
-        bpe_ids, added = byte_ids + merged_ids, self._added_ids
-        in_merge_order = all(a < b for a, b in zip(merged_ids, merged_ids[1:]))
-        if in_merge_order and len(set(bpe_ids) | set(added.values())) == len(bpe_ids) + len(added):
+        bpe_ids, added_ids = [vocab[BYTE_TO_CHAR[b]] for b in range(256)] + merged_ids, self._added_ids
+        if all(a < b for a, b in zip(merged_ids, merged_ids[1:])) and \
+                len(set(bpe_ids) | set(added_ids.values())) == len(bpe_ids) + len(added_ids):
             self._rank_to_id = None  # the usual case (GPT-2, Llama 3, Qwen, ours): rank == id
-            ranks = {self._id_to_bytes[i]: i for i in bpe_ids}
-            special_ranks = dict(added)
+            ranks, special_ranks = {token_bytes[i]: i for i in bpe_ids}, dict(added_ids)
         else:  # ids out of merge order: tiktoken gets ranks 0.., and we translate ranks back to ids
-            self._rank_to_id = bpe_ids + list(added.values())
-            ranks = {self._id_to_bytes[i]: rank for rank, i in enumerate(bpe_ids)}
-            special_ranks = {content: len(bpe_ids) + n for n, content in enumerate(added)}
+            self._rank_to_id = bpe_ids + list(added_ids.values())
+            ranks = {token_bytes[i]: rank for rank, i in enumerate(bpe_ids)}
+            special_ranks = {content: len(bpe_ids) + n for n, content in enumerate(added_ids)}
         try:
             self._tiktoken = tiktoken.Encoding("tokenizer", pat_str=pattern, mergeable_ranks=ranks,
                                                special_tokens=special_ranks)
         except Exception as e:
             raise ValueError(f"{source}: tiktoken rejects the split pattern {pattern!r}: {e}") from None
-        self.vocab_size = max(self._id_to_bytes) + 1
-        self._decode_table = [self._id_to_bytes.get(i) for i in range(self.vocab_size)]
+        self.vocab_size = max(token_bytes) + 1
+        self._decode_table = [token_bytes.get(i) for i in range(self.vocab_size)]
 
     @classmethod
     def load(cls, directory: str) -> "Tokenizer":
-        """tokenizer.json, with tokenizer_config.json and chat_template.jinja beside it when present."""
+        """tokenizer.json, with the tokenizer_config.json and chat_template.jinja beside it when there."""
         path = directory if os.path.isfile(directory) else os.path.join(directory, "tokenizer.json")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: not found; a tokenizer directory holds a Hugging Face tokenizer.json "
                                     "(make one with: python data.py tokenizer --input=... --out=DIR)")
-        found = {}
-        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-            file = path if name == "tokenizer.json" else os.path.join(os.path.dirname(path), name)
-            if os.path.isfile(file):
-                with open(file, encoding="utf-8") as f:
-                    try:
-                        found[name] = f.read() if name.endswith(".jinja") else json.load(f)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{file}: not valid JSON ({e})") from None
-        return cls(found["tokenizer.json"], path, found.get("tokenizer_config.json"), found.get("chat_template.jinja"))
+        folder = os.path.dirname(path)
+        config, template = os.path.join(folder, "tokenizer_config.json"), os.path.join(folder, "chat_template.jinja")
+        return cls(_read_json(path), path, _read_json(config) if os.path.isfile(config) else None,
+                   pathlib.Path(template).read_text(encoding="utf-8") if os.path.isfile(template) else None)
 
     def token_ids(self):
         """The special token ids a model's config.json names (Transformer.save_pretrained's token_ids)."""
@@ -471,6 +444,7 @@ class Tokenizer:
         if self.decode_bytes(ids) != full:
             raise ValueError(f"{self.source}: the pre_tokenizer drops text (a Split with behavior Removed), so "
                              "tokens cannot be matched to messages for the loss mask")
+        added = set(self._added_ids.values())
         for n, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
@@ -480,7 +454,7 @@ class Tokenizer:
                 raise ValueError(f"chat_template renders messages[:{n + 1}] differently inside the whole "
                                  f"conversation, so the tokens message {n} adds are not defined")
             first, last = bisect_right(ends, len(start)), min(len(ids), bisect_left(ends, len(end)) + 1)
-            special = [i for i in range(first, last) if ids[i] in self._added_id_set]
+            special = [i for i in range(first, last) if ids[i] in added]
             last = special[-1] + 1 if special else last
             mask[first:last] = [1] * max(0, last - first)
         return ids, mask
