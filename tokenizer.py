@@ -195,14 +195,10 @@ def _compiled_template(template):
     def raise_exception(message):
         raise jinja2.TemplateError(message)
 
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # no HTML escaping
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                        extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals.update(raise_exception=raise_exception,
-                       strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+    env.filters["tojson"] = lambda x, ensure_ascii=False, **kw: json.dumps(x, ensure_ascii=ensure_ascii, **kw)
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.datetime.now().strftime(f))
     try:
         return env.from_string(template)
     except jinja2.TemplateError as e:
@@ -406,8 +402,8 @@ class Tokenizer:
 
     def _render(self, messages, add_generation_prompt):
         try:
-            return _compiled_template(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         **self.special_token_names)
+            return _compiled_template(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **self.special_token_names)
         except (jinja2.TemplateError, TypeError, KeyError, IndexError, AttributeError) as e:
             raise ValueError(f"chat_template: {type(e).__name__}: {e}") from None
 
@@ -427,14 +423,13 @@ class Tokenizer:
                              "<|im_start|>/<|im_end|> tokens for ChatML, so this tokenizer cannot render a chat")
         if not isinstance(messages, list) or not messages:
             raise ValueError(f"messages must be a non-empty list of {{'role', 'content'}} dicts, got {messages!r:.80}")
-        roles = CHAT_ROLES if self.chat_template == CHAT_TEMPLATE else None
+        roles = CHAT_ROLES if self.chat_template == CHAT_TEMPLATE else None  # a model's template checks its own
         for n, message in enumerate(messages):
-            role = message.get("role") if isinstance(message, dict) else None
+            role, content = (message.get("role"), message.get("content")) if isinstance(message, dict) else (0, 0)
             if not isinstance(role, str) or roles and role not in roles:
                 raise ValueError(f"message {n}: role {role!r} is not one of {', '.join(roles or ['a string'])}")
-            if not isinstance(message.get("content"), str):
-                raise ValueError(f"message {n} ({role}): content must be a string, got "
-                                 f"{type(message.get('content')).__name__}")
+            if not isinstance(content, str):
+                raise ValueError(f"message {n} ({role}): content must be a string, got {type(content).__name__}")
         text = self._render(messages, add_generation_prompt)
         ids = self.encode_with_special(text)
         mask = [0] * len(ids)
@@ -448,8 +443,7 @@ class Tokenizer:
         for n, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            start, end = self._as_tokenized(self._render(messages[:n], True)), \
-                self._as_tokenized(self._render(messages[: n + 1], False))
+            start, end = (self._as_tokenized(self._render(messages[:k], k == n)) for k in (n, n + 1))
             if not (full.startswith(start) and full.startswith(end)):
                 raise ValueError(f"chat_template renders messages[:{n + 1}] differently inside the whole "
                                  f"conversation, so the tokens message {n} adds are not defined")
@@ -539,21 +533,15 @@ def train_tokenizer(texts, vocab_size: int, progress: bool = True) -> Tokenizer:
 
     to_text = lambda b: "".join(BYTE_TO_CHAR[x] for x in b)  # noqa: E731
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
-    hf_json = {
-        "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": len(token_bytes) + n, "content": content, "single_word": False, "lstrip": False,
-                          "rstrip": False, "normalized": False, "special": True}
-                         for n, content in enumerate(SPECIAL_TOKENS)],
-        "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": SPLIT_PATTERN}, "behavior": "Isolated", "invert": False},
-            byte_level]},
-        "post_processor": byte_level, "decoder": byte_level,
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": {to_text(b): i for i, b in enumerate(token_bytes)},
-                  "merges": [[to_text(token_bytes[a]), to_text(token_bytes[b])] for a, b in merges]},
-    }
-    return Tokenizer(hf_json, source="trained tokenizer")
+    split = {"type": "Split", "pattern": {"Regex": SPLIT_PATTERN}, "behavior": "Isolated", "invert": False}
+    added = [{"id": len(token_bytes) + n, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for n, content in enumerate(SPECIAL_TOKENS)]
+    model = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+             "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+             "vocab": {to_text(b): i for i, b in enumerate(token_bytes)},
+             "merges": [[to_text(token_bytes[a]), to_text(token_bytes[b])] for a, b in merges]}
+    return Tokenizer({"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+                      "pre_tokenizer": {"type": "Sequence", "pretokenizers": [split, byte_level]},
+                      "post_processor": byte_level, "decoder": byte_level, "model": model}, source="trained tokenizer")
 
 
