@@ -11,10 +11,10 @@ split regex llama.cpp hard-codes that equals ours (it runs no regex from the fil
 chat template. llama.cpp's own converter names the pre-tokenizer by hashing the ids of a test string, so it refuses
 every tokenizer it has not seen, which is every one `data.py tokenizer` trains.
 """
+import importlib.util
 import os
 import sys
 
-import numpy as np
 import torch
 
 from model import Transformer
@@ -188,10 +188,8 @@ if __name__ == "__main__":
     cfg = load_settings(DEFAULTS, sys.argv[1:], where="export.py")
     if not cfg.model or not cfg.gguf:
         raise SystemExit("export.py: --model=MODELDIR and --gguf=FILE are both needed")
-    try:
-        import gguf  # noqa: F401
-    except ImportError:
-        raise SystemExit("export.py needs llama.cpp's writer: pip install gguf") from None
+    if importlib.util.find_spec("gguf") is None:
+        raise SystemExit("export.py needs llama.cpp's writer: pip install gguf")
     try:
         arch = export(cfg.model, cfg.gguf, cfg.outtype)
     except (ValueError, FileNotFoundError) as e:

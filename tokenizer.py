@@ -132,10 +132,10 @@ def _one_regex(pattern, behavior, invert):
     match, gap = f"(?>{pattern})", f"(?:(?:(?!{pattern})[\\s\\S])+)"
     if behavior in ("Isolated", "Contiguous"):  # Contiguous joins touching matches (gaps never touch)
         return f"{match}{'+' if behavior == 'Contiguous' else ''}|{gap}"
-    return {("Removed", True): match, ("Removed", False): None,  # the matches dropped: regexes match, never skip
-            ("MergedWithPrevious", False): f"{gap}{match}?|{match}", ("MergedWithNext", False): f"{match}?{gap}|{match}",
-            ("MergedWithPrevious", True): f"{match}{gap}?|{gap}", ("MergedWithNext", True): f"{gap}?{match}|{gap}",
-            }[behavior, invert]
+    m, g = match, gap
+    return {("Removed", True): m, ("Removed", False): None,  # the matches dropped: a regex matches, never skips
+            ("MergedWithPrevious", False): f"{g}{m}?|{m}", ("MergedWithNext", False): f"{m}?{g}|{m}",
+            ("MergedWithPrevious", True): f"{m}{g}?|{g}", ("MergedWithNext", True): f"{g}?{m}|{g}"}[behavior, invert]
 
 
 def _python_split(pattern, behavior, invert):
@@ -280,7 +280,7 @@ class Tokenizer:
         missing = [b for b in range(256) if BYTE_TO_CHAR[b] not in vocab]
         if missing:
             raise ValueError(f"{source}: {len(missing)} of the 256 single-byte tokens are missing (e.g. byte "
-                             f"{missing[0]}); train with the full byte alphabet (initial_alphabet=ByteLevel.alphabet())")
+                             f"{missing[0]}); train with all 256 (initial_alphabet=ByteLevel.alphabet())")
         # tiktoken merges the adjacent pair whose joined bytes have the lowest rank; HF merges the pair listed
         # first in `merges`. Both agree when a token's rank is the index of the merge that made it.
         merged_ids, seen = [], set()

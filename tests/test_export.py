@@ -92,7 +92,8 @@ def expected_tensors(model):
         del state["lm_head.weight"]
     for key in [k for k in state if k.endswith("kv_b_proj.weight")]:
         kv = state.pop(key).reshape(c.n_heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
-        state[key + ":k"], state[key + ":v"] = kv[:, : c.qk_nope_head_dim].transpose(0, 2, 1), kv[:, c.qk_nope_head_dim :]
+        state[key + ":k"] = kv[:, : c.qk_nope_head_dim].transpose(0, 2, 1)
+        state[key + ":v"] = kv[:, c.qk_nope_head_dim :]
     return state
 
 
@@ -213,8 +214,8 @@ def family_tokenizer(family):
     import tokenizer as tk
     from tokenizers import pre_tokenizers as pre
 
-    shape = {"llama-bpe": [split(tk.LLAMA3_SPLIT_PATTERN), BYTE_LEVEL], "gpt-2": [pre.ByteLevel(add_prefix_space=False)],
-             "deepseek-v3": [*map(split, tk.DEEPSEEK3_SPLIT_PATTERNS), BYTE_LEVEL]}[family]
+    shape = {"llama-bpe": [split(tk.LLAMA3_SPLIT_PATTERN), BYTE_LEVEL], "deepseek-v3": [
+        *map(split, tk.DEEPSEEK3_SPLIT_PATTERNS), BYTE_LEVEL], "gpt-2": [pre.ByteLevel(add_prefix_space=False)]}[family]
     return Tokenizer(json.loads(train(pre.Sequence(shape), vocab_size=500).to_str()))
 
 

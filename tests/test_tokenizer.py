@@ -31,8 +31,8 @@ FRAGMENTS = [
 def texts(n, seed=0):
     """n texts of code, CJK, kana, emoji, full-width digits, CRLF, whitespace runs, special-token strings."""
     rng = random.Random(seed)
-    soup = "".join(chr(rng.choice([rng.randrange(32, 0x250), rng.randrange(0x3000, 0x30FF), rng.randrange(0x4E00, 0x9FA5),
-                                   rng.randrange(0xFF00, 0xFFEF), rng.randrange(0x1F300, 0x1F64F)])) for _ in range(400))
+    ranges = [(32, 0x250), (0x3000, 0x30FF), (0x4E00, 0x9FA5), (0xFF00, 0xFFEF), (0x1F300, 0x1F64F)]  # CJK, kana, emoji
+    soup = "".join(chr(rng.randrange(*rng.choice(ranges))) for _ in range(400))
     soup += " \t\n\r\x0b\x0c\x1c\x85\xa0\u2028\u3000" * 3
     out = []
     for _ in range(n):
@@ -192,7 +192,8 @@ QWEN2_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
 FAMILIES = {  # template, special tokens, bos, eos, pre-tokenizer, what ends an assistant turn
     "llama3": (LLAMA3_TEMPLATE, ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                                 "<|eot_id|>"], "<|begin_of_text|>", "<|eot_id|>", [tk.LLAMA3_SPLIT_PATTERN], "<|eot_id|>"),
+                                 "<|eot_id|>"], "<|begin_of_text|>", "<|eot_id|>", [tk.LLAMA3_SPLIT_PATTERN],
+               "<|eot_id|>"),
     "deepseek3": (DEEPSEEK3_TEMPLATE, ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"],
                   "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", tk.DEEPSEEK3_SPLIT_PATTERNS, "<｜end▁of▁sentence｜>"),
     "qwen2": (QWEN2_TEMPLATE, SPECIALS, None, "<|im_end|>", [tk.SPLIT_PATTERN], "<|im_end|>"),
@@ -206,8 +207,8 @@ def model_dir(path, family):
     template, specials, bos, eos, patterns, _ = FAMILIES[family]
     hf = train(pre.Sequence([*map(split, patterns), BYTE_LEVEL]), vocab_size=400, specials=specials)
     hf.save(str(path / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": {"__type": "AddedToken", "content": eos, "special": True},
-              "clean_up_tokenization_spaces": False}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "clean_up_tokenization_spaces": False,
+              "eos_token": {"__type": "AddedToken", "content": eos, "special": True}}  # a name in either form
     if family == "llama3":  # a chat_template.jinja file instead of the config's key
         (path / "chat_template.jinja").write_text(template)
     else:
