@@ -106,6 +106,11 @@ def _splits(pre, source):
             if behavior not in BEHAVIORS:
                 raise ValueError(f"{source}: Split behavior {behavior!r} is not one of {', '.join(BEHAVIORS)}")
             text = pattern["Regex"] if "Regex" in pattern else regex.escape(pattern["String"])
+            try:
+                if regex.search(text, "") is not None:  # its empty matches would drop text from tiktoken's pieces
+                    raise ValueError(f"{source}: Split pattern {text!r} matches the empty string: not supported")
+            except regex.error as e:
+                raise ValueError(f"{source}: pre_tokenizer regex {text!r}: {e}") from None
             splits.append((text, behavior, bool(step.get("invert"))))
         elif kind == "Digits":
             splits.append((r"\p{N}", "Isolated" if step.get("individual_digits") else "Contiguous", False))
@@ -141,8 +146,6 @@ def _one_regex(pattern, behavior, invert):
 def _python_split(pattern, behavior, invert):
     """A function splitting one piece as a Split does, for the splits before the last."""
     compiled, one = regex.compile(pattern), _one_regex(pattern, behavior, invert)
-    if compiled.search("") is not None:
-        raise ValueError(f"Split pattern {pattern!r} matches the empty string: not supported")
     if one is None:  # Removed: the text between matches (regex.split puts each match's groups between them)
         return lambda text: [piece for piece in compiled.split(text)[:: compiled.groups + 1] if piece]
     if behavior == "Isolated" and not compiled.groups:  # [gap, match, gap, ...] from regex.split, in C: 3x faster
@@ -227,10 +230,7 @@ class Tokenizer:
         self._normalize = _normalizer(hf_json.get("normalizer"), source)
         self.splits = _splits(hf_json.get("pre_tokenizer") or {}, source)  # [(regex, behavior, invert)]
         last = _one_regex(*self.splits[-1]) if self.splits else r"[\s\S]+"
-        try:
-            self._python_splits = [_python_split(*split) for split in self.splits[: -1 if last else None]]
-        except regex.error as e:
-            raise ValueError(f"{source}: pre_tokenizer regex {e.pattern!r}: {e}") from None
+        self._python_splits = [_python_split(*split) for split in self.splits[: -1 if last else None]]
         added = hf_json.get("added_tokens", [])
         self._added_ids = {t["content"]: t["id"] for t in added}
         self._build_bpe(model, added, last or r"[\s\S]+")

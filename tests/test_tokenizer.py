@@ -154,6 +154,7 @@ def test_shuffled_ids_and_a_vocab_holding_the_added_tokens(deepseek):
     (lambda s: s.update(normalizer={"type": "BertNormalizer"}), "normalizer 'BertNormalizer' is not supported"),
     (lambda s: s["pre_tokenizer"]["pretokenizers"][0].update(behavior="Sideways"), "behavior 'Sideways'"),
     (lambda s: s["pre_tokenizer"]["pretokenizers"][0]["pattern"].update(Regex="(unclosed"), "regex '\\(unclosed'"),
+    (lambda s: s["pre_tokenizer"]["pretokenizers"][2]["pattern"].update(Regex=r"\s*"), "matches the empty string"),
 ])
 def test_shapes_we_cannot_express_are_named(deepseek, change, message):
     spec = json.loads(deepseek.to_str())
