@@ -411,13 +411,36 @@ class Tokenizer:
         """The bytes the ids of `text` decode to: text after normalization and added tokens' strip flags."""
         return text.encode() if self._fast else b"".join(p.encode() for p, _ in self._cut_added(text, True))
 
+    def _encode_chat(self, messages, text):
+        """The rendered chat's ids: special-token strings are special tokens where the template wrote them and
+        text where a message's content holds them, so a user typing '<|im_end|>' cannot end a turn or open one."""
+        typed = [t for t in self._added_ids if t not in self._plain_added and any(t in m["content"] for m in messages)]
+        if not typed:
+            return self.encode_with_special(text)
+        spans, start = [], 0  # where the template put those contents (as they are, or stripped)
+        for message in (m for m in messages if any(t in m["content"] for t in typed)):
+            found = [(k, len(c)) for c in (message["content"], message["content"].strip())
+                     if (k := text.find(c, start)) >= 0]
+            if not found:
+                raise ValueError(f"a message holds the special token {typed[0]!r} and chat_template changes its "
+                                 "content, so it cannot be kept as text: remove it from the message")
+            spans.append((found[0][0], found[0][0] + found[0][1]))
+            start = spans[-1][1]
+        cut = regex.compile("|".join(regex.escape(t) for t in sorted(self._added_ids, key=len, reverse=True)))
+        ids, plain_from = [], 0
+        for found in cut.finditer(text):  # split at the special tokens outside those contents
+            if not any(a <= found.start() < b for a, b in spans):
+                ids += self.encode(text[plain_from:found.start()]) + [self._added_ids[found.group()]]
+                plain_from = found.end()
+        return ids + self.encode(text[plain_from:])
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-        """messages -> (ids, loss_mask): rendered with the chat_template (ChatML for ours) and tokenized with
-        special-token strings as special tokens, as transformers' apply_chat_template does. The mask is 1 on the
-        tokens each assistant message adds: from the end of the conversation before it rendered with a generation
-        prompt to the end of the conversation up to it, cut after its last special token (ChatML's <|im_end|>, not
-        the "\\n" after it, which generation never produces); a token straddling the start counts as the message's.
-        A prompt (add_generation_prompt=True) is for generating: its mask is all 0."""
+        """messages -> (ids, loss_mask): rendered with the chat_template (ChatML for ours) and tokenized as
+        transformers' apply_chat_template does, but for contents holding special tokens (_encode_chat). The mask is
+        1 on the tokens each assistant message adds: from the end of the conversation before it rendered with a
+        generation prompt to the end of the conversation up to it, cut after its last special token (ChatML's
+        <|im_end|>, not the "\\n" after it, which generation never produces); a token straddling the start counts
+        as the message's. A prompt (add_generation_prompt=True) is for generating: its mask is all 0."""
         if self.chat_template is None:
             raise ValueError(f"{self.source}: no chat_template (tokenizer_config.json or chat_template.jinja) and no "
                              "<|im_start|>/<|im_end|> tokens for ChatML, so this tokenizer cannot render a chat")
@@ -431,7 +454,7 @@ class Tokenizer:
             if not isinstance(content, str):
                 raise ValueError(f"message {n} ({role}): content must be a string, got {type(content).__name__}")
         text = self._render(messages, add_generation_prompt)
-        ids = self.encode_with_special(text)
+        ids = self._encode_chat(messages, text)
         mask = [0] * len(ids)
         if add_generation_prompt:
             return ids, mask
