@@ -75,6 +75,7 @@ def request(port, method, path, body=None, key=KEY, headers=None):
     """Raw HTTP -> (status, headers, parsed JSON body or raw bytes)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     h = {"Authorization": f"Bearer {key}"} if key else {}
+    h.update({"Content-Type": "application/json"} if method == "POST" else {})
     if isinstance(body, (dict, list)):
         body = json.dumps(body)
     conn.request(method, path, body=body, headers={**h, **(headers or {})})
@@ -113,11 +114,11 @@ def wait_idle(s, timeout=10):
 
 
 def test_release_text_holds_back_possible_stop_strings():
-    assert release_text("", "Hello wor", ["world"]) == ("Hello ", "wor", False)
-    assert release_text("wor", "ld! more", ["world"]) == ("", "", True)
-    assert release_text("wor", "m", ["world"]) == ("worm", "", False)
-    assert release_text("", "abc", ["bcd", "c"]) == ("ab", "", True)  # the earliest hit wins
-    assert release_text("", "xab", ["abc", "bd"]) == ("x", "ab", False)  # the longest possible start is held
+    assert release_text("", "Hello wor", ["world"]) == ("Hello ", "wor", None)
+    assert release_text("wor", "ld! more", ["world"]) == ("", "", "world")
+    assert release_text("wor", "m", ["world"]) == ("worm", "", None)
+    assert release_text("", "abc", ["bcd", "c"]) == ("ab", "", "c")  # the earliest hit wins
+    assert release_text("", "xab", ["abc", "bd"]) == ("x", "ab", None)  # the longest possible start is held
 
 
 @pytest.mark.parametrize("question", QUESTIONS[:3])
@@ -271,7 +272,7 @@ def test_errors_are_openai_shaped(s):
         (chat, b"[1, 2]", 400, None),
         (chat, {"messages": "Hi"}, 400, "messages"),
         (chat, {"messages": [{"role": "wizard", "content": "Hi"}]}, 400, "messages"),
-        (chat, {"messages": [{"role": "user", "content": 5}]}, 400, "messages"),
+        (chat, {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
         (chat, {"messages": msgs, "temperature": "hot"}, 400, "temperature"),
         (chat, {"messages": msgs, "temperature": 3}, 400, "temperature"),
         (chat, {"messages": msgs, "top_p": 1.5}, 400, "top_p"),
@@ -315,12 +316,20 @@ def test_errors_are_openai_shaped(s):
     got, _, data = request(s.port, "POST", chat, b"x" * (64 * 1024 + 1))
     assert got == 413 and "65537" in data["error"]["message"]
     with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n")
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000000000\r\n\r\n")
         assert sock.recv(100).startswith(b"HTTP/1.1 413")
-    # huge max_tokens is capped by the context, not an error
-    r = s.client.completions.create(model="tiny", prompt="Hello", temperature=0, max_tokens=10**12)
-    text, n, finish = reference(s, s.tokenizer.encode("Hello"), 10**12)
-    assert (r.choices[0].text, r.usage.completion_tokens, r.choices[0].finish_reason) == (text, n, finish)
+    # max_tokens given beyond the context is a 400, as OpenAI answers; not given, the context caps the reply
+    ids = s.tokenizer.encode("Hello")
+    for max_tokens in (10**12, 128 - len(ids) + 1):
+        with pytest.raises(openai.BadRequestError) as e:
+            s.client.completions.create(model="tiny", prompt="Hello", temperature=0, max_tokens=max_tokens)
+        assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "max_tokens"
+        assert f"at most {128 - len(ids)} tokens" in e.value.body["message"]
+    r = s.client.completions.create(model="tiny", prompt="Hello", temperature=0, max_tokens=128 - len(ids))
+    assert (r.choices[0].text, r.usage.completion_tokens) == reference(s, ids, 128 - len(ids))[:2]
+    r = s.client.chat.completions.create(model="tiny", messages=msgs, temperature=0)
+    text, n, finish = reference(s, chat_ids(s, "Hi"), 10**9)
+    assert (r.choices[0].message.content, r.usage.completion_tokens, r.choices[0].finish_reason) == (text, n, finish)
     assert r.usage.total_tokens <= 128
 
 
@@ -360,7 +369,7 @@ def test_client_disconnect_cancels_the_row(tiny_model_dir):
             payload = body if stream else body.replace('"stream": true', '"stream": false')
             before = s.loop.stats()["tokens_generated"]
             sock = socket.create_connection(("127.0.0.1", s.port), timeout=10)
-            sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
                          f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n{payload}".encode())
             if stream:
                 received = b""
@@ -427,7 +436,7 @@ def test_load_with_bad_input(s):
                                                          max_tokens=job.max_tokens, stream=True))
             assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == job.expect[0], job
         elif job.kind == "huge":
-            r = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=10**9)
+            r = client.chat.completions.create(model="tiny", messages=messages, temperature=0)  # to the context's end
             got = (r.choices[0].message.content, r.usage.completion_tokens, r.choices[0].finish_reason)
             assert got == job.expect and r.usage.total_tokens <= 128, job
         elif job.kind == "bad_json":
@@ -445,10 +454,10 @@ def test_load_with_bad_input(s):
             status, _, data = request(s.port, "POST", "/v1/chat/completions", {"messages": messages}, key="sk-nope")
             assert status == 401
         elif job.kind == "disconnect":
-            payload = json.dumps({"messages": messages, "max_tokens": 100, "stream": True})
+            payload = json.dumps({"messages": messages, "stream": True})  # to the context's end
             with socket.create_connection(("127.0.0.1", s.port), timeout=30) as sock:
-                sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
-                             f"Content-Length: {len(payload)}\r\n\r\n{payload}".encode())
+                sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+                             f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n{payload}".encode())
                 assert sock.recv(4096).startswith(b"HTTP/1.1 200")
         return job.kind
 
