@@ -1,8 +1,7 @@
 """
-The two APIs serve.py speaks, as plain functions over parsed JSON (no HTTP, no engine here): OpenAI's chat and
-completions, and Anthropic's Messages. parse_openai and parse_anthropic check a request body and return a Request
-(the token ids of each prompt and what each of its sequences needs); the *_json functions shape the responses.
-Every error is an ApiError, which knows both APIs' error shapes.
+The two APIs serve.py speaks, as plain functions over JSON: OpenAI's chat and completions, Anthropic's Messages.
+parse_openai and parse_anthropic check a body and return a request (token ids of each prompt, what each of its
+sequences needs); the *_json functions shape the replies; ApiError knows both APIs' error shapes.
 """
 import json
 import math
@@ -30,8 +29,8 @@ class ApiError(Exception):
 
     def __init__(self, status, message, param=None, code=None, kind="invalid_request_error", headers=None):
         super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-        self.headers = headers or {}
+        self.status, self.message, self.param, self.code, self.kind, self.headers = \
+            status, message, param, code, kind, headers or {}
 
     def body(self, anthropic=False):
         if anthropic:
@@ -46,20 +45,14 @@ def short(value):
 
 
 def parse_json(raw):
-    """The request body -> a dict; 400 with our own words (never an exception's text) for anything else."""
-    def no_constants(name):
-        raise ValueError(name)
-
+    """The request body -> a dict; 400 in our own words (never an exception's text) for anything else."""
     try:
-        body = json.loads(raw, parse_constant=no_constants)
-    except RecursionError:
-        raise ApiError(400, "the body is not valid JSON: it is nested too deeply") from None
-    except UnicodeDecodeError:
-        raise ApiError(400, "the body is not valid JSON: it is not UTF-8 text") from None
+        body = json.loads(raw, parse_constant={}.__getitem__)  # NaN, Infinity: a KeyError
     except json.JSONDecodeError as e:
         raise ApiError(400, f"the body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    except ValueError:  # NaN/Infinity, or an integer of more than 4300 digits
-        raise ApiError(400, "the body is not valid JSON: numbers must be finite and under 4300 digits") from None
+    except (ValueError, KeyError, RecursionError):  # not UTF-8, NaN, an integer over 4300 digits, deep nesting
+        raise ApiError(400, "the body is not valid JSON: it must be UTF-8 text, nested less than 1000 deep, with "
+                            "finite numbers of under 4300 digits") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     return body

@@ -6,23 +6,20 @@ An OpenAI- and Anthropic-compatible server with continuous batching, on the stan
     curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
          -d '{"messages": [{"role": "user", "content": "Hi"}]}'
 
-Any OpenAI client works with base_url=http://127.0.0.1:8000/v1 (chat and completions, streaming or not), any
-Anthropic client with base_url=http://127.0.0.1:8000 (Messages); api.py checks their requests and shapes their
-replies. How a request flows:
+OpenAI clients use base_url=http://127.0.0.1:8000/v1, Anthropic clients base_url=http://127.0.0.1:8000; api.py
+checks their requests and shapes their replies. How a request flows:
 
-  accept thread   one thread per connection up to --max_connections (503 beyond); its watchdog ends connections
-                  idle past --idle_timeout or whose request takes longer than --timeout to arrive
-  handler thread  Host, Origin, key and Content-Type checks -> parse and check the JSON -> one Choice (a
-                  sample.Sequence + its text) per choice -> EngineLoop.submit -> the engine's waiting queue (FIFO)
-  engine thread   EngineLoop.run calls sample.Engine.step() while there is work: drop cancelled sequences ->
-                  admit waiting ones into free KV cache rows -> one prefill chunk for rows still reading their
-                  prompt, one batched decode token for the rest -> sample every row with its own settings and
-                  seed -> Choice.on_token sends the new text to its request's event queue. A finished row
-                  frees its slot for the next step.
+  accept thread   a thread per connection up to --max_connections (503 beyond); a watchdog ends connections idle
+                  past --idle_timeout or whose request takes longer than --timeout to arrive
+  handler thread  Host, Origin, key, Content-Type checks -> the JSON checked -> one Choice (a sample.Sequence + its
+                  text) per choice -> EngineLoop.submit -> the engine's waiting queue (FIFO)
+  engine thread   EngineLoop.run calls sample.Engine.step() while there is work: admit waiting sequences into free
+                  KV cache rows, a prefill chunk or a decode token for each row, sample each with its own settings;
+                  Choice.on_token puts the new text on its request's event queue
   handler thread  events -> one JSON response, or SSE events as they come; every 0.2 s it checks that the client
                   is still there, and cancels the request's sequences when it is not
-On SIGTERM or SIGINT it stops accepting, ends waiting requests (503), gives running ones --shutdown_timeout seconds,
-ends the streams still open with an error event and [DONE], and exits 0.
+SIGTERM or SIGINT: stop accepting, answer waiting requests 503, give running ones --shutdown_timeout seconds, end
+the streams still open with an error event and [DONE], exit 0.
 """
 import bisect
 import hmac
@@ -271,40 +268,24 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive for clients that reuse connections
     server_version = "astrai-serve"
     disable_nagle_algorithm = True  # else headers then body (or SSE events) wait on the client's delayed ACK: 40 ms
-    cors = None  # the Origin allowed by --allowed_origins that this response is for
-    expired = busy = anthropic = False
+    cors, anthropic = None, False  # the Origin allowed by --allowed_origins; the API whose error shape to use
 
-    # --- the connection: deadlines that the server's watchdog enforces --------------------------------------
-
-    def setup(self):
-        self.timeout = self.server.timeout  # each socket read and write: a client that stops reading is cut off
-        super().setup()
-        self.server.track(self, True)
-
-    def finish(self):
-        self.server.track(self, False)
-        super().finish()
+    def deadline(self, seconds):
+        """The server's watchdog ends this connection's reading in `seconds` (inf: never)."""
+        self.server.deadlines[self.connection] = time.monotonic() + seconds
 
     def handle_one_request(self):
-        self.deadline = time.monotonic() + self.server.idle_timeout  # waiting for a request (keep-alive)
+        self.deadline(self.server.idle_timeout)  # waiting for a request (keep-alive)
         super().handle_one_request()
 
-    def parse_request(self):  # the request line has come: its headers and body get `timeout` seconds
-        self.deadline = time.monotonic() + self.server.timeout
+    def parse_request(self):
+        self.deadline(self.server.timeout)  # the request line has come: its headers and body get `timeout` seconds
         return super().parse_request()
-
-    def expire(self):
-        """Past its deadline (the watchdog's call): reading ends, so the thread moves on; a reply can still go out."""
-        self.expired, self.deadline = True, math.inf
-        try:
-            self.connection.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass
 
     # --- one request -----------------------------------------------------------------------------------------
 
     def dispatch(self):  # every method: one router
-        t0, self.note, self.streaming, self.probed, self.busy = time.perf_counter(), "", False, False, True
+        t0, self.note, self.streaming, self.probed = time.perf_counter(), "", False, False
         path, status = urlsplit(self.path).path, 200
         self.anthropic = path.startswith("/v1/messages")
         try:
@@ -319,18 +300,18 @@ class Handler(BaseHTTPRequestHandler):
             status, self.note = e.status, e.message
             if not self.streaming:  # once a stream has begun it is too late for a status code
                 self.send_error_object(e)
-        self.busy, self.close_connection = False, self.close_connection or self.server.closing
+        self.close_connection |= self.server.closing
         self.server.count(status)
         self.log(f"{self.command} {self.path} {status} {time.perf_counter() - t0:.3f}s {self.note}")
 
     do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = do_OPTIONS = do_PATCH = dispatch
 
     def route(self, path):
-        if self.expired:
+        if time.monotonic() > self.server.deadlines[self.connection]:  # the watchdog cut the headers short
             self.close_connection = True
             raise ApiError(408, f"the request took longer than {self.server.timeout:g} s to arrive", code="timeout")
         body = self.read_body()
-        self.deadline = math.inf  # the request is in: from here on the time is the engine's, not the client's
+        self.deadline(math.inf)  # the request is in: from here on the time is the engine's, not the client's
         self.check_origin()
         method = ROUTES.get(path, "GET" if path.startswith("/v1/models/") else None)
         if method is None:
@@ -356,17 +337,14 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/":
             with open(PAGE, "rb") as f:
                 self.send_bytes(200, f.read(), "text/html; charset=utf-8")
-        elif path == "/health":
-            self.send_json(200, {"status": "ok"})
-        elif path == "/stats":
-            self.send_json(200, loop.stats())
         elif path == "/metrics":
             self.send_bytes(200, self.server.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8")
-        elif path == "/v1/models":
-            self.send_json(200, {"object": "list", "data": [card]})
         elif path.startswith("/v1/models/"):
             self.check_model(path[len("/v1/models/"):])
             self.send_json(200, card)
+        elif method == "GET":
+            self.send_json(200, {"/health": {"status": "ok"}, "/stats": loop.stats(),
+                                 "/v1/models": {"object": "list", "data": [card]}}[path])
         elif path == "/v1/messages":
             self.messages(body)
         else:
@@ -438,9 +416,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_bytes(self, status, data, content_type, headers=None):
         self.send_response(status, "Overloaded" if status == 529 else None)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
+        for k, v in {"Content-Type": content_type, "Content-Length": str(len(data)), **(headers or {})}.items():
             self.send_header(k, v)
         self.end_headers()
         if self.command != "HEAD":
@@ -467,7 +443,6 @@ class Handler(BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """The standard library's own errors (a malformed request line, headers too long, ...): an error object."""
         self.close_connection = True
-        code = 408 if self.expired else code
         self.server.count(code)
         self.send_error_object(ApiError(code, message or self.responses.get(code, ("error",))[0]))
 
@@ -639,16 +614,15 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class Server(ThreadingHTTPServer):
-    """One thread per connection up to max_connections (a 503 beyond, without a thread), a watchdog that ends
-    connections past their deadline, and the request counts /metrics reports."""
+    """A thread per connection up to max_connections (a 503 beyond, without a thread); a watchdog that ends the
+    reading of connections past their deadline; the request counts /metrics reports."""
     request_queue_size = 128  # the listen backlog: many clients connecting at once must not be refused
     daemon_threads = True
 
     def process_request(self, request, client_address):
-        with self.lock:
-            full = self.connections >= self.max_connections
-            self.connections += not full
-        if not full:
+        if len(self.deadlines) < self.max_connections:
+            request.settimeout(self.timeout)  # each read and write: a client that stops reading is cut off
+            self.deadlines[request] = time.monotonic() + self.idle_timeout
             return super().process_request(request, client_address)
         body = dumps(ApiError(503, f"too many connections (the limit is {self.max_connections}); retry shortly",
                               code="overloaded", kind="server_error").body())
@@ -666,22 +640,24 @@ class Server(ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            with self.lock:
-                self.connections -= 1
+            self.deadlines.pop(request, None)
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], OSError):  # a reset or a timeout is the client's business, not a bug
+            super().handle_error(request, client_address)
 
     def service_actions(self):  # serve_forever calls this about twice a second: the watchdog
-        now = time.monotonic()
-        for handler in self.live_handlers():
-            if handler.deadline < now:
-                handler.expire()
+        self.expire(lambda deadline: deadline < time.monotonic())
 
-    def live_handlers(self):
-        with self.lock:
-            return list(self.handlers)
-
-    def track(self, handler, alive):
-        with self.lock:
-            (self.handlers.add if alive else self.handlers.discard)(handler)
+    def expire(self, due):
+        """End the reading of connections whose deadline is due: the thread moves on; a reply can still go out."""
+        for sock, deadline in list(self.deadlines.items()):
+            if due(deadline):
+                self.deadlines[sock] = -math.inf
+                try:
+                    sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
 
     def count(self, status):
         with self.lock:
@@ -695,18 +671,16 @@ class Server(ThreadingHTTPServer):
         for name, kind, about, samples in [
             ("requests_total", "counter", "HTTP requests answered, by status code (499: the client left).",
              [(f'{{status="{s}"}}', n) for s, n in statuses]),
-            ("prompt_tokens_total", "counter", "Prompt tokens of sequences that started to generate.",
+            ("prompt_tokens_total", "counter", "Prompt tokens of sequences that began to generate.",
              [("", loop.prompt_tokens)]),
             ("generation_tokens_total", "counter", "Tokens generated.", [("", loop.tokens_generated)]),
             ("time_to_first_token_seconds", "histogram", "From submission to a sequence's first token.",
              loop.ttft.samples()),
-            ("inter_token_latency_seconds", "histogram", "Between consecutive tokens of a sequence.",
-             loop.itl.samples()),
+            ("inter_token_latency_seconds", "histogram", "Between tokens of a sequence.", loop.itl.samples()),
             ("sequences_running", "gauge", "Sequences holding a KV cache row.", [("", len(engine.running))]),
             ("sequences_waiting", "gauge", "Sequences queued for a row.", [("", len(engine.waiting))]),
             ("kv_cache_rows_in_use", "gauge", "KV cache rows in use.", [("", engine.max_batch - len(engine.free_slots))]),
-            ("kv_cache_rows", "gauge", "KV cache rows (--max_batch).", [("", engine.max_batch)]),
-        ]:
+            ("kv_cache_rows", "gauge", "KV cache rows (--max_batch).", [("", engine.max_batch)])]:
             lines += [f"# HELP astrai_{name} {about}", f"# TYPE astrai_{name} {kind}"]
             lines += [f"astrai_{name}{labels} {value}" for labels, value in samples]
         return "\n".join(lines) + "\n"
@@ -721,7 +695,7 @@ def make_server(loop, host="127.0.0.1", port=8000, api_key="", model_name="model
     server.max_body_bytes, server.log_requests, server.max_connections = max_body_bytes, log_requests, max_connections
     server.timeout, server.idle_timeout, server.loopback = timeout, idle_timeout, is_loopback(host_name(host))
     server.allowed_hosts, server.allowed_origins = {host_name(h) for h in allowed_hosts}, set(allowed_origins)
-    server.lock, server.handlers, server.connections, server.statuses, server.closing = threading.Lock(), set(), 0, {}, False
+    server.deadlines, server.statuses, server.lock, server.closing = {}, {}, threading.Lock(), False  # socket: when
     return server
 
 
@@ -731,12 +705,10 @@ def shut_down(server, loop, grace):
     server.closing = True
     server.shutdown()  # serve_forever returns
     server.server_close()  # new connections are refused
-    for handler in server.live_handlers():
-        if not handler.busy:
-            handler.expire()
+    server.expire(math.isfinite)  # connections between requests (a request in hand has no deadline)
     loop.stop(grace)
     deadline = time.monotonic() + 5
-    while any(h.busy for h in server.live_handlers()) and time.monotonic() < deadline:
+    while math.inf in server.deadlines.values() and time.monotonic() < deadline:
         time.sleep(0.05)
 
 

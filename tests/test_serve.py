@@ -451,6 +451,20 @@ def read_all(sock):
     return data
 
 
+def read_reply(sock):
+    """One HTTP reply from a raw socket -> (head, body) as text: Content-Length bytes of body, or all until close."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"Content-Length: (\d+)", head)
+    while body and not length or length and len(body) < int(length.group(1)):
+        if not (chunk := sock.recv(65536)):
+            break
+        body += chunk
+    return head.decode(), body.decode()
+
+
 def test_client_disconnect_cancels_the_row(tiny_model_dir):
     s = start_server(tiny_model_dir, max_batch=2, stop_ids=())  # never stops: only the cancel ends a reply early
     pace(s, 0.02)  # at most 50 tokens a second: a 100-token reply takes 2 s or more
