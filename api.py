@@ -73,13 +73,11 @@ def number(body, name, default, low, high, integer=False):
     return value
 
 
-def flag(body, name, default=False):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
+def flag(body, name):
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
         raise ApiError(400, f"{name}={short(value)} is invalid: expected true or false", param=name)
-    return value
+    return bool(value)
 
 
 def refuse_unsupported(body, table):

@@ -55,7 +55,7 @@ DEFAULTS = dict(
     max_waiting=64,  # queued sequences; beyond this a request gets 503 + Retry-After
     prefill_chunk=256,  # prompt tokens a row prefills per iteration, so a long prompt never stalls the others
     max_len=0,  # context = KV cache length per row (prompt + reply); 0 = the model's max_len
-    api_key="",  # require "Authorization: Bearer KEY" or "x-api-key: KEY" on /v1/*, /stats, /metrics; or $ASTRAI_API_KEY
+    api_key="",  # require "Authorization: Bearer KEY" or "x-api-key: KEY" on /v1/*, /stats, /metrics; $ASTRAI_API_KEY
     model_name="",  # the id in /v1/models; default: the model directory's name
     max_body_bytes=1 << 20,  # larger request bodies get 413
     max_connections=128,  # open connections, a thread each; more get 503 + Retry-After
@@ -126,29 +126,24 @@ class Choice:
         self.submitted = self.last_token = time.perf_counter()  # time to first token counts from submission
 
     def on_token(self, seq, token, logprob):
+        if token is None:  # the engine failed, or the server is shutting down
+            self.events.put((self.index, "", None, "error"))
+            return self.loop.count(self, seq, "error")
         try:
-            return self.emit(seq, token, logprob)
+            hit = None
+            if seq.finish == "stop":  # a stop token: counted, never shown
+                text, logprob = "", None
+            else:
+                text, self.held, hit = release_text(self.held, self.stream.push(token), self.stop)
+            if seq.finish is not None and hit is None:
+                # the end: the held text and an incomplete character go out, unless they complete a stop string
+                tail, rest, hit = release_text(self.held, self.stream.flush(), self.stop)
+                text += tail if hit else tail + rest
         except Exception:  # a gap in an imported tokenizer's id table, say: this choice fails, the others go on
             traceback.print_exc()
             self.events.put((self.index, "", None, "error"))
             return True
-
-    def emit(self, seq, token, logprob):
-        if token is None:  # the engine failed, or the server is shutting down
-            self.events.put((self.index, "", None, "error"))
-            self.loop.count(self, seq, "error")
-            return False
-        hit = None
-        if seq.finish == "stop":  # a stop token: counted, never shown
-            text, logprob = "", None
-        else:
-            text, self.held, hit = release_text(self.held, self.stream.push(token), self.stop)
-        if seq.finish is not None and hit is None:
-            # the end: the held text and an incomplete character go out, unless they complete a stop string
-            tail, rest, hit = release_text(self.held, self.stream.flush(), self.stop)
-            text += tail if hit else tail + rest
-        self.stop_string = hit
-        finish = "stop" if hit else seq.finish
+        self.stop_string, finish = hit, "stop" if hit else seq.finish
         self.events.put((self.index, text, logprob, finish))
         self.loop.count(self, seq, finish)
         return hit is not None
@@ -302,7 +297,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_error_object(e)
         self.close_connection |= self.server.closing
         self.server.count(status)
-        self.log(f"{self.command} {self.path} {status} {time.perf_counter() - t0:.3f}s {self.note}")
+        self.log_message("%s %s %s %.3fs %s", self.command, self.path, status, time.perf_counter() - t0, self.note)
 
     do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = do_OPTIONS = do_PATCH = dispatch
 
@@ -456,12 +451,9 @@ class Handler(BaseHTTPRequestHandler):
     def log_request(self, code="-", size="-"):
         pass  # dispatch logs one line per request, with its token counts
 
-    def log_message(self, format, *args):  # the standard library's lines: timeouts, malformed requests
-        self.log(format % args)
-
-    def log(self, line):
+    def log_message(self, format, *args):  # dispatch's lines, and the standard library's (malformed requests)
         if self.server.log_requests:
-            print(f"{self.client_address[0]} {line}".translate(CONTROL), file=sys.stderr, flush=True)
+            print(f"{self.client_address[0]} {format % args}".translate(CONTROL), file=sys.stderr, flush=True)
 
     # --- generation --------------------------------------------------------------------------------------------
 
@@ -501,7 +493,7 @@ class Handler(BaseHTTPRequestHandler):
     def failure(self):
         """The error for a sequence that ended in "error"."""
         if self.server.loop.closing:
-            return ApiError(503, "the server is shutting down; retry shortly", code="shutting_down", kind="server_error")
+            return ApiError(503, "the server is shutting down; retry", code="shutting_down", kind="server_error")
         return ApiError(500, "the engine failed while generating; see the server log", kind="server_error")
 
     def generate(self, request, respond):
@@ -679,7 +671,8 @@ class Server(ThreadingHTTPServer):
             ("inter_token_latency_seconds", "histogram", "Between tokens of a sequence.", loop.itl.samples()),
             ("sequences_running", "gauge", "Sequences holding a KV cache row.", [("", len(engine.running))]),
             ("sequences_waiting", "gauge", "Sequences queued for a row.", [("", len(engine.waiting))]),
-            ("kv_cache_rows_in_use", "gauge", "KV cache rows in use.", [("", engine.max_batch - len(engine.free_slots))]),
+            ("kv_cache_rows_in_use", "gauge", "KV cache rows in use.",
+             [("", engine.max_batch - len(engine.free_slots))]),
             ("kv_cache_rows", "gauge", "KV cache rows (--max_batch).", [("", engine.max_batch)])]:
             lines += [f"# HELP astrai_{name} {about}", f"# TYPE astrai_{name} {kind}"]
             lines += [f"astrai_{name}{labels} {value}" for labels, value in samples]

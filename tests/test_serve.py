@@ -581,7 +581,8 @@ def test_load_with_bad_input(s):
             payload = json.dumps({"messages": messages, "stream": True})  # to the context's end
             with socket.create_connection(("127.0.0.1", s.port), timeout=30) as sock:
                 sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
-                             f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n{payload}".encode())
+                             f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n{payload}"
+                             .encode())
                 assert sock.recv(4096).startswith(b"HTTP/1.1 200")
         return job.kind
 

@@ -264,7 +264,8 @@ def test_a_client_that_stops_reading_is_cut_off(tiny_model_dir):
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect((HOST, s.port))
-        payload = json.dumps({"prompt": "Hi", "n": 16, "max_tokens": 120, "stream": True, "logprobs": 20, "temperature": 0})
+        payload = json.dumps({"prompt": "Hi", "n": 16, "max_tokens": 120, "stream": True, "logprobs": 20,
+                              "temperature": 0})
         sock.sendall(post("/v1/completions", payload.encode()))  # and never reads: the write blocks, then times out
         stats = wait_idle(s, timeout=30)
         sock.close()
@@ -375,7 +376,8 @@ def test_metrics_in_prometheus_text_format(tiny_model_dir):
         assert families["astrai_time_to_first_token_seconds"].type == "histogram"
         assert value[("astrai_time_to_first_token_seconds_count", ())] == 2
         assert value[("astrai_inter_token_latency_seconds_count", ())] == generated - 2
-        buckets = [x.value for x in families["astrai_inter_token_latency_seconds"].samples if x.name.endswith("_bucket")]
+        itl = families["astrai_inter_token_latency_seconds"].samples
+        buckets = [x.value for x in itl if x.name.endswith("_bucket")]
         assert buckets == sorted(buckets) and buckets[-1] == generated - 2
         assert value[("astrai_kv_cache_rows", ())] == 2
         for name in ("astrai_sequences_running", "astrai_sequences_waiting", "astrai_kv_cache_rows_in_use"):
