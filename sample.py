@@ -15,6 +15,7 @@ exactly as one written by train.py.
 """
 import codecs
 import json
+import math
 import os
 import sys
 import threading
@@ -37,6 +38,11 @@ DEFAULTS = dict(
     temperature=0.8,  # 0 = greedy
     top_k=0,  # keep the k most likely tokens; 0 = all
     top_p=0.95,  # nucleus: the smallest set of tokens whose probability reaches top_p; 1 = all
+    min_p=0.0,  # drop tokens less than min_p times as likely as the most likely one; 0 = off
+    repetition_penalty=1.0,  # > 1 discourages tokens already in the prompt or reply (CTRL's rule); 1 = off
+    presence_penalty=0.0,  # -2..2, subtracted once from the logit of each token already in the reply (OpenAI's)
+    frequency_penalty=0.0,  # -2..2, subtracted per occurrence in the reply (OpenAI's)
+    logit_bias="",  # "ID:BIAS,ID:BIAS" added to those tokens' logits, e.g. "0:-100" never samples token 0
     seed=1337,  # -1: a different sample every run
     device="auto",  # auto = cuda when available, else cpu
     dtype="auto",  # auto = bfloat16 on a GPU that has it, else float32; or float32, bfloat16, float16
@@ -59,26 +65,29 @@ def per_row(values, batch, name):
     return list(values)
 
 
-def sample_tokens(logits, temperature, top_k, top_p, generators=None, want_logprobs=True):
-    """Draw one token per row. logits (B, V) float32; temperature, top_k, top_p: per row (a list or tensor
+def sample_tokens(logits, temperature, top_k, top_p, generators=None, want_logprobs=True, min_p=0.0):
+    """Draw one token per row. logits (B, V) float32; temperature, top_k, top_p, min_p: per row (a list or tensor
     of length B, or one value for all rows); generators: None, or B torch.Generators (or None entries) on
     the logits' device, one per row so that each request's seed reproduces its own tokens.
 
-    Temperature 0 is greedy. Otherwise: divide by the temperature, keep the top_k most likely tokens
-    (0 = all), then the smallest set whose probability reaches top_p (always at least one token), sample.
+    Temperature below 1e-5 is greedy (a near-zero one would round to 0 in float32 and divide by it). Otherwise:
+    divide by the temperature, keep the top_k most likely tokens (0 = all), then the smallest set whose
+    probability reaches top_p (always at least one token), then those at least min_p times as likely as the
+    most likely one (transformers' order), sample.
     Returns tokens (B,) long and their log-probs (B,) float32 under that transformed distribution
-    (greedy rows: log-softmax of the raw logits), or None for the log-probs when not want_logprobs."""
+    (greedy rows: log-softmax of the logits given), or None for the log-probs when not want_logprobs."""
     B, V = logits.shape
     device = logits.device
     temperature = per_row(temperature, B, "temperature")
     top_k = per_row(top_k, B, "top_k")
     top_p = per_row(top_p, B, "top_p")
+    min_p = per_row(min_p, B, "min_p")
     generators = per_row(generators, B, "generators")
     for i in range(B):
-        if temperature[i] < 0 or top_k[i] < 0 or not 0 <= top_p[i] <= 1:
+        if temperature[i] < 0 or top_k[i] < 0 or not 0 <= top_p[i] <= 1 or not 0 <= min_p[i] <= 1:
             raise ValueError(f"row {i}: temperature={temperature[i]} (>= 0), top_k={top_k[i]} (>= 0), "
-                             f"top_p={top_p[i]} (in [0, 1]) out of range")
-    greedy = [t == 0 for t in temperature]
+                             f"top_p={top_p[i]}, min_p={min_p[i]} (in [0, 1]) out of range")
+    greedy = [t < 1e-5 for t in temperature]
     if all(greedy):
         tokens = logits.argmax(-1)
         if not want_logprobs:
@@ -91,17 +100,20 @@ def sample_tokens(logits, temperature, top_k, top_p, generators=None, want_logpr
         [1.0 if g else t for g, t in zip(greedy, temperature)],
         [V if g or k == 0 else min(k, V) for g, k in zip(greedy, top_k)],
         [2.0 if g or p >= 1 else p for g, p in zip(greedy, top_p)],
+        [math.log(m) if m > 0 and not g else float("-inf") for g, m in zip(greedy, min_p)],
         greedy,
     ], dtype=torch.float32).to(device)
-    temps, keep_k, keep_p, is_greedy = settings[0, :, None], settings[1, :, None], settings[2, :, None], settings[3] > 0
+    temps, keep_k, keep_p, log_min_p = (settings[i, :, None] for i in range(4))
+    is_greedy = settings[4] > 0
     scores = logits / temps  # (B, V)
-    if any(not g and (0 < k < V or p < 1) for g, k, p in zip(greedy, top_k, top_p)):
-        # one descending sort serves both cuts, which keep a prefix of it
+    if any(not g and (0 < k < V or p < 1 or m > 0) for g, k, p, m in zip(greedy, top_k, top_p, min_p)):
+        # one descending sort serves the three cuts, which keep a prefix of it
         sorted_scores, order = scores.sort(-1, descending=True)  # (B, V)
         cut = torch.arange(V, device=device)[None, :] >= keep_k  # top-k
         sorted_probs = torch.softmax(sorted_scores.masked_fill(cut, float("-inf")), -1)
         mass_before = sorted_probs.cumsum(-1) - sorted_probs  # probability of the tokens ranked above
         cut |= mass_before >= keep_p  # top-p
+        cut |= sorted_scores < sorted_scores[:, :1] + log_min_p  # min-p: p / p_max < min_p, whatever was cut before
         cut[:, 0] = False  # the most likely token always stays
         scores = scores.masked_fill(torch.zeros_like(cut).scatter_(1, order, cut), float("-inf"))
     log_probs = torch.log_softmax(scores, -1)  # (B, V)
@@ -121,6 +133,29 @@ def sample_tokens(logits, temperature, top_k, top_p, generators=None, want_logpr
     return tokens, log_probs.gather(1, tokens[:, None])[:, 0]
 
 
+def adjust_logits(logits, seqs):
+    """The logit bias and penalties of each row's sequence on logits (b, V), before temperature (vLLM's order):
+    add logit_bias; divide a positive logit of a token seen in the prompt or the reply by repetition_penalty and
+    multiply a negative one (CTRL's rule, as transformers' RepetitionPenaltyLogitsProcessor); subtract
+    OpenAI's c * frequency_penalty + (c > 0) * presence_penalty, c = the token's count in the reply so far.
+    Returns new logits. Each sequence keeps its counts on the logits' device (Engine.sample updates them)."""
+    V, device = logits.shape[1], logits.device
+    for s in seqs:
+        if s.counts is None:  # its first token
+            s.counts, s.seen = torch.zeros(V, device=device), torch.zeros(V, dtype=torch.bool, device=device)
+            s.seen[torch.tensor(s.prompt + s.tokens, device=device)] = True
+            if s.logit_bias:
+                s.bias = torch.zeros(V, device=device)
+                s.bias[torch.tensor(list(s.logit_bias), device=device)] = torch.tensor(
+                    list(s.logit_bias.values()), dtype=torch.float32, device=device)
+    logits = logits + torch.stack([torch.zeros_like(s.counts) if s.bias is None else s.bias for s in seqs])
+    counts, seen = torch.stack([s.counts for s in seqs]), torch.stack([s.seen for s in seqs])  # (b, V)
+    penalty = torch.tensor([[s.repetition_penalty, s.frequency_penalty, s.presence_penalty] for s in seqs],
+                           device=device)  # (b, 3)
+    logits = torch.where(seen, torch.where(logits > 0, logits / penalty[:, :1], logits * penalty[:, :1]), logits)
+    return logits - counts * penalty[:, 1:2] - (counts > 0) * penalty[:, 2:]
+
+
 # -----------------------------------------------------------------------------
 # the engine: sequences in the rows of one preallocated KV cache, continuous batching
 
@@ -129,12 +164,22 @@ class Sequence:
     """One prompt's continuation: its sampling settings, its tokens so far, and where it stands in the engine.
     on_token(seq, token, top), when given, is called after each token (seq.finish already says "stop" for a
     stop token and "length" for the last one the budget allows; top is (token, logprob, [(id, logprob), ...])
-    when top_logprobs was asked for); returning True ends the sequence there with finish "stop"."""
+    when top_logprobs was asked for); returning True ends the sequence there with finish "stop".
+    Sampling: see sample_tokens (temperature, top_k, top_p, min_p) and adjust_logits (logit_bias {id: bias},
+    the penalties)."""
 
     def __init__(self, prompt, max_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None, logprobs=False,
-                 top_logprobs=None, on_token=None):
+                 top_logprobs=None, on_token=None, min_p=0.0, logit_bias=None, presence_penalty=0.0,
+                 frequency_penalty=0.0, repetition_penalty=1.0):
+        if repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty={repetition_penalty} must be > 0 (1 = off)")
         self.prompt, self.max_tokens = list(prompt), max_tokens
         self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
+        self.min_p, self.logit_bias, self.repetition_penalty = min_p, logit_bias, repetition_penalty
+        self.presence_penalty, self.frequency_penalty = presence_penalty, frequency_penalty
+        self.adjusts_logits = bool(logit_bias) or presence_penalty != 0 or frequency_penalty != 0 or \
+            repetition_penalty != 1
+        self.counts = self.seen = self.bias = None  # adjust_logits' state, on the device
         self.want_logprobs = logprobs  # keep each token's log-prob under the sampling distribution (GRPO)
         self.top_logprobs = top_logprobs  # k: the model's own log-probs of the token and the k most likely ones
         self.on_token = on_token
@@ -176,11 +221,17 @@ class Engine:
 
     @torch.inference_mode()
     def step(self):
-        self.admit()
-        batch, logits = self.forward()
-        if batch:
-            tokens, logprobs = self.sample(batch, logits)
-            self.emit(batch, tokens, logprobs)
+        try:
+            self.admit()
+            batch, logits = self.forward()
+            if batch:
+                tokens, logprobs = self.sample(batch, logits)
+                self.emit(batch, tokens, logprobs)
+        except Exception:
+            # fail only the rows it can be pinned on: those without a token yet were prefilling, where a long
+            # prompt runs out of memory; if none were, every running sequence
+            self.fail([s for s in self.running if not s.tokens] or list(self.running))
+            raise
 
     def admit(self):
         """Cancelled sequences leave; waiting ones take free rows, lowest first."""
@@ -233,9 +284,18 @@ class Engine:
         """-> tokens (b,) on the host, and per row its log-prob entry (or None)."""
         if self.vocab_size and logits.shape[1] > self.vocab_size:
             logits[:, self.vocab_size:] = float("-inf")  # padded embedding rows are no text
+        adjusted = [i for i, s in enumerate(batch) if s.adjusts_logits]
+        scores = logits  # what is sampled from; top_logprobs stay the model's own
+        if adjusted:
+            scores = logits.clone()
+            scores[adjusted] = adjust_logits(logits[adjusted], [batch[i] for i in adjusted])
         want = any(s.want_logprobs for s in batch)
-        tokens, logprobs = sample_tokens(logits, [s.temperature for s in batch], [s.top_k for s in batch],
-                                         [s.top_p for s in batch], [s.generator for s in batch], want)
+        tokens, logprobs = sample_tokens(scores, [s.temperature for s in batch], [s.top_k for s in batch],
+                                         [s.top_p for s in batch], [s.generator for s in batch], want,
+                                         [s.min_p for s in batch])
+        for i in adjusted:  # the reply's token counts, on the device: no sync
+            batch[i].counts[tokens[i]] += 1
+            batch[i].seen[tokens[i]] = True
         top = self.top_logprobs(batch, logits, tokens)
         tokens = tokens.tolist()  # the one host sync per step
         logprobs = logprobs.tolist() if want else [None] * len(batch)
@@ -276,13 +336,18 @@ class Engine:
         self.free_slots.append(seq.slot)
         self.free_slots.sort()  # lowest rows first: a full batch is rows 0..B-1, which the cache slices
 
-    def fail(self, reason="error"):
-        """End every running sequence (an exception in step(): a bug, or out of memory)."""
-        for seq in list(self.running):
+    def fail(self, seqs=None, reason="error"):
+        """End seqs (default: every running and waiting one) with finish=reason; their on_token sees token None.
+        For the rows a failed step() blames, and for a server that shuts down."""
+        with self.lock:
+            seqs = list(self.running) + list(self.waiting) if seqs is None else seqs
+            self.waiting = deque(s for s in self.waiting if s not in seqs)
+        for seq in seqs:
             seq.finish = reason
+            if seq in self.running:
+                self.leave(seq)
             if seq.on_token is not None:
                 seq.on_token(seq, None, None)
-            self.leave(seq)
 
 
 # -----------------------------------------------------------------------------
@@ -291,7 +356,7 @@ class Engine:
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(), seed=None,
-             return_logprobs=False, on_token=None, vocab_size=None):
+             return_logprobs=False, on_token=None, vocab_size=None, **sampling):
     """Continue each prompt (a list of token ids; lengths may differ) by up to max_new_tokens tokens.
 
     All prompts go into one engine with a row each: one right-padded prefill, then one batched decode step
@@ -300,7 +365,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     included as the last one when hit; with return_logprobs also their log-probs under the sampling
     distribution (see sample_tokens). on_token(row, token_id), when given, sees each token as it is sampled
     (streaming). vocab_size: the tokenizer's; ids at or past it (the padded embedding rows many models have)
-    are never sampled, since they have no text. seed: one generator shared by the batch."""
+    are never sampled, since they have no text. seed: one generator shared by the batch. sampling: Sequence's
+    other settings (min_p, logit_bias, presence_penalty, frequency_penalty, repetition_penalty)."""
     config, device = model.config, model.lm_head.weight.device
     prompts = [p.tolist() if isinstance(p, torch.Tensor) else list(p) for p in prompts]
     if max_new_tokens < 0:
@@ -318,7 +384,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
         return None if on_token is None else lambda seq, token, top: on_token(row, token)
 
     seqs = [Sequence(p, min(max_new_tokens, config.max_len - len(p)), temperature, top_k, top_p, generator,
-                     return_logprobs, on_token=callback(row)) for row, p in enumerate(prompts)]
+                     return_logprobs, on_token=callback(row), **sampling) for row, p in enumerate(prompts)]
     if any(s.max_tokens > 0 for s in seqs):
         max_len = min(config.max_len, max(len(p) for p in prompts) + max_new_tokens)
         engine = Engine(model, len(prompts), max_len, max_len, stop_ids, vocab_size)
@@ -460,6 +526,16 @@ def evaluate(model, tokenizer, task_path, batch_size=32, max_new_tokens=64, stop
 # command line
 
 
+def sampling_options(args):
+    """--min_p, the penalties and --logit_bias="ID:BIAS,..." as generate()'s keyword arguments."""
+    try:
+        bias = {int(i): float(b) for i, _, b in (item.partition(":") for item in args.logit_bias.split(",") if item)}
+    except ValueError:
+        raise ValueError(f"--logit_bias={args.logit_bias!r}: expected ID:BIAS pairs like 0:-100,42:5") from None
+    return dict(min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                frequency_penalty=args.frequency_penalty, logit_bias=bias)
+
+
 def stream_completion(model, tokenizer, prompt_ids, args, stop_ids, seed):
     """Generate one completion, printing it as it comes; returns its tokens without the stop token."""
     stream = TextStream(tokenizer)
@@ -469,7 +545,7 @@ def stream_completion(model, tokenizer, prompt_ids, args, stop_ids, seed):
             print(stream.push(token), end="", flush=True)
 
     tokens = generate(model, [prompt_ids], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                      stop_ids, seed, on_token=show, vocab_size=tokenizer.vocab_size)[0]
+                      stop_ids, seed, on_token=show, vocab_size=tokenizer.vocab_size, **sampling_options(args))[0]
     print(stream.flush())
     return strip_stop(tokens, stop_ids)
 
@@ -531,7 +607,8 @@ def main(argv):
         stream_completion(model, tokenizer, list(prompt_ids), args, stop_ids, seed)
         return
     outputs = generate(model, [list(prompt_ids)] * args.num_samples, args.max_new_tokens, args.temperature,
-                       args.top_k, args.top_p, stop_ids, seed, vocab_size=tokenizer.vocab_size)
+                       args.top_k, args.top_p, stop_ids, seed, vocab_size=tokenizer.vocab_size,
+                       **sampling_options(args))
     for tokens in outputs:
         print(tokenizer.decode(strip_stop(tokens, stop_ids)))
         print("---------------")

@@ -1,27 +1,35 @@
 """
-An OpenAI-compatible server with continuous batching, on the standard library (no web framework).
+An OpenAI- and Anthropic-compatible server with continuous batching, on the standard library (no web framework).
 
     python serve.py --model=out/demo/final                 # chat page at http://127.0.0.1:8000
     python serve.py --model=DIR --max_batch=16 --api_key=secret --host=0.0.0.0
-    curl -s localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
+    curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"messages": [{"role": "user", "content": "Hi"}]}'
 
-Any OpenAI client works with base_url=http://127.0.0.1:8000/v1: chat and completions, streaming or not,
-n, stop, seed, temperature/top_p/top_k, max_tokens, logprobs. How a request flows:
+OpenAI clients use base_url=http://127.0.0.1:8000/v1, Anthropic clients base_url=http://127.0.0.1:8000; api.py
+checks their requests and shapes their replies. How a request flows:
 
-  handler thread  parse and check the JSON -> one Choice (a sample.Sequence + its text) per choice ->
-                  EngineLoop.submit -> the engine's waiting queue (FIFO)
-  engine thread   EngineLoop.run calls sample.Engine.step() while there is work: drop cancelled sequences ->
-                  admit waiting ones into free KV cache rows -> one prefill chunk for rows still reading their
-                  prompt, one batched decode token for the rest -> sample every row with its own settings and
-                  seed -> Choice.on_token sends the new text to its request's event queue. A finished row
-                  frees its slot for the next step.
-  handler thread  events -> one JSON response, or SSE chunks as they come
+  accept thread   a thread per connection up to --max_connections (503 beyond); a watchdog ends connections idle
+                  past --idle_timeout or whose request takes longer than --timeout to arrive
+  handler thread  Host, Origin, key, Content-Type checks -> the JSON checked -> one Choice (a sample.Sequence + its
+                  text) per choice -> EngineLoop.submit -> the engine's waiting queue (FIFO)
+  engine thread   EngineLoop.run calls sample.Engine.step() while there is work: admit waiting sequences into free
+                  KV cache rows, a prefill chunk or a decode token for each row, sample each with its own settings;
+                  Choice.on_token puts the new text on its request's event queue
+  handler thread  events -> one JSON response, or SSE events as they come; every 0.2 s it checks that the client
+                  is still there, and cancels the request's sequences when it is not
+SIGTERM or SIGINT: stop accepting, answer waiting requests 503, give running ones --shutdown_timeout seconds, end
+the streams still open with an error event and [DONE], exit 0.
 """
+import bisect
 import hmac
+import ipaddress
 import json
+import math
 import os
 import queue
 import select
+import signal
 import socket
 import sys
 import threading
@@ -29,10 +37,13 @@ import time
 import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import accumulate
 from urllib.parse import urlsplit
 
 import torch
 
+from api import (ApiError, choice_json, logprobs_json, message_json, parse_anthropic, parse_json, parse_openai,
+                 usage_json)
 from sample import Engine, Sequence, TextStream, load, stop_ids_for
 from settings import load_settings, pick_device
 
@@ -44,47 +55,62 @@ DEFAULTS = dict(
     max_waiting=64,  # queued sequences; beyond this a request gets 503 + Retry-After
     prefill_chunk=256,  # prompt tokens a row prefills per iteration, so a long prompt never stalls the others
     max_len=0,  # context = KV cache length per row (prompt + reply); 0 = the model's max_len
-    api_key="",  # require "Authorization: Bearer KEY" on /v1/* and /stats; also read from $ASTRAI_API_KEY
+    api_key="",  # require "Authorization: Bearer KEY" or "x-api-key: KEY" on /v1/*, /stats, /metrics; $ASTRAI_API_KEY
     model_name="",  # the id in /v1/models; default: the model directory's name
     max_body_bytes=1 << 20,  # larger request bodies get 413
+    max_connections=128,  # open connections, a thread each; more get 503 + Retry-After
+    timeout=30.0,  # seconds a request may take to arrive (headers and body), and one write may wait on a client
+    idle_timeout=15.0,  # seconds a keep-alive connection may wait for its next request (clients' pools keep 5)
+    allowed_hosts="",  # Host names accepted besides loopback ones when bound to loopback, comma-separated; * = any
+    allowed_origins="",  # web page origins (https://app.example) allowed to call, with CORS; * = any
+    shutdown_timeout=5.0,  # on SIGTERM/SIGINT: seconds running requests get to finish before they are ended
     device="auto",  # auto = cuda when available, else cpu
     dtype="auto",  # auto = bfloat16 on a GPU that has it, else float32; or float32, bfloat16, float16
 )
-MAX_N = 16  # choices per request
-MAX_STOP = 4  # stop strings per request, as OpenAI
-MAX_TOP_LOGPROBS = 20
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
-
-
-class ApiError(Exception):
-    """An error the client caused (or a full queue), sent as OpenAI does: {"error": {...}}."""
-
-    def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def body(self):
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+ROUTES = {"/": "GET", "/health": "GET", "/stats": "GET", "/metrics": "GET", "/v1/models": "GET",
+          "/v1/chat/completions": "POST", "/v1/completions": "POST", "/v1/messages": "POST"}
+CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), *range(127, 160)]}  # escaped in the log: no terminal tricks
 
 
 class ClientGone(Exception):
     pass
 
 
+def dumps(obj):
+    return json.dumps(obj, allow_nan=False).encode()  # NaN/Infinity are not JSON: fail here, not in a client
+
+
+def host_name(host):
+    """A Host header or address -> its name: "127.0.0.1:8000" -> "127.0.0.1", "[::1]:80" -> "::1"."""
+    host = host.strip().lower()
+    return (host[1:host.find("]")] if host.startswith("[") else host.partition(":")[0]).rstrip(".")
+
+
+def is_loopback(name):
+    if name == "localhost" or name.endswith(".localhost"):  # browsers resolve these to loopback themselves
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 # -----------------------------------------------------------------------------
-# the engine's thread, and each choice's text
+# the engine's thread, each choice's text, and the numbers /stats and /metrics report
 
 
 def release_text(held, piece, stops):
-    """Append piece to the held-back text -> (text safe to send, text still held, a stop string was hit).
+    """Append piece to the held-back text -> (text safe to send, text still held, the stop string hit or None).
     Text is held while its end could be the beginning of a stop string; a stop string and what follows
     it are never sent."""
     text = held + piece
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    hits = [(i, s) for s in stops if (i := text.find(s)) >= 0]
     if hits:
-        return text[: min(hits)], "", True
+        i, stop = min(hits)
+        return text[:i], "", stop
     keep = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-    return text[: len(text) - keep], text[len(text) - keep :], False
+    return text[: len(text) - keep], text[len(text) - keep :], None
 
 
 class Choice:
@@ -96,56 +122,84 @@ class Choice:
         self.loop, self.index, self.events, self.stop = loop, index, events, list(stop)
         generator = None if seed is None else torch.Generator(device=loop.engine.device).manual_seed(seed)
         self.seq = Sequence(prompt, max_tokens, generator=generator, on_token=self.on_token, **settings)
-        self.stream, self.held = TextStream(loop.tokenizer), ""
-        self.submitted = time.perf_counter()  # time to first token counts from here
+        self.stream, self.held, self.stop_string = TextStream(loop.tokenizer), "", None
+        self.submitted = self.last_token = time.perf_counter()  # time to first token counts from submission
 
     def on_token(self, seq, token, logprob):
-        if token is None:  # the engine failed
+        if token is None:  # the engine failed, or the server is shutting down
             self.events.put((self.index, "", None, "error"))
-            self.loop.count(self, seq, "error")
-            return False
-        hit = False
-        if seq.finish == "stop":  # a stop token: counted, never shown
-            text, logprob = "", None
-        else:
-            text, self.held, hit = release_text(self.held, self.stream.push(token), self.stop)
-        if seq.finish is not None and not hit:
-            # the end: the held text and an incomplete character go out, unless they complete a stop string
-            tail, rest, hit = release_text(self.held, self.stream.flush(), self.stop)
-            text += tail if hit else tail + rest
-        finish = "stop" if hit else seq.finish
+            return self.loop.count(self, seq, "error")
+        try:
+            hit = None
+            if seq.finish == "stop":  # a stop token: counted, never shown
+                text, logprob = "", None
+            else:
+                text, self.held, hit = release_text(self.held, self.stream.push(token), self.stop)
+            if seq.finish is not None and hit is None:
+                # the end: the held text and an incomplete character go out, unless they complete a stop string
+                tail, rest, hit = release_text(self.held, self.stream.flush(), self.stop)
+                text += tail if hit else tail + rest
+        except Exception:  # a gap in an imported tokenizer's id table, say: this choice fails, the others go on
+            traceback.print_exc()
+            self.events.put((self.index, "", None, "error"))
+            return True
+        self.stop_string, finish = hit, "stop" if hit else seq.finish
         self.events.put((self.index, text, logprob, finish))
         self.loop.count(self, seq, finish)
-        return hit
+        return hit is not None
+
+
+class Histogram:
+    """A Prometheus histogram: observations counted under upper bounds (cumulative when written), their sum."""
+
+    def __init__(self, bounds):
+        self.bounds, self.counts, self.sum = bounds, [0] * (len(bounds) + 1), 0.0
+
+    def observe(self, value):
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def samples(self):
+        cumulative = list(accumulate(self.counts))
+        return ([(f'_bucket{{le="{b}"}}', n) for b, n in zip(self.bounds, cumulative)] +
+                [('_bucket{le="+Inf"}', cumulative[-1]), ("_sum", self.sum), ("_count", cumulative[-1])])
 
 
 class EngineLoop:
     """sample.Engine stepped by one thread while requests come and go: a bounded waiting queue (503 beyond
-    it), cancellation when a client leaves, and the numbers /stats reports."""
+    it), cancellation when a client leaves, shutdown, and the numbers /stats and /metrics report."""
 
     def __init__(self, engine, tokenizer, max_waiting=64):
         self.engine, self.tokenizer, self.max_waiting = engine, tokenizer, max_waiting
         self.wake = threading.Condition()
-        self.thread, self.stopping = None, False
+        self.thread, self.closing, self.stop_at = None, False, 0.0
         self.started = time.time()
         self.tokens_generated = self.prompt_tokens = self.sequences_done = 0
-        self.busy_seconds = self.ttft_sum = 0.0
-        self.ttft_count = 0
+        self.busy_seconds = 0.0
+        self.ttft = Histogram([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60])
+        self.itl = Histogram([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5])
 
     def start(self):
         self.thread = threading.Thread(target=self.run, name="engine", daemon=True)
         self.thread.start()
         return self
 
-    def stop(self):
+    def stop(self, grace=0.0):
+        """New work gets 503; waiting sequences end now, running ones when done or after `grace` seconds (ended
+        with an error); then the engine's thread ends."""
         with self.wake:
-            self.stopping = True
+            self.closing, self.stop_at = True, time.monotonic() + grace
             self.wake.notify()
         if self.thread is not None:
             self.thread.join()
+        else:
+            self.engine.fail()
 
     def submit(self, choices):
         with self.wake:
+            if self.closing:
+                raise ApiError(503, "the server is shutting down; retry shortly", code="shutting_down",
+                               kind="server_error")
             if len(self.engine.waiting) + len(choices) > self.max_waiting:
                 raise ApiError(503, f"the server is busy: {len(self.engine.waiting)} sequences are waiting (limit "
                                     f"{self.max_waiting}); retry shortly", code="overloaded", kind="server_error")
@@ -160,399 +214,502 @@ class EngineLoop:
         with torch.inference_mode():
             while True:
                 with self.wake:
-                    while not (self.engine.has_work() or self.stopping):
+                    while not (self.engine.has_work() or self.closing):
                         self.wake.wait()
-                    if self.stopping:
+                if self.closing:
+                    if not self.engine.running or time.monotonic() >= self.stop_at:
+                        self.engine.fail()
                         return
+                    if self.engine.waiting:
+                        self.engine.fail(list(self.engine.waiting))
                 t0 = time.perf_counter()
                 try:
                     self.engine.step()
-                except Exception:  # a bug or out of memory: fail the running requests, keep serving
+                except Exception:  # a bug or out of memory: step() failed the rows it came from; keep serving
                     traceback.print_exc()
-                    self.engine.fail()
                 self.busy_seconds += time.perf_counter() - t0
 
     def count(self, choice, seq, finish):
-        """Called for each token, and once more when the engine fails (on the engine's thread)."""
+        """Called for each token, and once more when a sequence fails (on the engine's thread)."""
         self.sequences_done += finish is not None
         if finish == "error":
             return
+        now = time.perf_counter()
         self.tokens_generated += 1
         if len(seq.tokens) == 1:
             self.prompt_tokens += len(seq.prompt)
-            self.ttft_sum += time.perf_counter() - choice.submitted
-            self.ttft_count += 1
+            self.ttft.observe(now - choice.submitted)
+        else:
+            self.itl.observe(now - choice.last_token)
+        choice.last_token = now
 
     def stats(self):
+        ttft_count = self.ttft.samples()[-1][1]
         return {
             "running": len(self.engine.running), "waiting": len(self.engine.waiting),
             "max_batch": self.engine.max_batch, "prompt_tokens": self.prompt_tokens,
             "tokens_generated": self.tokens_generated, "sequences_done": self.sequences_done,
             "tokens_per_s": round(self.tokens_generated / self.busy_seconds, 2) if self.busy_seconds else 0.0,
-            "mean_time_to_first_token_s": round(self.ttft_sum / self.ttft_count, 4) if self.ttft_count else None,
+            "mean_time_to_first_token_s": round(self.ttft.sum / ttft_count, 4) if ttft_count else None,
             "uptime_s": round(time.time() - self.started, 1),
         }
-
-
-# -----------------------------------------------------------------------------
-# the OpenAI API: request checking and response shapes
-
-
-def number(body, name, default, low, high, integer=False):
-    value = body.get(name)
-    if value is None:
-        return default
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
-        what = "an integer" if integer else "a number"
-        raise ApiError(400, f"{name}={json.dumps(value)} is invalid: expected {what} from {low} to {high}", param=name)
-    return value
-
-
-def flag(body, name, default=False):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise ApiError(400, f"{name}={json.dumps(value)} is invalid: expected true or false", param=name)
-    return value
-
-
-def chat_prompt(body, tokenizer):
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, 'messages must be a non-empty list of {"role": ..., "content": ...} objects',
-                       param="messages")
-    plain = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise ApiError(400, f"messages[{i}] must be an object with role and content", param=f"messages[{i}]")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: [{"type": "text", "text": "..."}, ...]
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise ApiError(400, f"messages[{i}].content: only text parts are supported",
-                               param=f"messages[{i}].content")
-            content = "".join(p["text"] for p in content)
-        plain.append({"role": m.get("role"), "content": content})
-    try:
-        ids, _ = tokenizer.render_chat(plain, add_generation_prompt=True)
-    except ValueError as e:
-        raise ApiError(400, f"messages: {e}", param="messages") from None
-    return [list(ids)]
-
-
-def completion_prompts(body, tokenizer, vocab_size):
-    prompt = body.get("prompt")
-    batch = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
-    prompts = []
-    for p in batch:
-        if isinstance(p, str) and p:
-            prompts.append(list(tokenizer.encode(p)))
-        elif isinstance(p, list) and p and all(type(t) is int and 0 <= t < vocab_size for t in p):  # bool is no id
-            prompts.append(list(p))
-        else:
-            raise ApiError(400, f"prompt must be a non-empty string, a list of token ids in 0..{vocab_size - 1}, "
-                                f"or a list of those; got {json.dumps(p)[:80]}", param="prompt")
-    return prompts
-
-
-def parse_request(body, chat, loop, events):
-    """The checked request -> (prompts, one Choice per prompt and choice, stream, include_usage)."""
-    tokenizer, max_len = loop.tokenizer, loop.engine.max_len
-    if chat:
-        prompts = chat_prompt(body, tokenizer)
-    else:
-        prompts = completion_prompts(body, tokenizer, loop.engine.model.config.vocab_size)
-    for p in prompts:
-        if len(p) >= max_len:
-            raise ApiError(400, f"the prompt is {len(p)} tokens but the context is {max_len} tokens, which "
-                                f"leaves no room for a reply: shorten it to at most {max_len - 1} tokens",
-                           param="messages" if chat else "prompt", code="context_length_exceeded")
-    stop = body.get("stop")
-    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
-        raise ApiError(400, f"stop must be a non-empty string or a list of up to {MAX_STOP} of them", param="stop")
-    if chat:
-        top_logprobs = number(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS, integer=True)
-        if top_logprobs and not flag(body, "logprobs"):
-            raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        top_logprobs = top_logprobs if flag(body, "logprobs") else None
-        max_tokens = number(body, "max_tokens", None, 1, float("inf"), integer=True)  # the older name
-        max_tokens = number(body, "max_completion_tokens", max_tokens, 1, float("inf"), integer=True)
-    else:
-        top_logprobs = number(body, "logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
-        max_tokens = number(body, "max_tokens", 16, 1, float("inf"), integer=True)  # OpenAI's default for completions
-    stream_options = body.get("stream_options") or {}
-    if not isinstance(stream_options, dict):
-        raise ApiError(400, "stream_options must be an object like {\"include_usage\": true}", param="stream_options")
-    n, seed = number(body, "n", 1, 1, MAX_N, integer=True), number(body, "seed", None, -(1 << 63), (1 << 63) - 1, True)
-    settings = dict(temperature=number(body, "temperature", 1.0, 0, 2), top_p=number(body, "top_p", 1.0, 0, 1),
-                    top_k=max(0, number(body, "top_k", 0, -1, 1 << 31, integer=True)),  # -1 (vLLM's "off") = 0
-                    stop=stop, top_logprobs=top_logprobs)
-    if len(prompts) * n > loop.max_waiting:
-        raise ApiError(400, f"{len(prompts)} prompts x n={n} make {len(prompts) * n} sequences; the server queues "
-                            f"at most {loop.max_waiting}", param="n")
-    choices = [Choice(loop, p * n + j, events, prompt, min(max_tokens or max_len, max_len - len(prompt)),
-                      seed=None if seed is None else (seed + j) % (1 << 63), **settings)  # choice j: its own seed
-               for p, prompt in enumerate(prompts) for j in range(n)]
-    return prompts, choices, flag(body, "stream"), flag(stream_options, "include_usage")
-
-
-def logprobs_json(chat, tokenizer, entries, offset=0):
-    """OpenAI's logprobs of (token, logprob, top) entries: chat's "content" list, or completions' columns."""
-    def token(i):
-        return tokenizer.decode_bytes([i]).decode("utf-8", errors="replace")
-
-    if chat:
-        def item(i, logprob):
-            return {"token": token(i), "logprob": logprob, "bytes": list(tokenizer.decode_bytes([i]))}
-
-        return {"content": [{**item(t, lp), "top_logprobs": [item(i, v) for i, v in top]} for t, lp, top in entries],
-                "refusal": None}
-    tokens = [token(t) for t, _, _ in entries]
-    offsets = [offset + sum(len(x) for x in tokens[:k]) for k in range(len(tokens))]
-    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries], "text_offset": offsets,
-            "top_logprobs": [{token(i): v for i, v in top} for _, _, top in entries]}
-
-
-def choice_json(chat, stream, index, text, logprobs=None, finish=None):
-    """One entry of "choices": a chat message, a chat delta, or a completion's text."""
-    if not chat:
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-    if stream:
-        delta = {"content": text} if text else {}
-        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-    message = {"role": "assistant", "content": text, "refusal": None}
-    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
-
-
-def usage_json(prompts, choices):
-    prompt = sum(len(p) for p in prompts)  # each prompt counts once, however many choices it has
-    completion = sum(len(c.seq.tokens) for c in choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 # -----------------------------------------------------------------------------
 # HTTP
 
 
-class Handler(BaseHTTPRequestHandler):
+class Connection(BaseHTTPRequestHandler):
+    """HTTP/1.1 on one connection: its deadlines, the body, the Host/Origin/key checks, replies and error objects
+    in either API's shape, and noticing a client that has left."""
     protocol_version = "HTTP/1.1"  # keep-alive for clients that reuse connections
     server_version = "astrai-serve"
     disable_nagle_algorithm = True  # else headers then body (or SSE events) wait on the client's delayed ACK: 40 ms
+    cors, anthropic = None, False  # the Origin allowed by --allowed_origins; the API whose error shape to use
 
-    def do_GET(self):  # and do_POST: one router for both
-        t0, self.note, self.streaming = time.perf_counter(), "", False
-        try:
-            self.route(self.command, urlsplit(self.path).path)
-            status = 200
-        except ClientGone:
-            status, self.note = 499, "client closed the connection"
-        except Exception as e:
-            if not isinstance(e, ApiError):  # a bug: log it, answer 500, keep serving
-                traceback.print_exc()
-                self.close_connection = True
-                e = ApiError(500, f"internal server error: {e!r}", kind="server_error")
-            status, self.note = e.status, e.message
-            if not self.streaming:  # once a stream has begun it is too late for a status code
-                headers = {503: {"Retry-After": "1"}, 401: {"WWW-Authenticate": "Bearer"}}.get(e.status)
-                try:
-                    self.send_json(e.status, e.body(), headers)
-                except ClientGone:
-                    pass
-        if self.server.log_requests:
-            print(f"{self.client_address[0]} {self.command} {self.path} {status} {time.perf_counter() - t0:.3f}s "
-                  f"{self.note}", file=sys.stderr, flush=True)
+    def deadline(self, seconds):
+        """The server's watchdog ends this connection's reading in `seconds` (inf: never)."""
+        self.server.deadlines[self.connection] = time.monotonic() + seconds
 
-    do_POST = do_GET
+    def handle_one_request(self):
+        self.deadline(self.server.idle_timeout)  # waiting for a request (keep-alive)
+        super().handle_one_request()
 
-    def log_request(self, code="-", size="-"):
-        pass  # do_GET logs one line per request, with its token counts
+    def parse_request(self):
+        self.deadline(self.server.timeout)  # the request line has come: its headers and body get `timeout` seconds
+        return super().parse_request()
 
-    def route(self, method, path):
-        body = self.read_body() if method == "POST" else b""
-        if path.startswith("/v1/") or path == "/stats":
-            self.check_key()
-        card = {"id": self.server.model_name, "object": "model", "created": int(self.server.loop.started),
-                "owned_by": "astrai", "max_model_len": self.server.loop.engine.max_len}
-        if (method, path) == ("GET", "/"):
-            with open(PAGE, "rb") as f:
-                self.send_bytes(200, f.read(), "text/html; charset=utf-8")
-        elif (method, path) == ("GET", "/health"):
-            self.send_json(200, {"status": "ok"})
-        elif (method, path) == ("GET", "/stats"):
-            self.send_json(200, self.server.loop.stats())
-        elif (method, path) == ("GET", "/v1/models"):
-            self.send_json(200, {"object": "list", "data": [card]})
-        elif method == "GET" and path.startswith("/v1/models/"):
-            self.check_model(path[len("/v1/models/") :])
-            self.send_json(200, card)
-        elif (method, path) in (("POST", "/v1/chat/completions"), ("POST", "/v1/completions")):
-            self.complete(self.parse_json(body), chat=path.endswith("chat/completions"))
-        else:
-            raise ApiError(404, f"unknown request URL: {method} {path}", code="unknown_url")
+    # --- reading and checking --------------------------------------------------------------------------------
 
     def read_body(self):
-        length = self.headers.get("Content-Length", "0")
-        if self.headers.get("Transfer-Encoding") or not length.isdigit():
+        """The body by its Content-Length, whatever the method: a GET's body left unread would be read as the next
+        request (request smuggling behind a proxy)."""
+        lengths = self.headers.get_all("Content-Length") or ["0"]
+        chunked = self.headers.get("Transfer-Encoding") is not None
+        if chunked or len(lengths) > 1 or not (lengths[0].isascii() and lengths[0].isdigit()):
             self.close_connection = True
-            raise ApiError(411, f"send the body with a Content-Length header (got {length!r}; chunked bodies are "
-                                "not supported)")
-        length, limit = int(length), self.server.max_body_bytes
+            raise ApiError(411 if chunked else 400, "send the body with one Content-Length header of digits "
+                           f"(got {', '.join(lengths)!r}; chunked bodies are not supported)")
+        length, limit = int(lengths[0]), self.server.max_body_bytes
         if length > limit:
             self.close_connection = length > 4 * limit
             if not self.close_connection:  # read and drop it, so that the client sees the 413 rather than a reset
                 self.rfile.read(length)
             raise ApiError(413, f"the request body is {length} bytes; the limit is {limit} bytes",
                            code="body_too_large")
-        return self.rfile.read(length)
+        try:
+            body = self.rfile.read(length)
+        except OSError:  # the socket's timeout
+            body = b""
+        if len(body) < length:
+            self.close_connection = True
+            raise ApiError(408, f"the body ended after {len(body)} of its {length} bytes, or took longer than "
+                                f"{self.server.timeout:g} s", code="timeout")
+        return body
+
+    def check_origin(self):
+        """Refuse what a hostile web page could send: a Host that is not ours (a DNS-rebinding page names its own),
+        a foreign Origin (a cross-site request)."""
+        server, host, origin = self.server, self.headers.get("Host", ""), self.headers.get("Origin")
+        name = host_name(host)
+        if server.loopback and not (is_loopback(name) or name in server.allowed_hosts or "*" in server.allowed_hosts):
+            raise ApiError(403, f"Host {host!r} is not allowed: bound to loopback, this server answers localhost, "
+                                "127.0.0.1 and ::1; name others with --allowed_hosts", code="host_not_allowed")
+        if origin is not None and urlsplit(origin).netloc.lower() != host.strip().lower():
+            if origin not in server.allowed_origins and "*" not in server.allowed_origins:
+                raise ApiError(403, f"Origin {origin!r} is not allowed: only pages served from here may call, or "
+                                    "those named with --allowed_origins", code="origin_not_allowed")
+            self.cors = origin
 
     def check_key(self):
         key = self.server.api_key
-        given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        scheme, _, token = self.headers.get("Authorization", "").strip().partition(" ")
+        given = token.strip() if scheme.lower() == "bearer" else self.headers.get("x-api-key", "")
         if key and not hmac.compare_digest(given.encode(), key.encode()):
-            what = "no API key given" if not given else "wrong API key"
-            raise ApiError(401, f"{what}: send the header 'Authorization: Bearer KEY' with the server's --api_key",
+            raise ApiError(401, ("no API key given" if not given else "wrong API key") + ": send the header "
+                           "'Authorization: Bearer KEY' or 'x-api-key: KEY' with the server's --api_key",
                            code="invalid_api_key")
 
-    def check_model(self, name):
-        if name != self.server.model_name:
-            raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.server.model_name!r}",
-                           param="model", code="model_not_found")
+    # --- writing -----------------------------------------------------------------------------------------------
 
-    def parse_json(self, raw):
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the body must be a JSON object")
-        if body.get("model") is not None:
-            if not isinstance(body["model"], str):
-                raise ApiError(400, "model must be a string", param="model")
-            self.check_model(body["model"])
-        return body
+    def end_headers(self):
+        if self.cors:
+            self.send_header("Access-Control-Allow-Origin", self.cors)
+            self.send_header("Vary", "Origin")
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        super().end_headers()
 
     def send_bytes(self, status, data, content_type, headers=None):
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
+        self.send_response(status, "Overloaded" if status == 529 else None)
+        for k, v in {"Content-Type": content_type, "Content-Length": str(len(data)), **(headers or {})}.items():
             self.send_header(k, v)
         self.end_headers()
-        self.write(data)
+        if self.command != "HEAD":
+            self.write(data)
 
     def write(self, data):
         try:
             self.wfile.write(data)
-        except OSError:
+        except OSError:  # a reset, or a client that stopped reading for `timeout` seconds
             raise ClientGone from None
 
     def send_json(self, status, obj, headers=None):
-        self.send_bytes(status, json.dumps(obj).encode(), "application/json", headers)
+        self.send_bytes(status, dumps(obj), "application/json", headers)
+
+    def send_error_object(self, e):
+        """An ApiError in the shape of the API asked (Anthropic's overloaded status is 529)."""
+        headers = {503: {"Retry-After": "1"}, 401: {"WWW-Authenticate": "Bearer"}}.get(e.status, {})
+        try:
+            self.send_json(529 if self.anthropic and e.status == 503 else e.status, e.body(self.anthropic),
+                           {**headers, **e.headers})
+        except ClientGone:
+            pass
+
+    def send_error(self, code, message=None, explain=None):
+        """The standard library's own errors (a malformed request line, headers too long, ...): an error object."""
+        self.close_connection = True
+        self.server.count(code)
+        self.send_error_object(ApiError(code, message or self.responses.get(code, ("error",))[0]))
+
+    def start_stream(self):
+        self.streaming, self.close_connection = True, True  # the stream ends when the connection does
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+
+    def log_request(self, code="-", size="-"):
+        pass  # dispatch logs one line per request, with its token counts
+
+    def log_message(self, format, *args):  # dispatch's lines, and the standard library's (malformed requests)
+        if self.server.log_requests:
+            print(f"{self.client_address[0]} {format % args}".translate(CONTROL), file=sys.stderr, flush=True)
+
+    # --- while the engine generates ----------------------------------------------------------------------------
 
     def client_gone(self):
-        """The peer closed its end: the socket reads as ready with nothing in it."""
+        """Whether the client has left. A reset says so. The end of its input alone does not: a client may
+        half-close (shutdown(SHUT_WR)) and still read. So when that is first seen, a probe goes out that a closed
+        socket answers with a reset: an interim "100 Continue" (clients skip 1xx responses), or an SSE comment."""
+        sock = self.connection
         try:
-            ready, _, _ = select.select([self.connection], [], [], 0)
-            return bool(ready) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                return True
+            if not self.probed and (self.streaming or self.request_version == "HTTP/1.1") and \
+                    select.select([sock], [], [], 0)[0] and sock.recv(1, socket.MSG_PEEK) == b"":
+                self.probed = True
+                sock.sendall(b": ping\n\n" if self.streaming else b"HTTP/1.1 100 Continue\r\n\r\n")
+            return False
         except OSError:
             return True
 
     def events(self, events, count):
-        """Yield engine events until `count` sequences have finished; ClientGone if the client leaves."""
+        """Yield engine events until `count` sequences have finished; every 0.2 s, whatever the flow of tokens,
+        ClientGone if the client has left."""
+        check = time.monotonic() + 0.2
         while count:
             try:
-                event = events.get(timeout=0.2)
+                event = events.get(timeout=max(0.0, check - time.monotonic()))
             except queue.Empty:
+                event = None
+            if time.monotonic() >= check:
                 if self.client_gone():
-                    raise ClientGone from None
-                continue
-            count -= event[3] is not None
-            yield event
+                    raise ClientGone
+                check = time.monotonic() + 0.2
+            if event is not None:
+                count -= event[3] is not None
+                yield event
 
-    # --- completions ---------------------------------------------------------
 
-    def complete(self, body, chat):
+class Handler(Connection):
+    """The routes: one router for every method, then OpenAI's chat and completions and Anthropic's Messages on
+    the engine."""
+
+    def dispatch(self):  # every method: one router
+        t0, self.note, self.streaming, self.probed = time.perf_counter(), "", False, False
+        path, status = urlsplit(self.path).path, 200
+        self.anthropic = path.startswith("/v1/messages")
+        try:
+            self.route(path)
+        except ClientGone:
+            status, self.note = 499, "client closed the connection"
+        except Exception as e:
+            if not isinstance(e, ApiError):  # a bug: log it, answer 500 without its text, keep serving
+                traceback.print_exc()
+                e, self.close_connection = ApiError(500, "internal server error; see the server log",
+                                                    kind="server_error"), True
+            status, self.note = e.status, e.message
+            if not self.streaming:  # once a stream has begun it is too late for a status code
+                self.send_error_object(e)
+        self.close_connection |= self.server.closing
+        self.server.count(status)
+        self.log_message("%s %s %s %.3fs %s", self.command, self.path, status, time.perf_counter() - t0, self.note)
+
+    do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = do_OPTIONS = do_PATCH = dispatch
+
+    def route(self, path):
+        if time.monotonic() > self.server.deadlines[self.connection]:  # the watchdog cut the headers short
+            self.close_connection = True
+            raise ApiError(408, f"the request took longer than {self.server.timeout:g} s to arrive", code="timeout")
+        body = self.read_body()
+        self.deadline(math.inf)  # the request is in: from here on the time is the engine's, not the client's
+        self.check_origin()
+        method = ROUTES.get(path, "GET" if path.startswith("/v1/models/") else None)
+        if method is None:
+            raise ApiError(404, f"unknown request URL: {self.command} {path}", code="unknown_url")
+        if self.command == "OPTIONS" and self.cors:  # a CORS preflight from an allowed origin
+            return self.send_bytes(204, b"", "text/plain", {
+                "Access-Control-Allow-Methods": method, "Access-Control-Max-Age": "600",
+                "Access-Control-Allow-Headers": self.headers.get("Access-Control-Request-Headers", "")})
+        if self.command != method:
+            raise ApiError(405, f"{self.command} is not allowed on {path}: use {method}", code="method_not_allowed",
+                           headers={"Allow": method})
+        if path.startswith("/v1/") or path in ("/stats", "/metrics"):
+            self.check_key()
+        if method == "POST":
+            if self.headers.get_content_type() != "application/json":
+                raise ApiError(415, "the body must be JSON sent with Content-Type: application/json (got "
+                                    f"{self.headers.get('Content-Type', 'none')!r})", code="unsupported_media_type")
+            body = parse_json(body)
+            self.check_model(body.get("model"))
+        loop = self.server.loop
+        card = {"id": self.server.model_name, "object": "model", "owned_by": "astrai", "created": int(loop.started),
+                "max_model_len": loop.engine.max_len}
+        if path == "/":
+            with open(PAGE, "rb") as f:
+                self.send_bytes(200, f.read(), "text/html; charset=utf-8")
+        elif path == "/metrics":
+            self.send_bytes(200, self.server.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8")
+        elif path.startswith("/v1/models/"):
+            self.check_model(path[len("/v1/models/"):])
+            self.send_json(200, card)
+        elif method == "GET":
+            self.send_json(200, {"/health": {"status": "ok"}, "/stats": loop.stats(),
+                                 "/v1/models": {"object": "list", "data": [card]}}[path])
+        elif path == "/v1/messages":
+            self.messages(body)
+        else:
+            self.openai(body, chat=path == "/v1/chat/completions")
+
+    def check_model(self, name):
+        if name is not None and name != self.server.model_name:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.server.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def failure(self):
+        """The error for a sequence that ended in "error"."""
+        if self.server.loop.closing:
+            return ApiError(503, "the server is shutting down; retry", code="shutting_down", kind="server_error")
+        return ApiError(500, "the engine failed while generating; see the server log", kind="server_error")
+
+    def generate(self, request, respond):
+        """Submit a parsed request's sequences, give their events to respond(choices, events), cancel what is left."""
         loop, events = self.server.loop, queue.Queue()
-        prompts, choices, stream, include_usage = parse_request(body, chat, loop, events)
-        head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
-                "model": self.server.model_name}
+        choices = [Choice(loop, p * request.n + j, events, prompt, request.max_tokens[p], request.stop,
+                          None if request.seed is None else (request.seed + j) % (1 << 63), **request.sampling)
+                   for p, prompt in enumerate(request.prompts) for j in range(request.n)]  # choice j: its own seed
         loop.submit(choices)
         try:
-            if stream:
-                self.stream(head, chat, prompts, choices, events, include_usage)
-            else:
-                self.respond(head, chat, prompts, choices, events)
+            respond(choices, events)
         finally:
             loop.cancel(choices)  # no-op for finished sequences
-        usage = usage_json(prompts, choices)
-        self.note = f"prompt={usage['prompt_tokens']} completion={usage['completion_tokens']} n={len(choices)}" + (
-            " stream" if stream else "")
+        self.note = (f"prompt={sum(map(len, request.prompts))} completion={sum(len(c.seq.tokens) for c in choices)} "
+                     f"n={len(choices)}" + (" stream" if request.stream else ""))
 
-    def respond(self, head, chat, prompts, choices, events):
+    # --- OpenAI ------------------------------------------------------------------------------------------------
+
+    def openai(self, body, chat):
+        loop = self.server.loop
+        request = parse_openai(body, chat, loop.tokenizer, loop.engine.max_len, loop.engine.model.config.vocab_size,
+                               loop.max_waiting)
+        head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
+                "model": self.server.model_name}
+        respond = self.openai_stream if request.stream else self.openai_response
+        self.generate(request, lambda choices, events: respond(head, chat, request, choices, events))
+
+    def openai_response(self, head, chat, request, choices, events):
         text, entries, finish = [[] for _ in choices], [[] for _ in choices], [None] * len(choices)
         for index, piece, logprob, reason in self.events(events, len(choices)):
             text[index].append(piece)
             entries[index] += [logprob] if logprob else []
             finish[index] = reason
         if "error" in finish:
-            raise ApiError(500, "the engine failed while generating; see the server log", kind="server_error")
+            raise self.failure()
         tokenizer = self.server.loop.tokenizer
         body = [choice_json(chat, False, c.index, "".join(text[c.index]), finish=finish[c.index],
                             logprobs=None if c.seq.top_logprobs is None
                             else logprobs_json(chat, tokenizer, entries[c.index]))
                 for c in choices]
         self.send_json(200, {**head, "object": "chat.completion" if chat else "text_completion", "choices": body,
-                             "usage": usage_json(prompts, choices)})
+                             "usage": usage_json(request.prompts, choices)})
 
-    def stream(self, head, chat, prompts, choices, events, include_usage):
-        self.streaming = True
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")  # the stream ends when the connection does
-        self.end_headers()
-        self.close_connection = True
+    def openai_stream(self, head, chat, request, choices, events):
+        self.start_stream()
         tokenizer = self.server.loop.tokenizer
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-        offsets = [0] * len(choices)  # characters sent per choice, for completions' text_offset
+        offsets, failed = [0] * len(choices), False  # characters of the tokens sent: completions' text_offset
 
         def send(choices, **extra):
-            self.write(b"data: " + json.dumps({**head, "choices": choices, **extra}).encode() + b"\n\n")
+            self.write(b"data: " + dumps({**head, "choices": choices, **extra}) + b"\n\n")
 
         if chat:  # the first delta of each choice carries the role
-            send([{"index": s.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                   "finish_reason": None} for s in choices])
+            send([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                   "finish_reason": None} for c in choices])
         for index, text, logprob, reason in self.events(events, len(choices)):
             if reason == "error":
-                send([], error={"message": "the engine failed while generating; see the server log",
-                                "type": "server_error"})
+                if not failed:
+                    send([], error=self.failure().body()["error"])
+                failed = True
                 continue
             if text or logprob:
                 logprobs = logprob and logprobs_json(chat, tokenizer, [logprob], offsets[index])
                 send([choice_json(chat, True, index, text, logprobs)])
-                offsets[index] += len(text)
+                offsets[index] += len(logprobs["tokens"][0]) if logprobs and not chat else 0
             if reason:
                 send([choice_json(chat, True, index, "", finish=reason)])
-        if include_usage:
-            send([], usage=usage_json(prompts, choices))
+        if request.include_usage:
+            send([], usage=usage_json(request.prompts, choices))
         self.write(b"data: [DONE]\n\n")
+
+    # --- Anthropic Messages ------------------------------------------------------------------------------------
+
+    def messages(self, body):
+        loop = self.server.loop
+        request = parse_anthropic(body, loop.tokenizer, loop.engine.max_len, loop.engine.model.config.vocab_size)
+        head = {"id": "msg_" + uuid.uuid4().hex, "model": self.server.model_name}
+        respond = self.messages_stream if request.stream else self.messages_response
+        self.generate(request, lambda choices, events: respond(head, len(request.prompts[0]), choices[0], events))
+
+    def messages_response(self, head, input_tokens, choice, events):
+        text = []
+        for _, piece, _, finish in self.events(events, 1):
+            if finish == "error":
+                raise self.failure()
+            text.append(piece)
+        self.send_json(200, message_json(head, "".join(text), finish, choice, input_tokens))
+
+    def messages_stream(self, head, input_tokens, choice, events):
+        """Anthropic's event sequence: message_start, content_block_start, ping, content_block_delta...,
+        content_block_stop, message_delta (stop_reason, usage), message_stop; or an error event."""
+        self.start_stream()
+
+        def send(kind, **data):
+            self.write(f"event: {kind}\ndata: ".encode() + dumps({"type": kind, **data}) + b"\n\n")
+
+        send("message_start", message=message_json(head, None, None, choice, input_tokens))
+        send("content_block_start", index=0, content_block={"type": "text", "text": ""})
+        send("ping")
+        for _, text, _, finish in self.events(events, 1):
+            if finish == "error":
+                return send("error", error=self.failure().body(anthropic=True)["error"])
+            if text:
+                send("content_block_delta", index=0, delta={"type": "text_delta", "text": text})
+        send("content_block_stop", index=0)
+        message = message_json(head, "", finish, choice, input_tokens)
+        send("message_delta", delta={"stop_reason": message["stop_reason"], "stop_sequence": message["stop_sequence"]},
+             usage={"output_tokens": message["usage"]["output_tokens"]})
+        send("message_stop")
 
 
 class Server(ThreadingHTTPServer):
+    """A thread per connection up to max_connections (a 503 beyond, without a thread); a watchdog that ends the
+    reading of connections past their deadline; the request counts /metrics reports."""
     request_queue_size = 128  # the listen backlog: many clients connecting at once must not be refused
     daemon_threads = True
 
+    def process_request(self, request, client_address):
+        if len(self.deadlines) < self.max_connections:
+            request.settimeout(self.timeout)  # each read and write: a client that stops reading is cut off
+            self.deadlines[request] = time.monotonic() + self.idle_timeout
+            return super().process_request(request, client_address)
+        body = dumps(ApiError(503, f"too many connections (the limit is {self.max_connections}); retry shortly",
+                              code="overloaded", kind="server_error").body())
+        try:
+            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1"
+                            b"\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            request.setblocking(False)
+            request.recv(1 << 16)  # what has come of the request: closing on unread bytes would reset the 503
+        except OSError:
+            pass
+        self.count(503)
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.deadlines.pop(request, None)
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], OSError):  # a reset or a timeout is the client's business, not a bug
+            super().handle_error(request, client_address)
+
+    def service_actions(self):  # serve_forever calls this about twice a second: the watchdog
+        self.expire(lambda deadline: deadline < time.monotonic())
+
+    def expire(self, due):
+        """End the reading of connections whose deadline is due: the thread moves on; a reply can still go out."""
+        for sock, deadline in list(self.deadlines.items()):
+            if due(deadline):
+                self.deadlines[sock] = -math.inf
+                try:
+                    sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+
+    def count(self, status):
+        with self.lock:
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+
+    def metrics(self):
+        """Prometheus' text exposition format, version 0.0.4."""
+        loop, engine, lines = self.loop, self.loop.engine, []
+        with self.lock:
+            statuses = sorted(self.statuses.items())
+        for name, kind, about, samples in [
+            ("requests_total", "counter", "HTTP requests answered, by status code (499: the client left).",
+             [(f'{{status="{s}"}}', n) for s, n in statuses]),
+            ("prompt_tokens_total", "counter", "Prompt tokens of sequences that began to generate.",
+             [("", loop.prompt_tokens)]),
+            ("generation_tokens_total", "counter", "Tokens generated.", [("", loop.tokens_generated)]),
+            ("time_to_first_token_seconds", "histogram", "From submission to a sequence's first token.",
+             loop.ttft.samples()),
+            ("inter_token_latency_seconds", "histogram", "Between tokens of a sequence.", loop.itl.samples()),
+            ("sequences_running", "gauge", "Sequences holding a KV cache row.", [("", len(engine.running))]),
+            ("sequences_waiting", "gauge", "Sequences queued for a row.", [("", len(engine.waiting))]),
+            ("kv_cache_rows_in_use", "gauge", "KV cache rows in use.",
+             [("", engine.max_batch - len(engine.free_slots))]),
+            ("kv_cache_rows", "gauge", "KV cache rows (--max_batch).", [("", engine.max_batch)])]:
+            lines += [f"# HELP astrai_{name} {about}", f"# TYPE astrai_{name} {kind}"]
+            lines += [f"astrai_{name}{labels} {value}" for labels, value in samples]
+        return "\n".join(lines) + "\n"
+
 
 def make_server(loop, host="127.0.0.1", port=8000, api_key="", model_name="model", max_body_bytes=1 << 20,
-                log_requests=True):
+                log_requests=True, max_connections=128, timeout=30.0, idle_timeout=15.0, allowed_hosts=(),
+                allowed_origins=()):
     """The HTTP server for an EngineLoop (started separately); port 0 picks a free port."""
     server = Server((host, port), Handler)
     server.loop, server.api_key, server.model_name = loop, api_key, model_name
-    server.max_body_bytes, server.log_requests = max_body_bytes, log_requests
+    server.max_body_bytes, server.log_requests, server.max_connections = max_body_bytes, log_requests, max_connections
+    server.timeout, server.idle_timeout, server.loopback = timeout, idle_timeout, is_loopback(host_name(host))
+    server.allowed_hosts, server.allowed_origins = {host_name(h) for h in allowed_hosts}, set(allowed_origins)
+    server.deadlines, server.statuses, server.lock, server.closing = {}, {}, threading.Lock(), False  # socket: when
     return server
+
+
+def shut_down(server, loop, grace):
+    """Stop accepting, close idle connections, let running sequences finish for up to `grace` seconds and end the
+    rest (streams get an error event and [DONE], waiting requests a 503), and let the replies go out."""
+    server.closing = True
+    server.shutdown()  # serve_forever returns
+    server.server_close()  # new connections are refused
+    server.expire(math.isfinite)  # connections between requests (a request in hand has no deadline)
+    loop.stop(grace)
+    deadline = time.monotonic() + 5
+    while math.inf in server.deadlines.values() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 # -----------------------------------------------------------------------------
@@ -563,7 +720,7 @@ def main(argv):
     args = load_settings(DEFAULTS, argv, "serve.py")
     if not args.model:
         sys.exit("serve.py: --model=MODELDIR is required (a directory with config.json, model.safetensors, tokenizer)")
-    for key in ("max_batch", "prefill_chunk"):
+    for key in ("max_batch", "prefill_chunk", "max_connections"):
         if args[key] < 1:
             sys.exit(f"serve.py: --{key}={args[key]} must be at least 1")
     device, dtype = pick_device(args.device, args.dtype)
@@ -576,17 +733,19 @@ def main(argv):
     loop = EngineLoop(engine, tokenizer, args.max_waiting).start()
     name = args.model_name or os.path.basename(os.path.normpath(args.model))
     api_key = args.api_key or os.environ.get("ASTRAI_API_KEY", "")
-    server = make_server(loop, args.host, args.port, api_key, name, args.max_body_bytes)
+    server = make_server(loop, args.host, args.port, api_key, name, args.max_body_bytes, True, args.max_connections,
+                         args.timeout, args.idle_timeout, [h for h in args.allowed_hosts.split(",") if h],
+                         [o for o in args.allowed_origins.split(",") if o])
+    stop = threading.Event()
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, lambda *_: stop.set())
+    threading.Thread(target=server.serve_forever, name="accept", daemon=True).start()
     print(f"serving {name} ({model.num_params() / 1e6:.1f}M params, {device} {dtype}, max_batch {args.max_batch}) "
           f"on http://{args.host}:{server.server_address[1]}" + (" with an API key" if api_key else ""),
-          file=sys.stderr)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-        loop.stop()
+          file=sys.stderr, flush=True)
+    stop.wait()
+    print(f"shutting down: running requests get {args.shutdown_timeout:g} s", file=sys.stderr, flush=True)
+    shut_down(server, loop, args.shutdown_timeout)
 
 
 if __name__ == "__main__":

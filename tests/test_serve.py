@@ -27,19 +27,33 @@ QUESTIONS = ["Hello, world!", "What is 7 + 8?", "你好，世界！", "The quick
              "Emoji: 🙂🚀", "Mixed 中文 and English text.", "23 + 45 = 68."]
 
 
-def start_server(model_dir, started=True, max_batch=8, max_waiting=64, prefill_chunk=256):
+def start_server(model_dir, started=True, max_batch=8, max_waiting=64, prefill_chunk=256, stop_ids=None, **limits):
+    """A live server on a free port; stop_ids=(): a model that never stops (only max_tokens or a cancel end a reply).
+    limits: make_server's keyword arguments (timeout, idle_timeout, max_connections, allowed_hosts, ...)."""
     model, tokenizer = load(model_dir)
-    stop_ids = stop_ids_for(model_dir, tokenizer)
+    stop_ids = stop_ids_for(model_dir, tokenizer) if stop_ids is None else list(stop_ids)
     engine = Engine(model, max_batch, prefill_chunk=prefill_chunk, stop_ids=stop_ids, vocab_size=tokenizer.vocab_size)
     loop = EngineLoop(engine, tokenizer, max_waiting)
     if started:
         loop.start()
-    server = make_server(loop, port=0, api_key=KEY, model_name="tiny", max_body_bytes=64 * 1024, log_requests=False)
+    server = make_server(loop, port=0, api_key=KEY, model_name="tiny", max_body_bytes=64 * 1024,
+                         log_requests=limits.pop("log_requests", False), **limits)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
     return SimpleNamespace(server=server, loop=loop, engine=engine, port=port, client=client, model=model,
                            tokenizer=tokenizer, stop_ids=stop_ids)
+
+
+def pace(s, seconds):
+    """Slow the engine to at most one step per `seconds`: long replies take a while, on any machine."""
+    step = s.engine.step
+
+    def paced_step():
+        time.sleep(seconds)
+        step()
+
+    s.engine.step = paced_step
 
 
 def stop_server(s):
@@ -59,9 +73,9 @@ def chat_ids(s, question):
     return list(s.tokenizer.render_chat([{"role": "user", "content": question}], add_generation_prompt=True)[0])
 
 
-def reference(s, prompt_ids, max_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=()):
+def reference(s, prompt_ids, max_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=(), **sampling):
     """What the server must answer: sample.generate on this prompt alone -> (text, completion_tokens, finish)."""
-    tokens = generate(s.model, [prompt_ids], max_tokens, temperature, top_k, top_p, s.stop_ids, seed)[0]
+    tokens = generate(s.model, [prompt_ids], max_tokens, temperature, top_k, top_p, s.stop_ids, seed, **sampling)[0]
     hit_stop_token = bool(tokens) and tokens[-1] in s.stop_ids
     text = s.tokenizer.decode(tokens[:-1] if hit_stop_token else tokens)
     hits = [text.find(x) for x in stop if x in text]
@@ -75,6 +89,7 @@ def request(port, method, path, body=None, key=KEY, headers=None):
     """Raw HTTP -> (status, headers, parsed JSON body or raw bytes)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     h = {"Authorization": f"Bearer {key}"} if key else {}
+    h.update({"Content-Type": "application/json"} if method == "POST" else {})
     if isinstance(body, (dict, list)):
         body = json.dumps(body)
     conn.request(method, path, body=body, headers={**h, **(headers or {})})
@@ -113,11 +128,11 @@ def wait_idle(s, timeout=10):
 
 
 def test_release_text_holds_back_possible_stop_strings():
-    assert release_text("", "Hello wor", ["world"]) == ("Hello ", "wor", False)
-    assert release_text("wor", "ld! more", ["world"]) == ("", "", True)
-    assert release_text("wor", "m", ["world"]) == ("worm", "", False)
-    assert release_text("", "abc", ["bcd", "c"]) == ("ab", "", True)  # the earliest hit wins
-    assert release_text("", "xab", ["abc", "bd"]) == ("x", "ab", False)  # the longest possible start is held
+    assert release_text("", "Hello wor", ["world"]) == ("Hello ", "wor", None)
+    assert release_text("wor", "ld! more", ["world"]) == ("", "", "world")
+    assert release_text("wor", "m", ["world"]) == ("worm", "", None)
+    assert release_text("", "abc", ["bcd", "c"]) == ("ab", "", "c")  # the earliest hit wins
+    assert release_text("", "xab", ["abc", "bd"]) == ("x", "ab", None)  # the longest possible start is held
 
 
 @pytest.mark.parametrize("question", QUESTIONS[:3])
@@ -249,6 +264,73 @@ def test_logprobs_match_transformers(s, tiny_model_dir):
     assert "".join(lp.tokens) == r.choices[0].text and lp.text_offset[0] == 0
 
 
+def test_sampling_options_reach_the_sampler(s):
+    question = "Numbers: 0 1 2 3"
+    ids, messages = chat_ids(s, question), [{"role": "user", "content": question}]
+    options = dict(presence_penalty=0.7, frequency_penalty=0.4, logit_bias={"5": 3.0, "17": -100})
+    extras = dict(min_p=0.05, repetition_penalty=1.3)  # vLLM's extras, through extra_body
+    r = s.client.chat.completions.create(model="tiny", messages=messages, max_tokens=30, seed=11, **options,
+                                         extra_body=extras)
+    expected = reference(s, ids, 30, 1.0, seed=11, presence_penalty=0.7, frequency_penalty=0.4,
+                         logit_bias={5: 3.0, 17: -100.0}, **extras)
+    assert (r.choices[0].message.content, r.usage.completion_tokens) == expected[:2]
+    assert expected[0] != reference(s, ids, 30, 1.0, seed=11)[0]  # the options did change the reply
+    # greedy with a +100 bias: that token every time, in chat and completions, streamed or not
+    token_text = s.tokenizer.decode([42])
+    r = s.client.completions.create(model="tiny", prompt="Hello", max_tokens=6, temperature=0, logit_bias={"42": 100})
+    assert r.choices[0].text == token_text * 6
+    chunks = s.client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                              logit_bias={"42": 100}, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == token_text * 6
+    # a temperature too small for float32 is greedy, not token 0 forever
+    r = s.client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=1e-38)
+    assert r.choices[0].message.content == reference(s, ids, 20)[0]
+    for bad in ({"logit_bias": {"42": 101}}, {"logit_bias": {"300": 1}}, {"logit_bias": {"x": 1}},
+                {"logit_bias": [1]}, {"presence_penalty": 2.5}, {"frequency_penalty": "a"}, {"min_p": 1.5},
+                {"repetition_penalty": 0}):
+        status, _, data = request(s.port, "POST", "/v1/chat/completions", {"messages": messages, **bad})
+        assert status == 400 and data["error"]["param"] == next(iter(bad)), (bad, data)
+
+
+def test_options_that_would_change_the_result_are_refused_or_honoured(s):
+    messages = [{"role": "user", "content": "Hi"}]
+    for path, extra in [("/v1/completions", {"best_of": 2}), ("/v1/completions", {"echo": True}),
+                        ("/v1/completions", {"suffix": "end"}), ("/v1/chat/completions", {"tools": [{"type": "x"}]}),
+                        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}),
+                        ("/v1/chat/completions", {"tool_choice": "auto"}),
+                        ("/v1/chat/completions", {"stream_options": {"include_usage": True}}),  # without stream
+                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+                            {"type": "image_url", "image_url": {"url": "data:,"}}]}]})]:
+        body = {"prompt": "Hi"} if path == "/v1/completions" else {"messages": messages}
+        status, _, data = request(s.port, "POST", path, {**body, **extra})
+        param = next(iter(extra))
+        assert status == 400 and data["error"]["param"] == (param if param != "messages" else "messages[0].content")
+        assert (param if param != "messages" else "image_url") in data["error"]["message"], data
+    # their neutral values change nothing
+    r = s.client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0,
+                                         response_format={"type": "text"}, extra_body={"best_of": 1})
+    assert r.choices[0].message.content == reference(s, chat_ids(s, "Hi"), 5)[0]
+    # the developer role is the system role
+    for role in ("developer", "system"):
+        r = s.client.chat.completions.create(model="tiny", max_tokens=8, temperature=0, messages=[
+            {"role": role, "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+        ids = list(s.tokenizer.render_chat([{"role": "system", "content": "Be brief."},
+                                            {"role": "user", "content": "Hi"}], add_generation_prompt=True)[0])
+        assert r.choices[0].message.content == reference(s, ids, 8)[0] and r.usage.prompt_tokens == len(ids)
+
+
+def test_completions_text_offset_is_the_same_streamed(s):
+    for prompt in ("你好，世界！", "Emoji: 🙂🚀"):
+        r = s.client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, logprobs=2)
+        chunks = list(s.client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0,
+                                                  logprobs=2, stream=True))
+        streamed = [(o, t) for c in chunks if c.choices and c.choices[0].logprobs
+                    for o, t in zip(c.choices[0].logprobs.text_offset, c.choices[0].logprobs.tokens)]
+        lp = r.choices[0].logprobs
+        assert streamed == list(zip(lp.text_offset, lp.tokens)) and len(streamed) == 12
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:k]) for k in range(12)]
+
+
 def test_models_and_health(s):
     assert [m.id for m in s.client.models.list().data] == ["tiny"]
     assert s.client.models.retrieve("tiny").id == "tiny"
@@ -271,7 +353,7 @@ def test_errors_are_openai_shaped(s):
         (chat, b"[1, 2]", 400, None),
         (chat, {"messages": "Hi"}, 400, "messages"),
         (chat, {"messages": [{"role": "wizard", "content": "Hi"}]}, 400, "messages"),
-        (chat, {"messages": [{"role": "user", "content": 5}]}, 400, "messages"),
+        (chat, {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
         (chat, {"messages": msgs, "temperature": "hot"}, 400, "temperature"),
         (chat, {"messages": msgs, "temperature": 3}, 400, "temperature"),
         (chat, {"messages": msgs, "top_p": 1.5}, 400, "top_p"),
@@ -315,12 +397,20 @@ def test_errors_are_openai_shaped(s):
     got, _, data = request(s.port, "POST", chat, b"x" * (64 * 1024 + 1))
     assert got == 413 and "65537" in data["error"]["message"]
     with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n")
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000000000\r\n\r\n")
         assert sock.recv(100).startswith(b"HTTP/1.1 413")
-    # huge max_tokens is capped by the context, not an error
-    r = s.client.completions.create(model="tiny", prompt="Hello", temperature=0, max_tokens=10**12)
-    text, n, finish = reference(s, s.tokenizer.encode("Hello"), 10**12)
-    assert (r.choices[0].text, r.usage.completion_tokens, r.choices[0].finish_reason) == (text, n, finish)
+    # max_tokens given beyond the context is a 400, as OpenAI answers; not given, the context caps the reply
+    ids = s.tokenizer.encode("Hello")
+    for max_tokens in (10**12, 128 - len(ids) + 1):
+        with pytest.raises(openai.BadRequestError) as e:
+            s.client.completions.create(model="tiny", prompt="Hello", temperature=0, max_tokens=max_tokens)
+        assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "max_tokens"
+        assert f"at most {128 - len(ids)} tokens" in e.value.body["message"]
+    r = s.client.completions.create(model="tiny", prompt="Hello", temperature=0, max_tokens=128 - len(ids))
+    assert (r.choices[0].text, r.usage.completion_tokens) == reference(s, ids, 128 - len(ids))[:2]
+    r = s.client.chat.completions.create(model="tiny", messages=msgs, temperature=0)
+    text, n, finish = reference(s, chat_ids(s, "Hi"), 10**9)
+    assert (r.choices[0].message.content, r.usage.completion_tokens, r.choices[0].finish_reason) == (text, n, finish)
     assert r.usage.total_tokens <= 128
 
 
@@ -345,35 +435,78 @@ def test_full_queue_gets_503_then_serves(tiny_model_dir):
         stop_server(s)
 
 
+def raw_chat(port, body, key=KEY):
+    """A chat request written to a raw socket -> the socket."""
+    payload = json.dumps(body)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n{payload}".encode())
+    return sock
+
+
+def read_all(sock):
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def read_reply(sock):
+    """One HTTP reply from a raw socket -> (head, body) as text: Content-Length bytes of body, or all until close."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"Content-Length: (\d+)", head)
+    while body and not length or length and len(body) < int(length.group(1)):
+        if not (chunk := sock.recv(65536)):
+            break
+        body += chunk
+    return head.decode(), body.decode()
+
+
 def test_client_disconnect_cancels_the_row(tiny_model_dir):
-    s = start_server(tiny_model_dir, max_batch=2)
-    step = s.engine.step
-
-    def slow_step():  # about 50 steps a second, so a 100-token reply takes seconds
-        time.sleep(0.02)
-        step()
-
-    s.engine.step = slow_step
+    s = start_server(tiny_model_dir, max_batch=2, stop_ids=())  # never stops: only the cancel ends a reply early
+    pace(s, 0.02)  # at most 50 tokens a second: a 100-token reply takes 2 s or more
     try:
-        body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 100, "stream": True})
         for stream in (True, False):
-            payload = body if stream else body.replace('"stream": true', '"stream": false')
             before = s.loop.stats()["tokens_generated"]
-            sock = socket.create_connection(("127.0.0.1", s.port), timeout=10)
-            sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
-                         f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n{payload}".encode())
+            sock = raw_chat(s.port, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 100,
+                                     "stream": stream})
             if stream:
                 received = b""
                 while b"data: " not in received:  # the reply has started
                     received += sock.recv(4096)
-            else:
-                time.sleep(0.2)
+            else:  # tokens are flowing: the check must not wait for a lull in them
+                deadline = time.time() + 30
+                while s.loop.stats()["tokens_generated"] - before < 5 and time.time() < deadline:
+                    time.sleep(0.01)
             sock.close()
-            stats = wait_idle(s, timeout=5)
+            stats = wait_idle(s, timeout=10)
             assert stats["tokens_generated"] - before < 60, stats  # stopped well before its 100 tokens
+        # a client that half-closes its socket after sending (shutdown(SHUT_WR)) is still there: it gets it all
+        ids = chat_ids(s, "Hi")
+        text = s.tokenizer.decode(generate(s.model, [ids], 100, 0.0)[0])
+        for stream in (True, False):
+            sock = raw_chat(s.port, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 100,
+                                     "stream": stream, "temperature": 0})
+            sock.shutdown(socket.SHUT_WR)
+            reply = read_all(sock).decode()
+            sock.close()
+            while reply.startswith("HTTP/1.1 100 Continue\r\n\r\n"):  # an interim response may come first
+                reply = reply[len("HTTP/1.1 100 Continue\r\n\r\n"):]
+            assert reply.startswith("HTTP/1.1 200"), reply[:200]
+            body = reply.partition("\r\n\r\n")[2]
+            if stream:
+                chunks = [json.loads(e[6:]) for e in body.split("\n\n") if e.startswith("data: {")]
+                assert body.endswith("data: [DONE]\n\n")
+                assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == text
+            else:
+                data = json.loads(body)
+                assert data["choices"][0]["message"]["content"] == text and data["usage"]["completion_tokens"] == 100
         r = s.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], temperature=0,
                                              max_tokens=5)
-        assert r.choices[0].message.content == reference(s, chat_ids(s, "Hi"), 5)[0]
+        assert r.choices[0].message.content == s.tokenizer.decode(generate(s.model, [ids], 5, 0.0)[0])
     finally:
         stop_server(s)
 
@@ -427,7 +560,7 @@ def test_load_with_bad_input(s):
                                                          max_tokens=job.max_tokens, stream=True))
             assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == job.expect[0], job
         elif job.kind == "huge":
-            r = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=10**9)
+            r = client.chat.completions.create(model="tiny", messages=messages, temperature=0)  # to the context's end
             got = (r.choices[0].message.content, r.usage.completion_tokens, r.choices[0].finish_reason)
             assert got == job.expect and r.usage.total_tokens <= 128, job
         elif job.kind == "bad_json":
@@ -445,10 +578,11 @@ def test_load_with_bad_input(s):
             status, _, data = request(s.port, "POST", "/v1/chat/completions", {"messages": messages}, key="sk-nope")
             assert status == 401
         elif job.kind == "disconnect":
-            payload = json.dumps({"messages": messages, "max_tokens": 100, "stream": True})
+            payload = json.dumps({"messages": messages, "stream": True})  # to the context's end
             with socket.create_connection(("127.0.0.1", s.port), timeout=30) as sock:
-                sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
-                             f"Content-Length: {len(payload)}\r\n\r\n{payload}".encode())
+                sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+                             f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n{payload}"
+                             .encode())
                 assert sock.recv(4096).startswith(b"HTTP/1.1 200")
         return job.kind
 

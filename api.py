@@ -1,0 +1,292 @@
+"""
+The two APIs serve.py speaks, as plain functions over JSON: OpenAI's chat and completions, Anthropic's Messages.
+parse_openai and parse_anthropic check a body and return a request (token ids of each prompt, what each of its
+sequences needs); the *_json functions shape the replies; ApiError knows both APIs' error shapes.
+"""
+import json
+import math
+from types import SimpleNamespace
+
+MAX_N = 16  # choices per request
+MAX_STOP = 4  # stop strings per request, as OpenAI; Anthropic's stop_sequences: MAX_STOP_SEQUENCES
+MAX_STOP_SEQUENCES = 16
+MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias
+# Anthropic's error types by HTTP status; its "overloaded" status is 529 where OpenAI's is 503
+ANTHROPIC_ERRORS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                    413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 503: "overloaded_error"}
+# request fields that would change the result and that this server does not do, with the values that change nothing
+OPENAI_UNSUPPORTED = {"best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "tools": (None, []),
+                      "response_format": (None, {"type": "text"}), "tool_choice": (None, "none"), "functions": (None,),
+                      "function_call": (None, "none"), "audio": (None,), "prediction": (None,),
+                      "modalities": (None, ["text"]), "web_search_options": (None,)}
+ANTHROPIC_UNSUPPORTED = {"tools": (None, []), "tool_choice": (None, {"type": "none"}), "mcp_servers": (None, []),
+                         "thinking": (None, {"type": "disabled"}), "container": (None,), "output_config": (None,)}
+
+
+class ApiError(Exception):
+    """An error the client caused (or a full queue, or a failure): its HTTP status, and body() in either API's shape."""
+
+    def __init__(self, status, message, param=None, code=None, kind="invalid_request_error", headers=None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind, self.headers = \
+            status, message, param, code, kind, headers or {}
+
+    def body(self, anthropic=False):
+        if anthropic:
+            kind = ANTHROPIC_ERRORS.get(self.status, "invalid_request_error")
+            return {"type": "error", "error": {"type": kind, "message": self.message}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def short(value):
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def parse_json(raw):
+    """The request body -> a dict; 400 in our own words (never an exception's text) for anything else."""
+    try:
+        body = json.loads(raw, parse_constant={}.__getitem__)  # NaN, Infinity: a KeyError
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"the body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except (ValueError, KeyError, RecursionError):  # not UTF-8, NaN, an integer over 4300 digits, deep nesting
+        raise ApiError(400, "the body is not valid JSON: it must be UTF-8 text, nested less than 1000 deep, with "
+                            "finite numbers of under 4300 digits") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return body
+
+
+# -----------------------------------------------------------------------------
+# fields
+
+
+def number(body, name, default, low, high, integer=False):
+    value = body.get(name)
+    if value is None:
+        return default
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
+        what = "an integer" if integer else "a number"
+        raise ApiError(400, f"{name}={short(value)} is invalid: expected {what} from {low} to {high}", param=name)
+    return value
+
+
+def flag(body, name):
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise ApiError(400, f"{name}={short(value)} is invalid: expected true or false", param=name)
+    return bool(value)
+
+
+def refuse_unsupported(body, table):
+    for name, neutral in table.items():
+        if name in body and body[name] not in neutral:
+            raise ApiError(400, f"{name} is not supported by this server (got {short(body[name])}); leave it out",
+                           param=name)
+
+
+def stop_strings(body, name, limit):
+    stop = body.get(name)
+    stop = [] if stop is None else [stop] if isinstance(stop, str) and name == "stop" else stop
+    if not isinstance(stop, list) or len(stop) > limit or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, f"{name} must be a list of up to {limit} non-empty strings", param=name)
+    return stop
+
+
+def sampling(body, vocab_size, max_temperature=2.0):
+    """sample.Sequence's sampling settings; beyond OpenAI's own: top_k, min_p and repetition_penalty (vLLM's)."""
+    bias = body.get("logit_bias") or {}
+    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS or not all(
+            k.isascii() and k.isdigit() and len(k) < 10 and int(k) < vocab_size and not isinstance(v, bool)
+            and isinstance(v, (int, float)) and -100 <= v <= 100 for k, v in bias.items()):
+        raise ApiError(400, f"logit_bias must map up to {MAX_LOGIT_BIAS} token ids (strings, 0..{vocab_size - 1}) "
+                            'to numbers from -100 to 100, like {"42": -100}', param="logit_bias")
+    return dict(temperature=number(body, "temperature", 1.0, 0, max_temperature),
+                top_p=number(body, "top_p", 1.0, 0, 1), min_p=number(body, "min_p", 0.0, 0, 1),
+                top_k=max(0, number(body, "top_k", 0, -1, 1 << 31, integer=True)),  # -1 (vLLM's "off") = 0
+                presence_penalty=number(body, "presence_penalty", 0.0, -2, 2),
+                frequency_penalty=number(body, "frequency_penalty", 0.0, -2, 2),
+                repetition_penalty=number(body, "repetition_penalty", 1.0, 0.01, 100),
+                logit_bias={int(k): float(v) for k, v in bias.items()})
+
+
+def budgets(prompts, asked, default, max_len, param, prompt_param):
+    """Tokens each prompt may generate: `asked`, which must fit in the context with the prompt (400
+    context_length_exceeded otherwise, as OpenAI and Anthropic answer), else `default` capped by the context."""
+    for p in prompts:
+        if len(p) >= max_len:
+            raise ApiError(400, f"the prompt is {len(p)} tokens but the context is {max_len} tokens, which leaves no "
+                                f"room for a reply: shorten it to at most {max_len - 1} tokens",
+                           param=prompt_param, code="context_length_exceeded")
+        if asked is not None and len(p) + asked > max_len:
+            raise ApiError(400, f"the prompt is {len(p)} tokens and {param}={asked}, more than the context of "
+                                f"{max_len} tokens: ask for at most {max_len - len(p)} tokens",
+                           param=param, code="context_length_exceeded")
+    return [asked or min(default or max_len, max_len - len(p)) for p in prompts]
+
+
+def text_of(content, where):
+    """A message's content: a string, or a list of text blocks (OpenAI's content parts, Anthropic's blocks)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        for j, block in enumerate(content):
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind != "text" or not isinstance(block.get("text"), str):
+                raise ApiError(400, f"{where}[{j}]: {short(kind)} content is not supported, only text blocks like "
+                                    '{"type": "text", "text": "..."}', param=where)
+        return "".join(block["text"] for block in content)
+    raise ApiError(400, f"{where} must be a string or a list of text blocks", param=where)
+
+
+def render(tokenizer, messages, where="messages"):
+    try:
+        return list(tokenizer.render_chat(messages, add_generation_prompt=True)[0])
+    except ValueError as e:
+        raise ApiError(400, f"{where}: {e}", param=where) from None
+
+
+# -----------------------------------------------------------------------------
+# OpenAI
+
+
+def openai_prompts(body, chat, tokenizer, vocab_size):
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise ApiError(400, 'messages must be a non-empty list of {"role": ..., "content": ...} objects',
+                           param="messages")
+        plain = [{"role": "system" if m.get("role") == "developer" else m.get("role"),  # o1's name for system
+                  "content": text_of(m.get("content"), f"messages[{i}].content")} for i, m in enumerate(messages)]
+        return [render(tokenizer, plain)]
+    prompt = body.get("prompt")
+    batch = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
+    prompts = []
+    for p in batch:
+        if isinstance(p, str) and p:
+            prompts.append(list(tokenizer.encode(p)))
+        elif isinstance(p, list) and p and all(type(t) is int and 0 <= t < vocab_size for t in p):  # bool is no id
+            prompts.append(list(p))
+        else:
+            raise ApiError(400, f"prompt must be a non-empty string, a list of token ids in 0..{vocab_size - 1}, "
+                                f"or a list of those; got {short(p)}", param="prompt")
+    return prompts
+
+
+def parse_openai(body, chat, tokenizer, max_len, vocab_size, max_sequences):
+    """A chat or completions request -> Request(prompts, n, seed, stop, max_tokens per prompt, sampling,
+    stream, include_usage)."""
+    refuse_unsupported(body, OPENAI_UNSUPPORTED)
+    prompts = openai_prompts(body, chat, tokenizer, vocab_size)
+    if chat:
+        top_logprobs = number(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS, integer=True)
+        if top_logprobs and not flag(body, "logprobs"):
+            raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        top_logprobs = top_logprobs if flag(body, "logprobs") else None
+        name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        number(body, "max_tokens", None, 1, math.inf, integer=True)  # the older name, checked too
+    else:
+        top_logprobs, name = number(body, "logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True), "max_tokens"
+    asked = number(body, name, None, 1, math.inf, integer=True)
+    stream, stream_options = flag(body, "stream"), body.get("stream_options")
+    if stream_options is not None and (not stream or not isinstance(stream_options, dict)):
+        raise ApiError(400, 'stream_options must be an object like {"include_usage": true}, and only with '
+                            "stream=true", param="stream_options")
+    n, seed = number(body, "n", 1, 1, MAX_N, integer=True), number(body, "seed", None, -(1 << 63), (1 << 63) - 1, True)
+    if len(prompts) * n > max_sequences:
+        raise ApiError(400, f"{len(prompts)} prompts x n={n} make {len(prompts) * n} sequences; the server queues "
+                            f"at most {max_sequences}", param="n")
+    return SimpleNamespace(
+        prompts=prompts, n=n, seed=seed, stop=stop_strings(body, "stop", MAX_STOP),
+        max_tokens=budgets(prompts, asked, None if chat else 16, max_len, name, "messages" if chat else "prompt"),
+        sampling={**sampling(body, vocab_size), "top_logprobs": top_logprobs}, stream=stream,
+        include_usage=flag(stream_options or {}, "include_usage"))
+
+
+def finite(logprob):
+    return logprob if math.isfinite(logprob) else -9999.0  # OpenAI's stand-in for -inf; JSON has no inf or nan
+
+
+def logprobs_json(chat, tokenizer, entries, offset=0):
+    """OpenAI's logprobs of (token, logprob, top) entries: chat's "content" list, or completions' columns, whose
+    text_offset counts the characters of the tokens before, from `offset` (a stream's running count)."""
+    def token(i):
+        return tokenizer.decode_bytes([i]).decode("utf-8", errors="replace")
+
+    if chat:
+        def item(i, logprob):
+            return {"token": token(i), "logprob": finite(logprob), "bytes": list(tokenizer.decode_bytes([i]))}
+
+        return {"content": [{**item(t, lp), "top_logprobs": [item(i, v) for i, v in top]} for t, lp, top in entries],
+                "refusal": None}
+    tokens = [token(t) for t, _, _ in entries]
+    offsets = [offset + sum(len(x) for x in tokens[:k]) for k in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": [finite(lp) for _, lp, _ in entries], "text_offset": offsets,
+            "top_logprobs": [{token(i): finite(v) for i, v in top} for _, _, top in entries]}
+
+
+def choice_json(chat, stream, index, text, logprobs=None, finish=None):
+    """One entry of "choices": a chat message, a chat delta, or a completion's text."""
+    if not chat:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+    if stream:
+        delta = {"content": text} if text else {}
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+    message = {"role": "assistant", "content": text, "refusal": None}
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
+
+
+def usage_json(prompts, choices):
+    prompt = sum(len(p) for p in prompts)  # each prompt counts once, however many choices it has
+    completion = sum(len(c.seq.tokens) for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+# -----------------------------------------------------------------------------
+# Anthropic Messages
+
+
+def parse_anthropic(body, tokenizer, max_len, vocab_size):
+    """A Messages request -> the same Request as parse_openai's (one prompt, n=1). A final assistant message is
+    a prefill: the reply continues it. temperature/top_p/top_k come from the body (the official client sends them
+    with extra_body), as do our extras (min_p, the penalties, seed)."""
+    refuse_unsupported(body, ANTHROPIC_UNSUPPORTED)
+    if body.get("max_tokens") is None:
+        raise ApiError(400, "max_tokens is required: the most tokens to generate, like 1024", param="max_tokens")
+    asked = number(body, "max_tokens", None, 1, math.inf, integer=True)
+    messages, system = body.get("messages"), body.get("system")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, 'messages must be a non-empty list of {"role": "user", "content": ...} objects',
+                       param="messages")
+    plain = [] if system is None else [{"role": "system", "content": text_of(system, "system")}]
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+            raise ApiError(400, f'messages[{i}].role must be "user" or "assistant"', param=f"messages[{i}].role")
+        plain.append({"role": m["role"], "content": text_of(m.get("content"), f"messages[{i}].content")})
+    prefill = plain.pop()["content"] if plain[-1]["role"] == "assistant" else ""
+    if prefill != prefill.rstrip():
+        raise ApiError(400, "the final assistant message (a prefill) cannot end with whitespace", param="messages")
+    if not isinstance(body.get("metadata", {}), dict):
+        raise ApiError(400, 'metadata must be an object like {"user_id": "..."}', param="metadata")
+    prompt = render(tokenizer, plain) + list(tokenizer.encode(prefill) if prefill else [])
+    return SimpleNamespace(
+        prompts=[prompt], n=1, seed=number(body, "seed", None, -(1 << 63), (1 << 63) - 1, True),
+        stop=stop_strings(body, "stop_sequences", MAX_STOP_SEQUENCES),
+        max_tokens=budgets([prompt], asked, None, max_len, "max_tokens", "messages"),
+        sampling={**sampling(body, vocab_size, max_temperature=1.0), "top_logprobs": None},
+        stream=flag(body, "stream"), include_usage=False)
+
+
+def stop_reason(finish, stop_string):
+    return "max_tokens" if finish == "length" else "stop_sequence" if stop_string is not None else "end_turn"
+
+
+def message_json(head, text, finish, choice, input_tokens):
+    """A Messages response; text None: the message_start event's, before any content."""
+    done = text is not None
+    return {**head, "type": "message", "role": "assistant", "content": [{"type": "text", "text": text}] if done else [],
+            "stop_reason": stop_reason(finish, choice.stop_string) if done else None,
+            "stop_sequence": choice.stop_string if done else None,
+            "usage": {"input_tokens": input_tokens, "output_tokens": len(choice.seq.tokens)}}
