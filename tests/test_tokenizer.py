@@ -295,9 +295,10 @@ def test_template_errors_are_value_errors(tmp_path):
     # it renders the last message unlike the others (as Qwen3's does reasoning)
     with pytest.raises(ValueError, match=r"renders messages\[:2\] differently"):
         ours.render_chat(CONVERSATION[1:])
-    serve = pytest.importorskip("serve")  # serve.py answers a ValueError from render_chat with a 400
-    with pytest.raises(serve.ApiError) as error:
-        serve.chat_prompt({"messages": [{"role": "tool", "content": "42"}]}, Tokenizer.load(str(tmp_path)))
+    import api  # serve.py answers a ValueError from render_chat with a 400
+
+    with pytest.raises(api.ApiError) as error:
+        api.render(Tokenizer.load(str(tmp_path)), [{"role": "tool", "content": "42"}])
     assert error.value.status == 400 and "Unknown role: tool" in str(error.value)
 
 
