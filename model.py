@@ -279,6 +279,62 @@ class CacheIndex:
 
 
 # -----------------------------------------------------------------------------
+# the output head for training: log-probs of the targets, computed in row chunks
+
+
+class ChunkedTargetLogprobs(torch.autograd.Function):
+    """hidden (N, D) @ weight (V, D).T / temperature -> log p(target) and the mean over the vocabulary of log p,
+    (N,) each, 0 where the target is -100, without (N, V) logits: rows go through the head `chunk` at a time, and
+    backward recomputes each chunk's logits (a 4th head matmul instead of keeping N x V floats). Liger's fused
+    linear cross-entropy does the same for a loss; this returns log-probs so DPO and GRPO can use it too.
+    Matmuls run in autocast's dtype when it is on (as nn.Linear would), softmax in float32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk):
+        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+            else hidden.dtype
+        w = weight.to(dtype)
+        scored = targets != -100
+        picked_ids = targets.clamp(min=0)
+        logprobs = hidden.new_zeros(hidden.size(0), dtype=torch.float32)
+        mean_logprobs, lse = torch.zeros_like(logprobs), torch.zeros_like(logprobs)
+        for i in range(0, hidden.size(0), chunk):
+            logits = (hidden[i:i + chunk].to(dtype) @ w.T).float() / temperature  # (chunk, V)
+            lse[i:i + chunk] = logits.logsumexp(-1)
+            picked = logits.gather(-1, picked_ids[i:i + chunk, None])[:, 0]
+            logprobs[i:i + chunk] = picked - lse[i:i + chunk]
+            mean_logprobs[i:i + chunk] = logits.mean(-1) - lse[i:i + chunk]
+        ctx.save_for_backward(hidden, weight, picked_ids, scored, lse)
+        ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
+        return logprobs * scored, mean_logprobs * scored
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_mean):
+        hidden, weight, picked_ids, scored, lse = ctx.saved_tensors
+        w = weight.to(ctx.dtype)
+        grad_logprobs, grad_mean = grad_logprobs * scored, grad_mean * scored
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        for i in range(0, hidden.size(0), ctx.chunk):
+            h = hidden[i:i + ctx.chunk].to(ctx.dtype)
+            rows = torch.arange(h.size(0), device=h.device)
+            probs = ((h @ w.T).float() / ctx.temperature - lse[i:i + ctx.chunk, None]).exp()  # (chunk, V)
+            g, g_mean = grad_logprobs[i:i + ctx.chunk], grad_mean[i:i + ctx.chunk]
+            # d log p_t / d logits = onehot(t) - p; d mean_v log p_v / d logits = 1 / V - p
+            grad_logits = probs.mul_(-(g + g_mean)[:, None]).add_(g_mean[:, None] / probs.size(1))
+            grad_logits[rows, picked_ids[i:i + ctx.chunk]] += g
+            grad_logits = (grad_logits / ctx.temperature).to(ctx.dtype)
+            grad_hidden[i:i + ctx.chunk] = grad_logits @ w
+            grad_weight += (grad_logits.T @ h).float()
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+
+
+def head_chunk_rows(vocab_size):
+    """Rows per chunk of ChunkedTargetLogprobs: about 32M logits (128 MB in float32) at a time."""
+    return max(16, 2**25 // vocab_size)
+
+
+# -----------------------------------------------------------------------------
 # the model
 
 
@@ -328,12 +384,15 @@ class Transformer(nn.Module):
         # the sign of rotate_half folded into sin's first half: see apply_rope
         self.register_buffer("rope_sin", torch.cat([-freqs.sin(), freqs.sin()], dim=-1), persistent=False)
 
-    def forward(self, input_ids, cache=None, rows=None, input_lengths=None, last_only=False):
+    def forward(self, input_ids, cache=None, rows=None, input_lengths=None, last_only=False, targets=None,
+                temperature=1.0):
         """input_ids (B, T) -> float32 logits (B, T, vocab_size). Without a cache: causal attention over
         input_ids. With a cache: input_ids are appended to cache rows `rows` (default all) at each row's own
         length; input_lengths (B,) counts the valid tokens of a right-padded batch. last_only: logits
         (B, 1, vocab_size) at each row's last valid token only, the one that predicts the next token (a
-        prefill then skips the output head everywhere else)."""
+        prefill then skips the output head everywhere else). targets (B, T) (training, no cache): instead of
+        logits, (log p(target), mean over the vocabulary of log p) under softmax(logits / temperature), (B, T)
+        each, 0 where targets == -100, the head run in row chunks (ChunkedTargetLogprobs)."""
         B, T = input_ids.shape
         index = None
         if cache is None:
@@ -357,6 +416,11 @@ class Transformer(nn.Module):
                 x = x[:, -1:]
             else:
                 x = x[torch.arange(B, device=x.device), torch.as_tensor(input_lengths, device=x.device) - 1][:, None]
+        if targets is not None:
+            hidden = self.norm(x).flatten(0, 1)  # (B * T, dim)
+            logprobs, mean_logprobs = ChunkedTargetLogprobs.apply(hidden, self.lm_head.weight, targets.flatten(),
+                                                                  temperature, head_chunk_rows(self.config.vocab_size))
+            return logprobs.view(B, T), mean_logprobs.view(B, T)
         logits = self.lm_head(self.norm(x)).float()
         if index is not None:
             cache.lengths[index.rows] = index.end

@@ -8,13 +8,28 @@ every strategy the same way. The interface (Strategy below has the defaults):
                                        frozen reference); tokenizer: the one train.py found. Bad settings raise
                                        ValueError, which train.py reports before training starts.
     check_data(dataset)                called once on the train split before training (GRPO probes its reward)
-    loss(model, batch, step, micro_step=0, evaluating=False) -> (loss, metrics)
+    normalizers(batch) -> {name: count}
+                                       what the loss is a mean over, counted in one micro-batch before any forward
+                                       (seq/sft: scored tokens; dpo: pairs and chosen reply tokens; grpo:
+                                       micro-batches). train.py sums them over the micro-batches of an optimizer
+                                       step and over processes: `totals`.
+    loss(model, batch, step, micro_step=0, evaluating=False, totals=None) -> (loss, metrics)
                                        step: the optimizer step; micro_step: which of its grad_accum micro-batches
-                                       this is; evaluating: the val split, no gradients. metrics: floats for the
-                                       log ("tokens", when present, is the token count behind tokens/s). `model`
-                                       may be DDP-wrapped: each loss() calls it once, so gradients sync once.
-    state_dict() / load_state_dict(state)
-                                       what a checkpoint needs beyond the weights (GRPO's cached rollouts)
+                                       this is; evaluating: the val split, no gradients. totals: the loss is this
+                                       micro-batch's share of the step's mean (its sum / the totals), so the shares
+                                       of every micro-batch and process add up to the mean over every scored token
+                                       of the step, whatever the batch split; None: the micro-batch's own mean.
+                                       metrics: floats for the log ("tokens", when present, is the token count
+                                       behind tokens/s). `model` may be DDP-wrapped: each loss() calls it once, so
+                                       gradients sync once. model(ids, targets=...) gives per-token log-probs
+                                       without full-vocabulary logits (model.py's chunked head).
+    state_dict() / load_state_dict(states)
+                                       what a checkpoint needs of each process beyond the weights (GRPO's cached
+                                       rollouts); load_state_dict gets every saved process's, in rank order, so a
+                                       run resumed on another number of processes finds its micro-batches'
+    reference_to_save() / load_reference(model)
+                                       weights alike on every process that a checkpoint must carry (GRPO's
+                                       reference once synced), or None; train.py writes them once
 
     seq   next-token cross-entropy on every token (pretraining)
     sft   the same, only on assistant replies
@@ -46,10 +61,19 @@ class Strategy:
     def check_data(self, dataset):
         pass
 
+    def normalizers(self, batch):
+        return {"micro_batches": 1}
+
     def state_dict(self):
         return {}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, states):
+        pass
+
+    def reference_to_save(self):
+        return None
+
+    def load_reference(self, model):
         pass
 
 
@@ -57,19 +81,29 @@ class Strategy:
 # seq and sft: next-token cross-entropy where targets != -100
 
 
-def token_cross_entropy(logits, targets, label_smoothing=0.0):
-    """Mean cross-entropy over positions whose target is not -100 (padding, prompt, user turns)."""
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
-                           label_smoothing=label_smoothing)
+def token_cross_entropy(logprobs, mean_logprobs, label_smoothing=0.0):
+    """Summed cross-entropy from model(ids, targets=...)'s (log p(target), mean_v log p_v), both 0 where
+    nothing is scored: -(1 - eps) log p(target) - eps mean_v log p_v, F.cross_entropy's label smoothing."""
+    return -((1 - label_smoothing) * logprobs + label_smoothing * mean_logprobs).sum()
+
+
+def scored_tokens(targets):
+    return int((targets != -100).sum())
 
 
 class NextToken(Strategy):
     """Pretraining (seq): every token is a target. SFT uses the same loss; data.py puts -100 on every
-    target outside assistant replies, and pads each conversation into its own row."""
+    target outside assistant replies, and pads each conversation into its own row. The loss is the mean
+    over every scored token of the step: a token of a short reply weighs what one of a long reply does."""
 
-    def loss(self, model, batch, step, micro_step=0, evaluating=False):
-        logits = model(batch["input_ids"])
-        return token_cross_entropy(logits, batch["targets"], self.cfg.label_smoothing), {}
+    def normalizers(self, batch):
+        return {"tokens": scored_tokens(batch["targets"])}
+
+    def loss(self, model, batch, step, micro_step=0, evaluating=False, totals=None):
+        totals = totals or self.normalizers(batch)
+        logprobs, mean_logprobs = model(batch["input_ids"], targets=batch["targets"])
+        loss = token_cross_entropy(logprobs, mean_logprobs, self.cfg.label_smoothing)
+        return loss / max(1, totals["tokens"]), {}
 
 
 class SFT(NextToken):
@@ -78,14 +112,6 @@ class SFT(NextToken):
 
 # -----------------------------------------------------------------------------
 # pieces shared by dpo and grpo
-
-
-def target_logprobs(logits, targets, temperature=1.0):
-    """logits (B, T, V), targets (B, T) with -100 where nothing is scored -> (B, T) log-probs of the
-    targets under softmax(logits / temperature), 0 at -100 positions."""
-    logits = logits / temperature if temperature != 1.0 else logits
-    picked = logits.gather(-1, targets.clamp(min=0)[..., None])[..., 0]  # (B, T)
-    return (picked - logits.logsumexp(-1)) * (targets != -100)  # no (B, T, V) log_softmax in memory
 
 
 def frozen_copy(model):
@@ -123,24 +149,28 @@ class DPO(Strategy):
         self.beta, self.rpo_alpha = cfg.beta, cfg.rpo_alpha
         self.ref_model = frozen_copy(model)
 
-    def loss(self, model, batch, step, micro_step=0, evaluating=False):
+    def normalizers(self, batch):
+        return {"pairs": batch["chosen_ids"].size(0), "chosen_tokens": scored_tokens(batch["chosen_targets"])}
+
+    def loss(self, model, batch, step, micro_step=0, evaluating=False, totals=None):
+        totals = totals or self.normalizers(batch)
         B = batch["chosen_ids"].size(0)
         ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])  # (2B, T): one forward for both sides
         targets = torch.cat([batch["chosen_targets"], batch["rejected_targets"]])
-        token_logprobs = target_logprobs(model(ids), targets)  # (2B, T)
+        token_logprobs = model(ids, targets=targets)[0]  # (2B, T)
         policy = token_logprobs.sum(-1)  # (2B,)
         with torch.no_grad():
-            ref = target_logprobs(self.ref_model(ids), targets).sum(-1)
+            ref = self.ref_model(ids, targets=targets)[0].sum(-1)
         losses, margins = dpo_loss(policy[:B], policy[B:], ref[:B], ref[B:], self.beta)
-        loss = losses.mean()
+        loss = losses.sum() / totals["pairs"]
         metrics = {
             "margin": margins.mean().item(),
             "pref_accuracy": (margins > 0).float().mean().item(),  # 0 at the start: policy == reference
             "chosen_reward": self.beta * (policy[:B] - ref[:B]).mean().item(),  # < 0: chosen replies unlearned too
         }
         if self.rpo_alpha:
-            chosen_nll = -token_logprobs[:B].sum() / (batch["chosen_targets"] != -100).sum().clamp(min=1)
-            metrics["dpo_loss"] = loss.item()  # log 2 = 0.693 at the start, as without rpo_alpha
+            chosen_nll = -token_logprobs[:B].sum() / max(1, totals["chosen_tokens"])  # a token mean, as sft's
+            metrics["dpo_loss"] = losses.mean().item()  # log 2 = 0.693 at the start, as without rpo_alpha
             loss = loss + self.rpo_alpha * chosen_nll
         return loss, metrics
 
@@ -338,7 +368,9 @@ class GRPO(Strategy):
 
     # --- the loss -------------------------------------------------------------
 
-    def loss(self, model, batch, step, micro_step=0, evaluating=False):
+    def loss(self, model, batch, step, micro_step=0, evaluating=False, totals=None):
+        """Each micro-batch's loss is its own mean over completions (as many in each: batch_size x group_size
+        online), the step's the mean of these (totals: micro_batches)."""
         if evaluating:
             return self.val_loss(model, batch, step)
         cfg = self.cfg
@@ -352,11 +384,12 @@ class GRPO(Strategy):
         rollout = self.rollouts[micro_step]
 
         mask = (rollout["targets"] != -100).float()
-        logprobs = target_logprobs(model(rollout["input_ids"]), rollout["targets"], cfg.rollout_temperature)
+        logprobs = model(rollout["input_ids"], targets=rollout["targets"], temperature=cfg.rollout_temperature)[0]
         if rollout["old_logprobs"] is None:
             rollout["old_logprobs"] = logprobs.detach()
         loss, kl, clipped = grpo_loss(logprobs, rollout["old_logprobs"], self.reference_logprobs(rollout),
                                       rollout["advantages"], mask, cfg.clip_eps, cfg.kl_coef)
+        loss = loss / (totals or {"micro_batches": 1})["micro_batches"]
         n_tokens = mask.sum().clamp(min=1)
         return loss, {
             "reward_mean": rollout["reward_mean"],
@@ -370,15 +403,16 @@ class GRPO(Strategy):
     @torch.no_grad()
     def reference_logprobs(self, rollout):
         """Each step anew, not cached with the rollout: the reference may have been re-synced since."""
-        logits = self.ref_model(rollout["input_ids"])
-        return target_logprobs(logits, rollout["targets"], self.cfg.rollout_temperature)
+        return self.ref_model(rollout["input_ids"], targets=rollout["targets"],
+                              temperature=self.cfg.rollout_temperature)[0]
 
     @torch.no_grad()
     def val_loss(self, model, batch, step):
         if "responses" in batch:
             rollout = self.rollout(batch, step, 0)
             mask = (rollout["targets"] != -100).float()
-            logprobs = target_logprobs(model(rollout["input_ids"]), rollout["targets"], self.cfg.rollout_temperature)
+            logprobs = model(rollout["input_ids"], targets=rollout["targets"],
+                             temperature=self.cfg.rollout_temperature)[0]
             loss, _, _ = grpo_loss(logprobs, logprobs, self.reference_logprobs(rollout), rollout["advantages"], mask,
                                    self.cfg.clip_eps, self.cfg.kl_coef)
             return loss, {}
@@ -390,16 +424,25 @@ class GRPO(Strategy):
     # --- resume ---------------------------------------------------------------
 
     def state_dict(self):
-        """What resuming mid-way through ppo_epochs or sync_interval needs (train.py saves it per rank)."""
-        state = {"synced_at": self.synced_at, "rollouts": self.rollouts}
-        if self.synced_at:  # the reference is the policy of step synced_at, no longer on disk elsewhere
-            state["ref_model"] = self.ref_model.state_dict()
-        return state
+        """What resuming mid-way through ppo_epochs or sync_interval needs (train.py saves it per process). Rollouts
+        are keyed by global micro-batch (rank * grad_accum + micro_step), as their data and seeds are."""
+        first = self.rank * self.cfg.grad_accum
+        return {"synced_at": self.synced_at, "rollouts": {first + m: r for m, r in enumerate(self.rollouts)}}
 
-    def load_state_dict(self, state):
-        self.synced_at, self.rollouts = state["synced_at"], state["rollouts"]
-        if self.synced_at:
-            self.ref_model.load_state_dict(state["ref_model"])
+    def load_state_dict(self, states):
+        rollouts = {k: v for state in states for k, v in state["rollouts"].items()}
+        first = self.rank * self.cfg.grad_accum
+        self.synced_at = states[0]["synced_at"]
+        device = self.policy.lm_head.weight.device  # saved from the CPU
+        self.rollouts = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in rollouts[first + m].items()}
+                         for m in range(self.cfg.grad_accum) if first + m in rollouts]
+
+    def reference_to_save(self):
+        """Once synced, the reference is the policy of step synced_at, no longer on disk elsewhere."""
+        return self.ref_model if self.synced_at else None
+
+    def load_reference(self, model):
+        self.ref_model.load_state_dict(model.state_dict())
 
 
 STRATEGIES = {"seq": NextToken, "sft": SFT, "dpo": DPO, "grpo": GRPO}

@@ -100,8 +100,9 @@ def setup_distributed(cfg):
     if world_size > 1 and device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    if world_size > 1:
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    if world_size > 1:  # device_id binds NCCL to this process's GPU: barriers and object collectives use it
+        cuda = device.startswith("cuda")
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -171,7 +172,9 @@ def wrap_model(raw_model, cfg, env):
     elif env.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(model, device_ids=[env.device] if env.device_type == "cuda" else None)
+        # no buffer broadcast before each forward: the only buffers (RoPE tables) are computed, alike everywhere
+        model = DistributedDataParallel(model, device_ids=[env.device] if env.device_type == "cuda" else None,
+                                        broadcast_buffers=False)
     return model
 
 
@@ -182,6 +185,22 @@ def make_optimizer(model, cfg, device_type):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
 
 
+SCHEDULES = ("cosine", "sgdr", "constant")
+
+
+def schedule_problems(cfg):
+    """What is wrong with the schedule settings, each naming its key (an empty list: nothing)."""
+    checks = [
+        (cfg.lr_schedule in SCHEDULES, f"lr_schedule={cfg.lr_schedule!r}: choose from {', '.join(SCHEDULES)}"),
+        (cfg.lr_schedule != "sgdr" or cfg.sgdr_cycle >= 1, f"sgdr_cycle={cfg.sgdr_cycle}: must be >= 1 step"),
+        (cfg.lr_schedule != "sgdr" or cfg.sgdr_mult >= 1, f"sgdr_mult={cfg.sgdr_mult}: must be >= 1 (each cycle "
+                                                           "as long as the last or longer)"),
+        (cfg.keep_checkpoints >= 1, f"keep_checkpoints={cfg.keep_checkpoints}: must be >= 1 (the newest "
+                                    "checkpoint is the one --resume=auto continues from)"),
+    ]
+    return [message for ok, message in checks if not ok]
+
+
 def learning_rate(step, cfg):
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / cfg.warmup_iters
@@ -190,7 +209,9 @@ def learning_rate(step, cfg):
     t = step - cfg.warmup_iters
     if cfg.lr_schedule == "sgdr":  # find where t falls in cycles of growing length
         cycle = cfg.sgdr_cycle
-        while t >= cycle:
+        if cfg.sgdr_mult == 1:
+            t = t % cycle
+        while t >= cycle:  # sgdr_mult > 1: cycles grow geometrically, so few turns
             t, cycle = t - cycle, cycle * cfg.sgdr_mult
         progress = t / cycle
     else:
@@ -206,6 +227,17 @@ def gradient_sync(model, raw_model, cfg, env, last):
     return model.no_sync() if env.distributed and not last else nullcontext()
 
 
+def step_totals(strategy, micro_batches, env):
+    """The strategy's normalizers (scored tokens, pairs, ...) summed over the step's micro-batches and processes:
+    one all-reduce of a float64 tensor on the training device (NCCL takes CUDA tensors only)."""
+    counts = [strategy.normalizers(batch) for batch in micro_batches]
+    sums = torch.tensor([[float(c[k]) for k in counts[0]] for c in counts], dtype=torch.float64,
+                        device=env.device).sum(0)
+    if env.distributed:
+        dist.all_reduce(sums)
+    return dict(zip(counts[0], sums.tolist()))
+
+
 def to_device(batch, device):
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -215,8 +247,9 @@ def to_device(batch, device):
 
 
 def rng_state():
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()[1].tolist()}
-    state["numpy_pos"] = int(np.random.get_state()[2])
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": keys.tolist(),
+             "numpy_pos": int(pos), "numpy_gauss": (int(has_gauss), float(cached_gaussian))}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -226,9 +259,20 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"]))
+    has_gauss, cached_gaussian = state.get("numpy_gauss", (0, 0.0))
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], has_gauss,
+                         cached_gaussian))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def derive_rng_state(seed, step, rank):
+    """RNG states for a process that has none saved (resuming on more processes): derived from (seed, step,
+    rank), so the same resume gives the same run."""
+    derived = int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+    torch.manual_seed(derived)  # the CPU generator and every CUDA one
+    random.seed(derived)
+    np.random.seed(derived)
 
 
 def checkpoint_steps(out_dir):
@@ -238,20 +282,80 @@ def checkpoint_steps(out_dir):
     return [(s, os.path.join(out_dir, f"ckpt-{s}")) for s in sorted(steps)]
 
 
+def to_cpu(obj):
+    """obj with every tensor in it (in dicts, lists, tuples) moved to the CPU."""
+    if torch.is_tensor(obj):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def gather_to_master(obj, env):
+    """[obj of each process] on the master, None elsewhere. obj must hold CPU tensors only: NCCL's object gather
+    pickles into a tensor on the current CUDA device (bound in setup_distributed), and a CUDA tensor of rank r
+    would be unpickled onto GPU r in rank 0's process."""
+    if not env.distributed:
+        return [obj]
+    gathered = [None] * env.world_size if env.master else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def fsync_tree(path):
+    """Flush every file under path, then the directories, to disk: a rename must not land before the data."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(root)
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_dir(tmp, path):
+    """Put directory tmp at path; path is at every moment either the old directory or the new one. Linux swaps
+    the two with renameat2(RENAME_EXCHANGE); elsewhere the old is renamed aside first (a moment without it)."""
+    fsync_tree(tmp)
+    if os.path.exists(path):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        at_fdcwd, rename_exchange = -100, 2
+        renameat2 = getattr(libc, "renameat2", None)
+        if renameat2 and renameat2(at_fdcwd, os.fsencode(tmp), at_fdcwd, os.fsencode(path), rename_exchange) == 0:
+            shutil.rmtree(tmp)  # now the old directory
+            fsync_dir(os.path.dirname(os.path.abspath(path)))
+            return
+        shutil.rmtree(path + ".old", ignore_errors=True)
+        os.replace(path, path + ".old")
+        os.replace(tmp, path)
+        shutil.rmtree(path + ".old")
+    else:
+        os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
 def save_checkpoint(path, raw_model, tokenizer, env, resume_state=None):
     """Write a MODELDIR to `path`, atomically. resume_state (optimizer, sampler, strategy, trainer state)
-    adds what --resume=auto needs: optimizer.pt, rng-RANK.pt and strategy-RANK.pt of every process, and
-    trainer_state.json. Every process calls this: gathering FSDP state dicts is collective."""
+    adds what --resume=auto needs: optimizer.pt, rng-RANK.pt and strategy-RANK.pt of every process, reference/
+    (a strategy's reference weights, when they changed) and trainer_state.json. Every process calls this:
+    gathering FSDP state dicts is collective (all-gathers of the shards on the training device, the full state
+    landing on rank 0's CPU), and so is gathering the per-process states (CPU objects, to rank 0 only)."""
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(raw_model, options=full)
     if resume_state:
         optim_state = get_optimizer_state_dict(raw_model, resume_state["optimizer"], options=full)
-        rank_state = (rng_state(), resume_state["strategy"].state_dict())
-        rank_states = [None] * env.world_size
-        if env.distributed:
-            dist.all_gather_object(rank_states, rank_state)
-        else:
-            rank_states = [rank_state]
+        strategy = resume_state["strategy"]
+        rank_states = gather_to_master(to_cpu((rng_state(), strategy.state_dict())), env)
     if env.master:
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -262,25 +366,51 @@ def save_checkpoint(path, raw_model, tokenizer, env, resume_state=None):
             for r, (rng, strategy_state) in enumerate(rank_states):
                 torch.save(rng, os.path.join(tmp, f"rng-{r}.pt"))
                 torch.save(strategy_state, os.path.join(tmp, f"strategy-{r}.pt"))
+            reference = strategy.reference_to_save()  # alike on every process: written once
+            if reference is not None:
+                reference.save_pretrained(os.path.join(tmp, "reference"))
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
                 json.dump(resume_state["trainer"], f)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        replace_dir(tmp, path)
     if env.distributed:
-        dist.barrier()
+        dist.barrier()  # NCCL: on the device bound in setup_distributed
 
 
-def load_checkpoint(path, raw_model, optimizer, sampler, strategy, rank):
-    """Restore what save_checkpoint wrote into the live objects; returns the trainer state."""
+def check_global_batch(state, cfg, env, path):
+    """Resuming on another number of processes continues at the same sample only with the same rows per step."""
+    saved = state["config"]
+    saved_world = state.get("world_size") or len([n for n in os.listdir(path) if n.startswith("rng-")])
+    before = saved["batch_size"] * saved["grad_accum"] * saved_world
+    now = cfg.batch_size * cfg.grad_accum * env.world_size
+    if before != now:
+        sys.exit(f"train.py: --resume=auto: {path} was trained with {before} rows a step (batch_size "
+                 f"{saved['batch_size']} x grad_accum {saved['grad_accum']} x {saved_world} processes), this run "
+                 f"takes {now} (batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {env.world_size} "
+                 f"processes); set grad_accum (or batch_size) so that the product is {before} again")
+
+
+def load_checkpoint(path, raw_model, optimizer, sampler, strategy, cfg, env):
+    """Restore what save_checkpoint wrote into the live objects; returns the trainer state. The number of
+    processes may differ from the saved run's if rows per step do not: a process without a saved RNG state
+    gets one derived from (seed, step, rank), and the strategy sees every saved process's state."""
     with open(os.path.join(path, "trainer_state.json")) as f:
         state = json.load(f)
+    check_global_batch(state, cfg, env, path)
     saved = Transformer.from_pretrained(path)  # validates names and shapes against config.json
     set_model_state_dict(raw_model, saved.state_dict(), options=StateDictOptions(full_state_dict=True))
     optim_state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
     set_optimizer_state_dict(raw_model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
     sampler.load_state_dict(state["sampler"])
-    set_rng_state(torch.load(os.path.join(path, f"rng-{rank}.pt"), weights_only=True))
-    strategy.load_state_dict(torch.load(os.path.join(path, f"strategy-{rank}.pt"), weights_only=True))
+    rng_file = os.path.join(path, f"rng-{env.rank}.pt")
+    if os.path.exists(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    else:
+        derive_rng_state(cfg.seed, state["step"], env.rank)
+    saved_ranks = sorted(int(n[9:-3]) for n in os.listdir(path) if n.startswith("strategy-") and n.endswith(".pt"))
+    strategy.load_state_dict([torch.load(os.path.join(path, f"strategy-{r}.pt"), weights_only=True)
+                              for r in saved_ranks])
+    if os.path.isdir(os.path.join(path, "reference")):
+        strategy.load_reference(Transformer.from_pretrained(os.path.join(path, "reference")))
     return state
 
 
@@ -367,6 +497,8 @@ def setup_run(cfg):
         sys.exit(f"train.py: unknown strategy {cfg.strategy!r}; choose from {', '.join(STRATEGIES)}")
     if cfg.resume not in ("", "auto"):
         sys.exit(f"train.py: --resume={cfg.resume!r}: use --resume=auto")
+    if schedule_problems(cfg):
+        sys.exit("train.py: " + "; ".join(schedule_problems(cfg)))
     tokenizer = find_tokenizer(cfg)
     train_data, val_data = load_data(cfg, STRATEGIES[cfg.strategy].data_stage, tokenizer)
     raw_model = build_model(cfg, tokenizer, env.device)
@@ -382,7 +514,7 @@ def setup_run(cfg):
                                                    env.world_size, cfg.seed))
     checkpoints = checkpoint_steps(cfg.out_dir) if cfg.resume == "auto" else []
     if checkpoints:
-        state = load_checkpoint(checkpoints[-1][1], raw_model, run.optimizer, run.sampler, strategy, env.rank)
+        state = load_checkpoint(checkpoints[-1][1], raw_model, run.optimizer, run.sampler, strategy, cfg, env)
         run.step, run.train_points, run.val_points = state["step"], state["train_points"], state["val_points"]
         print0(f"resumed from {checkpoints[-1][1]} at step {run.step}")
     elif cfg.resume == "auto":
@@ -395,8 +527,8 @@ def setup_run(cfg):
 
 def checkpoint(run, cfg):
     """ckpt-STEP with everything --resume=auto needs; the newest keep_checkpoints are kept."""
-    trainer = {"step": run.step, "sampler": run.sampler.state_dict(), "config": cfg,
-               "train_points": run.train_points, "val_points": run.val_points}
+    trainer = {"step": run.step, "sampler": run.sampler.state_dict(), "config": cfg, "train_points": run.train_points,
+               "val_points": run.val_points, "world_size": run.env.world_size}
     path = os.path.join(cfg.out_dir, f"ckpt-{run.step}")
     save_checkpoint(path, run.raw_model, run.tokenizer, run.env,
                     {"optimizer": run.optimizer, "strategy": run.strategy, "trainer": trainer})
@@ -420,15 +552,16 @@ def train(cfg):
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # --- forward and backward over the micro-batches of this step
-        micro_batches = run.sampler.next_step()
+        # --- forward and backward over the micro-batches of this step; each loss is its share of the step's mean
+        micro_batches = [run.train_data.get_batch(indices) for indices in run.sampler.next_step()]
+        totals = step_totals(strategy, micro_batches, env)
         sums = {"loss": 0.0, "stop": float(bool(stop_requested))}  # summed over micro-steps
-        for micro_step, indices in enumerate(micro_batches):
-            batch = to_device(run.train_data.get_batch(indices), env.device)
+        for micro_step, batch in enumerate(micro_batches):
+            batch = to_device(batch, env.device)
             with gradient_sync(model, raw_model, cfg, env, last=micro_step == len(micro_batches) - 1):
                 with env.autocast:
-                    loss, metrics = strategy.loss(model, batch, run.step, micro_step)
-                (loss / len(micro_batches)).backward()
+                    loss, metrics = strategy.loss(model, batch, run.step, micro_step, totals=totals)
+                (loss * env.world_size).backward()  # DDP and FSDP average gradients over processes: undo it
             meter.tokens += metrics.pop("tokens") if "tokens" in metrics else \
                 sum(v.numel() for k, v in batch.items() if k.endswith("ids") and torch.is_tensor(v))
             for k, v in {"loss": loss.item(), **metrics}.items():
@@ -441,14 +574,14 @@ def train(cfg):
         optimizer.zero_grad(set_to_none=True)
         run.step += 1
 
-        # --- the step's loss and metrics: means over micro-steps and processes. The stop flag rides on the
-        # same all-reduce: a signal may reach the processes at different steps, every process must stop at the
-        # same one (checkpointing is collective), and this costs no collective of its own.
-        stats = torch.tensor(list(sums.values()), dtype=torch.float64, device=env.device) / len(micro_batches)
+        # --- the step's loss (the sum of the shares) and metrics (means over micro-steps and processes). The
+        # stop flag rides on the same all-reduce: a signal may reach the processes at different steps, every
+        # process must stop at the same one (checkpointing is collective), and this costs no collective of its own.
+        stats = torch.tensor(list(sums.values()), dtype=torch.float64, device=env.device)  # NCCL: on the device
         if env.distributed:
             dist.all_reduce(stats)
-            stats /= env.world_size
-        means = dict(zip(sums, stats.tolist()))
+        means = {k: v / (len(micro_batches) * env.world_size) for k, v in zip(sums, stats.tolist())}
+        means["loss"] = stats[0].item()
         stop = means.pop("stop") > 0
         run.train_points.append((run.step, means["loss"]))
         if run.step % cfg.log_interval == 0 or run.step == 1 or run.step == cfg.max_iters:
