@@ -27,6 +27,7 @@ every strategy the same way. The interface (Strategy below has the defaults):
                                        what a checkpoint needs of each process beyond the weights (GRPO's cached
                                        rollouts); load_state_dict gets every saved process's, in rank order, so a
                                        run resumed on another number of processes finds its micro-batches'
+    ref_model                          a frozen reference model or None; train.py shards it like the policy
     reference_to_save() / load_reference(model)
                                        weights alike on every process that a checkpoint must carry (GRPO's
                                        reference once synced), or None; train.py writes them once
@@ -54,6 +55,7 @@ class Strategy:
     """The defaults of the interface above."""
 
     data_stage = "seq"
+    ref_model = None  # a frozen reference model, which train.py shards like the policy under FSDP
 
     def __init__(self, cfg, model, tokenizer, rank=0, world_size=1):
         self.cfg, self.tokenizer, self.rank, self.world_size = cfg, tokenizer, rank, world_size

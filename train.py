@@ -160,15 +160,19 @@ def build_model(cfg, tokenizer, device):
     return model.to(device)
 
 
-def wrap_model(raw_model, cfg, env):
-    """What the loop calls: compiled and/or DDP-wrapped; FSDP2 shards raw_model in place."""
+def wrap_model(raw_model, cfg, env, reference=None):
+    """What the loop calls: compiled and/or DDP-wrapped; FSDP2 shards raw_model in place, and the strategy's
+    frozen reference (DPO's) the same way, so no process holds a whole copy of either."""
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if env.distributed and cfg.parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for block in raw_model.layers:
-            fully_shard(block)
-        fully_shard(raw_model)
+        for module in [raw_model] + ([reference] if reference is not None else []):
+            for block in module.layers:
+                fully_shard(block)
+            fully_shard(module)
+        if reference is not None:  # the root stays gathered after forward, for a backward the reference never has
+            reference.register_forward_hook(lambda module, args, output: module.reshard())
     elif env.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -508,8 +512,8 @@ def setup_run(cfg):
     except ValueError as e:
         sys.exit(f"train.py: --strategy={cfg.strategy}: {e}")
     run = SimpleNamespace(env=env, tokenizer=tokenizer, train_data=train_data, val_data=val_data, strategy=strategy,
-                          raw_model=raw_model, model=wrap_model(raw_model, cfg, env), step=0, train_points=[],
-                          val_points=[], optimizer=make_optimizer(raw_model, cfg, env.device_type),
+                          raw_model=raw_model, model=wrap_model(raw_model, cfg, env, strategy.ref_model), step=0,
+                          train_points=[], val_points=[], optimizer=make_optimizer(raw_model, cfg, env.device_type),
                           sampler=ResumableSampler(len(train_data), cfg.batch_size, cfg.grad_accum, env.rank,
                                                    env.world_size, cfg.seed))
     checkpoints = checkpoint_steps(cfg.out_dir) if cfg.resume == "auto" else []

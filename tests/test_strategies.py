@@ -356,6 +356,24 @@ def test_dpo_through_train_py(demo, tmp_path):
     assert (tmp_path / "final" / "model.safetensors").exists()
 
 
+def test_dpo_under_fsdp_equals_grad_accumulation(demo, tmp_path):
+    # the policy and the reference sharded over 2 processes; rpo_alpha's token mean spans both processes
+    args = ["--max_iters=3", "--rpo_alpha=1.0", "--batch_size=2"]
+    run(*train_args(demo, tmp_path / "single", "dpo", *args, "--grad_accum=2"))
+    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        *train_args(demo, tmp_path / "fsdp", "dpo", *args, "--parallel=fsdp"))
+    single, fsdp = metrics(tmp_path / "single"), metrics(tmp_path / "fsdp")
+    assert [r["step"] for r in single] == [r["step"] for r in fsdp]
+    for a, b in zip(single, fsdp):
+        for key in ("loss", "dpo_loss", "margin", "val_loss"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a, b)
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(tmp_path / out / "final" / "model.safetensors") for out in ("single", "fsdp"))
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
 def test_grpo_through_train_py(demo, tmp_path):
     run(*train_args(demo, tmp_path, "grpo", "--max_iters=2", "--batch_size=2", "--group_size=4", "--max_new_tokens=8"))
     rows = metrics(tmp_path)

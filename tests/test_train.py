@@ -108,6 +108,78 @@ def test_distributed_equals_grad_accumulation(demo, tmp_path, parallel):
     assert max((wa[k] - load_file(single / "ckpt-6" / "model.safetensors")[k]).abs().max().item() for k in wa) == 0
 
 
+def torchrun(*args, nproc=2):
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                        *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+def max_difference(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_sft_loss_weighs_every_reply_token_alike_however_the_batch_is_split(demo, tmp_path):
+    # replies of 1 to 90 tokens: one optimizer step of 4 conversations taken as 1 process x 4 rows, 1 x 2 rows x
+    # grad_accum 2, and 2 processes x 2 rows must give the same loss and weights (the mean over every reply token)
+    sys.path.insert(0, ROOT)
+    from data import prepare
+    from tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(str(demo / "tokenizer"))
+    replies, lengths = [1, 90, 3, 40, 7, 65, 2, 20], []
+    with open(tmp_path / "sft.jsonl", "w") as f:
+        for i, n in enumerate(replies * 2):
+            words = " ".join(str((i * 7 + k) % 10) for k in range(n))
+            ids = tokenizer.encode(words)
+            lengths.append(len(ids))
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"count {i}"},
+                                             {"role": "assistant", "content": tokenizer.decode(ids[:n])}]}) + "\n")
+    prepare("sft", [str(tmp_path / "sft.jsonl")], str(demo / "tokenizer"), str(tmp_path / "sft.h5"),
+            val_fraction=0.0, progress=False)
+    (tmp_path / "model.py").write_text("vocab_size = 512\ndim = 64\nn_layers = 2\nn_heads = 4\nn_kv_heads = 2\n"
+                                       "dim_ffn = 128\nmax_len = 128\n")
+
+    def args(out, batch_size, grad_accum):
+        return ["train.py", "--strategy=sft", f"--data={tmp_path}/sft.h5", f"--tokenizer={demo}/tokenizer",
+                f"--model_config={tmp_path}/model.py", f"--out_dir={out}", f"--batch_size={batch_size}",
+                f"--grad_accum={grad_accum}", "--block_size=128", "--lr=1e-2", "--warmup_iters=1", "--max_iters=2",
+                "--eval_interval=0", "--log_interval=1", "--ckpt_interval=0", "--weight_decay=0"]
+
+    run(*args(tmp_path / "one", 4, 1))
+    run(*args(tmp_path / "accum", 2, 2))
+    torchrun(*args(tmp_path / "ddp", 2, 1))
+    one = weights(tmp_path / "one" / "final")
+    for other in ("accum", "ddp"):
+        assert max_difference(one, weights(tmp_path / other / "final")) < 1e-5, other
+        assert all(abs(losses(tmp_path / "one")[s] - losses(tmp_path / other)[s]) < 1e-5 for s in (1, 2))
+
+
+def test_elastic_resume_on_fewer_processes_continues_at_the_same_sample(demo, tmp_path):
+    # 2 processes to step 10, then 1 process x grad_accum 2 to step 20 == 2 processes straight to step 20
+    # a constant schedule: the first leg's max_iters=10 changes nothing before step 10
+    args = ["--max_iters=20", "--ckpt_interval=10", "--lr_schedule=constant", "--weight_decay=0.1"]
+    torchrun(*common(demo, tmp_path / "straight", *args))
+    torchrun(*common(demo, tmp_path / "elastic", *args[1:], "--max_iters=10"))
+    out = run(*common(demo, tmp_path / "elastic", *args, "--grad_accum=2", "--resume=auto")).stdout
+    assert "resumed from" in out
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "elastic")
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-5
+    assert max_difference(weights(tmp_path / "straight" / "final"), weights(tmp_path / "elastic" / "final")) < 1e-5
+    # another number of rows a step cannot continue at the same sample: a clear error, no training
+    p = run(*common(demo, tmp_path / "elastic", *args, "--max_iters=30", "--resume=auto"), check=False)
+    assert p.returncode != 0 and "8 rows a step (batch_size 4 x grad_accum 2 x 1 processes)" in p.stdout + p.stderr
+    assert "this run takes 4" in p.stdout + p.stderr and "Traceback" not in p.stdout + p.stderr
+
+
 def unigram_entropy(h5_path):
     with h5py.File(h5_path) as f:
         tokens = f["train/tokens"][:]
@@ -174,8 +246,58 @@ def test_bad_input_stops_before_training(demo, tmp_path):
     small.write_text("vocab_size = 100\ndim = 32\nn_layers = 1\nn_heads = 2\nn_kv_heads = 2\ndim_ffn = 64\nmax_len = 64\n")
     fails(f"--model_config={small}", expect="vocab_size is 100")
     fails("--no_such_key=1", expect="no_such_key")
+    fails("--lr_schedule=linear", expect="lr_schedule='linear'")  # was: silently cosine
+    fails("--lr_schedule=sgdr", "--sgdr_cycle=0", expect="sgdr_cycle=0")  # was: a loop that never ends
+    fails("--lr_schedule=sgdr", "--sgdr_mult=0.5", expect="sgdr_mult=0.5")
+    fails("--keep_checkpoints=0", expect="keep_checkpoints=0: must be >= 1")  # was: every checkpoint kept
     fails("--max_iters=abc", expect="max_iters")
     bad_config = tmp_path / "typo.py"
     bad_config.write_text("max_iter = 10\n")
     p = run("train.py", str(bad_config), check=False)
     assert p.returncode != 0 and "max_iter" in p.stdout + p.stderr
+
+
+def test_sgdr_restarts_where_its_cycles_end():
+    sys.path.insert(0, ROOT)
+    from settings import Settings
+    from train import DEFAULTS, learning_rate
+
+    cfg = Settings(DEFAULTS, lr=1.0, min_lr=0.0, warmup_iters=0, lr_schedule="sgdr", sgdr_cycle=4, sgdr_mult=2.0)
+    starts = [s for s in range(30) if learning_rate(s, cfg) == 1.0]
+    assert starts == [0, 4, 12, 28]  # cycles of 4, 8, 16
+    assert learning_rate(2, cfg) == pytest.approx(0.5) and learning_rate(8, cfg) == pytest.approx(0.5)
+    cfg.sgdr_mult = 1.0  # equal cycles, computed without walking them
+    assert [s for s in range(10**6, 10**6 + 12) if learning_rate(s, cfg) == 1.0] == [10**6, 10**6 + 4, 10**6 + 8]
+
+
+def test_rng_state_round_trips_numpys_cached_gaussian():
+    sys.path.insert(0, ROOT)
+    from train import rng_state, set_rng_state
+
+    np.random.seed(3)
+    np.random.standard_normal()  # the legacy Gaussian draws two numbers and caches the second
+    state = torch.load(save_to_bytes(rng_state()), weights_only=True)
+    expected = np.random.standard_normal(3)
+    set_rng_state(state)
+    assert np.random.standard_normal(3).tolist() == expected.tolist()
+
+
+def save_to_bytes(obj):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_replacing_a_directory_leaves_the_new_one_and_nothing_else(tmp_path):
+    sys.path.insert(0, ROOT)
+    from train import replace_dir
+
+    for version in ("old", "new"):
+        (tmp_path / "final.tmp").mkdir()
+        (tmp_path / "final.tmp" / "model.safetensors").write_text(version)
+        replace_dir(str(tmp_path / "final.tmp"), str(tmp_path / "final"))
+        assert (tmp_path / "final" / "model.safetensors").read_text() == version
+        assert sorted(os.listdir(tmp_path)) == ["final"]
