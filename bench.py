@@ -30,6 +30,11 @@ DEFAULTS = dict(
     decode_tokens=64,  # decode: new tokens per generate() call, no early stop
     serve_requests=32,  # serve: completions per measurement, prompts of 16-64 tokens
     serve_tokens=32,  # serve: new tokens per completion, no early stop
+    # train_memory section: peak memory and tokens/s of one training step (forward, loss, backward) as train.py
+    # runs it vs transformers' model(x, labels=x).loss, each in its own process, at the 1B preset's vocab and
+    # block size with 2 of its 24 layers
+    memory_shape="configs/astrai_1b.py:n_layers=2:batch_size=1:block_size=2048",
+    memory_steps=2,  # timed steps after one warmup step
     threads=0,  # torch threads, 0 = torch's default
     seed=0,
 )
@@ -152,6 +157,83 @@ def bench_train(args):
         del model, hf, impls, calls
     table(rows, ["shape", "layers x dim", "params", "batch", "impl", "fwd+bwd tok/s", "MFU", "ours/theirs",
                  "step tok/s", "step MFU"])
+
+
+# -----------------------------------------------------------------------------
+# train_memory: peak resident memory of a training step, ours vs transformers, a process each
+
+
+def memory_status(key):
+    """VmRSS (now) or VmHWM (the peak since the last reset) of this process, in bytes (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def train_step_in_child(impl, spec, steps, queue):
+    """In a fresh process: one training step's peak RSS (the high-water mark reset just before it, after a
+    warmup step) and the median seconds of `steps` more. Random weights: memory and speed do not depend on them."""
+    config, extra = parse_shape(spec)
+    B, T = extra.get("batch_size", 1), min(extra.get("block_size", 2048), config.max_len)
+    torch.manual_seed(0)
+    x = torch.randint(0, config.vocab_size, (B, T))
+    if impl == "model.py":
+        model = Transformer(config)
+        targets = x.roll(-1, 1)
+        targets[:, -1] = -100
+
+        def step():  # what strategies.NextToken does: the chunked head, a mean over scored tokens
+            logprobs, _ = model(x, targets=targets)
+            (-logprobs.sum() / (targets != -100).sum()).backward()
+    else:
+        import transformers
+
+        from model import config_to_hf
+
+        hf = config_to_hf(config)
+        hf_config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+        model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa",
+                                                              dtype=torch.float32)
+
+        def step():  # transformers shifts the labels itself
+            model(x, labels=x).loss.backward()
+    model.train()
+    step()
+    model.zero_grad(set_to_none=True)
+    before = memory_status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    step()
+    peak = memory_status("VmHWM")
+    model.zero_grad(set_to_none=True)
+    seconds = timed(lambda: (step(), model.zero_grad(set_to_none=True)), steps, warmup=0)
+    queue.put({"before": before, "peak": peak, "tokens_per_s": B * T / seconds, "batch": f"{B}x{T}",
+               "params": sum(p.numel() for p in model.parameters())})
+
+
+def bench_train_memory(args):
+    import multiprocessing
+
+    print(f"== train_memory: one training step (forward, loss, backward; float32 on CPU) at {args.memory_shape}, "
+          "each implementation in a fresh process; peak = the process's peak RSS during the step (weights, "
+          "gradients, activations, logits), step = that peak minus the RSS just before the step")
+    context = multiprocessing.get_context("spawn")
+    results = {}
+    for impl in ("model.py", "transformers"):
+        queue = context.Queue()
+        child = context.Process(target=train_step_in_child, args=(impl, args.memory_shape, args.memory_steps, queue))
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            print(f"{impl}: the child process failed (exit code {child.exitcode})")
+            return
+        results[impl] = queue.get()
+    rows = [[impl, r["batch"], f"{r['params'] / 1e6:,.1f}M", f"{r['before'] / 2**30:.2f}", f"{r['peak'] / 2**30:.2f}",
+             f"{(r['peak'] - r['before']) / 2**30:.2f}", f"{r['tokens_per_s']:,.0f}"] for impl, r in results.items()]
+    ours, theirs = results["model.py"], results["transformers"]
+    rows.append(["ours/theirs", "", "", "", f"{ours['peak'] / theirs['peak']:.2f}x",
+                 f"{(ours['peak'] - ours['before']) / (theirs['peak'] - theirs['before']):.2f}x",
+                 f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x"])
+    table(rows, ["impl", "batch", "params", "RSS before GiB", "peak GiB", "step GiB", "tokens/s"])
 
 
 # -----------------------------------------------------------------------------
@@ -317,7 +399,7 @@ if __name__ == "__main__":
     args = load_settings(DEFAULTS, sys.argv[1:], "bench.py")
     if args.threads:
         torch.set_num_threads(args.threads)
-    sections = {"train": bench_train, "decode": bench_decode, "serve": bench_serve}
+    sections = {"train": bench_train, "train_memory": bench_train_memory, "decode": bench_decode, "serve": bench_serve}
     for name in args.only.split(","):
         if name not in sections:
             sys.exit(f"bench.py: unknown section {name!r}; choose from {', '.join(sections)}")
