@@ -288,6 +288,35 @@ class CacheIndex:
             cache.lengths[r] = end
 
 
+class Int8Linear(nn.Module):
+    """Weight-only int8 (gpt-fast's CPU path): int8 weights with one scale per output channel, bfloat16
+    activations, through torch's int8-weight matmul. Half the bytes of bfloat16 to read per token."""
+
+    def __init__(self, linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("weight", (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales.to(torch.bfloat16))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(torch.bfloat16))
+
+    def forward(self, x):
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scales)
+        y = y.view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_int8(model):
+    """The model in bfloat16 with every projection and the output head as an Int8Linear (MLA's kv_b_proj stays:
+    its weight is read whole, absorbed into the query and output)."""
+    model.to(torch.bfloat16)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and name != "kv_b_proj":
+                setattr(module, name, Int8Linear(child))
+    return model
+
+
 # -----------------------------------------------------------------------------
 # the model
 
