@@ -264,7 +264,9 @@ def run_cli(*args):
 def test_cli_prompt_prints_the_greedy_completion(tiny_model_dir):
     from sample import load, stop_ids_for
 
-    result = run_cli(f"--model={tiny_model_dir}", "--prompt", "hi", "--max_new_tokens", "5", "--temperature=0")
+    # compiled (the default) in float32 against the eager generate()
+    result = run_cli(f"--model={tiny_model_dir}", "--prompt", "hi", "--max_new_tokens", "5", "--temperature=0",
+                     "--dtype=float32")
     assert result.returncode == 0, result.stderr
     model, tokenizer = load(tiny_model_dir)
     stops = stop_ids_for(tiny_model_dir, tokenizer)
@@ -278,17 +280,19 @@ def test_cli_samples_chat_prompt_file_and_errors(tiny_model_dir, tmp_path, capsy
     from sample import main
 
     main([f"--model={tiny_model_dir}", "--prompt", "hi", "--max_new_tokens", "5", "--num_samples", "3",
-          "--top_k", "5", "--seed", "3"])
+          "--top_k", "5", "--seed", "3", "--compile=false"])
     assert capsys.readouterr().out.count("---------------") == 3
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("你好，世界！", encoding="utf-8")
-    main([f"--model={tiny_model_dir}", f"--prompt=FILE:{prompt_file}", "--chat", "--max_new_tokens=4"])
+    main([f"--model={tiny_model_dir}", f"--prompt=FILE:{prompt_file}", "--chat", "--max_new_tokens=4",
+          "--compile=false"])
     assert capsys.readouterr().out.endswith("\n")
-    main([f"--model={tiny_model_dir}", "--prompt=hi", "--dtype=bfloat16", "--device=cpu", "--max_new_tokens=4"])
+    main([f"--model={tiny_model_dir}", "--prompt=hi", "--dtype=bfloat16", "--device=cpu", "--max_new_tokens=4",
+          "--compile=false"])
     assert capsys.readouterr().out.endswith("\n")
     # interactive chat reads turns from stdin until EOF
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/reset\n7 + 8?\n"))
-    main([f"--model={tiny_model_dir}", "--chat", "--max_new_tokens=4"])
+    main([f"--model={tiny_model_dir}", "--chat", "--max_new_tokens=4", "--compile=false"])
     assert capsys.readouterr().out.count("> ") == 4  # three turns read, then EOF
     for argv, named in ((["--bogus=1"], "--bogus"), (["--max_new_tokens=many"], "max_new_tokens"), ([], "--model")):
         with pytest.raises(SystemExit, match=named):
