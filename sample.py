@@ -25,12 +25,14 @@ from collections import deque
 import regex
 import torch
 
+from lora import merge_adapter
 from model import KVCache, Transformer
 from settings import DTYPES, load_settings, pick_device
 from tokenizer import Tokenizer
 
 DEFAULTS = dict(
     model="",  # MODELDIR: config.json + model.safetensors + tokenizer files
+    adapter="",  # a LoRA adapter directory (train.py --lora_rank, or peft's) trained on --model: merged in on load
     prompt="",  # text, or FILE:path to read it from a file; empty: start a fresh document
     chat=False,  # wrap the prompt as a user message in the chat template; without --prompt: interactive chat
     num_samples=1,  # completions of the same prompt, generated as one batch
@@ -584,6 +586,8 @@ def main(argv):
         sys.exit("sample.py: --model=MODELDIR is required (a directory with config.json, model.safetensors, tokenizer)")
     device, dtype = pick_device(args.device, args.dtype)
     model, tokenizer = load(args.model, device=device, dtype=dtype)
+    if args.adapter:  # merged into the weights: the base model's speed
+        merge_adapter(model, args.adapter, args.model)
     stop_ids = stop_ids_for(args.model, tokenizer)
     seed = None if args.seed < 0 else args.seed
     if args.eval:

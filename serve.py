@@ -44,11 +44,13 @@ import torch
 
 from api import (ApiError, choice_json, logprobs_json, message_json, parse_anthropic, parse_json, parse_openai,
                  usage_json)
+from lora import merge_adapter
 from sample import Engine, Sequence, TextStream, load, stop_ids_for
 from settings import load_settings, pick_device
 
 DEFAULTS = dict(
     model="",  # MODELDIR: config.json + model.safetensors + tokenizer files (ours or Hugging Face)
+    adapter="",  # a LoRA adapter directory (train.py --lora_rank, or peft's) trained on --model: merged in on load
     host="127.0.0.1",  # loopback only; --host=0.0.0.0 exposes the server to the network
     port=8000,
     max_batch=8,  # rows decoded together = rows of the preallocated KV cache
@@ -726,6 +728,8 @@ def main(argv):
     device, dtype = pick_device(args.device, args.dtype)
     try:
         model, tokenizer = load(args.model, device=device, dtype=dtype)
+        if args.adapter:  # merged into the weights: the base model's serving speed
+            merge_adapter(model, args.adapter, args.model)
     except (OSError, ValueError) as e:
         sys.exit(f"serve.py: {e}")
     engine = Engine(model, args.max_batch, args.max_len, args.prefill_chunk, stop_ids_for(args.model, tokenizer),
