@@ -170,7 +170,8 @@ def read_adapter(path):
     or extra saved modules, one rank and alpha for every layer)."""
     from safetensors.torch import load_file
 
-    config_path, weights_path = os.path.join(path, "adapter_config.json"), os.path.join(path, "adapter_model.safetensors")
+    config_path = os.path.join(path, "adapter_config.json")
+    weights_path = os.path.join(path, "adapter_model.safetensors")
     for file in (config_path, weights_path):
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{file}: missing (an adapter directory holds adapter_config.json and "

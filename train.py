@@ -395,9 +395,9 @@ def setup_run(cfg):
         strategy.check_data(train_data)
     except ValueError as e:
         sys.exit(f"train.py: --strategy={cfg.strategy}: {e}")
-    run = SimpleNamespace(env=env, tokenizer=tokenizer, adapter=adapter, train_data=train_data, val_data=val_data, strategy=strategy,
-                          raw_model=raw_model, model=wrap_model(raw_model, cfg, env), step=0, train_points=[],
-                          val_points=[], optimizer=make_optimizer(raw_model, cfg, env.device_type),
+    run = SimpleNamespace(env=env, tokenizer=tokenizer, train_data=train_data, val_data=val_data, strategy=strategy,
+                          adapter=adapter, raw_model=raw_model, model=wrap_model(raw_model, cfg, env), step=0,
+                          train_points=[], val_points=[], optimizer=make_optimizer(raw_model, cfg, env.device_type),
                           sampler=ResumableSampler(len(train_data), cfg.batch_size, cfg.grad_accum, env.rank,
                                                    env.world_size, cfg.seed))
     checkpoints = checkpoint_steps(cfg.out_dir) if cfg.resume == "auto" else []
