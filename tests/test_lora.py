@@ -289,10 +289,22 @@ def test_bad_lora_settings_stop_before_training(demo, tmp_path):
 
 def test_sample_with_adapter_equals_merged_model(demo, sft_run, tmp_path):
     out, _ = sft_run
-    common = ["sample.py", "--prompt=12 + 7 =", "--temperature=0", "--max_new_tokens=12"]
+    common = ["sample.py", "--prompt=12 + 7 =", "--temperature=0", "--max_new_tokens=12", "--compile=false"]
     with_adapter = run(*common, f"--model={demo}/base", f"--adapter={out}/ckpt-8").stdout
     merged = run(*common, f"--model={out}/final").stdout
     plain = run(*common, f"--model={demo}/base").stdout
     assert with_adapter == merged and with_adapter != plain
     p = run(*common, f"--model={demo}/other_base", f"--adapter={out}/ckpt-8", check=False)
     assert p.returncode != 0 and "different weights" in p.stderr
+
+
+def test_adapter_is_merged_before_int8_quantization(demo, sft_run):
+    from sample import load
+
+    out, _ = sft_run
+    x = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        merged = Transformer.from_pretrained(str(out / "final"))(x)
+        plain = load(str(demo / "base"), dtype="int8")[0](x)
+        adapted = load(str(demo / "base"), dtype="int8", adapter=str(out / "ckpt-8"))[0](x)
+    assert (adapted - merged).abs().max() < 0.2 * (plain - merged).abs().max()
