@@ -288,6 +288,8 @@ class TrainingAdapter:
 
     def load(self, path):
         """The adapter weights of a checkpoint of this run, refused when its base model is not this run's."""
+        if not os.path.isfile(os.path.join(path, "base_model.json")):
+            raise ValueError(f"{path} is not a LoRA checkpoint (no base_model.json): resume it without --lora_rank")
         with open(os.path.join(path, "base_model.json")) as f:
             base = json.load(f)
         if base["sha256"] != self.base["sha256"]:

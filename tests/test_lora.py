@@ -251,6 +251,9 @@ def test_lora_resume_is_exact_and_needs_the_same_base(demo, sft_run, tmp_path):
     p = run(*lora_args(demo, other, *args, f"--init_from={demo}/other_base"), check=False)
     assert p.returncode != 0
     assert "different weights" in p.stderr and "other_base" in p.stderr, p.stderr[-2000:]
+    no_lora = [a for a in lora_args(demo, other, *args) if not a.startswith("--lora_")]
+    p = run(*no_lora, check=False)
+    assert p.returncode != 0 and "holds a LoRA adapter" in p.stderr, p.stderr[-2000:]
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
@@ -295,6 +298,8 @@ def test_sample_with_adapter_equals_merged_model(demo, sft_run, tmp_path):
     plain = run(*common, f"--model={demo}/base").stdout
     assert with_adapter == merged and with_adapter != plain
     p = run(*common, f"--model={demo}/other_base", f"--adapter={out}/ckpt-8", check=False)
+    assert p.returncode != 0 and "different weights" in p.stderr
+    p = run("serve.py", f"--model={demo}/other_base", f"--adapter={out}/ckpt-8", "--port=0", check=False)
     assert p.returncode != 0 and "different weights" in p.stderr
 
 
