@@ -71,13 +71,16 @@ def with_random_adapters(model, rank=4, alpha=8.0, targets="attention,mlp", seed
 # the format: peft on transformers' model reads ours, ours reads peft's
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_peft_loads_our_adapter(tmp_path_factory, tmp_path, arch):
+@pytest.mark.parametrize("arch, targets", [("llama", "attention,mlp"), ("qwen3", "attention,mlp"),
+                                           ("qwen3", "layers.1.mlp.down_proj,v_proj,lm_head")])
+def test_peft_loads_our_adapter(tmp_path_factory, tmp_path, arch, targets):
     peft = pytest.importorskip("peft")
     base = base_dir(tmp_path_factory, arch, 0, use_qk_norm=arch == "qwen3", tie_weight=arch == "llama")
-    ours, names = with_random_adapters(Transformer.from_pretrained(base))
+    ours, names = with_random_adapters(Transformer.from_pretrained(base), targets=targets)
     state = {k: v for k, v in ours.state_dict().items() if ".lora_" in k}
-    lora.save_adapter(tmp_path, state, lora.peft_config(names, 4, 8.0, 0.0, base))
+    config = lora.peft_config(names, 4, 8.0, 0.0, base, n_layers=2)
+    lora.save_adapter(tmp_path, state, config)
+    assert len(config["target_modules"]) == (7 if targets == "attention,mlp" else 4)
     theirs = peft.PeftModel.from_pretrained(hf_model(base), str(tmp_path)).eval()
     x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
