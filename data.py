@@ -360,8 +360,8 @@ class _Dataset:
         return int(self._bases[-1])
 
     def _locate(self, index):
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} items of {self.files[0]}...")
+        if not 0 <= index < self._bases[-1]:
+            raise IndexError(f"index {index} out of range for {self._bases[-1]} items of {self.files[0]}...")
         shard = bisect.bisect_right(self._bases, index) - 1
         return self.groups[shard], int(index - self._bases[shard])
 
@@ -421,11 +421,43 @@ class SFTDataset(_Dataset):
 
 
 class DPODataset(_Dataset):
-    """Chosen and rejected rows padded to one width, so a loss may run both in one forward pass."""
+    """Chosen and rejected rows padded to one width, so a loss may run both in one forward pass. A pair longer than
+    block_size + 1 tokens loses the start of its prompt, the same tokens on both sides, so both replies stay whole;
+    a pair whose longer reply (its tokens after the prompt) leaves no prompt token in block_size + 1 is dropped,
+    and how many were dropped is printed."""
+
+    def __init__(self, files, groups, attrs, block_size, first_offsets):
+        super().__init__(files, groups, attrs, block_size, first_offsets)
+        replies = [np.maximum(*(np.diff(g[f"{side}_offsets"][:]) for side in ("chosen", "rejected")))
+                   - g["prompt_lengths"][:] for g in groups]  # 3 numbers a pair: 24 MB for a million pairs
+        fits = np.concatenate(replies) <= block_size
+        self._kept = np.flatnonzero(fits)  # the pairs this dataset's indices number
+        if not fits.all():
+            where = f"{files[0]}{' ...' if len(files) > 1 else ''} {groups[0].name}"
+            print(f"{where}: dropped {len(fits) - len(self._kept):,} of {len(fits):,} DPO pairs whose reply alone "
+                  f"is longer than block_size={block_size} tokens", file=sys.stderr)
+            if not len(self._kept):
+                raise ValueError(f"{where}: every DPO pair has a reply longer than block_size={block_size} tokens")
+
+    def __len__(self):
+        return len(self._kept)
+
+    def _pair(self, index):
+        """(chosen (tokens, mask), rejected (tokens, mask)) of one pair, with the prompt cut from the left."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} DPO pairs of {self.files[0]}...")
+        index = int(self._kept[index])
+        group, local = self._locate(index)
+        n_prompt = int(group["prompt_lengths"][local])
+        sides = [self._record(index, f"{side}_offsets", f"{side}_tokens", f"{side}_mask")
+                 for side in ("chosen", "rejected")]
+        reply = max(len(tokens) for tokens, _ in sides) - n_prompt
+        start = max(0, n_prompt - (self.block_size + 1 - reply))  # keeps >= 1 prompt token: reply <= block_size
+        return [(tokens[start:], mask[start:]) for tokens, mask in sides]
 
     def get_batch(self, indices):
-        sides = {side: [self._shifted(*self._record(i, f"{side}_offsets", f"{side}_tokens", f"{side}_mask"))
-                        for i in indices] for side in ("chosen", "rejected")}
+        pairs = [self._pair(i) for i in indices]
+        sides = {side: [self._shifted(*pair[n]) for pair in pairs] for n, side in enumerate(("chosen", "rejected"))}
         width = max(1, max(len(inputs) for rows in sides.values() for inputs, _ in rows))
         batch = {}
         for side, rows in sides.items():

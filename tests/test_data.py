@@ -331,6 +331,38 @@ def test_dpo_batches(tok, tok_dir, demo, tmp_path):
         assert f["train/prompt_lengths"][0] == len(prompt_ids)
 
 
+def test_dpo_cuts_the_prompt_from_the_left_and_drops_pairs_whose_reply_does_not_fit(tok, tok_dir, tmp_path, capsys):
+    long_prompt = "Read this first. " * 6 + "What is 2 + 3?"
+    records = [{"prompt": long_prompt, "chosen": "2 + 3 = 5", "rejected": "2 + 3 = 6, or maybe 7"},
+               {"prompt": "1 + 1?", "chosen": "2", "rejected": "3"},
+               {"prompt": "1 + 2?", "chosen": "3", "rejected": "one plus two is three, " * 6 + "3"}]
+    h5 = _prepare("dpo", [_jsonl(tmp_path / "dpo.jsonl", records)], tok_dir, tmp_path / "dpo.h5")
+    block_size = 24
+    rendered = [{side: tok.render_chat([{"role": "user", "content": r["prompt"]},
+                                        {"role": "assistant", "content": r[side]}])[0] for side in ("chosen", "rejected")}
+                for r in records]
+    n_prompt = [len(tok.render_chat([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)[0])
+                for r in records]
+    longer_reply = [max(len(ids) for ids in sides.values()) - n for sides, n in zip(rendered, n_prompt)]
+    assert len(rendered[0]["rejected"]) > block_size + 1 and longer_reply[0] <= block_size  # cut, kept
+    assert len(rendered[1]["rejected"]) <= block_size + 1 and longer_reply[2] > block_size  # whole; dropped
+    dataset = data.load_dataset(str(h5), block_size=block_size, stage="dpo")
+    assert "dropped 1 of 3 DPO pairs whose reply alone is longer than block_size=24" in capsys.readouterr().err
+    assert len(dataset) == 2
+    batch = dataset.get_batch([0, 1])
+    for row, i in enumerate([0, 1]):
+        start = max(0, max(len(ids) for ids in rendered[i].values()) - (block_size + 1))  # the longer side's last
+        for side in ("chosen", "rejected"):  # block_size + 1 tokens; both sides lose the same prompt tokens
+            ids, targets = rendered[i][side][start:], batch[f"{side}_targets"][row]
+            assert batch[f"{side}_ids"][row, :len(ids) - 1].tolist() == ids[:-1]
+            assert tok.decode(targets[targets != -100].tolist()) == records[i][side] + "<|im_end|>"
+        assert (start > 0) == (i == 0)  # pair 0 lost the start of its prompt, pair 1 nothing
+    with pytest.raises(IndexError):
+        dataset.get_batch([2])
+    with pytest.raises(ValueError, match="every DPO pair has a reply longer than block_size=2"):
+        data.load_dataset(str(h5), block_size=2, stage="dpo")
+
+
 def test_grpo_online_and_offline(tok, tok_dir, demo, tmp_path):
     h5 = _prepare("grpo", [demo / "grpo.jsonl", demo / "eval.jsonl"], tok_dir, tmp_path / "grpo.h5")
     records = [json.loads(line) for name in ("grpo.jsonl", "eval.jsonl") for line in (demo / name).read_text().splitlines()]
