@@ -211,8 +211,8 @@ class MLAttention(nn.Module):
 
 
 class KVCache:
-    """Preallocated for batch_size rows x max_len tokens, never grown; `lengths` counts tokens per row.
-    GQA layers hold (k, v), each (B, n_kv_heads, max_len, head_dim); MLA layers hold one
+    """Preallocated for batch_size rows x max_len tokens, never grown; `lengths` (a host list) counts the tokens
+    of each row. GQA layers hold (k, v), each (B, n_kv_heads, max_len, head_dim); MLA layers hold one
     (B, 1, max_len, kv_lora_rank + qk_rope_head_dim) tensor of latents and RoPE keys."""
 
     def __init__(self, config, batch_size, max_len=None, device=None, dtype=torch.float32):
@@ -229,13 +229,11 @@ class KVCache:
                 (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
                 for _ in range(config.n_layers)
             ]
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.lengths = [0] * batch_size
 
-    def reset(self, rows=None):
-        if rows is None:
-            self.lengths.zero_()
-        else:
-            self.lengths[torch.as_tensor(rows, device=self.lengths.device, dtype=torch.long)] = 0
+    def reset(self, rows=None, length=0):
+        for r in range(self.batch_size) if rows is None else rows:
+            self.lengths[r] = length
 
     def bytes_per_token(self):
         return sum(t[0, ..., 0, :].numel() * t.element_size() for layer in self.layers for t in layer)
@@ -243,39 +241,80 @@ class KVCache:
 
 class CacheIndex:
     """Where one forward pass writes its new keys and values into the KV cache, and which cached keys each of its
-    tokens attends to: worked out once per forward, shared by all layers."""
+    tokens attends to: worked out once per forward on the host from the cache's lengths, copied to the device in
+    one transfer, shared by all layers. rows: cache rows of the batch (None: all, in order, which slices instead
+    of gathering); n_new: valid tokens per row of a right-padded batch (None: all seq_len). mask: always build
+    the attention mask (a compiled step wants one graph), else only where a row needs one."""
 
-    def __init__(self, cache, batch, seq_len, rows, input_lengths, device):
-        self.full = rows is None  # all rows in order: slice the cache instead of gathering
-        rows = torch.arange(batch, device=device) if rows is None else torch.as_tensor(rows, device=device)
-        start = cache.lengths[rows]  # (b,)
-        offsets = torch.arange(seq_len, device=device)
-        self.positions = start[:, None] + offsets  # (b, T)
-        n_new = (torch.full_like(start, seq_len) if input_lengths is None
-                 else torch.as_tensor(input_lengths, device=device))
-        end = start + n_new
-        self.length = int(end.max())  # keys to attend to: 0 .. length-1
+    def __init__(self, cache, seq_len, rows=None, n_new=None, device=None, mask=False):
+        self.full = rows is None
+        rows = list(range(cache.batch_size)) if rows is None else [int(r) for r in rows]
+        start = [cache.lengths[r] for r in rows]
+        n_new = [seq_len] * len(rows) if n_new is None else [int(n) for n in n_new]
+        self.ends = [s + n for s, n in zip(start, n_new)]
+        self.rows, self.length = rows, max(self.ends)  # keys to attend to: 0 .. length-1
         if self.length > cache.max_len:
             raise ValueError(f"KV cache overflow: a row would reach {self.length} tokens, "
                              f"the cache holds {cache.max_len}")
-        if seq_len == 1 and int(end.min()) == self.length:
-            self.mask = None  # one new token a row and every row at the same length: each sees every key
-        else:
+        positions = [s + t for s in start for t in range(seq_len)]
+        valid = [(i, r, s + t) for i, (r, s, n) in enumerate(zip(rows, start, n_new)) for t in range(n)]
+        ragged = len(valid) < len(positions)
+        flat = [i * seq_len + p - start[i] for i, _, p in valid] if ragged else []
+        last = [i * seq_len + n - 1 for i, n in enumerate(n_new)] if ragged else []
+        host = [positions, [r for _, r, _ in valid], [p for _, _, p in valid], rows, flat, last]
+        packed = torch.tensor(sum(host, []), dtype=torch.long).to(device)  # one host-to-device copy
+        self.positions, self.row_idx, self.pos_idx, self.rows_t, flat, last = packed.split([len(h) for h in host])
+        self.positions = self.positions.view(len(rows), seq_len)  # (b, T)
+        # a right-padded batch: the valid tokens' places in the flattened (b * T) batch, and each row's last one
+        self.flat, self.last = (flat, last) if ragged else (None, None)
+        self.mask = None
+        if mask or seq_len > 1 or min(self.ends) != self.length:  # else each row sees every key: no mask
             keys = torch.arange(self.length, device=device)
             self.mask = (keys[None, None, :] <= self.positions[:, :, None])[:, None]  # (b, 1, T, length)
-        self.valid = None if input_lengths is None else offsets[None, :] < n_new[:, None]  # (b, T)
-        row_idx = rows[:, None].expand(-1, seq_len)
-        self.row_idx = row_idx.reshape(-1) if self.valid is None else row_idx[self.valid]
-        self.pos_idx = self.positions.reshape(-1) if self.valid is None else self.positions[self.valid]
-        self.rows, self.end = rows, end
 
     def new_entries(self, x):
         # x (b, T, ...) -> (n, ...) the entries of valid tokens, in row_idx/pos_idx order
-        return x.reshape(-1, *x.shape[2:]) if self.valid is None else x[self.valid]
+        x = x.reshape(-1, *x.shape[2:])
+        return x if self.flat is None else x.index_select(0, self.flat)
 
     def read(self, buf):
-        # buf (B, heads, max_len, width) -> the rows of this pass, keys 0 .. length-1
-        return buf[:, :, : self.length] if self.full else buf[self.rows, :, : self.length]
+        # buf (B, heads, max_len, width) -> the rows of this pass, keys 0 .. length-1 (the mask's last dim, which
+        # a compiled step takes as a dynamic size)
+        length = self.length if self.mask is None else self.mask.shape[3]
+        return buf[:, :, :length] if self.full else buf[self.rows_t, :, :length]
+
+    def advance(self, cache):
+        for r, end in zip(self.rows, self.ends):
+            cache.lengths[r] = end
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 (gpt-fast's CPU path): int8 weights with one scale per output channel, bfloat16
+    activations, through torch's int8-weight matmul. Half the bytes of bfloat16 to read per token."""
+
+    def __init__(self, linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("weight", (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales.to(torch.bfloat16))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(torch.bfloat16))
+
+    def forward(self, x):
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scales)
+        y = y.view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_int8(model):
+    """The model in bfloat16 with every projection and the output head as an Int8Linear (MLA's kv_b_proj stays:
+    its weight is read whole, absorbed into the query and output)."""
+    model.to(torch.bfloat16)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and name != "kv_b_proj":
+                setattr(module, name, Int8Linear(child))
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -335,32 +374,41 @@ class Transformer(nn.Module):
         (B, 1, vocab_size) at each row's last valid token only, the one that predicts the next token (a
         prefill then skips the output head everywhere else)."""
         B, T = input_ids.shape
-        index = None
         if cache is None:
             if T > self.config.max_len:
                 raise ValueError(f"sequence of {T} tokens is longer than max_len={self.config.max_len}")
+            return self.run(input_ids, None, None, last_only)
+        if rows is None and B != cache.batch_size:
+            rows = range(B)
+        n_new = None if input_lengths is None else torch.as_tensor(input_lengths).tolist()
+        index = CacheIndex(cache, T, rows, n_new, input_ids.device)
+        logits = self.run(input_ids, cache.layers, index, last_only)
+        index.advance(cache)
+        return logits
+
+    def run(self, input_ids, cache_layers, index, last_only=False):
+        """The forward pass proper, over a cache's layers at the places `index` says (or none: training):
+        what sample.Engine compiles for its decode step."""
+        B, T = input_ids.shape
+        if index is None:
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         else:
-            index = CacheIndex(cache, B, T, rows, input_lengths, input_ids.device)
             positions = index.positions.clamp(max=self.config.max_len - 1)  # padding may run past the end
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, d)
         x = self.embed_tokens(input_ids)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for i, layer in enumerate(self.layers):
-            kv = None if cache is None else cache.layers[i]
-            if self.grad_checkpointing and self.training and cache is None:
+            kv = None if index is None else cache_layers[i]
+            if self.grad_checkpointing and self.training and index is None:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, index, kv)
         if last_only:
-            if input_lengths is None:
+            if index is None or index.flat is None:
                 x = x[:, -1:]
-            else:
-                x = x[torch.arange(B, device=x.device), torch.as_tensor(input_lengths, device=x.device) - 1][:, None]
-        logits = self.lm_head(self.norm(x)).float()
-        if index is not None:
-            cache.lengths[index.rows] = index.end
-        return logits
+            else:  # each row's last valid token
+                x = x.reshape(B * T, -1).index_select(0, index.last)[:, None]
+        return self.lm_head(self.norm(x)).float()
 
     # --- sizes --------------------------------------------------------------
 

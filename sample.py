@@ -25,7 +25,7 @@ from collections import deque
 import regex
 import torch
 
-from model import KVCache, Transformer
+from model import CacheIndex, KVCache, Transformer, quantize_int8
 from settings import DTYPES, load_settings, pick_device
 from tokenizer import Tokenizer
 
@@ -45,7 +45,9 @@ DEFAULTS = dict(
     logit_bias="",  # "ID:BIAS,ID:BIAS" added to those tokens' logits, e.g. "0:-100" never samples token 0
     seed=1337,  # -1: a different sample every run
     device="auto",  # auto = cuda when available, else cpu
-    dtype="auto",  # auto = bfloat16 on a GPU that has it, else float32; or float32, bfloat16, float16
+    dtype="auto",  # auto = bfloat16 where the GPU or CPU has it natively, else float32; or float32, bfloat16,
+    # float16, int8 (weight-only int8 with bfloat16 activations)
+    compile=True,  # decode steps through torch.compile (the first ones compile it: seconds); false = eager
     eval="",  # TASK.jsonl: greedy generation over {"messages"|"prompt", "answer"} records, prints accuracy
     batch_size=32,  # rows per generate() call with --eval
 )
@@ -185,6 +187,7 @@ class Sequence:
         self.on_token = on_token
         self.tokens, self.logprobs = [], []  # generated token ids (a stop token included) and their log-probs
         self.slot, self.prefilled = None, 0  # the KV cache row, and how many prompt tokens are in it
+        self.reused = 0  # prompt tokens whose keys and values were already in the row (prefix reuse)
         self.finish, self.cancelled = None, False  # finish: "stop" | "length" | "error" once done
 
 
@@ -192,16 +195,26 @@ class Engine:
     """Continuous batching over one KV cache of max_batch rows. Sequences wait in a FIFO queue; step() admits
     them into free rows, runs the model once (a prefill chunk for rows still reading their prompt, one decode
     token for the others), samples every row with its own settings and emits the tokens. A finished row is
-    free for the next sequence at the next step. add() may be called from other threads (serve.py's)."""
+    free for the next sequence at the next step, and keeps its keys and values: a sequence whose prompt starts
+    with a free row's tokens takes that row and prefills only the rest (prefix reuse: a chat's next turn).
+    add() may be called from other threads (serve.py's). compile: decode steps run through torch.compile
+    (one graph whatever the batch and length; the first steps compile it), prefill stays eager."""
 
-    def __init__(self, model, max_batch, max_len=None, prefill_chunk=256, stop_ids=(), vocab_size=None):
+    def __init__(self, model, max_batch, max_len=None, prefill_chunk=256, stop_ids=(), vocab_size=None,
+                 compile=False):
         self.model, self.max_batch, self.prefill_chunk = model.eval(), max_batch, prefill_chunk
         self.stop_ids = {int(i) for i in stop_ids}
         self.vocab_size = vocab_size  # the tokenizer's: ids past it (padded embedding rows) have no text
-        weight = model.lm_head.weight
+        weight = model.embed_tokens.weight  # the activations' dtype (an int8 model computes in bfloat16)
         self.device, self.max_len = weight.device, min(max_len or model.config.max_len, model.config.max_len)
-        self.cache = KVCache(model.config, max_batch, self.max_len, device=self.device, dtype=weight.dtype)
-        self.free_slots = list(range(max_batch))
+        with torch.inference_mode():  # the compiled step writes into it
+            self.cache = KVCache(model.config, max_batch, self.max_len, device=self.device, dtype=weight.dtype)
+        self.compiled, self.decode = compile, model.run
+        if compile:
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.decode = torch.compile(model.run, fullgraph=True, options={"cpp_wrapper": True})
+        self.free_slots = list(range(max_batch))  # least recently freed first
+        self.cached = [[] for _ in range(max_batch)]  # the tokens whose keys and values each free row holds
         self.waiting, self.running = deque(), []  # running: sequences holding a row, prefilling or decoding
         self.lock = threading.Lock()  # guards `waiting`
 
@@ -237,20 +250,29 @@ class Engine:
         """Cancelled sequences leave; waiting ones take free rows, lowest first."""
         for seq in [s for s in self.running if s.cancelled]:
             self.leave(seq)
-        admitted = []
         with self.lock:
             while self.free_slots and self.waiting:
                 seq = self.waiting.popleft()
-                seq.slot = self.free_slots.pop(0)
-                admitted.append(seq)
-        if admitted:
-            self.cache.reset([s.slot for s in admitted])
-            self.running += admitted
+                seq.slot, seq.reused = self.pick_slot(seq.prompt)
+                seq.prefilled = seq.reused
+                self.free_slots.remove(seq.slot)
+                self.cache.reset([seq.slot], seq.reused)
+                self.running.append(seq)
+
+    def pick_slot(self, prompt):
+        """-> (row, tokens to reuse): the free row whose cached tokens start the prompt for longest (one prompt
+        token is always left to prefill: its logits give the first new token), else the least recently freed."""
+        best, best_n = self.free_slots[0], 0
+        for slot in self.free_slots:
+            n = common_prefix(self.cached[slot], prompt[:-1])
+            if n > best_n:
+                best, best_n = slot, n
+        return best, best_n
 
     def rows(self, seqs):
         # all rows in order: the cache slices instead of gathering
         slots = [s.slot for s in seqs]
-        return None if slots == list(range(self.max_batch)) else torch.tensor(slots, device=self.device)
+        return None if slots == list(range(self.max_batch)) else slots
 
     def forward(self):
         """-> (sequences that get a token now, their logits (b, V)): one prefill chunk for every row still
@@ -273,7 +295,11 @@ class Engine:
                     logits.append(out[i, 0])
         if decoding:
             ids = torch.tensor([[s.tokens[-1]] for s in decoding], device=self.device)  # (b, 1)
-            out = self.model(ids, cache=self.cache, rows=self.rows(decoding))[:, -1]  # (b, V)
+            index = CacheIndex(self.cache, 1, self.rows(decoding), device=self.device, mask=self.compiled)
+            if self.compiled:  # one graph for every cache length (and batch size, after the first)
+                torch._dynamo.maybe_mark_dynamic(index.mask, 3)
+            out = self.decode(ids, self.cache.layers, index)[:, -1]  # (b, V)
+            index.advance(self.cache)
             if not batch:
                 return decoding, out
             batch += decoding
@@ -334,7 +360,8 @@ class Engine:
     def leave(self, seq):
         self.running.remove(seq)
         self.free_slots.append(seq.slot)
-        self.free_slots.sort()  # lowest rows first: a full batch is rows 0..B-1, which the cache slices
+        length = self.cache.lengths[seq.slot]  # the last token sampled was never fed back: not in the cache
+        self.cached[seq.slot] = (seq.prompt + seq.tokens)[:length]
 
     def fail(self, seqs=None, reason="error"):
         """End seqs (default: every running and waiting one) with finish=reason; their on_token sees token None.
@@ -356,7 +383,7 @@ class Engine:
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(), seed=None,
-             return_logprobs=False, on_token=None, vocab_size=None, **sampling):
+             return_logprobs=False, on_token=None, vocab_size=None, compile=False, **sampling):
     """Continue each prompt (a list of token ids; lengths may differ) by up to max_new_tokens tokens.
 
     All prompts go into one engine with a row each: one right-padded prefill, then one batched decode step
@@ -365,9 +392,10 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     included as the last one when hit; with return_logprobs also their log-probs under the sampling
     distribution (see sample_tokens). on_token(row, token_id), when given, sees each token as it is sampled
     (streaming). vocab_size: the tokenizer's; ids at or past it (the padded embedding rows many models have)
-    are never sampled, since they have no text. seed: one generator shared by the batch. sampling: Sequence's
-    other settings (min_p, logit_bias, presence_penalty, frequency_penalty, repetition_penalty)."""
-    config, device = model.config, model.lm_head.weight.device
+    are never sampled, since they have no text. seed: one generator shared by the batch. compile: decode
+    steps through torch.compile (see Engine). sampling: Sequence's other settings (min_p, logit_bias,
+    presence_penalty, frequency_penalty, repetition_penalty)."""
+    config, device = model.config, model.embed_tokens.weight.device
     prompts = [p.tolist() if isinstance(p, torch.Tensor) else list(p) for p in prompts]
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
@@ -387,7 +415,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
                      return_logprobs, on_token=callback(row), **sampling) for row, p in enumerate(prompts)]
     if any(s.max_tokens > 0 for s in seqs):
         max_len = min(config.max_len, max(len(p) for p in prompts) + max_new_tokens)
-        engine = Engine(model, len(prompts), max_len, max_len, stop_ids, vocab_size)
+        engine = Engine(model, len(prompts), max_len, max_len, stop_ids, vocab_size, compile)
         engine.add([s for s in seqs if s.max_tokens > 0])
         while engine.has_work():
             engine.step()
@@ -398,6 +426,15 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
 def strip_stop(tokens, stop_ids):
     """The tokens without a trailing stop token (generate() returns it as the last one when hit)."""
     return tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens
+
+
+def common_prefix(a, b):
+    """How many leading items a and b share."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 class TextStream:
@@ -423,8 +460,11 @@ class TextStream:
 
 def load(model_dir, device="cpu", dtype=None):
     """(model in eval mode, tokenizer) from a MODELDIR: ours or a Hugging Face one with tokenizer.json.
-    dtype: a torch dtype or its name (float32, bfloat16, float16); None keeps float32."""
-    model = Transformer.from_pretrained(model_dir, device=device, dtype=DTYPES.get(dtype, dtype)).eval()
+    dtype: a torch dtype or its name (float32, bfloat16, float16), or "int8" (weight-only int8, bfloat16
+    activations: see model.Int8Linear); None keeps float32."""
+    int8 = dtype == "int8"
+    model = Transformer.from_pretrained(model_dir, device=device, dtype=None if int8 else DTYPES.get(dtype, dtype))
+    model = quantize_int8(model).eval() if int8 else model.eval()
     tokenizer = Tokenizer.load(model_dir)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
@@ -527,12 +567,12 @@ def evaluate(model, tokenizer, task_path, batch_size=32, max_new_tokens=64, stop
 
 
 def sampling_options(args):
-    """--min_p, the penalties and --logit_bias="ID:BIAS,..." as generate()'s keyword arguments."""
+    """--compile, --min_p, the penalties and --logit_bias="ID:BIAS,..." as generate()'s keyword arguments."""
     try:
         bias = {int(i): float(b) for i, _, b in (item.partition(":") for item in args.logit_bias.split(",") if item)}
     except ValueError:
         raise ValueError(f"--logit_bias={args.logit_bias!r}: expected ID:BIAS pairs like 0:-100,42:5") from None
-    return dict(min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+    return dict(compile=args.compile, min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                 frequency_penalty=args.frequency_penalty, logit_bias=bias)
 
 
@@ -582,7 +622,7 @@ def main(argv):
     args = load_settings(DEFAULTS, argv, "sample.py")
     if not args.model:
         sys.exit("sample.py: --model=MODELDIR is required (a directory with config.json, model.safetensors, tokenizer)")
-    device, dtype = pick_device(args.device, args.dtype)
+    device, dtype = pick_device(args.device, args.dtype, inference=True)
     model, tokenizer = load(args.model, device=device, dtype=dtype)
     stop_ids = stop_ids_for(args.model, tokenizer)
     seed = None if args.seed < 0 else args.seed

@@ -65,7 +65,9 @@ DEFAULTS = dict(
     allowed_origins="",  # web page origins (https://app.example) allowed to call, with CORS; * = any
     shutdown_timeout=5.0,  # on SIGTERM/SIGINT: seconds running requests get to finish before they are ended
     device="auto",  # auto = cuda when available, else cpu
-    dtype="auto",  # auto = bfloat16 on a GPU that has it, else float32; or float32, bfloat16, float16
+    dtype="auto",  # auto = bfloat16 where the GPU or CPU has it natively, else float32; or float32, bfloat16,
+    # float16, int8 (weight-only int8 with bfloat16 activations)
+    compile=True,  # decode steps through torch.compile (compiled at startup: seconds to a minute); false = eager
 )
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
 ROUTES = {"/": "GET", "/health": "GET", "/stats": "GET", "/metrics": "GET", "/v1/models": "GET",
@@ -174,7 +176,7 @@ class EngineLoop:
         self.wake = threading.Condition()
         self.thread, self.closing, self.stop_at = None, False, 0.0
         self.started = time.time()
-        self.tokens_generated = self.prompt_tokens = self.sequences_done = 0
+        self.tokens_generated = self.prompt_tokens = self.prompt_tokens_reused = self.sequences_done = 0
         self.busy_seconds = 0.0
         self.ttft = Histogram([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60])
         self.itl = Histogram([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5])
@@ -238,6 +240,7 @@ class EngineLoop:
         self.tokens_generated += 1
         if len(seq.tokens) == 1:
             self.prompt_tokens += len(seq.prompt)
+            self.prompt_tokens_reused += seq.reused
             self.ttft.observe(now - choice.submitted)
         else:
             self.itl.observe(now - choice.last_token)
@@ -248,6 +251,7 @@ class EngineLoop:
         return {
             "running": len(self.engine.running), "waiting": len(self.engine.waiting),
             "max_batch": self.engine.max_batch, "prompt_tokens": self.prompt_tokens,
+            "prompt_tokens_reused": self.prompt_tokens_reused,
             "tokens_generated": self.tokens_generated, "sequences_done": self.sequences_done,
             "tokens_per_s": round(self.tokens_generated / self.busy_seconds, 2) if self.busy_seconds else 0.0,
             "mean_time_to_first_token_s": round(self.ttft.sum / ttft_count, 4) if ttft_count else None,
@@ -672,6 +676,8 @@ class Server(ThreadingHTTPServer):
              [(f'{{status="{s}"}}', n) for s, n in statuses]),
             ("prompt_tokens_total", "counter", "Prompt tokens of sequences that began to generate.",
              [("", loop.prompt_tokens)]),
+            ("prompt_tokens_reused_total", "counter", "Prompt tokens whose keys and values a KV cache row still "
+             "held from an earlier request (prefix reuse): not computed again.", [("", loop.prompt_tokens_reused)]),
             ("generation_tokens_total", "counter", "Tokens generated.", [("", loop.tokens_generated)]),
             ("time_to_first_token_seconds", "histogram", "From submission to a sequence's first token.",
              loop.ttft.samples()),
@@ -684,6 +690,15 @@ class Server(ThreadingHTTPServer):
             lines += [f"# HELP astrai_{name} {about}", f"# TYPE astrai_{name} {kind}"]
             lines += [f"astrai_{name}{labels} {value}" for labels, value in samples]
         return "\n".join(lines) + "\n"
+
+
+def warm_up(engine):
+    """Decode a batch of one row, then of two: torch.compile's graphs for every batch size exist before the
+    first request (the second batch size makes the batch dimension dynamic)."""
+    for rows in (1, 2):
+        engine.add([Sequence([0], 3) for _ in range(min(rows, engine.max_batch))])
+        while engine.has_work():
+            engine.step()
 
 
 def make_server(loop, host="127.0.0.1", port=8000, api_key="", model_name="model", max_body_bytes=1 << 20,
@@ -723,13 +738,16 @@ def main(argv):
     for key in ("max_batch", "prefill_chunk", "max_connections"):
         if args[key] < 1:
             sys.exit(f"serve.py: --{key}={args[key]} must be at least 1")
-    device, dtype = pick_device(args.device, args.dtype)
+    device, dtype = pick_device(args.device, args.dtype, inference=True)
     try:
         model, tokenizer = load(args.model, device=device, dtype=dtype)
     except (OSError, ValueError) as e:
         sys.exit(f"serve.py: {e}")
     engine = Engine(model, args.max_batch, args.max_len, args.prefill_chunk, stop_ids_for(args.model, tokenizer),
-                    tokenizer.vocab_size)
+                    tokenizer.vocab_size, args.compile)
+    if args.compile:
+        print("compiling the decode step (--compile=false skips this)", file=sys.stderr, flush=True)
+        warm_up(engine)
     loop = EngineLoop(engine, tokenizer, args.max_waiting).start()
     name = args.model_name or os.path.basename(os.path.normpath(args.model))
     api_key = args.api_key or os.environ.get("ASTRAI_API_KEY", "")

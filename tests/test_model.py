@@ -146,7 +146,7 @@ def test_kv_cache_ragged_matches_full_forward(kw):
             for i, r in enumerate(rows):
                 got[r].append(logits[i, 0])
                 pos[r] += 1
-        assert cache.lengths.tolist() == pos
+        assert cache.lengths == pos
         for r, seq in enumerate(seqs):
             full = model(seq[None, : pos[r]])[0]
             assert len(got[r]) == pos[r]
@@ -183,11 +183,11 @@ def test_kv_cache_decode_all_rows_and_overflow():
     x = batch(97, B=2, T=6)
     with torch.no_grad():
         model(x, cache=cache)
-        assert cache.lengths.tolist() == [6, 6]
+        assert cache.lengths == [6, 6]
         with pytest.raises(ValueError, match="overflow"):
             model(x[:, :3], cache=cache)
     cache.reset([0])
-    assert cache.lengths.tolist() == [0, 6]
+    assert cache.lengths == [0, 6]
 
 
 def test_mla_cache_bytes_per_token():

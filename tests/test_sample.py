@@ -264,7 +264,9 @@ def run_cli(*args):
 def test_cli_prompt_prints_the_greedy_completion(tiny_model_dir):
     from sample import load, stop_ids_for
 
-    result = run_cli(f"--model={tiny_model_dir}", "--prompt", "hi", "--max_new_tokens", "5", "--temperature=0")
+    # compiled (the default) in float32 against the eager generate()
+    result = run_cli(f"--model={tiny_model_dir}", "--prompt", "hi", "--max_new_tokens", "5", "--temperature=0",
+                     "--dtype=float32")
     assert result.returncode == 0, result.stderr
     model, tokenizer = load(tiny_model_dir)
     stops = stop_ids_for(tiny_model_dir, tokenizer)
@@ -278,17 +280,19 @@ def test_cli_samples_chat_prompt_file_and_errors(tiny_model_dir, tmp_path, capsy
     from sample import main
 
     main([f"--model={tiny_model_dir}", "--prompt", "hi", "--max_new_tokens", "5", "--num_samples", "3",
-          "--top_k", "5", "--seed", "3"])
+          "--top_k", "5", "--seed", "3", "--compile=false"])
     assert capsys.readouterr().out.count("---------------") == 3
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("你好，世界！", encoding="utf-8")
-    main([f"--model={tiny_model_dir}", f"--prompt=FILE:{prompt_file}", "--chat", "--max_new_tokens=4"])
+    main([f"--model={tiny_model_dir}", f"--prompt=FILE:{prompt_file}", "--chat", "--max_new_tokens=4",
+          "--compile=false"])
     assert capsys.readouterr().out.endswith("\n")
-    main([f"--model={tiny_model_dir}", "--prompt=hi", "--dtype=bfloat16", "--device=cpu", "--max_new_tokens=4"])
+    main([f"--model={tiny_model_dir}", "--prompt=hi", "--dtype=bfloat16", "--device=cpu", "--max_new_tokens=4",
+          "--compile=false"])
     assert capsys.readouterr().out.endswith("\n")
     # interactive chat reads turns from stdin until EOF
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/reset\n7 + 8?\n"))
-    main([f"--model={tiny_model_dir}", "--chat", "--max_new_tokens=4"])
+    main([f"--model={tiny_model_dir}", "--chat", "--max_new_tokens=4", "--compile=false"])
     assert capsys.readouterr().out.count("> ") == 4  # three turns read, then EOF
     for argv, named in ((["--bogus=1"], "--bogus"), (["--max_new_tokens=many"], "max_new_tokens"), ([], "--model")):
         with pytest.raises(SystemExit, match=named):
@@ -391,3 +395,92 @@ def test_stop_ids_for_reads_hf_configs(tiny_model_dir, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 5}))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, tokenizer.im_end_id]}))
     assert stop_ids_for(str(tmp_path), tokenizer) == tokenizer.stop_ids + [5, 7]
+
+
+# -----------------------------------------------------------------------------
+# the compiled decode step, prefix reuse, bfloat16 and int8
+
+
+@pytest.mark.parametrize("name", ["llama", "deepseek_v3_q_lora"])
+def test_compiled_decode_equals_eager(tmp_path, name):
+    """torch.compile's decode step against the eager one: the same greedy tokens and log-probs within 1e-4, over
+    ragged prompts (a gathered, masked batch), rows that stop early (the batch shrinks: a recompile with a
+    dynamic batch size) and a full batch (rows in order: the cache slices)."""
+    _, ours = hf_and_ours(tmp_path, name)
+    prompts = ragged_prompts()
+    free = generate(ours, prompts, 24, temperature=0.0)
+    stop = next(t for t in free[0][3:12] if any(t not in row for row in free[1:]))
+    for stops in ((), (stop,)):
+        eager = generate(ours, prompts, 24, temperature=0.0, stop_ids=stops, return_logprobs=True)
+        compiled = generate(ours, prompts, 24, temperature=0.0, stop_ids=stops, return_logprobs=True, compile=True)
+        assert compiled[0] == eager[0]
+        for a, b in zip(compiled[1], eager[1]):
+            assert (torch.tensor(a) - torch.tensor(b)).abs().max().item() < 1e-4
+    assert min(len(t) for t in eager[0]) < 24  # some row stopped early
+
+
+def test_prefix_reuse_prefills_only_the_rest(tmp_path):
+    """A finished row keeps its keys and values: a prompt that starts with that row's tokens (a chat's next
+    turn) prefills only the rest, and its greedy continuation is the one a fresh engine gives."""
+    from sample import Engine, Sequence
+
+    _, ours = hf_and_ours(tmp_path, "qwen3_tied")
+    first, extra = ragged_prompts((9, 5))
+    engine = Engine(ours, max_batch=2, max_len=96, prefill_chunk=4)
+    a = Sequence(first, 12, temperature=0.0)
+    engine.add([a])
+    while engine.has_work():
+        engine.step()
+    second = first + a.tokens + extra
+    fed_tokens = []
+    ours.embed_tokens.register_forward_hook(lambda m, inputs, out: fed_tokens.append(inputs[0].shape[1]))
+    b = Sequence(second, 10, temperature=0.0)
+    engine.add([b])
+    while engine.has_work():
+        engine.step()
+    assert b.slot == a.slot and b.reused == len(first) + len(a.tokens) - 1  # a's last token never went in
+    assert sum(fed_tokens[:2]) == len(second) - b.reused  # the prefill chunks: the rest of the prompt only
+    assert b.tokens == generate(ours, [second], 10, temperature=0.0)[0]
+    c = Sequence(extra + first, 4, temperature=0.0)  # shares nothing with either row's start: no reuse
+    engine.add([c])
+    while engine.has_work():
+        engine.step()
+    assert c.reused == 0 and c.tokens == generate(ours, [extra + first], 4, temperature=0.0)[0]
+
+
+def greedy_with_gaps(model, prompt, n):
+    """float32 greedy tokens, and at each step the gap between the two most likely tokens' logits."""
+    tokens, gaps = [], []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([prompt + tokens]))[0, -1].float()
+            top = logits.topk(2).values
+            gaps.append((top[0] - top[1]).item())
+            tokens.append(int(logits.argmax()))
+    return tokens, gaps
+
+
+@pytest.mark.parametrize("dtype,resolution", [("bfloat16", 0.1), ("int8", 0.2)])
+def test_bfloat16_and_int8_follow_float32_greedy(tiny_model_dir, dtype, resolution):
+    """On the tiny preset's shape, bfloat16 and int8 weights give float32's greedy tokens, or first differ where
+    float32's two best logits are closer than the lower precision resolves (bfloat16 keeps 8 bits of mantissa:
+    ~0.4% per rounding, a few hundredths on logits of this size over a few layers; int8 per-channel weights
+    twice that)."""
+    from sample import load
+
+    model32, tokenizer = load(tiny_model_dir)
+    low, _ = load(tiny_model_dir, dtype=dtype)
+    assert low.embed_tokens.weight.dtype == torch.bfloat16
+    if dtype == "int8":
+        assert low.layers[0].mlp.up_proj.weight.dtype == torch.int8
+    prompts = [tokenizer.encode(t) for t in ("The quick brown fox", "你好，世界！", "23 + 45 =", "Numbers: 0 1")]
+    agree = 0
+    for prompt in prompts:
+        expected, gaps = greedy_with_gaps(model32, prompt, 24)
+        got = generate(low, [prompt], 24, temperature=0.0)[0]
+        first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+        if first is None:
+            agree += 1
+        else:
+            assert gaps[first] < resolution, f"{dtype} left float32's greedy path at a gap of {gaps[first]:.3f}"
+    assert agree >= 2  # most prompts follow float32 all the way

@@ -148,6 +148,28 @@ def test_chat_greedy_equals_generate(s, question):
     assert r.usage.completion_tokens == n and r.usage.total_tokens == n + r.usage.prompt_tokens
 
 
+def test_a_second_chat_turn_reuses_the_first_turns_cache(tiny_model_dir):
+    """The second turn's prompt starts with the first turn's prompt and reply, still in a free row: only the rest
+    is prefilled, the reply is the one a fresh generate gives, and /stats and /metrics count the reused tokens."""
+    s = start_server(tiny_model_dir, max_batch=2, stop_ids=())
+    try:
+        messages = [{"role": "user", "content": "Hello, world! " * 4}]
+        first = s.client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+        messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                     {"role": "user", "content": "What is 7 + 8?"}]
+        second = s.client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+        prompt = list(s.tokenizer.render_chat(messages, add_generation_prompt=True)[0])
+        text, _, _ = reference(s, prompt, 12)
+        assert second.choices[0].message.content == text
+        reused = s.loop.stats()["prompt_tokens_reused"]
+        first_ids = chat_ids(s, messages[0]["content"])
+        assert len(first_ids) <= reused < len(prompt)  # at least the first prompt, never the whole second one
+        metrics = request(s.port, "GET", "/metrics")[2].decode()
+        assert f"astrai_prompt_tokens_reused_total {reused}" in metrics
+    finally:
+        stop_server(s)
+
+
 def test_chat_stream_equals_non_stream(s):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 7 + 8?"},
                 {"role": "assistant", "content": "15."}, {"role": "user", "content": "And 23 + 45?"}]
@@ -610,6 +632,8 @@ def test_cli(tiny_model_dir):
     p = subprocess.Popen([sys.executable, "serve.py", f"--model={tiny_model_dir}", "--port=0", "--max_batch", "2"],
                          cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     try:
+        line = p.stderr.readline()
+        assert line.startswith("compiling the decode step"), line  # --compile is on by default: a warm-up first
         line = p.stderr.readline()
         port = int(re.search(r"http://127\.0\.0\.1:(\d+)", line).group(1))
         assert request(port, "GET", "/health", key=None)[0] == 200

@@ -414,7 +414,7 @@ def long_model_dir(tiny_model_dir, tmp_path_factory):
 def test_shutdown_ends_streams_answers_waiting_requests_and_exits_0(long_model_dir, sig):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen([sys.executable, "serve.py", f"--model={long_model_dir}", "--port=0", "--max_batch=1",
-                          "--shutdown_timeout=1"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+                          "--shutdown_timeout=1", "--compile=false"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     try:
         port = int(re.search(r"http://127\.0\.0\.1:(\d+)", p.stderr.readline()).group(1))
         stops = {"0": -100, "1": -100, "2": -100}  # the tokenizer's special ids: a reply that never stops
