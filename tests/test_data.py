@@ -486,18 +486,23 @@ def test_prepare_workers_write_the_same_file(tok, tok_dir, demo, tmp_path):
     offline = [r | {"responses": [f"{r['answer']}", "no idea", "二"][:1 + i % 3], "rewards": [1.0, 0.0, 0.5][:1 + i % 3]}
                for i, r in enumerate(grpo)]
     texts = _jsonl(tmp_path / "texts.jsonl", [{"text": f"document {i}: 文档 {i}\n\nnext"} for i in range(40)])
-    inputs = {"seq": [demo / "pretrain.txt", texts], "sft": [demo / "sft.jsonl"], "dpo": [demo / "dpo.jsonl"],
+    crlf = tmp_path / "crlf.txt"  # CRLF lines, blank lines of spaces, a document longer than a batch
+    crlf.write_bytes("\r\n".join(["one", "two", " \t", "three", "", "", "\u3000", "four " * 900, "", "five"]).encode())
+    inputs = {"seq": [demo / "pretrain.txt", texts, crlf], "sft": [demo / "sft.jsonl"], "dpo": [demo / "dpo.jsonl"],
               "grpo": [demo / "grpo.jsonl", demo / "eval.jsonl"], "offline": [_jsonl(tmp_path / "off.jsonl", offline)]}
     for name, paths in inputs.items():
         stage, paths = "grpo" if name == "offline" else name, [str(p) for p in paths]
-        assert len(list(data._read_batches(paths, batch_chars=400))) >= 6  # more batches than workers
+        assert len(list(data._read_batches(paths, batch_bytes=400))) >= 6  # more batches than workers
         files = {}
-        for workers, batch_chars in ((1, 400), (3, 400), (2, 1 << 20)):
+        for workers, batch_bytes in ((1, 400), (3, 400), (2, 1 << 20)):
             files[workers] = tmp_path / f"{name}-{workers}.h5"
             data.prepare(stage, paths, str(tok_dir), str(files[workers]), val_fraction=0.2, progress=False,
-                         workers=workers, batch_chars=batch_chars)
+                         workers=workers, batch_bytes=batch_bytes)
         assert files[1].read_bytes() == files[3].read_bytes(), name
         assert _h5_content(files[1]) == _h5_content(files[2]), name
+    with h5py.File(tmp_path / "seq-3.h5") as f:
+        documents = tok.decode(f["train/tokens"][:].tolist() + f["val/tokens"][:].tolist()).split("<|endoftext|>")
+    assert {"one\ntwo", "three", ("four " * 900).rstrip("\r\n"), "five"} <= set(documents)
     # the records of each split, in input order, as the tokenizer renders them
     records = [json.loads(line)["messages"] for line in (demo / "sft.jsonl").read_text().splitlines()]
     expected = [tuple(map(tuple, tok.render_chat(messages))) for messages in records]
@@ -517,8 +522,12 @@ def test_prepare_error_in_a_worker_names_the_line(tok_dir, demo, tmp_path):
     for workers in (1, 2):
         with pytest.raises(ValueError, match="bad.jsonl:51: invalid JSON"):
             data.prepare("sft", [str(tmp_path / "bad.jsonl")], str(tok_dir), str(tmp_path / "bad.h5"), progress=False,
-                         workers=workers, batch_chars=500)
+                         workers=workers, batch_bytes=500)
         assert not os.path.exists(tmp_path / "bad.h5") and not os.path.exists(tmp_path / "bad.h5.tmp")
+    (tmp_path / "latin1.jsonl").write_bytes("".join(lines[:30]).encode() + '{"messages": "café"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.jsonl:31: not UTF-8"):
+        data.prepare("sft", [str(tmp_path / "latin1.jsonl")], str(tok_dir), str(tmp_path / "bad.h5"), progress=False,
+                     workers=2, batch_bytes=500)
     with pytest.raises(SystemExit, match="--workers=-1"):
         _prepare_args = ["prepare", "--stage=sft", f"--input={demo / 'sft.jsonl'}", f"--tokenizer={tok_dir}",
                          f"--out={tmp_path / 'x.h5'}", "--workers=-1"]
