@@ -475,6 +475,11 @@ class Transformer(nn.Module):
         """hidden (B, T, dim) after the final norm -> (log p(target), mean_v log p_v), (B, T) each, the head run
         in row chunks (ChunkedTargetLogprobs)."""
         B, T = targets.shape
+        if type(self.lm_head) is not nn.Linear:  # an adapted head (LoRA on lm_head): full logits, via its forward
+            log_probs = (self.lm_head(hidden).float() / temperature).log_softmax(-1)  # (B, T, V)
+            scored = targets != -100
+            return (log_probs.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * scored,
+                    log_probs.mean(-1) * scored)
         logprobs, mean_logprobs = ChunkedTargetLogprobs.apply(hidden.flatten(0, 1), self.lm_head.weight,
                                                               targets.flatten(), temperature,
                                                               head_chunk_rows(self.config.vocab_size))

@@ -48,6 +48,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from lora import BaseModel
 from sample import answer_is_correct, generate, strip_stop
 
 
@@ -55,7 +56,7 @@ class Strategy:
     """The defaults of the interface above."""
 
     data_stage = "seq"
-    ref_model = None  # a frozen reference model, which train.py shards like the policy under FSDP
+    ref_model = None  # a frozen reference; train.py shards it like the policy under FSDP when it is a module
 
     def __init__(self, cfg, model, tokenizer, rank=0, world_size=1):
         self.cfg, self.tokenizer, self.rank, self.world_size = cfg, tokenizer, rank, world_size
@@ -116,8 +117,11 @@ class SFT(NextToken):
 # pieces shared by dpo and grpo
 
 
-def frozen_copy(model):
-    """The reference policy: a copy of the model as it is now, in eval mode, never trained."""
+def frozen_copy(model, cfg=None):
+    """The reference policy: a copy of the model as it is now, in eval mode, never trained. With LoRA
+    (cfg.lora_rank) the model itself with its adapters switched off: the same, without a second copy."""
+    if cfg is not None and cfg.get("lora_rank"):
+        return BaseModel(model)
     reference = copy.deepcopy(model).eval()
     reference.requires_grad_(False)
     return reference
@@ -149,7 +153,7 @@ class DPO(Strategy):
         if cfg.rpo_alpha < 0:
             raise ValueError(f"rpo_alpha={cfg.rpo_alpha}: must be >= 0 (0 = plain DPO)")
         self.beta, self.rpo_alpha = cfg.beta, cfg.rpo_alpha
-        self.ref_model = frozen_copy(model)
+        self.ref_model = frozen_copy(model, cfg)
 
     def normalizers(self, batch):
         return {"pairs": batch["chosen_ids"].size(0), "chosen_tokens": scored_tokens(batch["chosen_targets"])}
@@ -298,6 +302,8 @@ class GRPO(Strategy):
             (cfg.max_new_tokens >= 1, f"max_new_tokens={cfg.max_new_tokens} must be >= 1"),
             (cfg.rollout_temperature > 0, f"rollout_temperature={cfg.rollout_temperature} must be > 0: greedy "
                                           "groups are all alike"),
+            (not (cfg.get("lora_rank") and cfg.sync_interval), f"sync_interval={cfg.sync_interval} with LoRA: the "
+             "reference is the base model under the adapters, which never changes; use 0"),
             (world_size == 1 or cfg.parallel != "fsdp",
              "parallel=fsdp: grpo rolls out with the whole model on every rank; use parallel=ddp"),
         ]
@@ -308,7 +314,7 @@ class GRPO(Strategy):
         self.reward_fn = load_reward(self.reward_name)
         self.stop_ids = list(tokenizer.stop_ids)
         self.policy = model  # unwrapped: generate() runs on it, outside DDP
-        self.ref_model = frozen_copy(model)
+        self.ref_model = frozen_copy(model, cfg)
         self.rollouts = []  # one per micro-step of the step that made them
         self.synced_at = 0
 

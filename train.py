@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from data import ResumableSampler, load_dataset
+from lora import TrainingAdapter
 from model import ModelConfig, Transformer
 from settings import load_settings, pick_device
 from strategies import STRATEGIES
@@ -78,6 +79,12 @@ DEFAULTS = dict(
     reward="exact_answer",  # grpo: built-in name or module:function(prompt, completion, record) -> float
     max_new_tokens=32,  # grpo: rollout length
     rollout_temperature=1.0,  # grpo: sampling temperature of rollouts
+    # LoRA (lora.py): train low-rank adapters on a frozen --init_from model; checkpoints and final/ hold the adapter
+    lora_rank=0,  # rank r of each adapter; 0 = train every weight
+    lora_alpha=16.0,  # the update is scaled by lora_alpha / lora_rank
+    lora_dropout=0.0,  # dropout on the adapters' input
+    lora_targets="attention,mlp",  # the projections of attention and/or MLP, or layer names (q_proj,v_proj,...)
+    merge_lora=False,  # final/ a plain MODELDIR with the adapter merged in, instead of the adapter
     # system
     device="auto",  # auto | cpu | cuda | cuda:N
     dtype="auto",  # auto (bfloat16 autocast on CUDA, float32 on CPU) | float32 | bfloat16
@@ -162,8 +169,10 @@ def build_model(cfg, tokenizer, device):
 
 def wrap_model(raw_model, cfg, env, reference=None):
     """What the loop calls: compiled and/or DDP-wrapped; FSDP2 shards raw_model in place, and the strategy's
-    frozen reference (DPO's) the same way, so no process holds a whole copy of either."""
+    frozen reference (DPO's) the same way, so no process holds a whole copy of either. (A LoRA reference is the
+    policy itself with its adapters off, not a module of its own.)"""
     model = torch.compile(raw_model) if cfg.compile else raw_model
+    reference = reference if isinstance(reference, torch.nn.Module) else None
     if env.distributed and cfg.parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
@@ -348,14 +357,16 @@ def replace_dir(tmp, path):
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def save_checkpoint(path, raw_model, tokenizer, env, resume_state=None):
+def save_checkpoint(path, raw_model, tokenizer, env, resume_state=None, adapter=None, merge=False):
     """Write a MODELDIR to `path`, atomically. resume_state (optimizer, sampler, strategy, trainer state)
     adds what --resume=auto needs: optimizer.pt, rng-RANK.pt and strategy-RANK.pt of every process, reference/
     (a strategy's reference weights, when they changed) and trainer_state.json. Every process calls this:
     gathering FSDP state dicts is collective (all-gathers of the shards on the training device, the full state
-    landing on rank 0's CPU), and so is gathering the per-process states (CPU objects, to rank 0 only)."""
+    landing on rank 0's CPU), and so is gathering the per-process states (CPU objects, to rank 0 only).
+    adapter (LoRA): the adapter instead of a MODELDIR, or with merge a MODELDIR with the adapter merged in."""
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(raw_model, options=full)
+    adapter_only = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    model_state = get_model_state_dict(raw_model, options=adapter_only if adapter and not merge else full)
     if resume_state:
         optim_state = get_optimizer_state_dict(raw_model, resume_state["optimizer"], options=full)
         strategy = resume_state["strategy"]
@@ -363,7 +374,10 @@ def save_checkpoint(path, raw_model, tokenizer, env, resume_state=None):
     if env.master:
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        raw_model.save_pretrained(tmp, state_dict=model_state, token_ids=tokenizer.token_ids())
+        if adapter:
+            adapter.save(tmp, model_state, merge, raw_model, tokenizer.token_ids())
+        else:
+            raw_model.save_pretrained(tmp, state_dict=model_state, token_ids=tokenizer.token_ids())
         tokenizer.save(tmp)
         if resume_state:
             torch.save(optim_state, os.path.join(tmp, "optimizer.pt"))
@@ -393,15 +407,21 @@ def check_global_batch(state, cfg, env, path):
                  f"processes); set grad_accum (or batch_size) so that the product is {before} again")
 
 
-def load_checkpoint(path, raw_model, optimizer, sampler, strategy, cfg, env):
+def load_checkpoint(path, raw_model, optimizer, sampler, strategy, cfg, env, adapter=None):
     """Restore what save_checkpoint wrote into the live objects; returns the trainer state. The number of
     processes may differ from the saved run's if rows per step do not: a process without a saved RNG state
     gets one derived from (seed, step, rank), and the strategy sees every saved process's state."""
     with open(os.path.join(path, "trainer_state.json")) as f:
         state = json.load(f)
     check_global_batch(state, cfg, env, path)
-    saved = Transformer.from_pretrained(path)  # validates names and shapes against config.json
-    set_model_state_dict(raw_model, saved.state_dict(), options=StateDictOptions(full_state_dict=True))
+    if adapter:  # LoRA: the adapter weights, refused if the checkpoint's base model is not --init_from
+        set_model_state_dict(raw_model, adapter.load(path), options=StateDictOptions(full_state_dict=True,
+                                                                                     strict=False))
+    elif os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise ValueError(f"{path} holds a LoRA adapter: resume with the --lora_rank it was trained with")
+    else:
+        saved = Transformer.from_pretrained(path)  # validates names and shapes against config.json
+        set_model_state_dict(raw_model, saved.state_dict(), options=StateDictOptions(full_state_dict=True))
     optim_state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
     set_optimizer_state_dict(raw_model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
     sampler.load_state_dict(state["sampler"])
@@ -507,18 +527,27 @@ def setup_run(cfg):
     train_data, val_data = load_data(cfg, STRATEGIES[cfg.strategy].data_stage, tokenizer)
     raw_model = build_model(cfg, tokenizer, env.device)
     try:
+        adapter = TrainingAdapter(raw_model, cfg) if cfg.lora_rank else None  # before the strategy copies a reference
+    except (OSError, ValueError) as e:
+        sys.exit(f"train.py: LoRA: {e}")
+    try:
         strategy = STRATEGIES[cfg.strategy](cfg, raw_model, tokenizer, env.rank, env.world_size)
         strategy.check_data(train_data)
     except ValueError as e:
         sys.exit(f"train.py: --strategy={cfg.strategy}: {e}")
     run = SimpleNamespace(env=env, tokenizer=tokenizer, train_data=train_data, val_data=val_data, strategy=strategy,
-                          raw_model=raw_model, model=wrap_model(raw_model, cfg, env, strategy.ref_model), step=0,
+                          adapter=adapter, raw_model=raw_model, step=0,
+                          model=wrap_model(raw_model, cfg, env, strategy.ref_model),
                           train_points=[], val_points=[], optimizer=make_optimizer(raw_model, cfg, env.device_type),
                           sampler=ResumableSampler(len(train_data), cfg.batch_size, cfg.grad_accum, env.rank,
                                                    env.world_size, cfg.seed))
     checkpoints = checkpoint_steps(cfg.out_dir) if cfg.resume == "auto" else []
     if checkpoints:
-        state = load_checkpoint(checkpoints[-1][1], raw_model, run.optimizer, run.sampler, strategy, cfg, env)
+        try:
+            state = load_checkpoint(checkpoints[-1][1], raw_model, run.optimizer, run.sampler, strategy, cfg, env,
+                                    adapter)
+        except ValueError as e:
+            sys.exit(f"train.py: --resume=auto: {e}")
         run.step, run.train_points, run.val_points = state["step"], state["train_points"], state["val_points"]
         print0(f"resumed from {checkpoints[-1][1]} at step {run.step}")
     elif cfg.resume == "auto":
@@ -526,6 +555,9 @@ def setup_run(cfg):
     run.metrics = open_metrics(cfg, run.step, env.master)
     print0(f"{raw_model.num_params() / 1e6:.2f}M parameters, strategy {cfg.strategy}, {len(train_data)} train "
            f"items, {env.world_size} process(es), {env.device}, {env.dtype}")
+    if adapter:
+        print0(f"LoRA rank {cfg.lora_rank}: {adapter.trainable:,} trainable parameters, "
+               f"{adapter.trainable / raw_model.num_params():.3%} of the model's")
     return run
 
 
@@ -535,7 +567,7 @@ def checkpoint(run, cfg):
                "val_points": run.val_points, "world_size": run.env.world_size}
     path = os.path.join(cfg.out_dir, f"ckpt-{run.step}")
     save_checkpoint(path, run.raw_model, run.tokenizer, run.env,
-                    {"optimizer": run.optimizer, "strategy": run.strategy, "trainer": trainer})
+                    {"optimizer": run.optimizer, "strategy": run.strategy, "trainer": trainer}, run.adapter)
     if run.env.master:
         for _, old in checkpoint_steps(cfg.out_dir)[:-cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
@@ -605,7 +637,8 @@ def train(cfg):
             print0(f"stopped by signal at step {run.step}; resume with --resume=auto")
             break
     if run.step == cfg.max_iters:
-        save_checkpoint(os.path.join(cfg.out_dir, "final"), raw_model, run.tokenizer, env)
+        save_checkpoint(os.path.join(cfg.out_dir, "final"), raw_model, run.tokenizer, env, adapter=run.adapter,
+                        merge=cfg.merge_lora)
         print0(f"saved {os.path.join(cfg.out_dir, 'final')}")
     if run.metrics is not None:
         run.metrics.close()
@@ -649,7 +682,8 @@ def write_loss_svg(path, train_points, val_points):
 def measure_peak_flops(device, n=1024):
     """Measured matmul FLOP/s on this device: the denominator of MFU."""
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype)
+    # its own generator: drawing from the global one would shift dropout's random numbers after a resume
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=torch.Generator(device).manual_seed(0))
     a @ a
     if device.startswith("cuda"):
         torch.cuda.synchronize()
