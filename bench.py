@@ -2,7 +2,7 @@
 Benchmarks, side by side with Hugging Face transformers (when installed) in one run, reported as ratios.
 
     python bench.py                       # everything
-    python bench.py --only=train,decode   # some sections: train, decode, serve
+    python bench.py --only=train,decode   # some sections: train, decode, serve, prepare
     python bench.py --only=decode,serve --llamacpp=$(../shared/tools/build-llamacpp)   # llama.cpp rows too
 
 Speed claims live here, never in timed unit tests.
@@ -17,7 +17,7 @@ from settings import DTYPES, load_settings
 from train import measure_peak_flops
 
 DEFAULTS = dict(
-    only="train,decode,serve",  # comma-separated sections
+    only="train,decode,serve,prepare",  # comma-separated sections
     presets="configs/tiny.py,configs/bench82m.py",  # model shapes for the decode and serve sections
     dtypes="auto",  # decode/serve: float32,bfloat16,int8; auto = float32 and int8, bfloat16 too where native
     batches="1,8,16",  # decode batch sizes
@@ -36,6 +36,9 @@ DEFAULTS = dict(
     serve_tokens=32,  # serve: new tokens per completion, no early stop
     threads=0,  # torch threads, 0 = torch's default
     seed=0,
+    prepare_mb=32,  # prepare: MB of generated English/Chinese text
+    prepare_vocab=4096,  # prepare: vocab of the BPE tokenizer trained on a sample of it
+    workers=0,  # prepare: worker processes and tiktoken threads, 0 = one per core
 )
 
 # -----------------------------------------------------------------------------
@@ -418,11 +421,81 @@ def bench_serve(args):
     table(rows, ["preset", "dtype", "clients", "impl", "output tokens/s", "ours/theirs"])
 
 
+# -----------------------------------------------------------------------------
+# prepare: data.py prepare's MB/s against tiktoken's own encode_ordinary_batch on the same text and cores
+
+
+def bench_corpus(rng, n_bytes):
+    """Documents of Zipf-distributed English-like words and Chinese characters with numbers and punctuation,
+    separated by blank lines: about n_bytes of UTF-8."""
+    latin = [" " + "".join(rng.choices("etaoinshrdlcumwfgypbvkjxqz", k=rng.randint(1, 10))) for _ in range(20000)]
+    hanzi = ["".join(chr(rng.randint(0x4E00, 0x6FFF)) for _ in range(rng.randint(1, 3))) for _ in range(5000)]
+    pieces = latin + hanzi + [f" {n}" for n in range(1000)] + [",", ".", "。", "，", "!", "?", "\n"]
+    weights = [1 / (rank + 1) for rank in range(len(pieces))]
+    rng.shuffle(weights)  # Zipf over all pieces, in no particular order
+    documents, size = [], 0
+    while size < n_bytes:
+        document = "".join(rng.choices(pieces, weights, k=rng.randint(50, 1000))).strip()
+        documents.append(document)
+        size += len(document.encode()) + 2
+    return documents
+
+
+def bench_prepare(args):
+    import os
+    import random
+    import tempfile
+
+    from data import default_workers, prepare
+    from tokenizer import train_tokenizer
+
+    workers = args.workers or default_workers()
+    print(f"== prepare: data.py prepare --stage=seq --workers={workers} (read, tokenize, write HDF5) vs tiktoken's "
+          f"encode_ordinary_batch(num_threads={workers}) on the same documents held in memory, same tokenizer")
+    rng = random.Random(args.seed)
+    documents = bench_corpus(rng, args.prepare_mb * 10**6)
+    text = "\n\n".join(documents) + "\n"
+    n_bytes = len(text.encode())
+    tokenizer = train_tokenizer(rng.sample(documents, min(len(documents), 1000)), args.prepare_vocab, progress=False)
+    encoding = tokenizer._tiktoken  # the tiktoken Encoding our Tokenizer.encode runs (rank == id for ours)
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save(f"{d}/tokenizer")
+        with open(f"{d}/corpus.txt", "w", encoding="utf-8") as f:
+            f.write(text)
+        del text
+        calls = {
+            "prepare": lambda: prepare("seq", [f"{d}/corpus.txt"], f"{d}/tokenizer", f"{d}/out.h5", val_fraction=0,
+                                       progress=False, workers=workers),
+            "prepare 1 worker": lambda: prepare("seq", [f"{d}/corpus.txt"], f"{d}/tokenizer", f"{d}/out.h5",
+                                                val_fraction=0, progress=False, workers=1),
+            "tiktoken": lambda: encoding.encode_ordinary_batch(documents, num_threads=workers),
+            "tiktoken 1 thread": lambda: encoding.encode_ordinary_batch(documents, num_threads=1),
+        }
+        wall, cpu = {}, {}  # the least of interleaved rounds after a warmup; cpu: this process and its workers
+        for r in range(max(1, min(args.steps, 3)) + 1):
+            for name, call in calls.items():
+                t0, times0 = time.perf_counter(), os.times()
+                call()
+                seconds, times = time.perf_counter() - t0, os.times()
+                if r:
+                    wall[name] = min(wall.get(name, float("inf")), seconds)
+                    cpu[name] = min(cpu.get(name, float("inf")), sum(times[:4]) - sum(times0[:4]))
+        size = os.path.getsize(f"{d}/out.h5")
+    rows = [[name, f"{n_bytes / 1e6 / wall[name]:.2f}", f"{wall[theirs] / wall[name]:.2f}x", f"{cpu[name]:.2f}",
+             f"{cpu[theirs] / cpu[name]:.2f}x"]
+            for name, theirs in (("prepare", "tiktoken"), ("tiktoken", "tiktoken"), ("prepare 1 worker",
+                                 "tiktoken 1 thread"), ("tiktoken 1 thread", "tiktoken 1 thread"))]
+    print(f"{n_bytes / 1e6:.1f} MB in {len(documents):,} documents, vocab {tokenizer.vocab_size}, "
+          f"{size / 1e6:.1f} MB of HDF5; the fastest of interleaved rounds. CPU seconds (this process and its "
+          "workers) tell more than MB/s where other programs share the cores")
+    table(rows, ["impl", "MB/s", "vs tiktoken (same cores)", "CPU s", "tiktoken's CPU / ours"])
+
+
 if __name__ == "__main__":
     args = load_settings(DEFAULTS, sys.argv[1:], "bench.py")
     if args.threads:
         torch.set_num_threads(args.threads)
-    sections = {"train": bench_train, "decode": bench_decode, "serve": bench_serve}
+    sections = {"train": bench_train, "decode": bench_decode, "serve": bench_serve, "prepare": bench_prepare}
     for name in args.only.split(","):
         if name not in sections:
             sys.exit(f"bench.py: unknown section {name!r}; choose from {', '.join(sections)}")

@@ -23,9 +23,13 @@ of each stratum, drawn from (seed, stratum), goes to val; so the split is determ
 of the records, and 1 / val_fraction records are enough for a non-empty val split.
 `--data` takes one .h5 file or a directory of .h5 shards read as one, in sorted name order.
 """
+import array
 import bisect
+import collections
+import io
 import itertools
 import json
+import multiprocessing
 import os
 import random
 import sys
@@ -42,6 +46,8 @@ from tokenizer import Tokenizer, train_tokenizer
 # preparation: txt/jsonl -> HDF5, streamed
 
 FORMAT_VERSION = 1
+BATCH_BYTES = 1 << 20  # input per task of a worker process
+BUFFER_BYTES = 16 << 20  # encoded values held in memory before they are written, all datasets together
 
 
 def _val_picks(val_fraction, seed):
@@ -55,35 +61,75 @@ def _val_picks(val_fraction, seed):
         yield i == picked
 
 
-def _read_records(paths, jsonl_only=False):
-    """Yield (where, record, n_bytes) for each record; where = 'file:line' for error messages."""
+def _read_batches(paths, jsonl_only=False, batch_bytes=BATCH_BYTES):
+    """Yield (path, first line number, is_jsonl, data): whole records (jsonl lines, or documents of text between
+    blank lines) as UTF-8 bytes, about batch_bytes at a time, in file order: the task of a worker process."""
     for path in paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such file")
         is_jsonl = path.endswith((".jsonl", ".json"))
         if jsonl_only and not is_jsonl:
             raise ValueError(f"{path}: this stage reads .jsonl files (one JSON object per line)")
-        with open(path, encoding="utf-8") as f:
-            block, start = [], 1
-            for line_no, line in enumerate(f, 1):
-                if is_jsonl and line.strip():
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from None
-                    if not isinstance(record, dict):
-                        raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-                    yield f"{path}:{line_no}", record, len(line.encode())
-                elif not is_jsonl and line.strip():  # text: a document is a block of lines between blank lines
-                    start = start if block else line_no
-                    block.append(line)
-                elif block:
-                    text = "".join(block).rstrip("\n")
-                    yield f"{path}:{start}", {"text": text}, len(text.encode())
-                    block = []
-            if block:
-                text = "".join(block).rstrip("\n")
-                yield f"{path}:{start}", {"text": text}, len(text.encode())
+        with open(path, "rb") as f:
+            first, carry = 1, b""
+            while True:
+                chunk = f.read(max(batch_bytes, len(carry)))  # a record longer than a batch: read on, doubling
+                data = carry + chunk
+                cut = _last_boundary(data, is_jsonl) if chunk else len(data)
+                if cut:
+                    yield path, first, is_jsonl, data[:cut]
+                    first += data.count(b"\n", 0, cut)
+                carry = data[cut:]
+                if not chunk:
+                    break
+
+
+def _last_boundary(data, is_jsonl):
+    """Where the last whole record in `data` (bytes from a line start) ends: after its last line (jsonl) or after
+    its last blank line (text); 0 where there is none."""
+    end = data.rfind(b"\n")
+    if is_jsonl:
+        return end + 1
+    while end >= 0:
+        start = data.rfind(b"\n", 0, end) + 1
+        if not data[start:end].decode("utf-8", "replace").strip():
+            return end + 1
+        end = start - 1
+    return 0
+
+
+def _records_in(path, first_line, is_jsonl, data):
+    """Yield (where, record) for each record of one batch; where = 'file:line' for error messages."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_no, line_start = first_line + data.count(b"\n", 0, e.start), data.rfind(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line_no}: not UTF-8 ({e.reason} at byte {e.start - line_start + 1} of the line)") \
+            from None
+    block, start = [], first_line
+    for line_no, line in enumerate(io.StringIO(text, newline=None), first_line):  # lines as open(path) reads them
+        if is_jsonl and line.strip():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+            yield f"{path}:{line_no}", record
+        elif not is_jsonl and line.strip():  # text: a document is a block of lines between blank lines
+            start = start if block else line_no
+            block.append(line)
+        elif block:
+            yield f"{path}:{start}", {"text": "".join(block).rstrip("\n")}
+            block = []
+    if block:
+        yield f"{path}:{start}", {"text": "".join(block).rstrip("\n")}
+
+
+def _read_records(paths, jsonl_only=False):
+    """Yield (where, record) for each record of the files, in order."""
+    for batch in _read_batches(paths, jsonl_only):
+        yield from _records_in(*batch)
 
 
 def _get(record, key, types, where):
@@ -127,52 +173,55 @@ def _columns(stage, offline=False):
 
 
 class _Appender:
-    """A resizable 1-D HDF5 dataset filled through a buffer, so the corpus never sits in memory."""
+    """A resizable 1-D HDF5 dataset filled through a buffer of arrays, written when prepare says (by bytes)."""
 
-    def __init__(self, group, name, dtype, flush_at=1 << 20):
-        is_text = dtype == h5py.string_dtype()
-        self.dtype, self.flush_at, self.buffer = (object if is_text else dtype), flush_at, []
+    def __init__(self, group, name, dtype):
+        self.is_text = dtype == h5py.string_dtype()
         self.dataset = group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype,
-                                            chunks=(256 if is_text else 1 << 16,))
-        self.size, self.is_offsets, self.end = 0, name.endswith("offsets"), 0
+                                            chunks=(256 if self.is_text else 1 << 16,))
+        self.size, self.is_offsets, self.end, self.buffer = 0, name.endswith("offsets"), 0, []
         if self.is_offsets:
-            self.buffer.append(0)  # offsets hold n + 1 entries: 0, then where each item ends
+            self.buffer.append(np.zeros(1, np.int64))  # offsets hold n + 1 entries: 0, then where each item ends
 
-    def extend(self, values):
-        """Append values; to an offsets dataset, the lengths of the items appended to its data."""
-        if self.is_offsets:
-            values = (self.end + np.cumsum(values)).tolist()
-            self.end = values[-1]
-        self.buffer.extend(values)
+    def extend(self, values: np.ndarray) -> int:
+        """Append values (to an offsets dataset: the lengths of the items appended to its data); returns the
+        bytes they hold in memory (strings: about 1 byte a character plus Python's 50-byte object header)."""
+        if self.is_offsets and len(values):
+            values = self.end + np.cumsum(values)
+            self.end = int(values[-1])
+        self.buffer.append(values)
         self.size += len(values)
-        if len(self.buffer) >= self.flush_at:
-            self.flush()
+        return sum(50 + len(s) for s in values) if self.is_text else values.nbytes
 
     def flush(self):
-        n = self.dataset.shape[0]
-        self.dataset.resize((n + len(self.buffer),))
-        self.dataset[n:] = np.asarray(self.buffer, dtype=self.dtype)
-        self.buffer = []
+        if self.buffer:
+            values, n = np.concatenate(self.buffer), self.dataset.shape[0]
+            self.dataset.resize((n + len(values),))
+            self.dataset[n:] = values
+            self.buffer = []
 
 
 def encode_record(stage, tokenizer, record, where):
     """One input record -> {dataset name: values to append}; an offsets dataset gets each item's length."""
     if stage == "seq":
-        return {"tokens": tokenizer.encode(_get(record, "text", str, where)) + [tokenizer.eot_id]}
+        tokens = tokenizer.encode(_get(record, "text", str, where))
+        tokens.append(tokenizer.eot_id)
+        return {"tokens": tokens}
     if stage == "sft":
         ids, mask = _render(tokenizer, _get(record, "messages", list, where), where, "messages")
         return {"tokens": ids, "loss_mask": mask, "offsets": [len(ids)]}
     key, prompt = _prompt_messages(record, where)
     prompt_ids, _ = _render(tokenizer, prompt, where, key, add_generation_prompt=True)
     if stage == "dpo":
-        columns = {}
+        columns, n_prompts = {}, []
         for side in ("chosen", "rejected"):
             reply = [{"role": "assistant", "content": _get(record, side, str, where)}]
             ids, mask = _render(tokenizer, prompt + reply, where, key)
             n_prompt = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), len(prompt_ids))
             columns |= {f"{side}_tokens": ids, f"{side}_mask": [0] * n_prompt + mask[n_prompt:],
                         f"{side}_offsets": [len(ids)]}
-        return columns | {"prompt_lengths": [n_prompt]}
+            n_prompts.append(n_prompt)
+        return columns | {"prompt_lengths": [min(n_prompts)]}  # both sides start with these tokens
     answer = _get(record, "answer", (str, int, float), where)
     columns = {"prompt_tokens": prompt_ids, "prompt_offsets": [len(prompt_ids)], "answer": [str(answer)],
                "record": [json.dumps(record, ensure_ascii=False)]}
@@ -188,56 +237,135 @@ def encode_record(stage, tokenizer, record, where):
                       "rewards": [float(r) for r in rewards], "group_offsets": [len(rewards)]}
 
 
+_worker = {}  # what _encode_batch needs, set in each worker process by _start_worker
+
+
+def _start_worker(stage, tokenizer, offline):
+    _worker.update(stage=stage, tokenizer=tokenizer, offline=offline)
+
+
+def _encode_batch(batch):
+    """One batch from _read_batches -> ({dataset: (values, how many values each record gave)}, records, bytes)."""
+    stage, tokenizer, columns = _worker["stage"], _worker["tokenizer"], _columns(_worker["stage"], _worker["offline"])
+    # numbers gather in array.array: 3x faster than numpy's conversion of a list of Python ints
+    values = {k: [] if dtype == h5py.string_dtype() else array.array(np.dtype(dtype).char) for k, dtype in columns.items()}
+    counts, n_records = {k: array.array("q") for k in columns}, 0
+    for where, record in _records_in(*batch):
+        encoded = encode_record(stage, tokenizer, record, where)
+        if encoded.keys() != columns.keys():
+            raise ValueError(f"{where}: every record of an offline GRPO file has 'responses' and "
+                             "'rewards', of an online one neither (the first record decides)")
+        for key, record_values in encoded.items():
+            values[key].extend(record_values)
+            counts[key].append(len(record_values))
+        n_records += 1
+    arrays = {key: (np.array(values[key], dtype=object) if dtype == h5py.string_dtype() else
+                    np.frombuffer(values[key], dtype=dtype), np.frombuffer(counts[key], dtype=np.int64))
+              for key, dtype in columns.items()}
+    return arrays, n_records, len(batch[-1])
+
+
+def _encoded_batches(batches, workers, start_args):
+    """_encode_batch of each batch, in order, computed by `workers` processes (1: this one). At most two batches
+    per worker are in flight, so memory stays bounded however long the input."""
+    if workers == 1:
+        _start_worker(*start_args)
+        yield from map(_encode_batch, batches)
+        return
+    # fork: the workers inherit the loaded tokenizer and need not import torch again
+    with multiprocessing.get_context("fork").Pool(workers, _start_worker, start_args) as pool:
+        pending = collections.deque()
+        for batch in batches:
+            pending.append(pool.apply_async(_encode_batch, (batch,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _first_record(batches):
+    """(the first record or None, an iterator over all the batches again)."""
+    seen = []
+    for batch in batches:
+        seen.append(batch)
+        for _, record in _records_in(*batch):
+            return record, itertools.chain(seen, batches)
+    return None, iter(seen)
+
+
+def default_workers():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def prepare(stage: str, inputs: list[str], tokenizer_dir: str, out_path: str, val_fraction: float = 0.05,
-            seed: int = 0, progress: bool = True) -> dict:
-    """Tokenize `inputs` into `out_path` (layout at the top of this file); returns records per split."""
+            seed: int = 0, progress: bool = True, workers: int = 0, batch_bytes: int = BATCH_BYTES) -> dict:
+    """Tokenize `inputs` into `out_path` (layout at the top of this file) with `workers` processes (0: one per
+    core); the file is the same for any number. Returns records per split."""
     if stage not in ("seq", "sft", "dpo", "grpo"):
         raise ValueError(f"--stage={stage!r}: expected one of seq, sft, dpo, grpo")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"--val_fraction={val_fraction}: expected a number in [0, 1)")
+    if workers < 0:
+        raise ValueError(f"--workers={workers}: expected 0 (one per core) or a positive number of processes")
+    workers = workers or default_workers()
+    if "fork" not in multiprocessing.get_all_start_methods():
+        workers = 1  # no fork (Windows): one process
     tokenizer = Tokenizer.load(tokenizer_dir)
     if stage == "seq" and tokenizer.eot_id is None:
         raise ValueError(f"{tokenizer_dir}: the tokenizer has no <|endoftext|> to separate documents")
+    first, batches = _first_record(_read_batches(inputs, stage != "seq", batch_bytes))
+    if first is None:
+        raise ValueError(f"{', '.join(inputs)}: no records")
+    offline = stage == "grpo" and "responses" in first  # offline GRPO files have more datasets; the first decides
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp_path, val_picks = out_path + ".tmp", _val_picks(val_fraction, seed)
-    n_records, n_bytes, t0, last_print = {"train": 0, "val": 0}, 0, time.time(), 0.0
+    tmp_path, t0 = out_path + ".tmp", time.time()
+    encoded = _encoded_batches(batches, workers, (stage, tokenizer, offline))
     try:
         with h5py.File(tmp_path, "w") as f:
             f.attrs.update(stage=stage, vocab_size=tokenizer.vocab_size, tokenizer_hash=tokenizer.hash,
                            eot_id=-1 if tokenizer.eot_id is None else tokenizer.eot_id, format_version=FORMAT_VERSION)
-            splits = None
-            for where, record, size in _read_records(inputs, jsonl_only=stage != "seq"):
-                if splits is None:  # offline GRPO files have more datasets; the first record tells
-                    columns = _columns(stage, offline="responses" in record)
-                    splits = {name: {key: _Appender(f.require_group(name), key, dtype)
-                                     for key, dtype in columns.items()} for name in ("train", "val")}
-                split = "val" if next(val_picks) else "train"
-                columns = encode_record(stage, tokenizer, record, where)
-                if columns.keys() != splits[split].keys():
-                    raise ValueError(f"{where}: every record of an offline GRPO file has 'responses' and "
-                                     "'rewards', of an online one neither (the first record decides)")
-                for key, values in columns.items():
-                    splits[split][key].extend(values)
-                n_records[split] += 1
-                n_bytes += size
-                if progress and time.time() - last_print > 0.5:
-                    last_print, elapsed = time.time(), time.time() - t0
-                    tokens = sum(a.size for s in splits.values() for k, a in s.items() if k.endswith("tokens"))
-                    print(f"\r{stage}: {sum(n_records.values()):,} records, {tokens:,} tokens, {n_bytes / 1e6:.1f} MB, "
-                          f"{n_bytes / 1e6 / elapsed:.1f} MB/s", end="", file=sys.stderr, flush=True)
-            if splits is None:
-                raise ValueError(f"{', '.join(inputs)}: no records")
-            for split in splits.values():
-                for appender in split.values():
-                    appender.flush()
+            splits = {name: {key: _Appender(f.require_group(name), key, dtype)
+                             for key, dtype in _columns(stage, offline).items()} for name in ("train", "val")}
+            n_records, n_bytes = _write_batches(encoded, splits, _val_picks(val_fraction, seed), progress and stage)
         os.replace(tmp_path, out_path)
     finally:
+        encoded.close()  # stops the workers, also on an error
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
     if progress:
-        print(("\n" if last_print else "") + f"wrote {out_path}: {stage}, train {n_records['train']:,} records, "
-              f"val {n_records['val']:,}, {n_bytes / 1e6:.1f} MB in {time.time() - t0:.1f}s", file=sys.stderr)
+        print(f"wrote {out_path}: {stage}, train {n_records['train']:,} records, val {n_records['val']:,}, "
+              f"{n_bytes / 1e6:.1f} MB in {time.time() - t0:.1f}s with {workers} worker(s)", file=sys.stderr)
     return n_records
+
+
+def _write_batches(encoded, splits, val_picks, progress_label):
+    """Append encoded batches to the train/val appenders, record by record as val_picks says; the buffers are
+    written whenever they hold BUFFER_BYTES, so memory is bounded by bytes. Returns (records per split, bytes)."""
+    n_records, n_bytes, buffered, t0, last_print = {"train": 0, "val": 0}, 0, 0, time.time(), 0.0
+    for columns, n, size in encoded:
+        is_val = np.fromiter(itertools.islice(val_picks, n), dtype=bool, count=n)
+        for split, chosen in (("train", ~is_val), ("val", is_val)):
+            if chosen.any():
+                for key, (values, counts) in columns.items():
+                    if not chosen.all():  # each record's values are counts[i] consecutive entries
+                        values, counts = values[np.repeat(chosen, counts)], counts[chosen]
+                    buffered += splits[split][key].extend(values)
+                n_records[split] += int(chosen.sum())
+        n_bytes += size
+        if buffered >= BUFFER_BYTES:
+            for appender in (a for split in splits.values() for a in split.values()):
+                appender.flush()
+            buffered = 0
+        if progress_label and time.time() - last_print > 0.5:
+            last_print, elapsed = time.time(), time.time() - t0
+            tokens = sum(a.size for s in splits.values() for k, a in s.items() if k.endswith("tokens"))
+            print(f"\r{progress_label}: {sum(n_records.values()):,} records, {tokens:,} tokens, "
+                  f"{n_bytes / 1e6:.1f} MB, {n_bytes / 1e6 / elapsed:.1f} MB/s", end="", file=sys.stderr, flush=True)
+    for appender in (a for split in splits.values() for a in split.values()):
+        appender.flush()
+    if last_print:
+        print(file=sys.stderr)
+    return n_records, n_bytes
 
 
 # -----------------------------------------------------------------------------
@@ -258,8 +386,8 @@ class _Dataset:
         return int(self._bases[-1])
 
     def _locate(self, index):
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} items of {self.files[0]}...")
+        if not 0 <= index < self._bases[-1]:
+            raise IndexError(f"index {index} out of range for {self._bases[-1]} items of {self.files[0]}...")
         shard = bisect.bisect_right(self._bases, index) - 1
         return self.groups[shard], int(index - self._bases[shard])
 
@@ -319,11 +447,43 @@ class SFTDataset(_Dataset):
 
 
 class DPODataset(_Dataset):
-    """Chosen and rejected rows padded to one width, so a loss may run both in one forward pass."""
+    """Chosen and rejected rows padded to one width, so a loss may run both in one forward pass. A pair longer than
+    block_size + 1 tokens loses the start of its prompt, the same tokens on both sides, so both replies stay whole;
+    a pair whose longer reply (its tokens after the prompt) leaves no prompt token in block_size + 1 is dropped,
+    and how many were dropped is printed."""
+
+    def __init__(self, files, groups, attrs, block_size, first_offsets):
+        super().__init__(files, groups, attrs, block_size, first_offsets)
+        replies = [np.maximum(*(np.diff(g[f"{side}_offsets"][:]) for side in ("chosen", "rejected")))
+                   - g["prompt_lengths"][:] for g in groups]  # 3 numbers a pair: 24 MB for a million pairs
+        fits = np.concatenate(replies) <= block_size
+        self._kept = np.flatnonzero(fits)  # the pairs this dataset's indices number
+        if not fits.all():
+            where = f"{files[0]}{' ...' if len(files) > 1 else ''} {groups[0].name}"
+            print(f"{where}: dropped {len(fits) - len(self._kept):,} of {len(fits):,} DPO pairs whose reply alone "
+                  f"is longer than block_size={block_size} tokens", file=sys.stderr)
+            if not len(self._kept):
+                raise ValueError(f"{where}: every DPO pair has a reply longer than block_size={block_size} tokens")
+
+    def __len__(self):
+        return len(self._kept)
+
+    def _pair(self, index):
+        """(chosen (tokens, mask), rejected (tokens, mask)) of one pair, with the prompt cut from the left."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} DPO pairs of {self.files[0]}...")
+        index = int(self._kept[index])
+        group, local = self._locate(index)
+        n_prompt = int(group["prompt_lengths"][local])
+        sides = [self._record(index, f"{side}_offsets", f"{side}_tokens", f"{side}_mask")
+                 for side in ("chosen", "rejected")]
+        reply = max(len(tokens) for tokens, _ in sides) - n_prompt
+        start = max(0, n_prompt - (self.block_size + 1 - reply))  # keeps >= 1 prompt token: reply <= block_size
+        return [(tokens[start:], mask[start:]) for tokens, mask in sides]
 
     def get_batch(self, indices):
-        sides = {side: [self._shifted(*self._record(i, f"{side}_offsets", f"{side}_tokens", f"{side}_mask"))
-                        for i in indices] for side in ("chosen", "rejected")}
+        pairs = [self._pair(i) for i in indices]
+        sides = {side: [self._shifted(*pair[n]) for pair in pairs] for n, side in enumerate(("chosen", "rejected"))}
         width = max(1, max(len(inputs) for rows in sides.values() for inputs, _ in rows))
         batch = {}
         for side, rows in sides.items():
@@ -448,13 +608,13 @@ USAGE = """usage:
   python data.py tokenizer --input=FILE[,FILE...] --vocab_size=N --out=TOKDIR
       train a byte-level BPE tokenizer on .txt / .jsonl ("text" or "messages") files
   python data.py prepare --stage=seq|sft|dpo|grpo --input=FILE[,FILE...] --tokenizer=TOKDIR --out=FILE.h5
-                         [--val_fraction=0.05] [--seed=0]
-      tokenize into an HDF5 file for train.py --data
+                         [--val_fraction=0.05] [--seed=0] [--workers=N]
+      tokenize into an HDF5 file for train.py --data, with N processes (default: one per core)
 Any command with --help lists its options. The demo data: python pipeline.py demo --out=DIR."""
 
 
 def _training_texts(paths):
-    for where, record, _ in _read_records(paths):
+    for where, record in _read_records(paths):
         if "text" in record:
             yield _get(record, "text", str, where)
         elif "messages" in record:
@@ -472,8 +632,8 @@ def main(argv):
     if command == "tokenizer":
         args = load_settings({"input": "", "vocab_size": 4096, "out": ""}, argv, "data.py tokenizer")
     else:
-        args = load_settings({"stage": "", "input": "", "tokenizer": "", "out": "", "val_fraction": 0.05, "seed": 0},
-                             argv, "data.py prepare")
+        args = load_settings({"stage": "", "input": "", "tokenizer": "", "out": "", "val_fraction": 0.05, "seed": 0,
+                              "workers": 0}, argv, "data.py prepare")
     for key, value in args.items():
         if value == "":
             raise SystemExit(f"--{key} is required; see python data.py {command} --help")
@@ -484,7 +644,7 @@ def main(argv):
             tokenizer.save(args.out)
             print(f"wrote {args.out}: vocab_size {tokenizer.vocab_size}, hash {tokenizer.hash[:12]}")
         else:
-            prepare(args.stage, inputs, args.tokenizer, args.out, args.val_fraction, args.seed)
+            prepare(args.stage, inputs, args.tokenizer, args.out, args.val_fraction, args.seed, workers=args.workers)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -6,6 +6,8 @@ starting from the last one's final/ model, with greedy exact-answer accuracy on 
     python pipeline.py demo --out=data/demo     # only write the demo data (pretrain.txt, sft/dpo/grpo.jsonl, ...)
     python pipeline.py                          # everything from scratch: ~8 minutes on 2 CPU cores
     python pipeline.py --from_stage=dpo         # reuse data and the pretrain and sft models, run dpo and grpo again
+    python pipeline.py --lora_rank=8            # then sft, dpo and grpo again as LoRA adapters: a column beside
+    python pipeline.py --lora_rank=8 --from_stage=lora-sft    # only the LoRA stages, on the pretrained model
 
 It runs the same commands a user would (printed as it goes); the accuracy is sample.py --eval's.
 """
@@ -21,11 +23,26 @@ from settings import Settings, load_settings
 DEFAULTS = dict(
     data="data/demo",  # demo data, tokenizer and .h5 files
     out="out",  # a directory per stage: OUT/demo (pretraining), OUT/sft, OUT/dpo, OUT/grpo
-    from_stage="data",  # data | pretrain | sft | dpo | grpo: earlier stages' outputs are reused
+    from_stage="data",  # data | pretrain | sft | dpo | grpo (| lora-sft | lora-dpo | lora-grpo): earlier ones reused
+    lora_rank=0,  # > 0: after grpo, sft -> dpo -> grpo again from the pretrained model with LoRA adapters of this rank
 )
 # stage, its config, the directory its model goes to (under --out), the stage whose model it starts from
 STAGES = [("pretrain", "configs/demo.py", "demo", None), ("sft", "configs/sft.py", "sft", "demo"),
           ("dpo", "configs/dpo.py", "dpo", "sft"), ("grpo", "configs/grpo.py", "grpo", "dpo")]
+# the LoRA stages' learning rates: adapters start at zero and take larger steps than full-weight fine-tuning
+LORA_LR = {"sft": 3e-3, "dpo": 5e-4, "grpo": 5e-4}
+
+
+def stage_list(lora_rank):
+    """[(label, stage, config, out name, parent out name, extra train.py args)]: STAGES, then with lora_rank the
+    stages after pretraining as LoRA adapters (lora_alpha = 2 * rank), each merged into its final/ for the next."""
+    stages = [(stage, stage, config, name, parent, []) for stage, config, name, parent in STAGES]
+    for stage, config, name, parent in STAGES[1:] if lora_rank else []:
+        lr = LORA_LR[stage]
+        stages.append(("lora-" + stage, stage, config, "lora-" + name, parent if parent == "demo" else "lora-" + parent,
+                       [f"--lora_rank={lora_rank}", f"--lora_alpha={2 * lora_rank}", "--merge_lora=true", f"--lr={lr}",
+                        f"--min_lr={lr / 10}"]))
+    return stages
 
 
 # -----------------------------------------------------------------------------
@@ -182,7 +199,8 @@ def main(argv):
     if argv[:1] == ["demo"]:
         return write_demo(argv[1:])
     args = load_settings(DEFAULTS, argv, "pipeline.py")
-    names = ["data"] + [stage for stage, *_ in STAGES]
+    stages = stage_list(args.lora_rank)
+    names = ["data"] + [label for label, *_ in stages]
     if args.from_stage not in names:
         sys.exit(f"pipeline.py: --from_stage={args.from_stage!r}: choose from {', '.join(names)}")
     first = names.index(args.from_stage)
@@ -190,13 +208,13 @@ def main(argv):
     rows, t_start = [], time.time()
     if first == 0:
         make_data(data)
-    for i, (stage, config, name, parent) in enumerate(STAGES, 1):
+    for i, (label, stage, config, name, parent, extra) in enumerate(stages, 1):
         t0 = time.time()
         model_dir = os.path.join(out, name, "final")
         if i >= first:
             data_file = "pretrain.h5" if stage == "pretrain" else f"{stage}.h5"
             start = [f"--tokenizer={data}/tokenizer"] if parent is None else [f"--init_from={out}/{parent}/final"]
-            sh("train.py", config, f"--data={data}/{data_file}", f"--out_dir={out}/{name}", *start)
+            sh("train.py", config, f"--data={data}/{data_file}", f"--out_dir={out}/{name}", *start, *extra)
         elif not os.path.isdir(model_dir):
             sys.exit(f"pipeline.py: --from_stage={args.from_stage} reuses {model_dir}, which does not exist")
         print(f"$ python sample.py --model={model_dir} --eval={task}", flush=True)
@@ -205,14 +223,28 @@ def main(argv):
         if stage == "dpo":
             pairs = preference_accuracy(model_dir, os.path.join(out, parent, "final"), f"{data}/dpo_eval.h5")
             note = f"preference accuracy {pairs:.3f} on {data}/dpo_eval.jsonl"
-        rows.append((stage, accuracy, (time.time() - t0) / 60 if i >= first else None, note))
-        print(f"{stage}: accuracy {accuracy:.3f} {note}", flush=True)
+        rows.append((label, accuracy, (time.time() - t0) / 60 if i >= first else None, note))
+        print(f"{label}: accuracy {accuracy:.3f} {note}", flush=True)
 
     print(f"\nexact-answer accuracy on {task} (greedy), after each stage:")
-    print(f"{'stage':<9} {'accuracy':>8} {'minutes':>8}")
-    for stage, accuracy, minutes, note in rows:
-        print(f"{stage:<9} {accuracy:>8.3f} {'-' if minutes is None else f'{minutes:.1f}':>8}  {note}")
+    print_table(rows, args.lora_rank)
     print(f"total {(time.time() - t_start) / 60:.1f} minutes")
+
+
+def print_table(rows, lora_rank):
+    """One line a stage; with LoRA stages, their accuracy and minutes beside the full-weight ones."""
+    found = {label: (f"{accuracy:.3f}", "-" if minutes is None else f"{minutes:.1f}", note)
+             for label, accuracy, minutes, note in rows}
+    lora = f"LoRA r={lora_rank}"
+    print(f"{'stage':<9} {'accuracy':>8} {'minutes':>8}" + (f" {lora:>9} {'minutes':>8}" if lora_rank else ""))
+    for stage, *_ in STAGES:
+        accuracy, minutes, note = found[stage]
+        line = f"{stage:<9} {accuracy:>8} {minutes:>8}"
+        if lora_rank:
+            lora_accuracy, lora_minutes, lora_note = found.get("lora-" + stage, ("-", "-", ""))
+            line += f" {lora_accuracy:>9} {lora_minutes:>8}"
+            note = note + (f"; LoRA: {lora_note}" if lora_note else "")
+        print(f"{line}  {note}".rstrip())
 
 
 if __name__ == "__main__":

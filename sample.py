@@ -26,12 +26,14 @@ from collections import deque
 import regex
 import torch
 
+from lora import merge_adapter
 from model import CacheIndex, KVCache, Transformer, quantize_int8
 from settings import DTYPES, load_settings, pick_device
 from tokenizer import Tokenizer
 
 DEFAULTS = dict(
     model="",  # MODELDIR: config.json + model.safetensors + tokenizer files
+    adapter="",  # a LoRA adapter directory (train.py --lora_rank, or peft's) trained on --model: merged in on load
     prompt="",  # text, or FILE:path to read it from a file; empty: start a fresh document
     chat=False,  # wrap the prompt as a user message in the chat template; without --prompt: interactive chat
     num_samples=1,  # completions of the same prompt, generated as one batch
@@ -469,12 +471,15 @@ class TextStream:
 # loading a model directory
 
 
-def load(model_dir, device="cpu", dtype=None):
+def load(model_dir, device="cpu", dtype=None, adapter=""):
     """(model in eval mode, tokenizer) from a MODELDIR: ours or a Hugging Face one with tokenizer.json.
     dtype: a torch dtype or its name (float32, bfloat16, float16), or "int8" (weight-only int8, bfloat16
-    activations: see model.Int8Linear); None keeps float32."""
+    activations: see model.Int8Linear); None keeps float32. adapter: a LoRA adapter directory (lora.py) trained
+    on model_dir, merged into the weights (before any quantization): the base model's speed."""
     int8 = dtype == "int8"
     model = Transformer.from_pretrained(model_dir, device=device, dtype=None if int8 else DTYPES.get(dtype, dtype))
+    if adapter:
+        merge_adapter(model, adapter, model_dir)
     model = quantize_int8(model).eval() if int8 else model.eval()
     tokenizer = Tokenizer.load(model_dir)
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -634,7 +639,7 @@ def main(argv):
     if not args.model:
         sys.exit("sample.py: --model=MODELDIR is required (a directory with config.json, model.safetensors, tokenizer)")
     device, dtype = pick_device(args.device, args.dtype, inference=True)
-    model, tokenizer = load(args.model, device=device, dtype=dtype)
+    model, tokenizer = load(args.model, device=device, dtype=dtype, adapter=args.adapter)
     stop_ids = stop_ids_for(args.model, tokenizer)
     seed = None if args.seed < 0 else args.seed
     if args.eval:

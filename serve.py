@@ -49,6 +49,7 @@ from settings import load_settings, pick_device
 
 DEFAULTS = dict(
     model="",  # MODELDIR: config.json + model.safetensors + tokenizer files (ours or Hugging Face)
+    adapter="",  # a LoRA adapter directory (train.py --lora_rank, or peft's) trained on --model: merged in on load
     host="127.0.0.1",  # loopback only; --host=0.0.0.0 exposes the server to the network
     port=8000,
     max_batch=8,  # rows decoded together = rows of the preallocated KV cache
@@ -740,7 +741,7 @@ def main(argv):
             sys.exit(f"serve.py: --{key}={args[key]} must be at least 1")
     device, dtype = pick_device(args.device, args.dtype, inference=True)
     try:
-        model, tokenizer = load(args.model, device=device, dtype=dtype)
+        model, tokenizer = load(args.model, device=device, dtype=dtype, adapter=args.adapter)  # adapter: merged in
     except (OSError, ValueError) as e:
         sys.exit(f"serve.py: {e}")
     engine = Engine(model, args.max_batch, args.max_len, args.prefill_chunk, stop_ids_for(args.model, tokenizer),

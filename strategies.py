@@ -32,6 +32,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from lora import BaseModel
 from sample import answer_is_correct, generate, strip_stop
 
 
@@ -88,8 +89,11 @@ def target_logprobs(logits, targets, temperature=1.0):
     return (picked - logits.logsumexp(-1)) * (targets != -100)  # no (B, T, V) log_softmax in memory
 
 
-def frozen_copy(model):
-    """The reference policy: a copy of the model as it is now, in eval mode, never trained."""
+def frozen_copy(model, cfg=None):
+    """The reference policy: a copy of the model as it is now, in eval mode, never trained. With LoRA
+    (cfg.lora_rank) the model itself with its adapters switched off: the same, without a second copy."""
+    if cfg is not None and cfg.get("lora_rank"):
+        return BaseModel(model)
     reference = copy.deepcopy(model).eval()
     reference.requires_grad_(False)
     return reference
@@ -121,7 +125,7 @@ class DPO(Strategy):
         if cfg.rpo_alpha < 0:
             raise ValueError(f"rpo_alpha={cfg.rpo_alpha}: must be >= 0 (0 = plain DPO)")
         self.beta, self.rpo_alpha = cfg.beta, cfg.rpo_alpha
-        self.ref_model = frozen_copy(model)
+        self.ref_model = frozen_copy(model, cfg)
 
     def loss(self, model, batch, step, micro_step=0, evaluating=False):
         B = batch["chosen_ids"].size(0)
@@ -266,6 +270,8 @@ class GRPO(Strategy):
             (cfg.max_new_tokens >= 1, f"max_new_tokens={cfg.max_new_tokens} must be >= 1"),
             (cfg.rollout_temperature > 0, f"rollout_temperature={cfg.rollout_temperature} must be > 0: greedy "
                                           "groups are all alike"),
+            (not (cfg.get("lora_rank") and cfg.sync_interval), f"sync_interval={cfg.sync_interval} with LoRA: the "
+             "reference is the base model under the adapters, which never changes; use 0"),
             (world_size == 1 or cfg.parallel != "fsdp",
              "parallel=fsdp: grpo rolls out with the whole model on every rank; use parallel=ddp"),
         ]
@@ -276,7 +282,7 @@ class GRPO(Strategy):
         self.reward_fn = load_reward(self.reward_name)
         self.stop_ids = list(tokenizer.stop_ids)
         self.policy = model  # unwrapped: generate() runs on it, outside DDP
-        self.ref_model = frozen_copy(model)
+        self.ref_model = frozen_copy(model, cfg)
         self.rollouts = []  # one per micro-step of the step that made them
         self.synced_at = 0
 

@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from data import ResumableSampler, load_dataset
+from lora import TrainingAdapter
 from model import ModelConfig, Transformer
 from settings import load_settings, pick_device
 from strategies import STRATEGIES
@@ -78,6 +79,12 @@ DEFAULTS = dict(
     reward="exact_answer",  # grpo: built-in name or module:function(prompt, completion, record) -> float
     max_new_tokens=32,  # grpo: rollout length
     rollout_temperature=1.0,  # grpo: sampling temperature of rollouts
+    # LoRA (lora.py): train low-rank adapters on a frozen --init_from model; checkpoints and final/ hold the adapter
+    lora_rank=0,  # rank r of each adapter; 0 = train every weight
+    lora_alpha=16.0,  # the update is scaled by lora_alpha / lora_rank
+    lora_dropout=0.0,  # dropout on the adapters' input
+    lora_targets="attention,mlp",  # the projections of attention and/or MLP, or layer names (q_proj,v_proj,...)
+    merge_lora=False,  # final/ a plain MODELDIR with the adapter merged in, instead of the adapter
     # system
     device="auto",  # auto | cpu | cuda | cuda:N
     dtype="auto",  # auto (bfloat16 autocast on CUDA, float32 on CPU) | float32 | bfloat16
@@ -238,12 +245,14 @@ def checkpoint_steps(out_dir):
     return [(s, os.path.join(out_dir, f"ckpt-{s}")) for s in sorted(steps)]
 
 
-def save_checkpoint(path, raw_model, tokenizer, env, resume_state=None):
+def save_checkpoint(path, raw_model, tokenizer, env, resume_state=None, adapter=None, merge=False):
     """Write a MODELDIR to `path`, atomically. resume_state (optimizer, sampler, strategy, trainer state)
     adds what --resume=auto needs: optimizer.pt, rng-RANK.pt and strategy-RANK.pt of every process, and
-    trainer_state.json. Every process calls this: gathering FSDP state dicts is collective."""
+    trainer_state.json. Every process calls this: gathering FSDP state dicts is collective.
+    adapter (LoRA): the adapter instead of a MODELDIR, or with merge a MODELDIR with the adapter merged in."""
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(raw_model, options=full)
+    adapter_only = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    model_state = get_model_state_dict(raw_model, options=adapter_only if adapter and not merge else full)
     if resume_state:
         optim_state = get_optimizer_state_dict(raw_model, resume_state["optimizer"], options=full)
         rank_state = (rng_state(), resume_state["strategy"].state_dict())
@@ -255,7 +264,10 @@ def save_checkpoint(path, raw_model, tokenizer, env, resume_state=None):
     if env.master:
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        raw_model.save_pretrained(tmp, state_dict=model_state, token_ids=tokenizer.token_ids())
+        if adapter:
+            adapter.save(tmp, model_state, merge, raw_model, tokenizer.token_ids())
+        else:
+            raw_model.save_pretrained(tmp, state_dict=model_state, token_ids=tokenizer.token_ids())
         tokenizer.save(tmp)
         if resume_state:
             torch.save(optim_state, os.path.join(tmp, "optimizer.pt"))
@@ -270,12 +282,18 @@ def save_checkpoint(path, raw_model, tokenizer, env, resume_state=None):
         dist.barrier()
 
 
-def load_checkpoint(path, raw_model, optimizer, sampler, strategy, rank):
+def load_checkpoint(path, raw_model, optimizer, sampler, strategy, rank, adapter=None):
     """Restore what save_checkpoint wrote into the live objects; returns the trainer state."""
     with open(os.path.join(path, "trainer_state.json")) as f:
         state = json.load(f)
-    saved = Transformer.from_pretrained(path)  # validates names and shapes against config.json
-    set_model_state_dict(raw_model, saved.state_dict(), options=StateDictOptions(full_state_dict=True))
+    if adapter:  # LoRA: the adapter weights, refused if the checkpoint's base model is not --init_from
+        set_model_state_dict(raw_model, adapter.load(path), options=StateDictOptions(full_state_dict=True,
+                                                                                     strict=False))
+    elif os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise ValueError(f"{path} holds a LoRA adapter: resume with the --lora_rank it was trained with")
+    else:
+        saved = Transformer.from_pretrained(path)  # validates names and shapes against config.json
+        set_model_state_dict(raw_model, saved.state_dict(), options=StateDictOptions(full_state_dict=True))
     optim_state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
     set_optimizer_state_dict(raw_model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
     sampler.load_state_dict(state["sampler"])
@@ -371,18 +389,26 @@ def setup_run(cfg):
     train_data, val_data = load_data(cfg, STRATEGIES[cfg.strategy].data_stage, tokenizer)
     raw_model = build_model(cfg, tokenizer, env.device)
     try:
+        adapter = TrainingAdapter(raw_model, cfg) if cfg.lora_rank else None  # before the strategy copies a reference
+    except (OSError, ValueError) as e:
+        sys.exit(f"train.py: LoRA: {e}")
+    try:
         strategy = STRATEGIES[cfg.strategy](cfg, raw_model, tokenizer, env.rank, env.world_size)
         strategy.check_data(train_data)
     except ValueError as e:
         sys.exit(f"train.py: --strategy={cfg.strategy}: {e}")
     run = SimpleNamespace(env=env, tokenizer=tokenizer, train_data=train_data, val_data=val_data, strategy=strategy,
-                          raw_model=raw_model, model=wrap_model(raw_model, cfg, env), step=0, train_points=[],
-                          val_points=[], optimizer=make_optimizer(raw_model, cfg, env.device_type),
+                          adapter=adapter, raw_model=raw_model, model=wrap_model(raw_model, cfg, env), step=0,
+                          train_points=[], val_points=[], optimizer=make_optimizer(raw_model, cfg, env.device_type),
                           sampler=ResumableSampler(len(train_data), cfg.batch_size, cfg.grad_accum, env.rank,
                                                    env.world_size, cfg.seed))
     checkpoints = checkpoint_steps(cfg.out_dir) if cfg.resume == "auto" else []
     if checkpoints:
-        state = load_checkpoint(checkpoints[-1][1], raw_model, run.optimizer, run.sampler, strategy, env.rank)
+        try:
+            state = load_checkpoint(checkpoints[-1][1], raw_model, run.optimizer, run.sampler, strategy, env.rank,
+                                    adapter)
+        except ValueError as e:
+            sys.exit(f"train.py: --resume=auto: {e}")
         run.step, run.train_points, run.val_points = state["step"], state["train_points"], state["val_points"]
         print0(f"resumed from {checkpoints[-1][1]} at step {run.step}")
     elif cfg.resume == "auto":
@@ -390,6 +416,9 @@ def setup_run(cfg):
     run.metrics = open_metrics(cfg, run.step, env.master)
     print0(f"{raw_model.num_params() / 1e6:.2f}M parameters, strategy {cfg.strategy}, {len(train_data)} train "
            f"items, {env.world_size} process(es), {env.device}, {env.dtype}")
+    if adapter:
+        print0(f"LoRA rank {cfg.lora_rank}: {adapter.trainable:,} trainable parameters, "
+               f"{adapter.trainable / raw_model.num_params():.3%} of the model's")
     return run
 
 
@@ -399,7 +428,7 @@ def checkpoint(run, cfg):
                "train_points": run.train_points, "val_points": run.val_points}
     path = os.path.join(cfg.out_dir, f"ckpt-{run.step}")
     save_checkpoint(path, run.raw_model, run.tokenizer, run.env,
-                    {"optimizer": run.optimizer, "strategy": run.strategy, "trainer": trainer})
+                    {"optimizer": run.optimizer, "strategy": run.strategy, "trainer": trainer}, run.adapter)
     if run.env.master:
         for _, old in checkpoint_steps(cfg.out_dir)[:-cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
@@ -468,7 +497,8 @@ def train(cfg):
             print0(f"stopped by signal at step {run.step}; resume with --resume=auto")
             break
     if run.step == cfg.max_iters:
-        save_checkpoint(os.path.join(cfg.out_dir, "final"), raw_model, run.tokenizer, env)
+        save_checkpoint(os.path.join(cfg.out_dir, "final"), raw_model, run.tokenizer, env, adapter=run.adapter,
+                        merge=cfg.merge_lora)
         print0(f"saved {os.path.join(cfg.out_dir, 'final')}")
     if run.metrics is not None:
         run.metrics.close()
@@ -512,7 +542,8 @@ def write_loss_svg(path, train_points, val_points):
 def measure_peak_flops(device, n=1024):
     """Measured matmul FLOP/s on this device: the denominator of MFU."""
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype)
+    # its own generator: drawing from the global one would shift dropout's random numbers after a resume
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=torch.Generator(device).manual_seed(0))
     a @ a
     if device.startswith("cuda"):
         torch.cuda.synchronize()

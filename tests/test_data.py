@@ -331,6 +331,38 @@ def test_dpo_batches(tok, tok_dir, demo, tmp_path):
         assert f["train/prompt_lengths"][0] == len(prompt_ids)
 
 
+def test_dpo_cuts_the_prompt_from_the_left_and_drops_pairs_whose_reply_does_not_fit(tok, tok_dir, tmp_path, capsys):
+    long_prompt = "Read this first. " * 6 + "What is 2 + 3?"
+    records = [{"prompt": long_prompt, "chosen": "2 + 3 = 5", "rejected": "2 + 3 = 6, or maybe 7"},
+               {"prompt": "1 + 1?", "chosen": "2", "rejected": "3"},
+               {"prompt": "1 + 2?", "chosen": "3", "rejected": "one plus two is three, " * 6 + "3"}]
+    h5 = _prepare("dpo", [_jsonl(tmp_path / "dpo.jsonl", records)], tok_dir, tmp_path / "dpo.h5")
+    block_size = 24
+    rendered = [{side: tok.render_chat([{"role": "user", "content": r["prompt"]},
+                                        {"role": "assistant", "content": r[side]}])[0] for side in ("chosen", "rejected")}
+                for r in records]
+    n_prompt = [len(tok.render_chat([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)[0])
+                for r in records]
+    longer_reply = [max(len(ids) for ids in sides.values()) - n for sides, n in zip(rendered, n_prompt)]
+    assert len(rendered[0]["rejected"]) > block_size + 1 and longer_reply[0] <= block_size  # cut, kept
+    assert len(rendered[1]["rejected"]) <= block_size + 1 and longer_reply[2] > block_size  # whole; dropped
+    dataset = data.load_dataset(str(h5), block_size=block_size, stage="dpo")
+    assert "dropped 1 of 3 DPO pairs whose reply alone is longer than block_size=24" in capsys.readouterr().err
+    assert len(dataset) == 2
+    batch = dataset.get_batch([0, 1])
+    for row, i in enumerate([0, 1]):
+        start = max(0, max(len(ids) for ids in rendered[i].values()) - (block_size + 1))  # the longer side's last
+        for side in ("chosen", "rejected"):  # block_size + 1 tokens; both sides lose the same prompt tokens
+            ids, targets = rendered[i][side][start:], batch[f"{side}_targets"][row]
+            assert batch[f"{side}_ids"][row, :len(ids) - 1].tolist() == ids[:-1]
+            assert tok.decode(targets[targets != -100].tolist()) == records[i][side] + "<|im_end|>"
+        assert (start > 0) == (i == 0)  # pair 0 lost the start of its prompt, pair 1 nothing
+    with pytest.raises(IndexError):
+        dataset.get_batch([2])
+    with pytest.raises(ValueError, match="every DPO pair has a reply longer than block_size=2"):
+        data.load_dataset(str(h5), block_size=2, stage="dpo")
+
+
 def test_grpo_online_and_offline(tok, tok_dir, demo, tmp_path):
     h5 = _prepare("grpo", [demo / "grpo.jsonl", demo / "eval.jsonl"], tok_dir, tmp_path / "grpo.h5")
     records = [json.loads(line) for name in ("grpo.jsonl", "eval.jsonl") for line in (demo / name).read_text().splitlines()]
@@ -440,6 +472,126 @@ def test_bad_inputs_name_the_problem(tok_dir, demo, tmp_path):
         _prepare("sft", [tmp_path / "missing.jsonl"], tok_dir, tmp_path / "bad.h5")
     with pytest.raises(SystemExit, match="--stage='pretrain'"):
         _prepare("pretrain", [demo / "pretrain.txt"], tok_dir, tmp_path / "bad.h5")
+
+
+# ----------------------------------------------------------------------------- prepare: worker processes, memory
+
+def _h5_content(path):
+    with h5py.File(path) as f:
+        return dict(f.attrs), {f"{s}/{k}": f[s][k][:].tolist() for s in f for k in f[s]}
+
+
+def test_prepare_workers_write_the_same_file(tok, tok_dir, demo, tmp_path):
+    grpo = [json.loads(line) for line in (demo / "grpo.jsonl").read_text().splitlines()]
+    offline = [r | {"responses": [f"{r['answer']}", "no idea", "二"][:1 + i % 3], "rewards": [1.0, 0.0, 0.5][:1 + i % 3]}
+               for i, r in enumerate(grpo)]
+    texts = _jsonl(tmp_path / "texts.jsonl", [{"text": f"document {i}: 文档 {i}\n\nnext"} for i in range(40)])
+    crlf = tmp_path / "crlf.txt"  # CRLF lines, blank lines of spaces, a document longer than a batch
+    crlf.write_bytes("\r\n".join(["one", "two", " \t", "three", "", "", "\u3000", "four " * 900, "", "five"]).encode())
+    inputs = {"seq": [demo / "pretrain.txt", texts, crlf], "sft": [demo / "sft.jsonl"], "dpo": [demo / "dpo.jsonl"],
+              "grpo": [demo / "grpo.jsonl", demo / "eval.jsonl"], "offline": [_jsonl(tmp_path / "off.jsonl", offline)]}
+    for name, paths in inputs.items():
+        stage, paths = "grpo" if name == "offline" else name, [str(p) for p in paths]
+        assert len(list(data._read_batches(paths, batch_bytes=400))) >= 6  # more batches than workers
+        files = {}
+        for workers, batch_bytes in ((1, 400), (3, 400), (2, 1 << 20)):
+            files[workers] = tmp_path / f"{name}-{workers}.h5"
+            data.prepare(stage, paths, str(tok_dir), str(files[workers]), val_fraction=0.2, progress=False,
+                         workers=workers, batch_bytes=batch_bytes)
+        assert files[1].read_bytes() == files[3].read_bytes(), name
+        assert _h5_content(files[1]) == _h5_content(files[2]), name
+    with h5py.File(tmp_path / "seq-3.h5") as f:
+        documents = tok.decode(f["train/tokens"][:].tolist() + f["val/tokens"][:].tolist()).split("<|endoftext|>")
+    assert {"one\ntwo", "three", ("four " * 900).rstrip("\r\n"), "five"} <= set(documents)
+    # the records of each split, in input order, as the tokenizer renders them
+    records = [json.loads(line)["messages"] for line in (demo / "sft.jsonl").read_text().splitlines()]
+    expected = [tuple(map(tuple, tok.render_chat(messages))) for messages in records]
+    stored = {}
+    with h5py.File(tmp_path / "sft-3.h5") as f:
+        for split in ("train", "val"):
+            tokens, mask, offsets = (f[split][k][:].tolist() for k in ("tokens", "loss_mask", "offsets"))
+            stored[split] = [(tuple(tokens[a:b]), tuple(mask[a:b])) for a, b in zip(offsets, offsets[1:])]
+    assert len(stored["val"]) == len(records) // 5 and sorted(stored["train"] + stored["val"]) == sorted(expected)
+    for split in stored.values():
+        assert split == [e for e in expected if e in split]
+
+
+def test_prepare_error_in_a_worker_names_the_line(tok_dir, demo, tmp_path):
+    lines = (demo / "sft.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "bad.jsonl").write_text("".join(lines[:50]) + '{"messages": [}\n' + "".join(lines[50:]))
+    for workers in (1, 2):
+        with pytest.raises(ValueError, match="bad.jsonl:51: invalid JSON"):
+            data.prepare("sft", [str(tmp_path / "bad.jsonl")], str(tok_dir), str(tmp_path / "bad.h5"), progress=False,
+                         workers=workers, batch_bytes=500)
+        assert not os.path.exists(tmp_path / "bad.h5") and not os.path.exists(tmp_path / "bad.h5.tmp")
+    (tmp_path / "latin1.jsonl").write_bytes("".join(lines[:30]).encode() + '{"messages": "café"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.jsonl:31: not UTF-8"):
+        data.prepare("sft", [str(tmp_path / "latin1.jsonl")], str(tok_dir), str(tmp_path / "bad.h5"), progress=False,
+                     workers=2, batch_bytes=500)
+    with pytest.raises(SystemExit, match="--workers=-1"):
+        _prepare_args = ["prepare", "--stage=sft", f"--input={demo / 'sft.jsonl'}", f"--tokenizer={tok_dir}",
+                         f"--out={tmp_path / 'x.h5'}", "--workers=-1"]
+        data.main(_prepare_args)
+
+
+def _big_input(stage, demo, path, megabytes):
+    """About `megabytes` of input for `stage` made of the demo's records, with long texts as real data has:
+    GRPO records carry a long `source` field that only the `record` column keeps."""
+    documents = [d for d in (demo / "pretrain.txt").read_text().split("\n\n") if d.strip()]
+    if stage == "seq":
+        block = "\n\n".join(documents) + "\n\n"
+    else:
+        block = ""
+        for i, line in enumerate((demo / f"{stage}.jsonl").read_text().splitlines()):
+            record, context = json.loads(line), "\n".join(documents[(i + k) % len(documents)] for k in range(20))
+            if stage == "sft":
+                record["messages"][0]["content"] = context + "\n" + record["messages"][0]["content"]
+            elif stage == "dpo":
+                record["prompt"] = context + "\n" + record["prompt"]
+            else:
+                record["source"] = context * 3
+            block += json.dumps(record, ensure_ascii=False) + "\n"
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(int(megabytes * 1e6 / len(block.encode())) + 1):
+            f.write(block)
+    return path
+
+
+# peak RSS in KiB: VmHWM, as ru_maxrss of a process started by exec counts the parent's (pytest's) RSS at the
+# fork; the workers, forked and never exec'd, by RUSAGE_CHILDREN (the largest one)
+PEAK_RSS = """import re, resource, sys
+import data
+peak = lambda: int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+before = peak()  # the interpreter's own, data.py imported
+data.main(sys.argv[1:])
+print(before, peak(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+# GRPO at 200 MB: the old flush by entry counts held its `record` column whole (+508 MB). The other stages are
+# smaller here (2 CPU cores tokenize them at ~1 MB/s); PREPARE_RSS_MB=200 runs every stage at 200 MB.
+@pytest.mark.parametrize("stage, megabytes", [("seq", 8), ("sft", 4), ("dpo", 2), ("grpo", 200)])
+def test_prepare_memory_is_bounded_by_bytes(stage, megabytes, tok_dir, demo, tmp_path):
+    import subprocess
+    megabytes = float(os.environ.get("PREPARE_RSS_MB", megabytes))
+    path = _big_input(stage, demo, tmp_path / ("big.txt" if stage == "seq" else "big.jsonl"), megabytes)
+    out = subprocess.run([sys.executable, "-c", PEAK_RSS, "prepare", f"--stage={stage}", f"--input={path}",
+                          f"--tokenizer={tok_dir}", f"--out={tmp_path / 'big.h5'}", "--workers=2"],
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, main, workers = (int(kib) / 1024 for kib in out.stdout.split()[-3:])
+    n_records = sum(1 for line in open(path, encoding="utf-8") if line.strip())
+    if stage == "seq":
+        n_records = len([d for d in path.read_text().split("\n\n") if d.strip()])
+    os.remove(path)
+    with h5py.File(tmp_path / "big.h5") as f:
+        key = {"seq": None, "sft": "offsets", "dpo": "chosen_offsets", "grpo": "prompt_offsets"}[stage]
+        stored = sum(len(f[s][key]) - 1 for s in ("train", "val")) if key else \
+            sum(int((f[s]["tokens"][:] == 397).sum()) for s in ("train", "val"))  # <|endoftext|> ends each document
+    assert stored == n_records
+    print(f"{stage} {megabytes:.0f} MB: peak RSS {main - before:.0f} MB above the interpreter's {before:.0f} MB, "
+          f"workers {workers - before:.0f} MB")
+    assert main - before < 300 and workers - before < 300
 
 
 # ----------------------------------------------------------------------------- sampler
