@@ -137,12 +137,11 @@ def weights_hash(model_dir):
     return digest.hexdigest()
 
 
-def peft_config(names, rank, alpha, dropout, base_path):
-    """adapter_config.json. target_modules as "self_attn.q_proj"-style suffixes when they pick exactly the adapted
-    layers in every block, else as full transformers names."""
+def peft_config(names, rank, alpha, dropout, base_path, n_layers):
+    """adapter_config.json. target_modules as "self_attn.q_proj"-style suffixes when the same layers are adapted in
+    each of the n_layers blocks, else as full transformers names (peft matches a suffix in every block)."""
     suffixes = sorted({".".join(n.split(".")[-2:]) if "." in n else n for n in names})
-    n_blocks = len({n.split(".")[1] for n in names if n.startswith("layers.")})
-    exact = len(names) == sum(n_blocks if s != "lm_head" else 1 for s in suffixes)
+    exact = len(names) == sum(n_layers if s != "lm_head" else 1 for s in suffixes)
     targets = suffixes if exact else [peft_name(n).removeprefix("base_model.model.") for n in names]
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path, "r": rank,
             "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets, "bias": "none",
@@ -218,6 +217,9 @@ def load_adapter(model, path):
     missing = [n for n in names if not isinstance(modules.get(n), nn.Linear)]
     if missing:
         raise ValueError(f"{path}: the adapter has layers the model lacks: {missing[:4]}")
+    for name in names:  # merge_adapter can take these; as unmerged layers they would be skipped in decoding
+        if name.rsplit(".", 1)[-1] in UNADAPTABLE:
+            raise ValueError(f"{path}: {name} cannot be an unmerged adapter layer: merge it (merge_adapter)")
     add_adapters(model, names, config["r"], scaling)
     model.load_state_dict(state, strict=False)
     return model
@@ -271,7 +273,8 @@ class TrainingAdapter:
         add_adapters(model, names, cfg.lora_rank, self.scaling, cfg.lora_dropout)
         base_path = os.path.abspath(cfg.init_from)
         self.base = {"path": base_path, "sha256": weights_hash(base_path)}
-        self.config = peft_config(names, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, base_path)
+        self.config = peft_config(names, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, base_path,
+                                  model.config.n_layers)
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -288,6 +291,8 @@ class TrainingAdapter:
 
     def load(self, path):
         """The adapter weights of a checkpoint of this run, refused when its base model is not this run's."""
+        if not os.path.isfile(os.path.join(path, "base_model.json")):
+            raise ValueError(f"{path} is not a LoRA checkpoint (no base_model.json): resume it without --lora_rank")
         with open(os.path.join(path, "base_model.json")) as f:
             base = json.load(f)
         if base["sha256"] != self.base["sha256"]:

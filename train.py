@@ -289,6 +289,8 @@ def load_checkpoint(path, raw_model, optimizer, sampler, strategy, rank, adapter
     if adapter:  # LoRA: the adapter weights, refused if the checkpoint's base model is not --init_from
         set_model_state_dict(raw_model, adapter.load(path), options=StateDictOptions(full_state_dict=True,
                                                                                      strict=False))
+    elif os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise ValueError(f"{path} holds a LoRA adapter: resume with the --lora_rank it was trained with")
     else:
         saved = Transformer.from_pretrained(path)  # validates names and shapes against config.json
         set_model_state_dict(raw_model, saved.state_dict(), options=StateDictOptions(full_state_dict=True))

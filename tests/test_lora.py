@@ -71,13 +71,16 @@ def with_random_adapters(model, rank=4, alpha=8.0, targets="attention,mlp", seed
 # the format: peft on transformers' model reads ours, ours reads peft's
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_peft_loads_our_adapter(tmp_path_factory, tmp_path, arch):
+@pytest.mark.parametrize("arch, targets", [("llama", "attention,mlp"), ("qwen3", "attention,mlp"),
+                                           ("qwen3", "layers.1.mlp.down_proj,v_proj,lm_head")])
+def test_peft_loads_our_adapter(tmp_path_factory, tmp_path, arch, targets):
     peft = pytest.importorskip("peft")
     base = base_dir(tmp_path_factory, arch, 0, use_qk_norm=arch == "qwen3", tie_weight=arch == "llama")
-    ours, names = with_random_adapters(Transformer.from_pretrained(base))
+    ours, names = with_random_adapters(Transformer.from_pretrained(base), targets=targets)
     state = {k: v for k, v in ours.state_dict().items() if ".lora_" in k}
-    lora.save_adapter(tmp_path, state, lora.peft_config(names, 4, 8.0, 0.0, base))
+    config = lora.peft_config(names, 4, 8.0, 0.0, base, n_layers=2)
+    lora.save_adapter(tmp_path, state, config)
+    assert len(config["target_modules"]) == (7 if targets == "attention,mlp" else 4)
     theirs = peft.PeftModel.from_pretrained(hf_model(base), str(tmp_path)).eval()
     x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -251,6 +254,9 @@ def test_lora_resume_is_exact_and_needs_the_same_base(demo, sft_run, tmp_path):
     p = run(*lora_args(demo, other, *args, f"--init_from={demo}/other_base"), check=False)
     assert p.returncode != 0
     assert "different weights" in p.stderr and "other_base" in p.stderr, p.stderr[-2000:]
+    no_lora = [a for a in lora_args(demo, other, *args) if not a.startswith("--lora_")]
+    p = run(*no_lora, check=False)
+    assert p.returncode != 0 and "holds a LoRA adapter" in p.stderr, p.stderr[-2000:]
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
@@ -295,6 +301,8 @@ def test_sample_with_adapter_equals_merged_model(demo, sft_run, tmp_path):
     plain = run(*common, f"--model={demo}/base").stdout
     assert with_adapter == merged and with_adapter != plain
     p = run(*common, f"--model={demo}/other_base", f"--adapter={out}/ckpt-8", check=False)
+    assert p.returncode != 0 and "different weights" in p.stderr
+    p = run("serve.py", f"--model={demo}/other_base", f"--adapter={out}/ckpt-8", "--port=0", check=False)
     assert p.returncode != 0 and "different weights" in p.stderr
 
 
