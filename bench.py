@@ -3,7 +3,7 @@ Benchmarks, side by side with Hugging Face transformers (when installed) in one 
 
     python bench.py                       # everything
     python bench.py --only=train,decode   # some sections: train, decode, serve, prepare
-    python bench.py --preset=configs/tiny.py --steps=10
+    python bench.py --only=decode,serve --llamacpp=$(../shared/tools/build-llamacpp)   # llama.cpp rows too
 
 Speed claims live here, never in timed unit tests.
 """
@@ -13,12 +13,16 @@ import time
 import torch
 
 from model import ModelConfig, Transformer
-from settings import load_settings
+from settings import DTYPES, load_settings
 from train import measure_peak_flops
 
 DEFAULTS = dict(
     only="train,decode,serve,prepare",  # comma-separated sections
-    preset="configs/tiny.py",  # model shape for the decode/serve sections
+    presets="configs/tiny.py,configs/bench82m.py",  # model shapes for the decode and serve sections
+    dtypes="auto",  # decode/serve: float32,bfloat16,int8; auto = float32 and int8, bfloat16 too where native
+    batches="1,8,16",  # decode batch sizes
+    compile=True,  # ours with the compiled decode step (sample.py's and serve.py's default); false = eager
+    llamacpp="",  # DIR of a llama.cpp source tree with build/bin (../shared/tools/build-llamacpp prints one)
     # train section: model shapes, each a preset with optional :key=value overrides of its config, batch_size
     # or block_size; the 1B preset at 2 of its 24 layers keeps a CPU step to seconds (per-layer cost is the same)
     train_shapes="configs/tiny.py,configs/astrai_1b.py:n_layers=2:batch_size=1,"
@@ -44,25 +48,6 @@ DEFAULTS = dict(
 
 # -----------------------------------------------------------------------------
 # helpers
-
-
-def timed(fn, steps, warmup=2):
-    """Seconds per call of fn, median of `steps` calls after `warmup`."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
-def copy_bandwidth(n_bytes=256 * 2**20):
-    """Measured bytes/s of a large tensor copy (read + write): the memory-bandwidth bound of decoding."""
-    src = torch.empty(n_bytes // 4, dtype=torch.float32).uniform_()
-    dst = torch.empty_like(src)
-    return 2 * n_bytes / timed(lambda: dst.copy_(src), steps=5)
 
 
 def hf_model_like(model):
@@ -240,162 +225,283 @@ def bench_train_memory(args):
 
 
 # -----------------------------------------------------------------------------
-# decode: generate() tokens/s vs transformers' generate (sample.py's section)
+# decode and serve: the same random weights in sample.py's engine, transformers and llama.cpp
+
+
+def bench_model(preset, seed):
+    """A random model of the preset's shape (float32) and a BPE tokenizer of its vocab_size trained on random
+    words: llama.cpp wants one in the GGUF and serve.py one to answer with; the prompts are random ids anyway."""
+    import random
+
+    from tokenizer import train_tokenizer
+
+    torch.manual_seed(seed)
+    config = ModelConfig.from_file(preset)
+    model = Transformer(config).eval()
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(6000)]
+    text = " ".join(rng.choice(words) for _ in range(60000))
+    return model, train_tokenizer([text], config.vocab_size, progress=False)
+
+
+def in_dtype(model, dtype):
+    """The model as sample.load would give it in dtype (float32, bfloat16 or int8)."""
+    import copy
+
+    from model import quantize_int8
+
+    if dtype == "float32":
+        return model
+    return quantize_int8(copy.deepcopy(model)) if dtype == "int8" else copy.deepcopy(model).to(DTYPES[dtype])
+
+
+def dtypes(args):
+    """--dtypes, with auto = float32 and int8, plus bfloat16 where this CPU computes it natively."""
+    if args.dtypes != "auto":
+        return args.dtypes.split(",")
+    native = torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if not native:
+        print("(bfloat16 skipped: this CPU has no native bfloat16, where torch's bfloat16 matmuls are ~20x slower "
+              "than float32; --dtypes=float32,bfloat16,int8 runs it anyway)")
+    return ["float32", "bfloat16", "int8"] if native else ["float32", "int8"]
+
+
+GGUF_TYPES = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0", "float16": "f16"}
+
+
+def gguf_file(model, tokenizer, dtype, directory):
+    """The model exported by export.py to GGUF in the type closest to dtype (int8: llama.cpp's q8_0)."""
+    import os
+
+    from export import export
+
+    model_dir, path = os.path.join(directory, "model"), os.path.join(directory, f"model-{dtype}.gguf")
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        model.save_pretrained(model_dir)
+        tokenizer.save(model_dir)
+    if not os.path.exists(path):
+        export(model_dir, path, GGUF_TYPES[dtype])
+    return path
+
+
+def llamacpp_decode(llamacpp, gguf, batches, prompt_len, n_tokens, threads):
+    """{batch: decode tokens/s} from llama-batched-bench (its tg speed: batch x new tokens / their time)."""
+    import json
+    import os
+    import subprocess
+
+    command = [os.path.join(llamacpp, "build", "bin", "llama-batched-bench"), "-m", gguf, "-npp", str(prompt_len),
+               "-ntg", str(n_tokens), "-npl", ",".join(map(str, batches)), "-t", str(threads),
+               "-c", str(max(batches) * (prompt_len + n_tokens)), "--output-format", "jsonl"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{out.stderr[-2000:]}")
+    rows = [json.loads(line) for line in (out.stdout + out.stderr).splitlines() if line.startswith('{"n_kv_max"')]
+    return {r["pl"]: r["speed_tg"] for r in rows}
 
 
 def bench_decode(args):
+    """Decode tokens/s (new tokens after the first, which pays the prefill) at batch 1, 8 and 16: generate() vs
+    transformers' generate (float32) vs llama-batched-bench on the same weights as GGUF."""
+    import tempfile
+
     from sample import generate
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print("== decode: greedy generate() vs transformers' generate, KV cache on both, same weights, float32 on", device)
-    torch.manual_seed(args.seed)
-    config = ModelConfig.from_file(args.preset)
-    model = Transformer(config).to(device).eval()
-    hf = hf_model_like(model)
-    if hf is not None:
-        hf = hf.to(device).eval()
-        hf.generation_config.eos_token_id = None  # a fixed number of new tokens on both sides
-        hf.generation_config.pad_token_id = 0
-    P, N, steps = args.prompt_len, args.decode_tokens, args.steps
-
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    def ours(prompts, n):
-        generate(model, prompts.tolist(), n, temperature=0.0)
-
-    def theirs(prompts, n):
-        with torch.no_grad():
-            hf.generate(prompts, do_sample=False, max_new_tokens=n)
-        sync()
-
-    impls = [("sample.generate", ours)] + ([("transformers", theirs)] if hf is not None else [])
-    rows, ours_tokens_per_s = [], {}
-    for B in (1, 8):
-        prompts = torch.randint(0, config.vocab_size, (B, P), device=device)
-        # decode alone: N new tokens minus the prefill and first token that 1 new token costs (fastest of
-        # interleaved rounds: the difference of two medians can even come out negative on a shared machine)
-        best = fastest({(name, n): lambda fn=fn, n=n: fn(prompts, n) for name, fn in impls for n in (N, 1)}, steps)
-        for name, _ in impls:
-            seconds = best[name, N] - best[name, 1]
-            tokens_per_s = B * (N - 1) / seconds
-            rows.append([B, name, f"{tokens_per_s:,.0f}", f"{seconds / (N - 1) * 1e3:.2f}", ""])
-            if name == "sample.generate":
-                ours_tokens_per_s[B] = tokens_per_s
-            else:
-                rows[-2][4] = f"{ours_tokens_per_s[B] / tokens_per_s:.2f}x"
-    print(f"preset {args.preset} ({model.num_params() / 1e6:.1f}M params), prompts of {P} tokens, {N} new tokens")
-    table(rows, ["batch", "impl", "decode tokens/s", "ms/step", "ours/theirs"])
-
-    # batch 1 reads every weight once per token (the output head even when tied; embedding rows are negligible)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    if not config.tie_weight:
-        weight_bytes -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
-    if device == "cuda":
-        src = torch.empty(64 * 2**20, device=device)
-        dst = torch.empty_like(src)
-        bandwidth = 2 * src.numel() * 4 / timed(lambda: (dst.copy_(src), sync()), steps=5)
-    else:
-        bandwidth = copy_bandwidth()
-    bound = bandwidth / weight_bytes
-    print(f"batch-1 memory-bandwidth bound: {weight_bytes / 1e6:.1f} MB of weights / {bandwidth / 1e9:.1f} GB/s copy "
-          f"= {bound:,.0f} tokens/s; generate() reaches {ours_tokens_per_s[1] / bound:.1%} of it")
+    P, N, batches, threads = args.prompt_len, args.decode_tokens, [int(b) for b in args.batches.split(",")], \
+        torch.get_num_threads()
+    print(f"== decode: greedy, no stop token, prompts of {P} tokens, {N} new tokens, {device}, {threads} threads; "
+          f"ours {'compiled' if args.compile else 'eager'}")
+    rows = []
+    for preset in args.presets.split(","):
+        base, tokenizer = bench_model(preset, args.seed)
+        hf = hf_model_like(base)
+        if hf is not None:
+            hf.generation_config.eos_token_id = None  # a fixed number of new tokens on both sides
+            hf.generation_config.pad_token_id = 0
+        for dtype in dtypes(args):
+            model = in_dtype(base, dtype).to(device)
+            impls = {"ours": lambda p, n: generate(model, p.tolist(), n, temperature=0.0, compile=args.compile)}
+            if hf is not None and dtype == "float32":
+                impls["transformers"] = lambda p, n: hf.generate(p, do_sample=False, max_new_tokens=n)
+            theirs = {}
+            if args.llamacpp and device == "cpu":
+                with tempfile.TemporaryDirectory() as d:
+                    gguf = gguf_file(base, tokenizer, dtype, d)
+                    theirs = llamacpp_decode(args.llamacpp, gguf, batches, P, N, threads)
+            for B in batches:
+                prompts = torch.randint(0, base.config.vocab_size, (B, P), device=device)
+                # decode alone: N new tokens minus the prefill and first token that 1 new token costs
+                with torch.no_grad():
+                    best = fastest({(name, n): lambda fn=fn, n=n: fn(prompts, n) for name, fn in impls.items()
+                                    for n in (N, 1)}, args.steps)
+                speed = {name: B * (N - 1) / (best[name, N] - best[name, 1]) for name in impls}
+                if B in theirs:
+                    speed[f"llama.cpp {GGUF_TYPES[dtype]}"] = theirs[B]
+                for name, tokens_per_s in speed.items():
+                    ratio = "" if name == "ours" else f"{speed['ours'] / tokens_per_s:.2f}x"
+                    rows.append([preset, dtype, B, name, f"{tokens_per_s:,.0f}", ratio])
+        del base, hf
+    table(rows, ["preset", "dtype", "batch", "impl", "decode tokens/s", "ours/theirs"])
 
 
-# -----------------------------------------------------------------------------
-# serve: engine throughput under concurrent clients (serve.py's section)
-
-
-def served(model, tokenizer, prompts, n_tokens, max_batch, clients):
-    """Output tokens/s of `clients` HTTP clients working through `prompts` (greedy completions of n_tokens)
-    against a fresh serve.py engine of max_batch rows; each client sends its next request when answered."""
+def clients_throughput(port, prompts, clients, path, body, count):
+    """Output tokens/s of `clients` HTTP clients working through `prompts`, each sending its next request when
+    the last is answered. body(prompt) -> the request's JSON; count(reply) -> the tokens it generated."""
     import http.client
     import json
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from sample import Engine
-    from serve import EngineLoop, make_server
-
-    loop = EngineLoop(Engine(model, max_batch), tokenizer, max_waiting=len(prompts)).start()
-    server = make_server(loop, port=0, log_requests=False)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     todo, lock = list(prompts), threading.Lock()
 
     def client(_):
-        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=600)
-        tokens = 0
+        conn, tokens = http.client.HTTPConnection("127.0.0.1", port, timeout=600), 0
         while True:
             with lock:
                 if not todo:
                     return tokens
                 prompt = todo.pop()
-            body = json.dumps({"prompt": prompt, "max_tokens": n_tokens, "temperature": 0})
-            conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
-            tokens += json.loads(conn.getresponse().read())["usage"]["completion_tokens"]
+            conn.request("POST", path, json.dumps(body(prompt)), {"Content-Type": "application/json"})
+            reply = conn.getresponse()
+            data = json.loads(reply.read())
+            if reply.status != 200:
+                raise RuntimeError(f"POST {path}: {reply.status} {data}")
+            tokens += count(data)
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         tokens = sum(pool.map(client, range(clients)))
-    seconds = time.perf_counter() - t0
-    server.shutdown()
-    server.server_close()
-    loop.stop()
-    return tokens / seconds
+    return tokens / (time.perf_counter() - t0)
+
+
+def served(model, tokenizer, prompts, n_tokens, clients, compile):
+    """serve.py's output tokens/s (an engine of 16 rows behind its HTTP server) for greedy completions."""
+    import threading
+
+    from sample import Engine
+    from serve import EngineLoop, make_server
+
+    loop = EngineLoop(Engine(model, 16, compile=compile), tokenizer, max_waiting=len(prompts)).start()
+    server = make_server(loop, port=0, log_requests=False)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        return clients_throughput(server.server_address[1], prompts, clients, "/v1/completions",
+                                  lambda p: {"prompt": p, "max_tokens": n_tokens, "temperature": 0},
+                                  lambda reply: reply["usage"]["completion_tokens"])
+    finally:
+        server.shutdown()
+        server.server_close()
+        loop.stop()
+
+
+def llama_served(llamacpp, gguf, prompts, n_tokens, clients, threads):
+    """llama-server's output tokens/s (16 slots, -np 16) for the same greedy completions of the same token ids."""
+    import os
+    import socket
+    import subprocess
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = 16 * (max(len(p) for p in prompts) + n_tokens + 16)
+    command = [os.path.join(llamacpp, "build", "bin", "llama-server"), "-m", gguf, "-np", "16", "-c", str(context),
+               "-t", str(threads), "--port", str(port), "--no-webui"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        body = {"n_predict": n_tokens, "temperature": 0, "ignore_eos": True, "cache_prompt": False}
+        return clients_throughput(port, prompts, clients, "/completion", lambda p: {**body, "prompt": p},
+                                  lambda reply: reply["tokens_predicted"])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def second_turn(model, history, n_tokens=8):
+    """Seconds to the first token of a chat's second turn whose prompt starts with `history` tokens a free row
+    still holds, with prefix reuse and without (a fresh engine)."""
+    from sample import Engine, Sequence
+
+    def first_token(engine, prompt):
+        seq = Sequence(prompt, n_tokens, temperature=0.0)
+        t0 = time.perf_counter()
+        engine.add([seq])
+        while not seq.tokens:
+            engine.step()
+        seconds = time.perf_counter() - t0
+        while engine.has_work():
+            engine.step()
+        return seconds, seq
+
+    prompt = torch.randint(0, model.config.vocab_size, (history,)).tolist()
+    engine = Engine(model, 1, history + 64, prefill_chunk=512)
+    _, seq = first_token(engine, prompt)
+    follow_up = prompt + seq.tokens + torch.randint(0, model.config.vocab_size, (20,)).tolist()
+    with_reuse, _ = first_token(engine, follow_up)
+    without, _ = first_token(Engine(model, 1, history + 64, prefill_chunk=512), follow_up)
+    return with_reuse, without
 
 
 def bench_serve(args):
-    """Output tokens/s of serve.py behind its HTTP server with 1, 4 and 16 concurrent clients, against the same
-    engine serving one request at a time (max_batch=1) and transformers' continuous batching (generate_batch)
-    on the same weights and prompts."""
+    """serve.py's output tokens/s behind its HTTP server with 1, 4 and 16 clients, against llama-server (-np 16)
+    and transformers' continuous batching (generate_batch, float32) on the same weights and prompts; then a
+    chat's second turn with and without prefix reuse."""
     import logging
     import random
+    import tempfile
 
-    from tokenizer import train_tokenizer
-
-    n_requests, n_tokens = args.serve_requests, args.serve_tokens
-    threads = torch.get_num_threads()
-    if not args.threads:  # a tiny model gains nothing from intra-op threads; the HTTP threads need a core
-        torch.set_num_threads(1)
+    n_requests, n_tokens, threads = args.serve_requests, args.serve_tokens, torch.get_num_threads()
     print(f"== serve: output tokens/s, {n_requests} greedy completions of {n_tokens} tokens (no stop token), "
-          f"prompts of 16-64 tokens, cpu, {torch.get_num_threads()} torch thread(s)")
-    torch.manual_seed(args.seed)
-    config = ModelConfig.from_file(args.preset)
-    model = Transformer(config).eval()
-    rng = random.Random(args.seed)
-    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(3000)]
-    tokenizer = train_tokenizer([" ".join(rng.choice(words) for _ in range(40000))], config.vocab_size, progress=False)
-    prompts = [[rng.randrange(config.vocab_size) for _ in range(rng.randint(16, 64))] for _ in range(n_requests)]
-    served(model, tokenizer, prompts[:8], n_tokens, 16, 4)  # warm up
-    hf = hf_model_like(model)
-    if hf is not None:
-        from transformers import ContinuousBatchingConfig, GenerationConfig
-
-        logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)  # psutil warnings on CPU
-        generation_config = GenerationConfig(max_new_tokens=n_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
-
-        def theirs(batch, requests=prompts):
-            t0 = time.perf_counter()
-            out = hf.generate_batch(requests, generation_config=generation_config, progress_bar=False, warmup=False,
-                                    continuous_batching_config=ContinuousBatchingConfig(max_requests_per_batch=batch))
-            return sum(len(o.generated_tokens) for o in out.values()) / (time.perf_counter() - t0)
-
-        theirs(4, prompts[:4])  # warm up: the first call pays one-time setup
+          f"prompts of 16-64 tokens, cpu, {threads} torch threads; ours {'compiled' if args.compile else 'eager'}")
     rows = []
-    for clients in (1, 4, 16):
-        batched = served(model, tokenizer, prompts, n_tokens, 16, clients)
-        one_at_a_time = served(model, tokenizer, prompts, n_tokens, 1, clients)
-        row = [clients, f"{batched:,.0f}", f"{one_at_a_time:,.0f}", f"{batched / one_at_a_time:.2f}x"]
-        if hf is not None:
-            hf_rate = theirs(clients)
-            row += [f"{hf_rate:,.0f}", f"{batched / hf_rate:.2f}x"]
-        rows.append(row)
-    print(f"preset {args.preset} ({model.num_params() / 1e6:.1f}M params); transformers runs generate_batch "
-          f"with max_requests_per_batch = clients, on all {n_requests} prompts at once")
-    header = ["clients", "serve.py max_batch=16", "max_batch=1", "ratio"]
-    table(rows, header + (["transformers generate_batch", "ours/theirs"] if hf is not None else []))
-    torch.set_num_threads(threads)
+    for preset in args.presets.split(","):
+        base, tokenizer = bench_model(preset, args.seed)
+        rng = random.Random(args.seed)
+        prompts = [[rng.randrange(tokenizer.vocab_size) for _ in range(rng.randint(16, 64))] for _ in range(n_requests)]
+        hf = hf_model_like(base)
+        for dtype in dtypes(args):
+            model = in_dtype(base, dtype)
+            served(model, tokenizer, prompts[:8], n_tokens, 4, args.compile)  # warm up (and compile)
+            theirs = {}
+            if hf is not None and dtype == "float32":
+                from transformers import ContinuousBatchingConfig, GenerationConfig
+
+                logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)  # psutil warnings on CPU
+                config = GenerationConfig(max_new_tokens=n_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+
+                def generate_batch(clients, requests=prompts):
+                    t0, batching = time.perf_counter(), ContinuousBatchingConfig(max_requests_per_batch=clients)
+                    out = hf.generate_batch(requests, generation_config=config, progress_bar=False, warmup=False,
+                                            continuous_batching_config=batching)
+                    return sum(len(o.generated_tokens) for o in out.values()) / (time.perf_counter() - t0)
+
+                generate_batch(4, prompts[:4])  # warm up: the first call pays one-time setup
+                theirs["transformers"] = generate_batch
+            with tempfile.TemporaryDirectory() as d:
+                if args.llamacpp:
+                    gguf = gguf_file(base, tokenizer, dtype, d)
+                    theirs[f"llama-server {GGUF_TYPES[dtype]}"] = lambda clients: llama_served(
+                        args.llamacpp, gguf, prompts, n_tokens, clients, threads)
+                for clients in (1, 4, 16):
+                    ours = served(model, tokenizer, prompts, n_tokens, clients, args.compile)
+                    rows.append([preset, dtype, clients, "serve.py", f"{ours:,.0f}", ""])
+                    for name, measure in theirs.items():
+                        speed = measure(clients)
+                        rows.append([preset, dtype, clients, name, f"{speed:,.0f}", f"{ours / speed:.2f}x"])
+        history = min(1000, base.config.max_len - 100)
+        with_reuse, without = second_turn(in_dtype(base, dtypes(args)[0]), history)
+        print(f"{preset}: a second chat turn after {history} tokens of history: first token in "
+              f"{with_reuse * 1e3:.0f} ms "
+              f"with prefix reuse, {without * 1e3:.0f} ms without ({without / with_reuse:.1f}x sooner)")
+        del base, hf
+    table(rows, ["preset", "dtype", "clients", "impl", "output tokens/s", "ours/theirs"])
 
 
 # -----------------------------------------------------------------------------

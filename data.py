@@ -248,7 +248,8 @@ def _encode_batch(batch):
     """One batch from _read_batches -> ({dataset: (values, how many values each record gave)}, records, bytes)."""
     stage, tokenizer, columns = _worker["stage"], _worker["tokenizer"], _columns(_worker["stage"], _worker["offline"])
     # numbers gather in array.array: 3x faster than numpy's conversion of a list of Python ints
-    values = {k: [] if dtype == h5py.string_dtype() else array.array(np.dtype(dtype).char) for k, dtype in columns.items()}
+    values = {key: [] if dtype == h5py.string_dtype() else array.array(np.dtype(dtype).char)
+              for key, dtype in columns.items()}
     counts, n_records = {k: array.array("q") for k in columns}, 0
     for where, record in _records_in(*batch):
         encoded = encode_record(stage, tokenizer, record, where)

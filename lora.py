@@ -217,6 +217,9 @@ def load_adapter(model, path):
     missing = [n for n in names if not isinstance(modules.get(n), nn.Linear)]
     if missing:
         raise ValueError(f"{path}: the adapter has layers the model lacks: {missing[:4]}")
+    for name in names:  # merge_adapter can take these; as unmerged layers they would be skipped in decoding
+        if name.rsplit(".", 1)[-1] in UNADAPTABLE:
+            raise ValueError(f"{path}: {name} cannot be an unmerged adapter layer: merge it (merge_adapter)")
     add_adapters(model, names, config["r"], scaling)
     model.load_state_dict(state, strict=False)
     return model

@@ -20,6 +20,7 @@ import os
 import sys
 import threading
 import unicodedata
+import weakref
 from collections import deque
 
 import regex
@@ -193,6 +194,9 @@ class Sequence:
         self.finish, self.cancelled = None, False  # finish: "stop" | "length" | "error" once done
 
 
+COMPILED = weakref.WeakKeyDictionary()  # model -> its compiled run(): see Engine
+
+
 class Engine:
     """Continuous batching over one KV cache of max_batch rows. Sequences wait in a FIFO queue; step() admits
     them into free rows, runs the model once (a prefill chunk for rows still reading their prompt, one decode
@@ -212,9 +216,14 @@ class Engine:
         with torch.inference_mode():  # the compiled step writes into it
             self.cache = KVCache(model.config, max_batch, self.max_len, device=self.device, dtype=weight.dtype)
         self.compiled, self.decode = compile, model.run
-        if compile:
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self.decode = torch.compile(model.run, fullgraph=True, options={"cpp_wrapper": True})
+        if compile:  # one per model: every engine of it (generate() makes one a call) shares the graphs
+            if model not in COMPILED:
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+                COMPILED[model] = torch.compile(model.run, fullgraph=True, options={"cpp_wrapper": True})
+            self.decode = COMPILED[model]
+            for tensor in (t for layer in self.cache.layers for t in layer):  # any cache size: the same graph
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+                torch._dynamo.maybe_mark_dynamic(tensor, 2)
         self.free_slots = list(range(max_batch))  # least recently freed first
         self.cached = [[] for _ in range(max_batch)]  # the tokens whose keys and values each free row holds
         self.waiting, self.running = deque(), []  # running: sequences holding a row, prefilling or decoding
@@ -298,8 +307,10 @@ class Engine:
         if decoding:
             ids = torch.tensor([[s.tokens[-1]] for s in decoding], device=self.device)  # (b, 1)
             index = CacheIndex(self.cache, 1, self.rows(decoding), device=self.device, mask=self.compiled)
-            if self.compiled:  # one graph for every cache length (and batch size, after the first)
-                torch._dynamo.maybe_mark_dynamic(index.mask, 3)
+            if self.compiled:  # one graph for every length and batch size (but 1)
+                for dim in (0, 3):
+                    torch._dynamo.maybe_mark_dynamic(index.mask, dim)
+                torch._dynamo.maybe_mark_dynamic(ids, 0)
             out = self.decode(ids, self.cache.layers, index)[:, -1]  # (b, V)
             index.advance(self.cache)
             if not batch:
@@ -577,7 +588,8 @@ def sampling_options(args):
         bias = {int(i): float(b) for i, _, b in (item.partition(":") for item in args.logit_bias.split(",") if item)}
     except ValueError:
         raise ValueError(f"--logit_bias={args.logit_bias!r}: expected ID:BIAS pairs like 0:-100,42:5") from None
-    return dict(compile=args.compile, min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+    return dict(compile=args.compile, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                presence_penalty=args.presence_penalty,
                 frequency_penalty=args.frequency_penalty, logit_bias=bias)
 
 

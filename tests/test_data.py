@@ -339,8 +339,8 @@ def test_dpo_cuts_the_prompt_from_the_left_and_drops_pairs_whose_reply_does_not_
     h5 = _prepare("dpo", [_jsonl(tmp_path / "dpo.jsonl", records)], tok_dir, tmp_path / "dpo.h5")
     block_size = 24
     rendered = [{side: tok.render_chat([{"role": "user", "content": r["prompt"]},
-                                        {"role": "assistant", "content": r[side]}])[0] for side in ("chosen", "rejected")}
-                for r in records]
+                                        {"role": "assistant", "content": r[side]}])[0]
+                 for side in ("chosen", "rejected")} for r in records]
     n_prompt = [len(tok.render_chat([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)[0])
                 for r in records]
     longer_reply = [max(len(ids) for ids in sides.values()) - n for sides, n in zip(rendered, n_prompt)]
@@ -483,7 +483,7 @@ def _h5_content(path):
 
 def test_prepare_workers_write_the_same_file(tok, tok_dir, demo, tmp_path):
     grpo = [json.loads(line) for line in (demo / "grpo.jsonl").read_text().splitlines()]
-    offline = [r | {"responses": [f"{r['answer']}", "no idea", "二"][:1 + i % 3], "rewards": [1.0, 0.0, 0.5][:1 + i % 3]}
+    offline = [r | {"responses": [r["answer"], "no idea", "二"][:1 + i % 3], "rewards": [1.0, 0.0, 0.5][:1 + i % 3]}
                for i, r in enumerate(grpo)]
     texts = _jsonl(tmp_path / "texts.jsonl", [{"text": f"document {i}: 文档 {i}\n\nnext"} for i in range(40)])
     crlf = tmp_path / "crlf.txt"  # CRLF lines, blank lines of spaces, a document longer than a batch
@@ -577,7 +577,8 @@ def test_prepare_memory_is_bounded_by_bytes(stage, megabytes, tok_dir, demo, tmp
     path = _big_input(stage, demo, tmp_path / ("big.txt" if stage == "seq" else "big.jsonl"), megabytes)
     out = subprocess.run([sys.executable, "-c", PEAK_RSS, "prepare", f"--stage={stage}", f"--input={path}",
                           f"--tokenizer={tok_dir}", f"--out={tmp_path / 'big.h5'}", "--workers=2"],
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True)
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+                         text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     before, main, workers = (int(kib) / 1024 for kib in out.stdout.split()[-3:])
     n_records = sum(1 for line in open(path, encoding="utf-8") if line.strip())
