@@ -322,54 +322,85 @@ def quantize_int8(model):
 
 
 class ChunkedTargetLogprobs(torch.autograd.Function):
-    """hidden (N, D) @ weight (V, D).T / temperature -> log p(target) and the mean over the vocabulary of log p,
-    (N,) each, 0 where the target is -100, without (N, V) logits: rows go through the head `chunk` at a time, and
-    backward recomputes each chunk's logits (a 4th head matmul instead of keeping N x V floats). Liger's fused
-    linear cross-entropy does the same for a loss; this returns log-probs so DPO and GRPO can use it too.
+    """hidden (N, D) @ weight (V, D).T / temperature -> log p(target) (N,), 0 where the target is -100, without
+    (N, V) logits: rows go through the head `chunk` at a time, and backward recomputes each chunk's logits (a 4th
+    head matmul instead of keeping N x V floats). For DPO's and GRPO's log-probs, whose loss is not linear in them.
     Matmuls run in autocast's dtype when it is on (as nn.Linear would), softmax in float32."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk):
-        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
-            else hidden.dtype
-        w = weight.to(dtype)
-        scored = targets != -100
-        picked_ids = targets.clamp(min=0)
-        logprobs = hidden.new_zeros(hidden.size(0), dtype=torch.float32)
-        mean_logprobs, lse = torch.zeros_like(logprobs), torch.zeros_like(logprobs)
+        dtype = matmul_dtype(hidden)
+        w, picked_ids = weight.to(dtype), targets.clamp(min=0)
+        logprobs, lse = torch.zeros(2, hidden.size(0), device=hidden.device)
         for i in range(0, hidden.size(0), chunk):
             logits = (hidden[i:i + chunk].to(dtype) @ w.T).float() / temperature  # (chunk, V)
             lse[i:i + chunk] = logits.logsumexp(-1)
-            picked = logits.gather(-1, picked_ids[i:i + chunk, None])[:, 0]
-            logprobs[i:i + chunk] = picked - lse[i:i + chunk]
-            mean_logprobs[i:i + chunk] = logits.mean(-1) - lse[i:i + chunk]
-        ctx.save_for_backward(hidden, weight, picked_ids, scored, lse)
+            logprobs[i:i + chunk] = logits.gather(-1, picked_ids[i:i + chunk, None])[:, 0] - lse[i:i + chunk]
+        ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
-        return logprobs * scored, mean_logprobs * scored
+        return logprobs * (targets != -100)
 
     @staticmethod
-    def backward(ctx, grad_logprobs, grad_mean):
-        hidden, weight, picked_ids, scored, lse = ctx.saved_tensors
-        w = weight.to(ctx.dtype)
-        grad_logprobs, grad_mean = grad_logprobs * scored, grad_mean * scored
+    def backward(ctx, grad_logprobs):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        w, grad_logprobs = weight.to(ctx.dtype), grad_logprobs * (targets != -100)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         for i in range(0, hidden.size(0), ctx.chunk):
-            h = hidden[i:i + ctx.chunk].to(ctx.dtype)
-            rows = torch.arange(h.size(0), device=h.device)
+            h, g = hidden[i:i + ctx.chunk].to(ctx.dtype), grad_logprobs[i:i + ctx.chunk]
             probs = ((h @ w.T).float() / ctx.temperature - lse[i:i + ctx.chunk, None]).exp()  # (chunk, V)
-            g, g_mean = grad_logprobs[i:i + ctx.chunk], grad_mean[i:i + ctx.chunk]
-            # d log p_t / d logits = onehot(t) - p; d mean_v log p_v / d logits = 1 / V - p
-            grad_logits = probs.mul_(-(g + g_mean)[:, None]).add_(g_mean[:, None] / probs.size(1))
-            grad_logits[rows, picked_ids[i:i + ctx.chunk]] += g
+            grad_logits = probs.mul_(-g[:, None])  # d log p_t / d logits = onehot(t) - p
+            grad_logits[torch.arange(h.size(0), device=h.device), targets[i:i + ctx.chunk].clamp(min=0)] += g
             grad_logits = (grad_logits / ctx.temperature).to(ctx.dtype)
             grad_hidden[i:i + ctx.chunk] = grad_logits @ w
             grad_weight += (grad_logits.T @ h).float()
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """The summed cross-entropy of hidden (N, D) @ weight (V, D).T against targets (N,) (-100: not scored), with
+    F.cross_entropy's label smoothing, in row chunks. The loss is linear in each token's log-probs, so the
+    gradients are computed in the forward pass, chunk by chunk, and backward only scales them: three head
+    matmuls, as without chunks, and never (N, V) logits (Liger's fused linear cross-entropy)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, label_smoothing, chunk):
+        dtype, eps = matmul_dtype(hidden), label_smoothing
+        w, needs_grad = weight.to(dtype), any(ctx.needs_input_grad[:2])
+        grad_hidden = torch.zeros_like(hidden) if needs_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        total = torch.zeros((), device=hidden.device)
+        for i in range(0, hidden.size(0), chunk):
+            h, t = hidden[i:i + chunk].to(dtype), targets[i:i + chunk]
+            scored, picked_ids = (t != -100).float(), t.clamp(min=0)
+            logits = (h @ w.T).float()  # (chunk, V)
+            lse = logits.logsumexp(-1)
+            picked = logits.gather(-1, picked_ids[:, None])[:, 0]
+            total += (((1 - eps) * (lse - picked) + eps * (lse - logits.mean(-1))) * scored).sum()
+            if needs_grad:  # d loss / d logits = p - (1 - eps) onehot(t) - eps / V on scored rows
+                grad_logits = logits.sub_(lse[:, None]).exp_().sub_(eps / logits.size(1)).mul_(scored[:, None])
+                grad_logits[torch.arange(h.size(0), device=h.device), picked_ids] -= (1 - eps) * scored
+                grad_logits = grad_logits.to(dtype)
+                grad_hidden[i:i + chunk] = grad_logits @ w
+                grad_weight += (grad_logits.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_total, (grad_weight * grad_total).to(ctx.weight_dtype), None, None, None
+
+
+def matmul_dtype(x):
+    """The dtype nn.Linear would multiply x in: autocast's when it is on, else x's."""
+    on = torch.is_autocast_enabled(x.device.type)
+    return torch.get_autocast_dtype(x.device.type) if on else x.dtype
+
+
 def head_chunk_rows(vocab_size):
-    """Rows per chunk of ChunkedTargetLogprobs: about 32M logits (128 MB in float32) at a time."""
+    """Rows per chunk of the output head in training: about 32M logits (128 MB in float32) at a time."""
     return max(16, 2**25 // vocab_size)
 
 
@@ -424,19 +455,20 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", torch.cat([-freqs.sin(), freqs.sin()], dim=-1), persistent=False)
 
     def forward(self, input_ids, cache=None, rows=None, input_lengths=None, last_only=False, targets=None,
-                temperature=1.0):
+                temperature=1.0, label_smoothing=None):
         """input_ids (B, T) -> float32 logits (B, T, vocab_size). Without a cache: causal attention over
         input_ids. With a cache: input_ids are appended to cache rows `rows` (default all) at each row's own
         length; input_lengths (B,) counts the valid tokens of a right-padded batch. last_only: logits
         (B, 1, vocab_size) at each row's last valid token only, the one that predicts the next token (a
-        prefill then skips the output head everywhere else). targets (B, T) (training, no cache): instead of
-        logits, (log p(target), mean over the vocabulary of log p) under softmax(logits / temperature), (B, T)
-        each, 0 where targets == -100, the head run in row chunks (ChunkedTargetLogprobs)."""
+        prefill then skips the output head everywhere else). Training (no cache), the output head runs in row
+        chunks and full-vocabulary logits never exist: with targets (B, T), -100 where nothing is scored,
+        log p(target) (B, T) under softmax(logits / temperature), 0 where not scored; with label_smoothing (a
+        float) too, the summed cross-entropy of the scored targets at temperature 1 instead (a scalar)."""
         B, T = input_ids.shape
         if cache is None:
             if T > self.config.max_len:
                 raise ValueError(f"sequence of {T} tokens is longer than max_len={self.config.max_len}")
-            return self.run(input_ids, None, None, last_only, targets, temperature)
+            return self.run(input_ids, None, None, last_only, (targets, temperature, label_smoothing))
         if rows is None and B != cache.batch_size:
             rows = range(B)
         n_new = None if input_lengths is None else torch.as_tensor(input_lengths).tolist()
@@ -445,9 +477,10 @@ class Transformer(nn.Module):
         index.advance(cache)
         return logits
 
-    def run(self, input_ids, cache_layers, index, last_only=False, targets=None, temperature=1.0):
+    def run(self, input_ids, cache_layers, index, last_only=False, scoring=(None, 1.0, None)):
         """The forward pass proper, over a cache's layers at the places `index` says (or none: training):
-        what sample.Engine compiles for its decode step. targets: see forward."""
+        what sample.Engine compiles for its decode step. scoring: forward's (targets, temperature,
+        label_smoothing)."""
         B, T = input_ids.shape
         if index is None:
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
@@ -467,23 +500,25 @@ class Transformer(nn.Module):
                 x = x[:, -1:]
             else:  # each row's last valid token
                 x = x.reshape(B * T, -1).index_select(0, index.last)[:, None]
-        if targets is not None:
-            return self.target_logprobs(self.norm(x), targets, temperature)
+        if scoring[0] is not None:
+            return self.score(self.norm(x), *scoring)
         return self.lm_head(self.norm(x)).float()
 
-    def target_logprobs(self, hidden, targets, temperature):
-        """hidden (B, T, dim) after the final norm -> (log p(target), mean_v log p_v), (B, T) each, the head run
-        in row chunks (ChunkedTargetLogprobs)."""
+    def score(self, hidden, targets, temperature, label_smoothing):
+        """hidden (B, T, dim) after the final norm -> forward's log-probs or summed cross-entropy."""
         B, T = targets.shape
+        chunk = head_chunk_rows(self.config.vocab_size)
         if type(self.lm_head) is not nn.Linear:  # an adapted head (LoRA on lm_head): full logits, via its forward
-            log_probs = (self.lm_head(hidden).float() / temperature).log_softmax(-1)  # (B, T, V)
-            scored = targets != -100
-            return (log_probs.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * scored,
-                    log_probs.mean(-1) * scored)
-        logprobs, mean_logprobs = ChunkedTargetLogprobs.apply(hidden.flatten(0, 1), self.lm_head.weight,
-                                                              targets.flatten(), temperature,
-                                                              head_chunk_rows(self.config.vocab_size))
-        return logprobs.view(B, T), mean_logprobs.view(B, T)
+            logits = self.lm_head(hidden).float().flatten(0, 1) / temperature
+            if label_smoothing is not None:
+                return F.cross_entropy(logits, targets.flatten(), reduction="sum", label_smoothing=label_smoothing)
+            logprobs = logits.log_softmax(-1).gather(-1, targets.flatten().clamp(min=0)[:, None])[:, 0]
+            return (logprobs * (targets.flatten() != -100)).view(B, T)
+        if label_smoothing is not None:
+            return ChunkedCrossEntropy.apply(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                             label_smoothing, chunk)
+        return ChunkedTargetLogprobs.apply(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(), temperature,
+                                           chunk).view(B, T)
 
     # --- sizes --------------------------------------------------------------
 

@@ -84,12 +84,6 @@ class Strategy:
 # seq and sft: next-token cross-entropy where targets != -100
 
 
-def token_cross_entropy(logprobs, mean_logprobs, label_smoothing=0.0):
-    """Summed cross-entropy from model(ids, targets=...)'s (log p(target), mean_v log p_v), both 0 where
-    nothing is scored: -(1 - eps) log p(target) - eps mean_v log p_v, F.cross_entropy's label smoothing."""
-    return -((1 - label_smoothing) * logprobs + label_smoothing * mean_logprobs).sum()
-
-
 def scored_tokens(targets):
     return int((targets != -100).sum())
 
@@ -104,8 +98,7 @@ class NextToken(Strategy):
 
     def loss(self, model, batch, step, micro_step=0, evaluating=False, totals=None):
         totals = totals or self.normalizers(batch)
-        logprobs, mean_logprobs = model(batch["input_ids"], targets=batch["targets"])
-        loss = token_cross_entropy(logprobs, mean_logprobs, self.cfg.label_smoothing)
+        loss = model(batch["input_ids"], targets=batch["targets"], label_smoothing=self.cfg.label_smoothing)  # summed
         return loss / max(1, totals["tokens"]), {}
 
 
@@ -163,10 +156,10 @@ class DPO(Strategy):
         B = batch["chosen_ids"].size(0)
         ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])  # (2B, T): one forward for both sides
         targets = torch.cat([batch["chosen_targets"], batch["rejected_targets"]])
-        token_logprobs = model(ids, targets=targets)[0]  # (2B, T)
+        token_logprobs = model(ids, targets=targets)  # (2B, T)
         policy = token_logprobs.sum(-1)  # (2B,)
         with torch.no_grad():
-            ref = self.ref_model(ids, targets=targets)[0].sum(-1)
+            ref = self.ref_model(ids, targets=targets).sum(-1)
         losses, margins = dpo_loss(policy[:B], policy[B:], ref[:B], ref[B:], self.beta)
         loss = losses.sum() / totals["pairs"]
         metrics = {
@@ -392,7 +385,7 @@ class GRPO(Strategy):
         rollout = self.rollouts[micro_step]
 
         mask = (rollout["targets"] != -100).float()
-        logprobs = model(rollout["input_ids"], targets=rollout["targets"], temperature=cfg.rollout_temperature)[0]
+        logprobs = model(rollout["input_ids"], targets=rollout["targets"], temperature=cfg.rollout_temperature)
         if rollout["old_logprobs"] is None:
             rollout["old_logprobs"] = logprobs.detach()
         loss, kl, clipped = grpo_loss(logprobs, rollout["old_logprobs"], self.reference_logprobs(rollout),
@@ -412,7 +405,7 @@ class GRPO(Strategy):
     def reference_logprobs(self, rollout):
         """Each step anew, not cached with the rollout: the reference may have been re-synced since."""
         return self.ref_model(rollout["input_ids"], targets=rollout["targets"],
-                              temperature=self.cfg.rollout_temperature)[0]
+                              temperature=self.cfg.rollout_temperature)
 
     @torch.no_grad()
     def val_loss(self, model, batch, step):
@@ -420,7 +413,7 @@ class GRPO(Strategy):
             rollout = self.rollout(batch, step, 0)
             mask = (rollout["targets"] != -100).float()
             logprobs = model(rollout["input_ids"], targets=rollout["targets"],
-                             temperature=self.cfg.rollout_temperature)[0]
+                             temperature=self.cfg.rollout_temperature)
             loss, _, _ = grpo_loss(logprobs, logprobs, self.reference_logprobs(rollout), rollout["advantages"], mask,
                                    self.cfg.clip_eps, self.cfg.kl_coef)
             return loss, {}

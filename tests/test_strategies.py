@@ -9,11 +9,12 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import strategies
-from model import ChunkedTargetLogprobs, ModelConfig, Transformer
+from model import ChunkedCrossEntropy, ChunkedTargetLogprobs, ModelConfig, Transformer
 from settings import Settings
-from strategies import clipped_policy_loss, dpo_loss, group_advantages, grpo_loss, k3_kl, token_cross_entropy
+from strategies import clipped_policy_loss, dpo_loss, group_advantages, grpo_loss, k3_kl
 from data import load_dataset
 from tokenizer import Tokenizer, train_tokenizer
 from train import DEFAULTS
@@ -35,18 +36,18 @@ def test_masked_cross_entropy_by_hand():
     # the chunked head with an identity weight: hidden rows are the logits
     logits = torch.tensor([[1.0, 2.0, 3.0], [5.0, -5.0, 0.0], [0.0, 0.0, math.log(2)]])  # (3 positions, 3)
     targets = torch.tensor([2, -100, 0])
-    logprobs, mean_logprobs = ChunkedTargetLogprobs.apply(logits, torch.eye(3), targets, 1.0, 2)
     # position 0: -log(e^3 / (e + e^2 + e^3)); position 1 is masked; position 2: -log(1 / (1 + 1 + 2))
-    expected = math.log(1 + math.exp(-1) + math.exp(-2)) + math.log(4)
-    assert token_cross_entropy(logprobs, mean_logprobs).item() == pytest.approx(expected, abs=1e-6)
+    expected = [-math.log(1 + math.exp(-1) + math.exp(-2)), 0.0, -math.log(4)]
+    assert ChunkedTargetLogprobs.apply(logits, torch.eye(3), targets, 1.0, 2).tolist() == pytest.approx(expected)
+    assert ChunkedCrossEntropy.apply(logits, torch.eye(3), targets, 0.0, 2).item() == pytest.approx(-sum(expected))
     reference = torch.nn.functional.cross_entropy(logits, targets, reduction="sum", label_smoothing=0.1)
-    assert token_cross_entropy(logprobs, mean_logprobs, 0.1).item() == pytest.approx(reference.item(), abs=1e-6)
+    assert ChunkedCrossEntropy.apply(logits, torch.eye(3), targets, 0.1, 2).item() == pytest.approx(reference.item())
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_chunked_head_equals_full_logits(temperature, monkeypatch):
     # model(ids, targets=...) runs the head 5 rows at a time; the reference is the full logits' log_softmax.
-    # Loss and gradients of every weight agree, for a loss that weighs each token's log-prob differently
+    # Log-probs and gradients of every weight agree, for a loss that weighs each token's log-prob differently
     monkeypatch.setattr("model.head_chunk_rows", lambda vocab_size: 5)
     model = tiny_model(50)
     ids = torch.randint(0, 50, (3, 11))
@@ -54,24 +55,27 @@ def test_chunked_head_equals_full_logits(temperature, monkeypatch):
     targets[0, :4] = -100
     targets[2, 7:] = -100
     weights = torch.randn(3, 11)
-    logprobs, mean_logprobs = model(ids, targets=targets, temperature=temperature)
-    chunked = (weights * logprobs).sum() + 0.3 * mean_logprobs.sum()
-    chunked.backward()
-    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
-    model.zero_grad()
+
+    def gradients(loss):
+        model.zero_grad()
+        loss.backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    chunked = (weights * model(ids, targets=targets, temperature=temperature)).sum()
     log_probs = torch.log_softmax(model(ids) / temperature, -1)  # (3, 11, 50)
-    scored = targets != -100
-    picked = log_probs.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * scored
-    full = (weights * picked).sum() + 0.3 * (log_probs.mean(-1) * scored).sum()
-    full.backward()
+    full = (weights * log_probs.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * (targets != -100)).sum()
     assert chunked.item() == pytest.approx(full.item(), abs=1e-5)
-    assert max((grads[k] - p.grad).abs().max().item() for k, p in model.named_parameters()) < 1e-5
-    # the sft loss on it is F.cross_entropy's, label smoothing included
-    sft = strategies.SFT(Settings(DEFAULTS, label_smoothing=0.1), model, None)
-    with torch.no_grad():
-        loss, _ = sft.loss(model, {"input_ids": ids, "targets": targets}, 0)
-        reference = torch.nn.functional.cross_entropy(model(ids).view(-1, 50), targets.view(-1), label_smoothing=0.1)
-    assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
+    a, b = gradients(chunked), gradients(full)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+    # the summed cross-entropy (sft's loss, gradients computed in the forward pass) is F.cross_entropy's
+    for smoothing in (0.0, 0.1):
+        chunked = model(ids, targets=targets, label_smoothing=smoothing) * 0.37
+        full = F.cross_entropy(model(ids).view(-1, 50), targets.view(-1), reduction="sum",
+                               label_smoothing=smoothing) * 0.37
+        assert chunked.item() == pytest.approx(full.item(), abs=1e-5)
+        a, b = gradients(chunked), gradients(full)
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
 def test_dpo_loss_by_hand():
