@@ -415,7 +415,8 @@ def bench_serve(args):
                         rows.append([preset, dtype, clients, name, f"{speed:,.0f}", f"{ours / speed:.2f}x"])
         history = min(1000, base.config.max_len - 100)
         with_reuse, without = second_turn(in_dtype(base, dtypes(args)[0]), history)
-        print(f"{preset}: a second chat turn after {history} tokens of history: first token in {with_reuse * 1e3:.0f} ms "
+        print(f"{preset}: a second chat turn after {history} tokens of history: first token in "
+              f"{with_reuse * 1e3:.0f} ms "
               f"with prefix reuse, {without * 1e3:.0f} ms without ({without / with_reuse:.1f}x sooner)")
         del base, hf
     table(rows, ["preset", "dtype", "clients", "impl", "output tokens/s", "ours/theirs"])

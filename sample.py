@@ -588,7 +588,8 @@ def sampling_options(args):
         bias = {int(i): float(b) for i, _, b in (item.partition(":") for item in args.logit_bias.split(",") if item)}
     except ValueError:
         raise ValueError(f"--logit_bias={args.logit_bias!r}: expected ID:BIAS pairs like 0:-100,42:5") from None
-    return dict(compile=args.compile, min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+    return dict(compile=args.compile, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                presence_penalty=args.presence_penalty,
                 frequency_penalty=args.frequency_penalty, logit_bias=bias)
 
 

@@ -264,14 +264,21 @@ def test_lora_distributed_equals_grad_accumulation(demo, tmp_path, parallel):
     single, multi = tmp_path / "single", tmp_path / "multi"
     args = ["--max_iters=4", "--ckpt_interval=0", "--weight_decay=0.1"]
     run(*lora_args(demo, single, *args, "--grad_accum=2"))
-    run(*lora_args(demo, multi, *args, "--grad_accum=1", f"--parallel={parallel}"), torchrun=True)
+    run(*lora_args(demo, multi, *args, "--grad_accum=1", f"--parallel={parallel}", "--merge_lora=true"),
+        torchrun=True)
     a, b = losses(single), losses(multi)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     assert max(abs(a[s] - b[s]) for s in a) < 1e-5
     wa = load_file(single / "final" / "adapter_model.safetensors")
-    wb = load_file(multi / "final" / "adapter_model.safetensors")
+    wb = load_file(multi / "ckpt-4" / "adapter_model.safetensors")
     assert wa.keys() == wb.keys() and len(wa) == 28
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    # final/ merged from the sharded model: the base plus (alpha / r) * B @ A
+    base, merged = load_file(demo / "base" / "model.safetensors"), load_file(multi / "final" / "model.safetensors")
+    key = "model.layers.1.mlp.down_proj.weight"
+    b_, a_ = (wb["base_model.model." + key.replace(".weight", f".lora_{x}.weight")] for x in "BA")
+    assert (merged[key] - (base[key] + 2.0 * b_ @ a_)).abs().max() < 1e-6
+    assert torch.equal(merged["model.norm.weight"], base["model.norm.weight"])
 
 
 def test_dpo_and_grpo_with_lora(demo, tmp_path):

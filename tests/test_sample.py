@@ -86,8 +86,6 @@ def count_rows_per_call(model):
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_greedy_matches_transformers_token_for_token(tmp_path, name, monkeypatch):
-    import sample
-
     hf, ours = hf_and_ours(tmp_path, name)
     prompts = ragged_prompts()
     got = generate(ours, prompts, 48, temperature=0.0)
