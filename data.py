@@ -13,7 +13,7 @@ uint32, masks uint8 (1 = the model learns to predict this token), offsets int64 
 - seq:  `tokens`: every document followed by `<|endoftext|>`, one stream.
 - sft:  `tokens`, `loss_mask`, `offsets` (one conversation per record, rendered by Tokenizer.render_chat).
 - dpo:  `chosen_tokens`, `chosen_mask`, `chosen_offsets`, the same three for `rejected_`, and
-        `prompt_lengths` (int64, one per record: the tokens before the reply); masks are 1 on the reply only.
+        `prompt_lengths` (int64, one per record: the tokens before the reply, on both sides); masks are 1 on the reply.
 - grpo: `prompt_tokens`, `prompt_offsets` (prompts end with `<|im_start|>assistant\\n`), `answer` and
         `record` (the input line as JSON) strings. Offline files add `response_tokens` and `response_offsets`
         (one entry per response: its tokens then `<|im_end|>`), `rewards` (float32, one per response) and

@@ -203,15 +203,15 @@ def test_a_full_queue_is_529_overloaded(tiny_model_dir):
 
 def test_an_error_mid_stream_is_an_error_event(tiny_model_dir):
     s = start_server(tiny_model_dir, max_batch=2)
-    forward, calls = s.model.forward, []
+    forward, calls = s.engine.forward, []
 
-    def failing_forward(*args, **kwargs):  # the engine fails on its fifth call
+    def failing_forward(*args, **kwargs):  # the engine fails on its fifth step
         calls.append(1)
         if len(calls) == 5:
             raise RuntimeError("simulated failure")
         return forward(*args, **kwargs)
 
-    s.model.forward = failing_forward
+    s.engine.forward = failing_forward
     try:
         claude = anthropic.Anthropic(base_url=f"http://127.0.0.1:{s.port}", api_key=KEY, max_retries=0, timeout=60)
         with pytest.raises(anthropic.APIStatusError) as e:
@@ -221,10 +221,10 @@ def test_an_error_mid_stream_is_an_error_event(tiny_model_dir):
                     pass
         assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "api_error"
         assert "simulated" not in str(e.value.body)
-        s.model.forward = forward
+        s.engine.forward = forward
         sock = raw_chat(s.port, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")  # the server goes on
         sock.close()
     finally:
-        s.model.forward = forward
+        s.engine.forward = forward
         stop_server(s)

@@ -334,8 +334,9 @@ def test_an_engine_failure_fails_only_its_request(tiny_model_dir):
 
 def test_json_never_carries_nan(tiny_model_dir):
     s = start_server(tiny_model_dir, max_batch=2)
-    forward = s.model.forward
+    forward, decode = s.model.forward, s.engine.decode  # prefill and decode steps
     s.model.forward = lambda *args, **kwargs: forward(*args, **kwargs) * math.nan  # a model gone bad
+    s.engine.decode = lambda *args, **kwargs: decode(*args, **kwargs) * math.nan
     try:
         for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
                                                       "logprobs": True, "top_logprobs": 2}),
@@ -348,7 +349,7 @@ def test_json_never_carries_nan(tiny_model_dir):
                     strict_json(event)
                 assert "-9999.0" in text
     finally:
-        s.model.forward = forward
+        s.model.forward, s.engine.decode = forward, decode
         stop_server(s)
 
 
