@@ -389,8 +389,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_total, (grad_weight * grad_total).to(ctx.weight_dtype), None, None, None
+        grad_hidden, grad_weight = ctx.saved_tensors  # scaled in place (no second weight-sized buffer): once
+        return grad_hidden.mul_(grad_total), grad_weight.mul_(grad_total).to(ctx.weight_dtype), None, None, None
 
 
 def matmul_dtype(x):
