@@ -51,7 +51,7 @@ DEFAULTS = dict(
     eval_iters=20,  # val batches per evaluation
     log_interval=10,  # steps between log lines
     ckpt_interval=500,  # steps between checkpoints (0 = only at the end)
-    keep_checkpoints=2,  # the newest K ckpt-* directories are kept
+    keep_checkpoints=2,  # the newest K ckpt-* directories are kept (K >= 1)
     # batch: tokens per optimizer step = batch_size * block_size * grad_accum * world size
     batch_size=16,  # micro-batch per process
     block_size=256,  # tokens per row
