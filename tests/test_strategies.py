@@ -378,6 +378,29 @@ def test_dpo_under_fsdp_equals_grad_accumulation(demo, tmp_path):
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
 
 
+def test_fsdp_shards_the_reference_and_keeps_it_sharded_after_its_forward(tmp_path):
+    script = tmp_path / "shard.py"
+    script.write_text(f"""import sys, torch, torch.distributed as dist
+sys.path.insert(0, {ROOT!r})
+from types import SimpleNamespace
+from model import ModelConfig, Transformer
+from settings import Settings
+from strategies import frozen_copy
+from train import DEFAULTS, wrap_model
+dist.init_process_group("gloo")
+model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, dim_ffn=64, max_len=32))
+reference = frozen_copy(model)
+wrap_model(model, Settings(DEFAULTS, parallel="fsdp"), SimpleNamespace(distributed=True, device_type="cpu"), reference)
+ids = torch.randint(0, 64, (2, 8))
+with torch.no_grad():
+    reference(ids, targets=ids)
+print("local rows", {{tuple(p.to_local().shape) for p in reference.parameters() if p.dim() == 2 and p.size(0) == 64}})
+dist.destroy_process_group()
+""")
+    out = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)).stdout
+    assert out.count("local rows {(32, 32)}") == 2, out  # each process holds half of the 64-row embedding
+
+
 def test_grpo_through_train_py(demo, tmp_path):
     run(*train_args(demo, tmp_path, "grpo", "--max_iters=2", "--batch_size=2", "--group_size=4", "--max_new_tokens=8"))
     rows = metrics(tmp_path)
