@@ -394,7 +394,8 @@ wrap_model(model, Settings(DEFAULTS, parallel="fsdp"), SimpleNamespace(distribut
 ids = torch.randint(0, 64, (2, 8))
 with torch.no_grad():
     reference(ids, targets=ids)
-print("local rows", {{tuple(p.to_local().shape) for p in reference.parameters() if p.dim() == 2 and p.size(0) == 64}})
+rows = {{tuple(p.to_local().shape) for p in reference.parameters() if p.dim() == 2 and p.size(0) == 64}}
+sys.stdout.write(f"local rows {{rows}}\\n")  # one write: the two processes' lines never interleave
 dist.destroy_process_group()
 """)
     out = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)).stdout
