@@ -387,9 +387,12 @@ def served(model, tokenizer, prompts, n_tokens, clients, compile):
     import threading
 
     from sample import Engine
-    from serve import EngineLoop, make_server
+    from serve import EngineLoop, make_server, warm_up
 
-    loop = EngineLoop(Engine(model, 16, compile=compile), tokenizer, max_waiting=len(prompts)).start()
+    engine = Engine(model, 16, compile=compile)
+    if compile:
+        warm_up(engine)  # as serve.py does before it listens
+    loop = EngineLoop(engine, tokenizer, max_waiting=len(prompts)).start()
     server = make_server(loop, port=0, log_requests=False)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
