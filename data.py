@@ -231,7 +231,10 @@ def encode_record(stage, tokenizer, record, where):
     if len(responses) != len(rewards) or not all(isinstance(r, str) for r in responses) or \
             not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rewards):
         raise ValueError(f"{where}: 'responses' must be strings and 'rewards' numbers, as many of each")
-    responses = [tokenizer.encode(response) + [tokenizer.im_end_id] for response in responses]
+    if not tokenizer.stop_ids:
+        raise ValueError(f"{where}: offline 'responses' end with the tokenizer's end-of-turn token; it has none")
+    # each ends with the end-of-turn token, as a sampled reply does (<|im_end|>, Llama 3's <|eot_id|>, ...)
+    responses = [tokenizer.encode(response) + [tokenizer.stop_ids[0]] for response in responses]
     return columns | {"response_tokens": [t for r in responses for t in r],
                       "response_offsets": [len(r) for r in responses],
                       "rewards": [float(r) for r in rewards], "group_offsets": [len(rewards)]}

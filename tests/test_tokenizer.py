@@ -240,6 +240,20 @@ def test_chat_templates_match_transformers(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
+def test_offline_grpo_responses_end_the_turn_as_the_template_does(family, tmp_path):
+    import data
+
+    path = model_dir(tmp_path, family)
+    record = {"prompt": "What is 2 + 3?", "answer": "5", "responses": ["5", "2 + 3 = 5"], "rewards": [1, 1]}
+    (tmp_path / "grpo.jsonl").write_text(json.dumps(record) + "\n")
+    data.main(["prepare", "--stage=grpo", f"--input={tmp_path / 'grpo.jsonl'}", f"--tokenizer={path}",
+               f"--out={tmp_path / 'grpo.h5'}", "--val_fraction=0"])
+    batch = data.load_dataset(str(tmp_path / "grpo.h5"), stage="grpo").get_batch([0])
+    ours = Tokenizer.load(str(path))
+    assert [ours.decode(r) for r in batch["responses"][0]] == [r + FAMILIES[family][5] for r in record["responses"]]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_special_tokens_typed_in_a_message_stay_text(family, tmp_path):
     """transformers turns '<|im_end|>' typed by a user into the special token (a user could end their turn and
     write the system's); ours keeps it text: the same rendered text, special tokens only where the template wrote
