@@ -226,7 +226,7 @@ def load_adapter(model, path):
 
 
 def merged_weights(weights, adapter, scaling, where="adapter"):
-    """{name.weight: W + scaling * B @ A} for every layer of the adapter (our names), computed in float32 and
+    """{name.weight: W + scaling * B @ A} for every layer of the adapter (our names), computed in float64 and
     returned in W's dtype; weights is a state dict of the base model (not changed)."""
     merged = {}
     for name in sorted({k.rsplit(".", 2)[0] for k in adapter}):
@@ -235,7 +235,7 @@ def merged_weights(weights, adapter, scaling, where="adapter"):
             found = "no such layer" if w is None else f"weight {tuple(w.shape)}"
             raise ValueError(f"{where}: {name} is {tuple(b.shape[0:1] + a.shape[1:])} in the adapter; the model has "
                              f"{found}")
-        merged[name + ".weight"] = (w.float() + scaling * (b.float() @ a.float())).to(w.dtype)
+        merged[name + ".weight"] = (w.double() + scaling * (b.double() @ a.double())).to(w.dtype)
     return merged
 
 

@@ -201,8 +201,8 @@ def make_optimizer(model, cfg, device_type):
 SCHEDULES = ("cosine", "sgdr", "constant")
 
 
-def schedule_problems(cfg):
-    """What is wrong with the schedule settings, each naming its key (an empty list: nothing)."""
+def setting_problems(cfg):
+    """What is wrong with the schedule, checkpoint and LoRA settings, each naming its key (an empty list: nothing)."""
     checks = [
         (cfg.lr_schedule in SCHEDULES, f"lr_schedule={cfg.lr_schedule!r}: choose from {', '.join(SCHEDULES)}"),
         (cfg.lr_schedule != "sgdr" or cfg.sgdr_cycle >= 1, f"sgdr_cycle={cfg.sgdr_cycle}: must be >= 1 step"),
@@ -210,6 +210,8 @@ def schedule_problems(cfg):
                                                            "as long as the last or longer)"),
         (cfg.keep_checkpoints >= 1, f"keep_checkpoints={cfg.keep_checkpoints}: must be >= 1 (the newest "
                                     "checkpoint is the one --resume=auto continues from)"),
+        (cfg.lora_rank > 0 or not cfg.merge_lora, "merge_lora=true needs lora_rank > 0: without an adapter there "
+                                                  "is nothing to merge"),
     ]
     return [message for ok, message in checks if not ok]
 
@@ -521,8 +523,8 @@ def setup_run(cfg):
         sys.exit(f"train.py: unknown strategy {cfg.strategy!r}; choose from {', '.join(STRATEGIES)}")
     if cfg.resume not in ("", "auto"):
         sys.exit(f"train.py: --resume={cfg.resume!r}: use --resume=auto")
-    if schedule_problems(cfg):
-        sys.exit("train.py: " + "; ".join(schedule_problems(cfg)))
+    if setting_problems(cfg):
+        sys.exit("train.py: " + "; ".join(setting_problems(cfg)))
     tokenizer = find_tokenizer(cfg)
     train_data, val_data = load_data(cfg, STRATEGIES[cfg.strategy].data_stage, tokenizer)
     raw_model = build_model(cfg, tokenizer, env.device)
