@@ -24,6 +24,7 @@ import torch.nn.functional as F
 # what lora_targets' words "attention" and "mlp" stand for: every linear layer of model.py's blocks but kv_b_proj,
 # whose weight MLA decoding reads directly (absorbed into the query and output), past any adapter
 KINDS = {"attention": ".self_attn.", "mlp": ".mlp."}
+TOKEN_ROWS = "embed_tokens.token_adapter.trainable_tokens_delta"  # TokenRows' values, our name (peft's, less prefix)
 UNADAPTABLE = {"kv_b_proj": "MLA decoding reads its weight directly (model.py), so an adapter there would be "
                             "skipped in generation"}
 
@@ -75,6 +76,76 @@ def target_names(model, targets):
     return [n for n in linears if n in chosen]
 
 
+class TokenRows(nn.Module):
+    """peft's trainable tokens (LoraConfig's trainable_token_indices): new values for some rows of the token
+    embedding, and of the output head when it shares that weight. Tokens a base model never saw (a chat template's
+    <|im_end|> on a plain-text base) end pretraining with nearly identical rows, which attention and MLP adapters
+    cannot tell apart; these rows let LoRA teach them. trainable_tokens_delta holds the rows' values (not a
+    difference from the base's), as peft's does."""
+
+    def __init__(self, weight, ids):
+        super().__init__()
+        self.register_buffer("ids", torch.tensor(ids, dtype=torch.long, device=weight.device), persistent=False)
+        self.trainable_tokens_delta = nn.Parameter(weight.detach()[self.ids].clone())
+        self.enabled = True
+
+    def merged(self, weight):
+        """weight (vocab, dim) with the trained rows in place (weight itself when switched off)."""
+        if not self.enabled:
+            return weight
+        return weight.index_copy(0, self.ids, self.trainable_tokens_delta.to(weight.dtype))
+
+
+class TokenEmbedding(nn.Embedding):
+    """The token embedding's frozen weight (name unchanged: embed_tokens.weight) plus token_adapter, a TokenRows."""
+
+    def __init__(self, base, ids):
+        nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim, self.weight = base.num_embeddings, base.embedding_dim, base.weight
+        self.padding_idx, self.max_norm = None, None  # (nn.Embedding's repr reads them)
+        self.token_adapter = TokenRows(base.weight, ids)
+
+    def forward(self, x):
+        return F.embedding(x, self.token_adapter.merged(self.weight))
+
+
+class TokenHead(nn.Linear):
+    """A tied output head with the embedding's trained rows: head_weight() is what model.py's score() multiplies."""
+
+    def __init__(self, base, rows):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, None
+        self.rows = [rows]  # a list, not a submodule: the parameter is the embedding's, saved once under its name
+
+    def head_weight(self):
+        return self.rows[0].merged(self.weight)
+
+    def forward(self, x):
+        return F.linear(x, self.head_weight())
+
+
+def add_token_rows(model, ids):
+    """Train the rows of these token ids (embedding, and the head when tied) beside the adapters."""
+    model.embed_tokens = TokenEmbedding(model.embed_tokens, ids)
+    if model.config.tie_weight:
+        model.lm_head = TokenHead(model.lm_head, model.embed_tokens.token_adapter)
+
+
+def parse_tokens(tokens, tokenizer, vocab_size):
+    """lora_tokens, comma-separated token strings ("<|im_start|>,<|im_end|>", each one token of the tokenizer
+    with special tokens read as such) or ids, -> sorted ids."""
+    ids = set()
+    for token in (t.strip() for t in tokens.split(",") if t.strip()):
+        found = [int(token)] if token.isdigit() else tokenizer.encode_with_special(token)
+        if len(found) != 1:
+            raise ValueError(f"lora_tokens: {token!r} is {len(found)} tokens of the tokenizer, not one")
+        if not 0 <= found[0] < vocab_size:
+            raise ValueError(f"lora_tokens: id {found[0]} is past the model's {vocab_size} embedding rows")
+        ids.add(found[0])
+    return sorted(ids)
+
+
 def add_adapters(model, names, rank, scaling, dropout=0.0):
     """Replace each named linear layer by a LoRALinear around it, in place; the caller freezes the rest."""
     for name in names:
@@ -89,7 +160,7 @@ def adapter_layers(model):
 
 @contextmanager
 def adapters_off(model):
-    layers = adapter_layers(model)
+    layers = adapter_layers(model) + [m for m in model.modules() if isinstance(m, TokenRows)]
     for layer in layers:
         layer.enabled = False
     try:
@@ -137,16 +208,18 @@ def weights_hash(model_dir):
     return digest.hexdigest()
 
 
-def peft_config(names, rank, alpha, dropout, base_path, n_layers):
+def peft_config(names, rank, alpha, dropout, base_path, n_layers, tokens=()):
     """adapter_config.json. target_modules as "self_attn.q_proj"-style suffixes when the same layers are adapted in
-    each of the n_layers blocks, else as full transformers names (peft matches a suffix in every block)."""
+    each of the n_layers blocks, else as full transformers names (peft matches a suffix in every block); tokens:
+    the ids of trained embedding rows (TokenRows)."""
     suffixes = sorted({".".join(n.split(".")[-2:]) if "." in n else n for n in names})
     exact = len(names) == sum(n_layers if s != "lm_head" else 1 for s in suffixes)
     targets = suffixes if exact else [peft_name(n).removeprefix("base_model.model.") for n in names]
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path, "r": rank,
             "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets, "bias": "none",
             "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
-            "init_lora_weights": True, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {}}
+            "init_lora_weights": True, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
+            "trainable_token_indices": list(tokens) or None}
 
 
 def save_adapter(path, state, config, base=None):
@@ -185,8 +258,16 @@ def read_adapter(path):
     if wrong:
         raise ValueError(f"{config_path}: {', '.join(wrong)} is not supported (plain LoRA only)")
     state = {our_name(k): v for k, v in load_file(weights_path).items()}
-    bad = [k for k in state if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
-    layers = {k.rsplit(".", 2)[0] for k in state}
+    bad = [k for k in state if not k.endswith((".lora_A.weight", ".lora_B.weight")) and k != TOKEN_ROWS]
+    tokens = config.get("trainable_token_indices") or []
+    if isinstance(tokens, dict):  # peft's {"embed_tokens": [...]} form; other modules' rows are not supported
+        bad += [f"trainable_token_indices of {k}" for k in tokens if k != "embed_tokens"]
+        tokens = tokens.get("embed_tokens", [])
+    rows = state.get(TOKEN_ROWS)
+    if (rows is None) != (not tokens) or rows is not None and rows.shape[0] != len(tokens):
+        bad.append(f"{0 if rows is None else rows.shape[0]} trained token rows, {len(tokens)} trainable_token_indices")
+    config["trainable_token_indices"] = tokens
+    layers = {k.rsplit(".", 2)[0] for k in state if k != TOKEN_ROWS}
     bad += [f"{n} lacks lora_A or lora_B" for n in layers if {n + ".lora_A.weight", n + ".lora_B.weight"} - set(state)]
     bad += [f"{n}: rank {state[n + '.lora_A.weight'].shape[0]}, r={config['r']} in adapter_config.json"
             for n in layers if n + ".lora_A.weight" in state and state[n + ".lora_A.weight"].shape[0] != config["r"]]
@@ -212,7 +293,7 @@ def check_base(adapter_dir, base_dir):
 def load_adapter(model, path):
     """Add the adapter of an adapter directory to the model as LoRALinear layers (not merged); returns the model."""
     config, state, scaling = read_adapter(path)
-    names = sorted({k.rsplit(".", 2)[0] for k in state})
+    names = sorted({k.rsplit(".", 2)[0] for k in state if k != TOKEN_ROWS})
     modules = dict(model.named_modules())
     missing = [n for n in names if not isinstance(modules.get(n), nn.Linear)]
     if missing:
@@ -221,15 +302,22 @@ def load_adapter(model, path):
         if name.rsplit(".", 1)[-1] in UNADAPTABLE:
             raise ValueError(f"{path}: {name} cannot be an unmerged adapter layer: merge it (merge_adapter)")
     add_adapters(model, names, config["r"], scaling)
+    if config["trainable_token_indices"]:
+        add_token_rows(model, config["trainable_token_indices"])
     model.load_state_dict(state, strict=False)
     return model
 
 
-def merged_weights(weights, adapter, scaling, where="adapter"):
+def merged_weights(weights, adapter, scaling, where="adapter", tokens=()):
     """{name.weight: W + scaling * B @ A} for every layer of the adapter (our names), computed in float64 and
-    returned in W's dtype; weights is a state dict of the base model (not changed)."""
+    returned in W's dtype, and the embedding with the trained rows of these token ids in place; weights is a state
+    dict of the base model (not changed)."""
     merged = {}
-    for name in sorted({k.rsplit(".", 2)[0] for k in adapter}):
+    if tokens:
+        embedding = weights["embed_tokens.weight"]
+        rows = torch.tensor(tokens, device=embedding.device)
+        merged["embed_tokens.weight"] = embedding.index_copy(0, rows, adapter[TOKEN_ROWS].to(embedding))
+    for name in sorted({k.rsplit(".", 2)[0] for k in adapter if k != TOKEN_ROWS}):
         w, a, b = weights.get(name + ".weight"), adapter[name + ".lora_A.weight"], adapter[name + ".lora_B.weight"]
         if w is None or w.shape != (b.shape[0], a.shape[1]):
             found = "no such layer" if w is None else f"weight {tuple(w.shape)}"
@@ -244,9 +332,10 @@ def merge_adapter(model, adapter_dir, base_dir=None):
     the base model's speed. base_dir: the base MODELDIR, checked against the adapter's base_model.json."""
     if base_dir:
         check_base(adapter_dir, base_dir)
-    _, adapter, scaling = read_adapter(adapter_dir)
+    config, adapter, scaling = read_adapter(adapter_dir)
     with torch.no_grad():
-        for name, weight in merged_weights(model.state_dict(), adapter, scaling, adapter_dir).items():
+        for name, weight in merged_weights(model.state_dict(), adapter, scaling, adapter_dir,
+                                           config["trainable_token_indices"]).items():
             model.get_parameter(name).copy_(weight)
     return model
 
@@ -259,7 +348,7 @@ class TrainingAdapter:
     """The adapters of a training run: added to the model (frozen but for them) from train.py's settings, and
     written to / read from checkpoint directories with the base model's path and weights hash."""
 
-    def __init__(self, model, cfg):
+    def __init__(self, model, cfg, tokenizer):
         problems = [msg for ok, msg in [
             (cfg.init_from != "scratch", "LoRA adapts an existing model: pass --init_from=MODELDIR"),
             (cfg.lora_alpha > 0, f"lora_alpha={cfg.lora_alpha} must be > 0 (typical: 2 * lora_rank)"),
@@ -268,13 +357,16 @@ class TrainingAdapter:
         if problems:
             raise ValueError("; ".join(problems))
         names = target_names(model, cfg.lora_targets)
+        self.tokens = parse_tokens(cfg.lora_tokens, tokenizer, model.config.vocab_size)
         self.scaling = cfg.lora_alpha / cfg.lora_rank
         model.requires_grad_(False)
         add_adapters(model, names, cfg.lora_rank, self.scaling, cfg.lora_dropout)
+        if self.tokens:
+            add_token_rows(model, self.tokens)
         base_path = os.path.abspath(cfg.init_from)
         self.base = {"path": base_path, "sha256": weights_hash(base_path)}
         self.config = peft_config(names, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, base_path,
-                                  model.config.n_layers)
+                                  model.config.n_layers, self.tokens)
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -284,10 +376,10 @@ class TrainingAdapter:
         if not merge:  # (ignore_frozen_params may still hand back a tied weight)
             save_adapter(path, {k: state[k] for k in self.names}, self.config, self.base)
             return
-        adapter = {k: v for k, v in state.items() if ".lora_" in k}
-        weights = {k: v for k, v in state.items() if ".lora_" not in k}
-        model.save_pretrained(path, state_dict={**weights, **merged_weights(weights, adapter, self.scaling)},
-                              token_ids=token_ids)
+        adapter = {k: state[k] for k in self.names}
+        weights = {k: v for k, v in state.items() if k not in adapter}
+        merged = merged_weights(weights, adapter, self.scaling, tokens=self.tokens)
+        model.save_pretrained(path, state_dict={**weights, **merged}, token_ids=token_ids)
 
     def load(self, path):
         """The adapter weights of a checkpoint of this run, refused when its base model is not this run's."""
@@ -300,6 +392,8 @@ class TrainingAdapter:
                              f"--init_from={self.base['path']} has different weights (sha256 "
                              f"{self.base['sha256'][:12]}): resume with the base the adapter was trained on")
         config, state, _ = read_adapter(path)
-        if sorted(state) != sorted(self.names) or config["r"] != self.config["r"]:
-            raise ValueError(f"{path}: its adapter has other layers or rank than --lora_rank/--lora_targets give")
+        if sorted(state) != sorted(self.names) or config["r"] != self.config["r"] or \
+                config["trainable_token_indices"] != self.tokens:
+            raise ValueError(f"{path}: its adapter has other layers, rank or token rows than --lora_rank, "
+                             "--lora_targets and --lora_tokens give")
         return state

@@ -508,16 +508,18 @@ class Transformer(nn.Module):
         """hidden (B, T, dim) after the final norm -> forward's log-probs or summed cross-entropy."""
         B, T = targets.shape
         chunk = head_chunk_rows(self.config.vocab_size)
-        if type(self.lm_head) is not nn.Linear:  # an adapted head (LoRA on lm_head): full logits, via its forward
+        # an adapted head (LoRA on lm_head): full logits, via its forward; a head with trained token rows (lora.py's
+        # TokenHead) gives its weight, rows in place, to the chunked head
+        weight = self.lm_head.head_weight() if hasattr(self.lm_head, "head_weight") else self.lm_head.weight
+        if type(self.lm_head) is not nn.Linear and not hasattr(self.lm_head, "head_weight"):
             logits = self.lm_head(hidden).float().flatten(0, 1) / temperature
             if label_smoothing is not None:
                 return F.cross_entropy(logits, targets.flatten(), reduction="sum", label_smoothing=label_smoothing)
             logprobs = logits.log_softmax(-1).gather(-1, targets.flatten().clamp(min=0)[:, None])[:, 0]
             return (logprobs * (targets.flatten() != -100)).view(B, T)
         if label_smoothing is not None:
-            return ChunkedCrossEntropy.apply(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(),
-                                             label_smoothing, chunk)
-        return ChunkedTargetLogprobs.apply(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(), temperature,
+            return ChunkedCrossEntropy.apply(hidden.flatten(0, 1), weight, targets.flatten(), label_smoothing, chunk)
+        return ChunkedTargetLogprobs.apply(hidden.flatten(0, 1), weight, targets.flatten(), temperature,
                                            chunk).view(B, T)
 
     # --- sizes --------------------------------------------------------------

@@ -31,6 +31,9 @@ STAGES = [("pretrain", "configs/demo.py", "demo", None), ("sft", "configs/sft.py
           ("dpo", "configs/dpo.py", "dpo", "sft"), ("grpo", "configs/grpo.py", "grpo", "dpo")]
 # the LoRA stages' learning rates: adapters start at zero and take larger steps than full-weight fine-tuning
 LORA_LR = {"sft": 3e-3, "dpo": 5e-4, "grpo": 5e-4}
+# the chat template's tokens, which pretraining on plain text never saw: their embedding rows train beside the
+# adapters (without them LoRA SFT leaves p(<|im_end|>) after an answer at 0.004: see README.md, LoRA adapters)
+LORA_TOKENS = "<|im_start|>,<|im_end|>"
 
 
 def stage_list(lora_rank):
@@ -41,7 +44,7 @@ def stage_list(lora_rank):
         lr = LORA_LR[stage]
         stages.append(("lora-" + stage, stage, config, "lora-" + name, parent if parent == "demo" else "lora-" + parent,
                        [f"--lora_rank={lora_rank}", f"--lora_alpha={2 * lora_rank}", "--merge_lora=true", f"--lr={lr}",
-                        f"--min_lr={lr / 10}"]))
+                        f"--min_lr={lr / 10}", f"--lora_tokens={LORA_TOKENS}"]))
     return stages
 
 

@@ -84,6 +84,7 @@ DEFAULTS = dict(
     lora_alpha=16.0,  # the update is scaled by lora_alpha / lora_rank
     lora_dropout=0.0,  # dropout on the adapters' input
     lora_targets="attention,mlp",  # the projections of attention and/or MLP, or layer names (q_proj,v_proj,...)
+    lora_tokens="",  # also train these tokens' embedding rows: "<|im_start|>,<|im_end|>" or ids (see README)
     merge_lora=False,  # final/ a plain MODELDIR with the adapter merged in, instead of the adapter
     # system
     device="auto",  # auto | cpu | cuda | cuda:N
@@ -212,6 +213,8 @@ def setting_problems(cfg):
                                     "checkpoint is the one --resume=auto continues from)"),
         (cfg.lora_rank > 0 or not cfg.merge_lora, "merge_lora=true needs lora_rank > 0: without an adapter there "
                                                   "is nothing to merge"),
+        (cfg.lora_rank > 0 or not cfg.lora_tokens, f"lora_tokens={cfg.lora_tokens!r} needs lora_rank > 0 (without "
+                                                   "LoRA every embedding row trains)"),
     ]
     return [message for ok, message in checks if not ok]
 
@@ -529,7 +532,8 @@ def setup_run(cfg):
     train_data, val_data = load_data(cfg, STRATEGIES[cfg.strategy].data_stage, tokenizer)
     raw_model = build_model(cfg, tokenizer, env.device)
     try:
-        adapter = TrainingAdapter(raw_model, cfg) if cfg.lora_rank else None  # before the strategy copies a reference
+        # before the strategy copies a reference
+        adapter = TrainingAdapter(raw_model, cfg, tokenizer) if cfg.lora_rank else None
     except (OSError, ValueError) as e:
         sys.exit(f"train.py: LoRA: {e}")
     try:

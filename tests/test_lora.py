@@ -56,14 +56,19 @@ def hf_model(path):
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def with_random_adapters(model, rank=4, alpha=8.0, targets="attention,mlp", seed=1):
-    """Adapters with B != 0 (B starts at zero, which would hide every mistake)."""
+def with_random_adapters(model, rank=4, alpha=8.0, targets="attention,mlp", seed=1, tokens=()):
+    """Adapters with B != 0 (B starts at zero, which would hide every mistake), and new rows for these tokens."""
     names = lora.target_names(model, targets)
     lora.add_adapters(model, names, rank, alpha / rank)
+    if tokens:
+        lora.add_token_rows(model, tokens)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lora.adapter_layers(model):
             layer.lora_B.weight.copy_(0.2 * torch.randn(layer.lora_B.weight.shape, generator=g))
+        if tokens:
+            rows = model.embed_tokens.token_adapter.trainable_tokens_delta
+            rows.copy_(torch.randn(rows.shape, generator=g))
     return model, names
 
 
@@ -71,18 +76,20 @@ def with_random_adapters(model, rank=4, alpha=8.0, targets="attention,mlp", seed
 # the format: peft on transformers' model reads ours, ours reads peft's
 
 
-@pytest.mark.parametrize("arch, targets", [("llama", "attention,mlp"), ("qwen3", "attention,mlp"),
-                                           ("qwen3", "layers.1.mlp.down_proj,v_proj,lm_head")])
-def test_peft_loads_our_adapter(tmp_path_factory, tmp_path, arch, targets):
+@pytest.mark.parametrize("arch, targets, tokens", [("llama", "attention,mlp", [5, 250]), ("qwen3", "attention,mlp", []),
+                                                   ("qwen3", "layers.1.mlp.down_proj,v_proj,lm_head", [7])])
+def test_peft_loads_our_adapter(tmp_path_factory, tmp_path, arch, targets, tokens):
+    """Token rows (trainable_token_indices) on a tied head (llama here) and on an untied one (the embedding only)."""
     peft = pytest.importorskip("peft")
     base = base_dir(tmp_path_factory, arch, 0, use_qk_norm=arch == "qwen3", tie_weight=arch == "llama")
-    ours, names = with_random_adapters(Transformer.from_pretrained(base), targets=targets)
-    state = {k: v for k, v in ours.state_dict().items() if ".lora_" in k}
-    config = lora.peft_config(names, 4, 8.0, 0.0, base, n_layers=2)
+    ours, names = with_random_adapters(Transformer.from_pretrained(base), targets=targets, tokens=tokens)
+    state = {k: v for k, v in ours.state_dict().items() if ".lora_" in k or k == lora.TOKEN_ROWS}
+    config = lora.peft_config(names, 4, 8.0, 0.0, base, n_layers=2, tokens=tokens)
     lora.save_adapter(tmp_path, state, config)
     assert len(config["target_modules"]) == (7 if targets == "attention,mlp" else 4)
     theirs = peft.PeftModel.from_pretrained(hf_model(base), str(tmp_path)).eval()
     x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    x[:, 3:3 + len(tokens)] = torch.tensor(tokens)  # the trained rows are read
     with torch.no_grad():
         expected = theirs(x).logits
         assert (expected - hf_model(base)(x).logits).abs().max() > 0.1  # the adapter changes the output
@@ -97,11 +104,15 @@ def test_our_model_loads_peft_adapter(tmp_path_factory, tmp_path):
     peft = pytest.importorskip("peft")
     base = base_dir(tmp_path_factory, "peft_base", 3, n_layers=3)
     config = peft.LoraConfig(r=6, lora_alpha=5, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True,
-                             init_lora_weights=False, layers_to_transform=[0, 2], task_type="CAUSAL_LM")
+                             init_lora_weights=False, layers_to_transform=[0, 2], task_type="CAUSAL_LM",
+                             trainable_token_indices=[9, 2])
     torch.manual_seed(0)
     theirs = peft.get_peft_model(hf_model(base), config).eval()
+    with torch.no_grad():  # the token rows start as the base's (whatever init_lora_weights says): new values
+        theirs.base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta["default"].normal_()
     theirs.save_pretrained(str(tmp_path))
     x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    x[:, 5:7] = torch.tensor([2, 9])
     with torch.no_grad():
         expected = theirs(x).logits
         assert (expected - hf_model(base)(x).logits).abs().max() > 0.1
@@ -116,8 +127,9 @@ def test_trainable_count_matches_formula_and_peft(tmp_path_factory):
     peft = pytest.importorskip("peft")
     base = base_dir(tmp_path_factory, "count", 0)
     model = Transformer.from_pretrained(base)
-    cfg = Settings(init_from=base, lora_rank=8, lora_alpha=16.0, lora_dropout=0.0, lora_targets="attention,mlp")
-    adapter = lora.TrainingAdapter(model, cfg)
+    cfg = Settings(init_from=base, lora_rank=8, lora_alpha=16.0, lora_dropout=0.0, lora_targets="attention,mlp",
+                   lora_tokens="")
+    adapter = lora.TrainingAdapter(model, cfg, tokenizer=None)
     assert adapter.trainable == formula_count(model.config, 8)
     assert adapter.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
     theirs = peft.get_peft_model(hf_model(base), peft.LoraConfig(r=8, target_modules=adapter.config["target_modules"]))
@@ -143,7 +155,7 @@ def test_reference_is_the_base_with_adapters_off(tmp_path_factory):
     x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         base_logits = Transformer.from_pretrained(base)(x)
-        policy, _ = with_random_adapters(Transformer.from_pretrained(base))
+        policy, _ = with_random_adapters(Transformer.from_pretrained(base), tokens=[int(x[0, 0]), 3])
         dpo = strategies.DPO(Settings(DEFAULTS, lora_rank=4), policy, None)
         policy_logits = policy(x)
         assert (policy_logits - base_logits).abs().max() > 0.1
@@ -263,7 +275,7 @@ def test_lora_resume_is_exact_and_needs_the_same_base(demo, sft_run, tmp_path):
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_lora_distributed_equals_grad_accumulation(demo, tmp_path, parallel):
     single, multi = tmp_path / "single", tmp_path / "multi"
-    args = ["--max_iters=4", "--ckpt_interval=0", "--weight_decay=0.1"]
+    args = ["--max_iters=4", "--ckpt_interval=0", "--weight_decay=0.1", "--lora_tokens=<|im_end|>,<|im_start|>"]
     run(*lora_args(demo, single, *args, "--grad_accum=2"))
     run(*lora_args(demo, multi, *args, "--grad_accum=1", f"--parallel={parallel}", "--merge_lora=true"),
         torchrun=True)
@@ -272,7 +284,7 @@ def test_lora_distributed_equals_grad_accumulation(demo, tmp_path, parallel):
     assert max(abs(a[s] - b[s]) for s in a) < 1e-5
     wa = load_file(single / "final" / "adapter_model.safetensors")
     wb = load_file(multi / "ckpt-4" / "adapter_model.safetensors")
-    assert wa.keys() == wb.keys() and len(wa) == 28
+    assert wa.keys() == wb.keys() and len(wa) == 28 + 1  # 2 per adapted layer, and the token rows
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
     # final/ merged from the sharded model: the base plus (alpha / r) * B @ A
     base, merged = load_file(demo / "base" / "model.safetensors"), load_file(multi / "final" / "model.safetensors")
@@ -280,6 +292,16 @@ def test_lora_distributed_equals_grad_accumulation(demo, tmp_path, parallel):
     b_, a_ = (wb["base_model.model." + key.replace(".weight", f".lora_{x}.weight")] for x in "BA")
     assert (merged[key] - (base[key] + 2.0 * b_ @ a_)).abs().max() < 1e-6
     assert torch.equal(merged["model.norm.weight"], base["model.norm.weight"])
+    # the token rows: their trained values in the merged embedding (and so in the tied head), every other row the base's
+    from tokenizer import Tokenizer
+
+    tokenizer, key = Tokenizer.load(str(demo / "tokenizer")), "model.embed_tokens.weight"
+    ids = sorted([tokenizer.im_start_id, tokenizer.im_end_id])
+    rows = wb["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    assert torch.equal(merged[key][ids], rows) and (rows - base[key][ids]).abs().max() > 1e-4
+    others = torch.ones(len(base[key]), dtype=torch.bool)
+    others[ids] = False
+    assert torch.equal(merged[key][others], base[key][others])
 
 
 def test_dpo_and_grpo_with_lora(demo, tmp_path):
@@ -295,7 +317,8 @@ def test_dpo_and_grpo_with_lora(demo, tmp_path):
 
 def test_bad_lora_settings_stop_before_training(demo, tmp_path):
     for extra, expect in [(["--init_from=scratch"], "--init_from=MODELDIR"), (["--lora_targets=qv"], "'qv'"),
-                          (["--lora_dropout=1.5"], "lora_dropout=1.5")]:
+                          (["--lora_dropout=1.5"], "lora_dropout=1.5"),
+                          (["--lora_tokens=<|im_end|>,<|no such token|>"], "'<|no such token|>' is")]:
         p = run(*lora_args(demo, tmp_path, "--max_iters=1", f"--tokenizer={demo}/tokenizer", *extra), check=False)
         assert p.returncode != 0 and expect in p.stderr, p.stderr[-2000:]
         assert not (tmp_path / "metrics.jsonl").exists()
