@@ -251,6 +251,7 @@ def test_bad_input_stops_before_training(demo, tmp_path):
     fails("--lr_schedule=sgdr", "--sgdr_mult=0.5", expect="sgdr_mult=0.5")
     fails("--keep_checkpoints=0", expect="keep_checkpoints=0: must be >= 1")  # was: every checkpoint kept
     fails("--merge_lora=true", expect="merge_lora=true needs lora_rank > 0")  # was: silently a full-weight run
+    fails("--lora_tokens=<|im_end|>", expect="needs lora_rank > 0")
     fails("--max_iters=abc", expect="max_iters")
     bad_config = tmp_path / "typo.py"
     bad_config.write_text("max_iter = 10\n")
