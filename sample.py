@@ -14,13 +14,13 @@ A Hugging Face model directory (Llama, Qwen2, Qwen3, DeepseekV3-dense with token
 exactly as one written by train.py.
 """
 import codecs
+import functools
 import json
 import math
 import os
 import sys
 import threading
 import unicodedata
-import weakref
 from collections import deque
 
 import regex
@@ -194,7 +194,13 @@ class Sequence:
         self.finish, self.cancelled = None, False  # finish: "stop" | "length" | "error" once done
 
 
-COMPILED = weakref.WeakKeyDictionary()  # model -> its compiled run(): see Engine
+@functools.cache
+def compiled_run(cls):
+    """cls.run (model, input_ids, cache_layers, index) through torch.compile, made once: every model and engine
+    shares it (dynamo guards on the model, so each model compiles its graphs at its first steps). The unbound
+    function, so that the cache holds no model: a compiled bound method would keep its model alive."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(cls.run, fullgraph=True, options={"cpp_wrapper": True})
 
 
 class Engine:
@@ -216,11 +222,8 @@ class Engine:
         with torch.inference_mode():  # the compiled step writes into it
             self.cache = KVCache(model.config, max_batch, self.max_len, device=self.device, dtype=weight.dtype)
         self.compiled, self.decode = compile, model.run
-        if compile:  # one per model: every engine of it (generate() makes one a call) shares the graphs
-            if model not in COMPILED:
-                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-                COMPILED[model] = torch.compile(model.run, fullgraph=True, options={"cpp_wrapper": True})
-            self.decode = COMPILED[model]
+        if compile:  # every engine of a model (generate() makes one a call) shares its graphs
+            self.decode = functools.partial(compiled_run(type(model)), model)
             for tensor in (t for layer in self.cache.layers for t in layer):  # any cache size: the same graph
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
                 torch._dynamo.maybe_mark_dynamic(tensor, 2)

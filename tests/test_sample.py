@@ -1,10 +1,12 @@
 """sample.py against transformers' generate and against the sampling formulas; streaming; the CLI."""
+import gc
 import io
 import json
 import math
 import os
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -415,6 +417,10 @@ def test_compiled_decode_equals_eager(tmp_path, name):
         for a, b in zip(compiled[1], eager[1]):
             assert (torch.tensor(a) - torch.tensor(b)).abs().max().item() < 1e-4
     assert min(len(t) for t in eager[0]) < 24  # some row stopped early
+    model = weakref.ref(ours)  # the compiled step does not keep a model alive (a process that loads models in turn)
+    del ours
+    gc.collect()
+    assert model() is None
 
 
 def test_prefix_reuse_prefills_only_the_rest(tmp_path):
