@@ -529,7 +529,8 @@ class Transformer(nn.Module):
         return n if embedding else n - self.embed_tokens.weight.numel()
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token (forward + backward): 6 per non-embedding weight plus attention."""
+        """Training FLOPs per token (forward + backward): 6 per non-embedding weight plus attention; with frozen
+        weights (LoRA's base) 4 per weight, as they take no weight-gradient matmul, and 2 more per trainable one."""
         c = self.config
         if c.attn == "mla":
             qk_dim, v_dim = c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim
@@ -537,7 +538,8 @@ class Transformer(nn.Module):
             qk_dim = v_dim = c.head_dim
         # the output head multiplies even when it shares the embedding's weight
         weights = self.num_params(embedding=False) + (c.vocab_size * c.dim if c.tie_weight else 0)
-        return 6 * weights + 6 * c.n_layers * c.n_heads * (qk_dim + v_dim) * seq_len
+        trainable = min(weights, sum(p.numel() for p in self.parameters() if p.requires_grad))
+        return 4 * weights + 2 * trainable + 6 * c.n_layers * c.n_heads * (qk_dim + v_dim) * seq_len
 
     # --- checkpoints ----------------------------------------------------------
 

@@ -222,6 +222,9 @@ def test_flops_per_token():
     m = Transformer(c)
     n = sum(p.numel() for p in m.parameters()) - 97 * 64  # untied: head counted, embedding not
     assert m.flops_per_token(32) == 6 * n + 6 * 2 * 4 * (16 + 16) * 32
+    m.requires_grad_(False)  # LoRA's frozen base: forward (2) and the input gradient (2), no weight gradient
+    m.layers[0].mlp.down_proj.weight.requires_grad_(True)
+    assert m.flops_per_token(32) == 4 * n + 2 * 64 * c.dim_ffn + 6 * 2 * 4 * (16 + 16) * 32
 
 
 def test_from_pretrained_errors(tmp_path):
