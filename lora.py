@@ -90,10 +90,26 @@ class TokenRows(nn.Module):
         self.enabled = True
 
     def merged(self, weight):
-        """weight (vocab, dim) with the trained rows in place (weight itself when switched off)."""
+        """weight (vocab, dim) with the trained rows in place (weight itself when switched off): the chunked
+        head's weight in training, where the weight's gradient is as large anyway."""
         if not self.enabled:
             return weight
         return weight.index_copy(0, self.ids, self.trainable_tokens_delta.to(weight.dtype))
+
+    def embed(self, x, weight):
+        """F.embedding(x, merged(weight)) without copying the embedding (a decode step reads a few rows)."""
+        y = F.embedding(x, weight)
+        if not self.enabled:
+            return y
+        hits = x[..., None] == self.ids  # (..., tokens)
+        return torch.where(hits.any(-1, keepdim=True), hits.to(y.dtype) @ self.trainable_tokens_delta.to(y.dtype), y)
+
+    def logits(self, x, weight):
+        """F.linear(x, merged(weight)) without copying the head: its logits, the trained rows' columns replaced."""
+        y = F.linear(x, weight)
+        if not self.enabled:
+            return y
+        return y.index_copy(-1, self.ids, F.linear(x, self.trainable_tokens_delta.to(x.dtype)).to(y.dtype))
 
 
 class TokenEmbedding(nn.Embedding):
@@ -106,7 +122,7 @@ class TokenEmbedding(nn.Embedding):
         self.token_adapter = TokenRows(base.weight, ids)
 
     def forward(self, x):
-        return F.embedding(x, self.token_adapter.merged(self.weight))
+        return self.token_adapter.embed(x, self.weight)
 
 
 class TokenHead(nn.Linear):
@@ -122,7 +138,7 @@ class TokenHead(nn.Linear):
         return self.rows[0].merged(self.weight)
 
     def forward(self, x):
-        return F.linear(x, self.head_weight())
+        return self.rows[0].logits(x, self.weight)
 
 
 def add_token_rows(model, ids):

@@ -508,10 +508,13 @@ class Transformer(nn.Module):
         """hidden (B, T, dim) after the final norm -> forward's log-probs or summed cross-entropy."""
         B, T = targets.shape
         chunk = head_chunk_rows(self.config.vocab_size)
-        # an adapted head (LoRA on lm_head): full logits, via its forward; a head with trained token rows (lora.py's
-        # TokenHead) gives its weight, rows in place, to the chunked head
-        weight = self.lm_head.head_weight() if hasattr(self.lm_head, "head_weight") else self.lm_head.weight
-        if type(self.lm_head) is not nn.Linear and not hasattr(self.lm_head, "head_weight"):
+        # the chunked head multiplies a plain head's weight, or the one a head with trained token rows gives (lora.py's
+        # TokenHead); an adapted head (LoRA on lm_head) gives full logits, via its forward
+        head = self.lm_head
+        weight = head.weight if type(head) is nn.Linear else None
+        if hasattr(head, "head_weight"):
+            weight = head.head_weight()
+        if weight is None:
             logits = self.lm_head(hidden).float().flatten(0, 1) / temperature
             if label_smoothing is not None:
                 return F.cross_entropy(logits, targets.flatten(), reduction="sum", label_smoothing=label_smoothing)
