@@ -212,8 +212,11 @@ def our_name(key):
 
 
 def weights_hash(model_dir):
-    """sha256 of a MODELDIR's safetensors weight files, in name order."""
-    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    """sha256 of a MODELDIR's safetensors weight files, in name order (of a .gguf file: the file)."""
+    if str(model_dir).endswith(".gguf"):
+        model_dir, files = os.path.dirname(model_dir), [os.path.basename(model_dir)]
+    else:
+        files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
     if not files:
         raise FileNotFoundError(f"{model_dir}: no .safetensors weights to adapt")
     digest = hashlib.sha256()

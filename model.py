@@ -549,7 +549,12 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None):
         """Load a directory of config.json + model.safetensors (or sharded safetensors with an index):
-        ours, or Hugging Face Llama/Qwen2/Qwen3/DeepseekV3 (dense). Nothing is unpickled."""
+        ours, or Hugging Face Llama/Qwen2/Qwen3/DeepseekV3 (dense); or a .gguf file (gguf_in.py). Nothing is
+        unpickled."""
+        if str(path).endswith(".gguf"):
+            from gguf_in import read_model  # only a GGUF reader needs the gguf package
+
+            return cls.from_state_dict(*read_model(str(path), dtype), path, device, dtype)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: no such model directory")
         config_path = os.path.join(path, "config.json")
@@ -563,10 +568,15 @@ class Transformer(nn.Module):
             raise ValueError(f"{config_path}: not valid JSON ({e})") from None
         config, rope_interleave = config_from_hf(hf, config_path)
         state = load_safetensors_dir(path)
-        if config.tie_weight:
-            state.pop("lm_head.weight", None)
         if rope_interleave:
             deinterleave_rope_weights(state, config)
+        return cls.from_state_dict(config, state, path, device, dtype)
+
+    @classmethod
+    def from_state_dict(cls, config, state, where, device=None, dtype=None):
+        """A model from a config and its weights by Hugging Face name, names and shapes checked first."""
+        if config.tie_weight:
+            state.pop("lm_head.weight", None)
         with torch.device("meta"):
             model = cls(config)
         expected = {k: v.shape for k, v in model.state_dict().items()
@@ -575,13 +585,13 @@ class Transformer(nn.Module):
         problems = [f"missing {k}" for k in expected if k not in state]
         problems += [f"unexpected {k}" for k in state if k not in expected]
         problems += [
-            f"{k}: shape {tuple(v.shape)} in the file, {tuple(expected[k])} from config.json"
+            f"{k}: shape {tuple(v.shape)} in the file, {tuple(expected[k])} from the config"
             for k, v in state.items()
             if k in expected and v.shape != expected[k]
         ]
         if problems:
             shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} problems)" if len(problems) > 8 else "")
-            raise ValueError(f"{path}: weights do not match config.json: {shown}")
+            raise ValueError(f"{where}: weights do not match its config: {shown}")
         dtype = dtype or torch.float32
         state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
         model.load_state_dict(state, strict=False, assign=True)

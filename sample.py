@@ -493,8 +493,13 @@ def load(model_dir, device="cpu", dtype=None, adapter=""):
 
 def stop_ids_for(model_dir, tokenizer):
     """The tokenizer's stop tokens plus the eos_token_id(s) of a Hugging Face config.json and
-    generation_config.json (an instruct model's end-of-turn token often lives only there)."""
+    generation_config.json (an instruct model's end-of-turn token often lives only there), or a .gguf file's
+    eos, eot and eom token ids."""
     ids = list(tokenizer.stop_ids)
+    if str(model_dir).endswith(".gguf"):
+        from gguf_in import stop_ids
+
+        return ids + [i for i in stop_ids(model_dir) if i not in ids]
     for name in ("config.json", "generation_config.json"):
         path = os.path.join(model_dir, name)
         if not os.path.isfile(path):

@@ -310,7 +310,12 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory: str) -> "Tokenizer":
-        """tokenizer.json, with the tokenizer_config.json and chat_template.jinja beside it when there."""
+        """tokenizer.json, with the tokenizer_config.json and chat_template.jinja beside it when there; or the
+        tokenizer inside a .gguf file (gguf_in.py)."""
+        if str(directory).endswith(".gguf"):
+            from gguf_in import read_tokenizer
+
+            return read_tokenizer(str(directory))
         path = directory if os.path.isfile(directory) else os.path.join(directory, "tokenizer.json")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: not found; a tokenizer directory holds a Hugging Face tokenizer.json "

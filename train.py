@@ -133,7 +133,7 @@ def find_tokenizer(cfg):
     data_dir = cfg.data if os.path.isdir(cfg.data) else os.path.dirname(cfg.data)
     candidates += [os.path.join(data_dir, "tokenizer"), data_dir]
     for path in candidates:
-        if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        if os.path.isfile(os.path.join(path, "tokenizer.json")) or path.endswith(".gguf") and os.path.isfile(path):
             return Tokenizer.load(path)
     if cfg.tokenizer:
         sys.exit(f"train.py: --tokenizer={cfg.tokenizer}: no tokenizer.json there")

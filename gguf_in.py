@@ -1,0 +1,290 @@
+"""
+GGUF in: a .gguf file (llama.cpp's converter, llama-quantize, Ollama's blobs, or export.py) as a model and a
+tokenizer, read with llama.cpp's own Python reader (`pip install gguf`, needed by this file only). Wherever a
+MODELDIR is taken, a .gguf file is too: model.py and tokenizer.py hand such paths to the functions here.
+
+    model = Transformer.from_pretrained("smollm2-135m-q4_k_m.gguf")   # read_model(): config + weights
+    tokenizer = Tokenizer.load("smollm2-135m-q4_k_m.gguf")            # read_tokenizer(): vocab, merges, template
+
+What is read: the architectures model.py runs (llama, qwen2, qwen3); tensors of types F32, F16, BF16 (converted
+as they are) and every quantized type the `gguf` package dequantizes (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K,
+...: llama.cpp's own dequantization, none written here), into the requested dtype one tensor at a time; llama's
+Q/K rows put back from llama.cpp's adjacent-pair RoPE order to Hugging Face's; RoPE scaling (linear and yarn from
+the metadata, llama3 from the rope_freqs tensor). The tokenizer: tokenizer.ggml.tokens / merges / token_type
+rebuilt as a Hugging Face tokenizer.json, the pre-tokenizer name (tokenizer.ggml.pre) mapped to its split rules,
+control tokens as special added tokens, user-defined ones as plain added tokens, bos/eos and the chat template.
+"""
+import math
+import os
+
+import numpy as np
+import torch
+
+from tokenizer import DEEPSEEK3_SPLIT_PATTERNS, LLAMA3_SPLIT_PATTERN, SPLIT_PATTERN, Tokenizer
+
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+CONTROL, USER_DEFINED, UNUSED = 3, 4, 5  # gguf.TokenType
+
+
+def _split(pattern):
+    return {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
+
+
+def _byte_level(use_regex):
+    return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": use_regex}
+
+
+# tokenizer.ggml.pre -> the pre-tokenizer steps of the tokenizer.json it names (llama.cpp hard-codes each one's
+# regexes in llama-vocab.cpp; these are the Hugging Face originals that llama.cpp's copies follow)
+PRE_TOKENIZERS = {
+    "gpt-2": [_byte_level(True)],
+    "smollm": [{"type": "Digits", "individual_digits": True}, _byte_level(True)],
+    "llama-bpe": [_split(LLAMA3_SPLIT_PATTERN), _byte_level(False)],
+    "qwen2": [_split(SPLIT_PATTERN), _byte_level(False)],
+    "deepseek-v3": [*map(_split, DEEPSEEK3_SPLIT_PATTERNS), _byte_level(False)],
+}
+PRE_ALIASES = {"llama3": "llama-bpe", "llama-v3": "llama-bpe", "deepseek-r1-qwen": "qwen2", "phi-2": "gpt-2"}
+
+
+# -----------------------------------------------------------------------------
+# the file
+
+
+def open_gguf(path):
+    """(gguf.GGUFReader, {key: value}) of a .gguf file; a truncated or corrupt file is a ValueError saying so."""
+    import gguf  # llama.cpp's own reader and dequantizers: pip install gguf
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file (it does not start with the GGUF magic)")
+    try:
+        reader = gguf.GGUFReader(path)
+        metadata = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    except (ValueError, IndexError, KeyError, UnicodeDecodeError, OverflowError, MemoryError) as e:
+        raise ValueError(f"{path}: the GGUF file is truncated or corrupt ({type(e).__name__}: {e})") from None
+    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    if end > os.path.getsize(path):
+        raise ValueError(f"{path}: the GGUF file is truncated: its tensors end at byte {end:,}, the file at "
+                         f"{os.path.getsize(path):,}")
+    return reader, metadata
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+def rope_scaling(metadata, arch, rope_freqs, head_dim, theta):
+    """Hugging Face's rope_scaling dict for the file's RoPE scaling, or None. llama.cpp's converter writes linear and
+    yarn as metadata and Llama 3's scaling as the per-frequency divisors in rope_freqs.weight; those are turned back
+    into Llama 3's four numbers, and the numbers are checked to give back every divisor."""
+    kind = metadata.get(f"{arch}.rope.scaling.type", "none")
+    key = lambda name: metadata.get(f"{arch}.rope.scaling.{name}")  # noqa: E731
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": _float(key("factor"))}
+    if kind == "yarn":
+        scaling = {"rope_type": "yarn", "factor": _float(key("factor")),
+                   "original_max_position_embeddings": int(key("original_context_length"))}
+        for ours, theirs in (("attention_factor", "yarn_attn_factor"), ("beta_fast", "yarn_beta_fast"),
+                             ("beta_slow", "yarn_beta_slow")):
+            if key(theirs) is not None:
+                scaling[ours] = _float(key(theirs))
+        return scaling
+    if kind not in ("none", None):
+        raise ValueError(f"RoPE scaling {kind!r} ({arch}.rope.scaling.type) is not supported; supported: linear, yarn "
+                         "and llama3 (rope_freqs.weight)")
+    if rope_freqs is None:
+        return None
+    return llama3_scaling(rope_freqs.double(), head_dim, theta)
+
+
+def llama3_scaling(divisors, head_dim, theta):
+    """Llama 3's factor, low/high_freq_factor and original context from the divisors of each inverse frequency:
+    the factor where wavelengths are long, 1 where short, 1 / ((1 - s) / factor + s) between, s linear in
+    1 / wavelength (low_freq_factor is taken as 1, as every Llama 3 has it; only ratios to it are defined)."""
+    wavelen = 2 * math.pi * theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    factor = float(divisors.max())
+    between = ((divisors - 1).abs() > 1e-6) & ((divisors - factor).abs() > 1e-6)
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    if between.sum() >= 2:  # s = original / ((high - 1) * wavelen) - 1 / (high - 1): two unknowns, a line fit
+        s = (1 / divisors[between] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit((1 / wavelen[between]).numpy(), s.numpy(), 1)
+        high = 1 - 1 / intercept
+        scaling.update(high_freq_factor=float(high), original_max_position_embeddings=round(slope * (high - 1)))
+    elif factor > 1:  # no wavelength between: an original context just under the shortest long wavelength will do
+        short, long = wavelen[(divisors - 1).abs() <= 1e-6], wavelen[(divisors - factor).abs() <= 1e-6]
+        original = math.ceil(float(long.min())) - 1
+        high = (original / float(short.max()) + 1) / 2 if len(short) else 4.0  # any 1 < high < original / short
+        scaling.update(high_freq_factor=high, original_max_position_embeddings=original)
+    else:
+        return None  # every divisor 1: no scaling
+    if not torch.allclose(llama3_divisors(scaling, wavelen), divisors, rtol=1e-5, atol=1e-6):
+        raise ValueError("rope_freqs.weight does not follow Llama 3's RoPE scaling rule; no other is supported")
+    return scaling
+
+
+def llama3_divisors(s, wavelen):
+    """What llama.cpp's converter writes to rope_freqs.weight for Llama 3's scaling (and transformers computes)."""
+    low, high, original = s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    smooth = ((original / wavelen - low) / (high - low)).clamp(0, 1)
+    between = 1 / ((1 - smooth) / s["factor"] + smooth)
+    return torch.where(wavelen < original / high, 1.0, torch.where(wavelen > original / low, s["factor"], between))
+
+
+def model_config(metadata, tensors, path):
+    """ModelConfig of the file (tensors: {name: ReaderTensor}); what model.py cannot run is refused, naming it."""
+    from model import ModelConfig
+
+    arch = metadata.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
+
+    def get(key, default=None):
+        value = metadata.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ValueError(f"{path}: metadata key {arch}.{key} is missing")
+        return value
+
+    n_heads, dim = get("attention.head_count"), get("embedding_length")
+    head_dim = get("attention.key_length", dim // n_heads)
+    n_kv_heads = get("attention.head_count_kv", n_heads)
+    if isinstance(n_kv_heads, list) or isinstance(get("feed_forward_length"), list):
+        raise ValueError(f"{path}: head or feed-forward sizes that differ per layer are not supported")
+    if get("attention.value_length", head_dim) != head_dim or get("rope.dimension_count", head_dim) != head_dim:
+        raise ValueError(f"{path}: value length {get('attention.value_length', head_dim)} or RoPE dimension "
+                         f"{get('rope.dimension_count', head_dim)} differs from the key length {head_dim}: not supported")
+    if f"{arch}.expert_count" in metadata:
+        raise ValueError(f"{path}: mixture-of-experts layers ({arch}.expert_count) are not supported")
+    theta = _float(get("rope.freq_base", 10000.0))
+    freqs = tensors.get("rope_freqs.weight")
+    freqs = None if freqs is None else torch.from_numpy(_dequantize(freqs, path).copy())
+    scaling = rope_scaling(metadata, arch, freqs, head_dim, theta)
+    fields = dict(vocab_size=int(tensors["token_embd.weight"].shape[1]), dim=dim, n_layers=get("block_count"),
+                  n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, dim_ffn=get("feed_forward_length"),
+                  norm_eps=_float(get("attention.layer_norm_rms_epsilon")), rope_theta=theta,
+                  max_len=get("context_length"), tie_weight="output.weight" not in tensors,
+                  attention_bias="blk.0.attn_q.bias" in tensors, use_qk_norm=arch == "qwen3")
+    if scaling is not None:
+        fields["rope_scaling"] = scaling
+    return ModelConfig(**fields)
+
+
+def _float(value):
+    """A float32 metadata value as the decimal it was written from (9.99999997e-07 -> 1e-06)."""
+    return float(str(np.float32(value)))
+
+
+def _dequantize(tensor, path):
+    """float32 numpy array in numpy's (row-major) shape: F32/F16 as they are, the rest by gguf's dequantize."""
+    import gguf
+
+    kind = tensor.tensor_type
+    try:
+        array = gguf.dequantize(tensor.data, kind)
+    except NotImplementedError:
+        raise ValueError(f"{path}: tensor {tensor.name} has type {kind.name}, which gguf cannot dequantize") from None
+    return array.reshape(tuple(reversed([int(n) for n in tensor.shape])))
+
+
+def _tensor(tensor, dtype, path):
+    """One tensor in dtype, never a view of the file. BF16 is reinterpreted, not widened through float32."""
+    import gguf
+
+    if tensor.tensor_type == gguf.GGMLQuantizationType.BF16:
+        shape = tuple(reversed([int(n) for n in tensor.shape]))
+        weight = torch.from_numpy(tensor.data.view(np.int16).reshape(shape).copy()).view(torch.bfloat16).to(dtype)
+    else:
+        array = _dequantize(tensor, path)  # F32: a view of the memory-mapped file, so copied
+        weight = torch.from_numpy(array if array.flags.writeable else array.copy()).to(dtype)
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"{path}: tensor {tensor.name} holds NaN or infinite values: the file is corrupt")
+    return weight
+
+
+def unpair_rope_rows(w, n_heads):
+    """The inverse of export.pair_rope_rows for a whole head: llama.cpp's llama rotates adjacent pairs (x0, x1),
+    (x2, x3), ...; Hugging Face's rotate_half pairs x_i with x_{i+d/2}. Rows 2i, 2i+1 of each head go to i, i+d/2."""
+    rest = w.shape[1:]
+    return w.reshape(n_heads, -1, 2, *rest).transpose(1, 2).reshape(w.shape)
+
+
+def read_model(path, dtype=None):
+    """(ModelConfig, {parameter name: tensor in dtype}) of a .gguf file, for Transformer.from_pretrained."""
+    from export import GLOBAL_NAMES, LAYER_NAMES
+
+    reader, metadata = open_gguf(path)
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise ValueError(f"{path}: no token_embd.weight tensor: not a language model file")
+    config = model_config(metadata, tensors, path)
+    ours = {f"{theirs}.": f"{name}." for name, theirs in {**LAYER_NAMES, **GLOBAL_NAMES}.items()}
+    state, unknown = {}, []
+    for name, tensor in tensors.items():
+        if name == "rope_freqs.weight":
+            continue  # read into the config's rope_scaling
+        parts = name.split(".", 2)
+        inner = ours.get(parts[2].rsplit(".", 1)[0] + ".") if parts[0] == "blk" and len(parts) == 3 else None
+        if parts[0] == "blk" and inner:
+            key = f"layers.{parts[1]}.{inner}{parts[2].rsplit('.', 1)[1]}"
+        elif parts[0] != "blk" and f"{parts[0]}." in ours:
+            key = ours[f"{parts[0]}."] + ".".join(parts[1:])
+        else:
+            unknown.append(name)
+            continue
+        weight = _tensor(tensor, dtype or torch.float32, path)
+        if metadata["general.architecture"] == "llama" and inner in ("self_attn.q_proj.", "self_attn.k_proj."):
+            weight = unpair_rope_rows(weight, config.n_heads if inner == "self_attn.q_proj." else config.n_kv_heads)
+        state[key] = weight
+    if unknown:
+        raise ValueError(f"{path}: tensors this model cannot hold: {', '.join(unknown[:6])}"
+                         f"{' ...' if len(unknown) > 6 else ''}")
+    return config, state
+
+
+# -----------------------------------------------------------------------------
+# the tokenizer
+
+
+def tokenizer_json(metadata, path):
+    """A Hugging Face tokenizer.json dict from tokenizer.ggml.*, and tokenizer_config.json's names and template."""
+    kind, pre = metadata.get("tokenizer.ggml.model"), metadata.get("tokenizer.ggml.pre", "default")
+    if kind != "gpt2":
+        raise ValueError(f"{path}: tokenizer.ggml.model={kind!r}: only byte-level BPE ('gpt2': GPT-2, Llama 3, Qwen, "
+                         "SmolLM, DeepSeek-V3) is supported; SentencePiece ('llama') vocabularies are not")
+    steps = PRE_TOKENIZERS.get(PRE_ALIASES.get(pre, pre))
+    if steps is None:
+        raise ValueError(f"{path}: tokenizer.ggml.pre={pre!r} is not a pre-tokenizer this reader knows; known: "
+                         f"{', '.join(sorted([*PRE_TOKENIZERS, *PRE_ALIASES]))}")
+    tokens = metadata["tokenizer.ggml.tokens"]
+    types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": kind == CONTROL} for i, (t, kind) in enumerate(zip(tokens, types))
+             if kind in (CONTROL, USER_DEFINED)]
+    vocab = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind not in (CONTROL, USER_DEFINED, UNUSED)}
+    model = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+             "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+             "ignore_merges": PRE_ALIASES.get(pre, pre) == "llama-bpe",  # Llama 3's tokenizer.json sets it
+             "vocab": vocab, "merges": metadata.get("tokenizer.ggml.merges", [])}
+    hf_json = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+               "pre_tokenizer": {"type": "Sequence", "pretokenizers": steps}, "post_processor": None,
+               "decoder": _byte_level(True), "model": model}
+    names = {f"{name}_token": tokens[i] for name in ("bos", "eos", "unk", "pad")
+             if isinstance(i := metadata.get(f"tokenizer.ggml.{name if name != 'pad' else 'padding'}_token_id"), int)
+             and 0 <= i < len(tokens)}
+    template = metadata.get("tokenizer.chat_template")
+    return hf_json, names | ({"chat_template": template} if template else {})
+
+
+def read_tokenizer(path):
+    reader, metadata = open_gguf(path)
+    hf_json, config = tokenizer_json(metadata, path)
+    return Tokenizer(hf_json, path, config)
+
+
+def stop_ids(path):
+    """The file's end-of-generation token ids: eos, eot (end of turn), eom (end of message)."""
+    _, metadata = open_gguf(path)
+    ids = [metadata.get(f"tokenizer.ggml.{name}_token_id") for name in ("eos", "eot", "eom")]
+    return [i for i in ids if isinstance(i, int)]
