@@ -2,7 +2,7 @@
 Benchmarks, side by side with Hugging Face transformers (when installed) in one run, reported as ratios.
 
     python bench.py                       # everything
-    python bench.py --only=train,decode   # some sections: train, decode, serve, prepare
+    python bench.py --only=train,decode   # some sections: train, train_memory, decode, serve, prepare, gguf_load
     python bench.py --only=decode,serve --llamacpp=$(../shared/tools/build-llamacpp)   # llama.cpp rows too
 
 Speed claims live here, never in timed unit tests.
@@ -39,6 +39,7 @@ DEFAULTS = dict(
     # block size with 2 of its 24 layers
     memory_shape="configs/astrai_1b.py:n_layers=2:batch_size=1:block_size=2048",
     memory_steps=2,  # timed steps after one warmup step
+    gguf_preset="configs/smollm2_135m.py",  # gguf_load: the model shape quantized to Q4_K_M (needs --llamacpp)
     threads=0,  # torch threads, 0 = torch's default
     seed=0,
     prepare_mb=32,  # prepare: MB of generated English/Chinese text
@@ -229,6 +230,69 @@ def bench_train_memory(args):
                  f"{(ours['peak'] - ours['before']) / (theirs['peak'] - theirs['before']):.2f}x",
                  f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x"])
     table(rows, ["impl", "batch", "params", "RSS before GiB", "peak GiB", "step GiB", "tokens/s"])
+
+
+# -----------------------------------------------------------------------------
+# gguf_load: a quantized .gguf file as people download it, loaded by gguf_in.py vs transformers, a process each
+
+
+def load_in_child(impl, path, threads, queue):
+    """In a fresh process: seconds and peak RSS to get a float32 model and its tokenizer from the .gguf file."""
+    import os
+
+    if threads:
+        torch.set_num_threads(threads)
+    before, t0 = memory_status("VmRSS"), time.perf_counter()
+    if impl == "gguf_in.py":
+        from tokenizer import Tokenizer
+
+        model, tokenizer = Transformer.from_pretrained(path), Tokenizer.load(path)
+    else:
+        import transformers
+
+        where, name = os.path.dirname(path), os.path.basename(path)
+        model = transformers.AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(where, gguf_file=name)
+    queue.put({"seconds": time.perf_counter() - t0, "before": before, "peak": memory_status("VmHWM"),
+               "params": sum(p.numel() for p in model.parameters()), "tokens": len(tokenizer)
+               if impl != "gguf_in.py" else tokenizer.vocab_size})
+
+
+def bench_gguf_load(args):
+    import multiprocessing
+    import os
+    import subprocess
+    import tempfile
+
+    quantize = os.path.join(args.llamacpp, "build", "bin", "llama-quantize")
+    if not os.path.isfile(quantize):
+        print("== gguf_load: skipped (needs --llamacpp=DIR with build/bin/llama-quantize to make the Q4_K_M file)")
+        return
+    model, tokenizer = bench_model(args.gguf_preset, args.seed)
+    with tempfile.TemporaryDirectory() as directory:
+        f32 = gguf_file(model, tokenizer, "float32", directory)
+        del model
+        path = os.path.join(directory, "model-q4_k_m.gguf")
+        subprocess.run([quantize, f32, path, "Q4_K_M"], check=True, capture_output=True)
+        print(f"== gguf_load: {args.gguf_preset} (random weights) as a Q4_K_M file of {os.path.getsize(path) / 1e6:.0f} "
+              "MB made by llama-quantize, loaded to a float32 model and its tokenizer, each implementation in a "
+              "fresh process; peak = the process's peak RSS (Python and torch included)")
+        context, results = multiprocessing.get_context("spawn"), {}
+        for impl in ("gguf_in.py", "transformers"):
+            queue = context.Queue()
+            child = context.Process(target=load_in_child, args=(impl, path, args.threads, queue))
+            child.start()
+            child.join()
+            if child.exitcode != 0:
+                print(f"{impl}: the child process failed (exit code {child.exitcode})")
+                return
+            results[impl] = queue.get()
+    rows = [[impl, f"{r['params'] / 1e6:,.1f}M", f"{r['seconds']:.2f}", f"{r['before'] / 2**30:.2f}",
+             f"{r['peak'] / 2**30:.2f}"] for impl, r in results.items()]
+    ours, theirs = results["gguf_in.py"], results["transformers"]
+    rows.append(["ours/theirs", "", f"{ours['seconds'] / theirs['seconds']:.2f}x", "",
+                 f"{ours['peak'] / theirs['peak']:.2f}x"])
+    table(rows, ["impl", "params", "load s", "RSS before GiB", "peak GiB"])
 
 
 # -----------------------------------------------------------------------------
@@ -589,7 +653,7 @@ if __name__ == "__main__":
     if args.threads:
         torch.set_num_threads(args.threads)
     sections = {"train": bench_train, "train_memory": bench_train_memory, "decode": bench_decode,
-                "serve": bench_serve, "prepare": bench_prepare}
+                "serve": bench_serve, "prepare": bench_prepare, "gguf_load": bench_gguf_load}
     for name in args.only.split(","):
         if name not in sections:
             sys.exit(f"bench.py: unknown section {name!r}; choose from {', '.join(sections)}")
