@@ -222,7 +222,8 @@ def test_rope_scaling_llamacpp_cannot_run(ours, tmp_path):
         ("deepseek2", LINEAR, r"linear on deepseek2: .* \(1 \+ 0.1 ln factor\)\^2"),
         ("qwen3", {**YARN, "beta_fast": 8.0}, "yarn beta_fast=8.0: llama.cpp's qwen3 runs YaRN with 32"),
         ("llama", {**YARN, "truncate": False}, "yarn truncate=False"),
-        ("llama", {**YARN, "attention_factor": 1.25}, "transformers scales cos/sin by 1.25 .* llama.cpp would by 1.13863"),
+        ("llama", {**YARN, "attention_factor": 1.25},
+         "transformers scales cos/sin by 1.25 .* llama.cpp would by 1.13863"),
         ("deepseek2", YARN, "attention logits by 1, llama.cpp would by 1.13863 and 1.29648"),
     ]:
         model_dir, _ = make_model_dir(tmp_path / shape, shape, ours, rope_scaling=rope)
