@@ -1,5 +1,6 @@
 # export.py: the GGUF file read back with gguf's own reader, and run by llama.cpp's server (tokenization and greedy
 # continuations equal ours) for each architecture it maps to. Tiny models and tokenizers made here.
+import dataclasses
 import json
 import os
 import socket
@@ -320,3 +321,26 @@ def test_llamacpp_tokenizes_and_generates_like_us(shape, family, ours, tmp_path)
             new = generate(model, [ids], 24, temperature=0.0, stop_ids=tokenizer.stop_ids)[0]
             stopped = new[-1] in tokenizer.stop_ids  # llama.cpp stops at the same tokens
             assert (theirs["tokens"], theirs["stop_type"]) == (new, "eos" if stopped else "limit"), prompt
+
+
+@pytest.mark.skipif(not os.path.isfile(SERVER), reason=f"llama.cpp is not built ({SERVER} missing)")
+@pytest.mark.parametrize("shape,rope", [(shape, rope) for shape, rope, _ in ROPE_EXPORTS])
+def test_llamacpp_generates_like_us_with_rope_scaling(shape, rope, ours, tmp_path):
+    """Greedy continuations of up to 40 tokens, past original_max_position_embeddings, equal ours; the same weights
+    unscaled continue differently somewhere, so the scaling is what is compared."""
+    model_dir, model = make_model_dir(tmp_path / "model", shape, ours, rope_scaling=rope)
+    export.export(model_dir, str(tmp_path / "m.gguf"), "f32")
+    plain = Transformer(dataclasses.replace(model.config, rope_scaling=None)).eval()
+    plain.load_state_dict(model.state_dict())
+    longest, unscaled_differs = 0, False
+    with llama_server(str(tmp_path / "m.gguf"), str(tmp_path / "server.log")) as port:
+        for prompt in BILINGUAL[:4]:
+            ids = ours.encode(prompt)[:8]
+            theirs = post(port, "/completion", {"prompt": ids, "n_predict": 40, "temperature": 0, "top_k": 1,
+                                                "samplers": ["top_k"], "cache_prompt": False, "return_tokens": True})
+            new = generate(model, [ids], 40, temperature=0.0, stop_ids=ours.stop_ids)[0]
+            stopped = new[-1] in ours.stop_ids
+            assert (theirs["tokens"], theirs["stop_type"]) == (new, "eos" if stopped else "limit"), prompt
+            longest = max(longest, len(ids) + len(new))
+            unscaled_differs |= new != generate(plain, [ids], 40, temperature=0.0, stop_ids=ours.stop_ids)[0]
+    assert longest > 2 * ORIGINAL and unscaled_differs
