@@ -11,13 +11,16 @@ split regex llama.cpp hard-codes that equals ours (it runs no regex from the fil
 chat template. llama.cpp's own converter names the pre-tokenizer by hashing the ids of a test string, so it refuses
 every tokenizer it has not seen, which is every one `data.py tokenizer` trains.
 """
+import dataclasses
 import importlib.util
+import math
 import os
 import sys
 
 import torch
 
 from model import Transformer
+from rope import mla_softmax_scale, rope_frequencies, yarn_mscale
 from settings import load_settings
 from tokenizer import KNOWN_SPLITS, Tokenizer
 
@@ -84,6 +87,59 @@ def gguf_tensors(model):
             yield f"{block}.attn_v_b.weight", kv[:, c.qk_nope_head_dim :].contiguous()  # (H, v, r)
             continue
         yield f"{block}.{LAYER_NAMES[inner]}.{kind}", w
+
+
+def rope_scaling_gguf(c, arch):
+    """c.rope_scaling the way llama.cpp's convert_hf_to_gguf.py writes it: ({GGUFWriter method: value}, {tensor
+    name: float32 tensor}), in one place so that a GGUF reader can invert it.
+      linear: {arch}.rope.scaling.type "linear" and .factor.
+      llama3 (llama only): no scaling keys; a tensor rope_freqs.weight (head_dim / 2,) that llama.cpp divides each
+        frequency by: the unscaled inv_freq over the scaled one.
+      yarn: .type "yarn", .factor, .original_context_length, and .yarn_beta_fast, .yarn_beta_slow, .yarn_attn_factor
+        where the config has beta_fast, beta_slow, attention_factor; deepseek2 also .yarn_log_multiplier =
+        0.1 * mscale_all_dim (llama.cpp divides it by 0.1 again).
+    What llama.cpp would run differently is a ValueError naming it: it reads no yarn beta keys for these
+    architectures (it uses 32 and 1), always truncates the YaRN ramp, and derives the cos/sin and softmax scales
+    from factor and mscale_all_dim alone."""
+    import gguf
+
+    s = c.rope_scaling
+    if s is None:
+        return {}, {}
+    kind, rope_dim = s["rope_type"], c.qk_rope_head_dim if c.attn == "mla" else c.head_dim
+    if kind == "llama3" and arch == "llama":
+        unscaled = rope_frequencies(dataclasses.replace(c, rope_scaling=None), rope_dim)[0]
+        return {}, {"rope_freqs.weight": unscaled / rope_frequencies(c, rope_dim)[0]}
+    if kind == "llama3":
+        raise ValueError(f"rope_scaling llama3 on {arch}: llama.cpp reads its factors (rope_freqs) only for llama")
+    if kind == "linear" and arch == "deepseek2":
+        raise ValueError("rope_scaling linear on deepseek2: llama.cpp's deepseek2 would also multiply the attention "
+                         "logits by (1 + 0.1 ln factor)^2")
+    keys = {"add_rope_scaling_type": gguf.RopeScalingType(kind), "add_rope_scaling_factor": s["factor"]}
+    if kind == "linear":
+        return keys, {}
+    for key, default in (("beta_fast", 32), ("beta_slow", 1), ("truncate", True)):
+        if s.get(key) not in (None, default):
+            raise ValueError(f"rope_scaling yarn {key}={s[key]!r}: llama.cpp's {arch} runs YaRN with {default}")
+    # the factor on cos/sin and on the attention logits: transformers' and llama.cpp's (llama-context.cpp and
+    # models/deepseek2.cpp: with yarn_log_multiplier its cos/sin factor is 1, without it its softmax takes
+    # yarn_mscale(factor)^2 too)
+    factor, mscale_all_dim = s["factor"], s.get("mscale_all_dim") if arch == "deepseek2" else None
+    softmax = mla_softmax_scale(c) * (c.qk_nope_head_dim + rope_dim) ** 0.5 if arch == "deepseek2" else 1.0
+    ours = (rope_frequencies(c, rope_dim)[1], softmax)
+    theirs = ((1.0, yarn_mscale(factor, mscale_all_dim) ** 2) if mscale_all_dim else
+              (yarn_mscale(factor), yarn_mscale(factor) ** 2 if arch == "deepseek2" else 1.0))
+    if not all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(ours, theirs)):
+        raise ValueError(f"rope_scaling {s} on {arch}: transformers scales cos/sin by {ours[0]:.6g} and attention "
+                         f"logits by {ours[1]:.6g}, llama.cpp would by {theirs[0]:.6g} and {theirs[1]:.6g} (it "
+                         "derives them from factor and, on deepseek2, mscale_all_dim, not attention_factor or mscale)")
+    keys["add_rope_scaling_orig_ctx_len"] = s["original_max_position_embeddings"]
+    for key, method in (("attention_factor", "attn_factor"), ("beta_fast", "beta_fast"), ("beta_slow", "beta_slow")):
+        if s.get(key) is not None:
+            keys[f"add_rope_scaling_yarn_{method}"] = s[key]
+    if arch == "deepseek2" and s.get("mscale_all_dim") is not None:
+        keys["add_rope_scaling_yarn_log_mul"] = 0.1 * s["mscale_all_dim"]
+    return keys, {}
 
 
 # -----------------------------------------------------------------------------
@@ -166,12 +222,15 @@ def export(model_dir, path, outtype="f16"):
     arch = architecture(model.config)
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
              "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[outtype]
+    rope_keys, rope_tensors = rope_scaling_gguf(model.config, arch)
     writer = gguf.GGUFWriter(path + ".tmp", arch)
     writer.add_name(os.path.basename(os.path.normpath(model_dir)))
     writer.add_file_type(getattr(gguf.LlamaFileType, OUTTYPES[outtype]))
     add_hyperparameters(writer, model.config, arch)
+    for method, value in rope_keys.items():
+        getattr(writer, method)(value)
     add_tokenizer(writer, tokenizer, model.config.vocab_size)
-    for name, w in gguf_tensors(model):
+    for name, w in [*gguf_tensors(model), *rope_tensors.items()]:
         data, kind = w.numpy(), qtype
         if data.ndim == 1 or data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
             kind = gguf.GGMLQuantizationType.F32 if data.ndim == 1 else gguf.GGMLQuantizationType.F16  # q8_0 blocks: 32

@@ -1,6 +1,7 @@
 """
-The transformer: GQA or MLA attention, RoPE, RMSNorm, SwiGLU, a preallocated KV cache with per-row
-positions, and loading/saving Hugging Face style directories (config.json + model.safetensors).
+The transformer: GQA or MLA attention, RoPE (rope.py: its tables and published scalings), RMSNorm, SwiGLU, a
+preallocated KV cache with per-row positions, and loading/saving Hugging Face style directories (config.json +
+model.safetensors).
 
 Parameter names are Hugging Face's (model.layers.0.self_attn.q_proj.weight, ...), so a Llama, Qwen2,
 Qwen3 or DeepseekV3 checkpoint loads without renaming, and ours load in transformers.
@@ -13,6 +14,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from rope import ROPE_SCALINGS, apply_rope, mla_softmax_scale, rope_scaling_problems, rope_tables
 
 # -----------------------------------------------------------------------------
 # config
@@ -29,6 +32,7 @@ class ModelConfig:
     dim_ffn: int = 1536  # SwiGLU hidden size
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # None, or a published scaling as HF writes it (rope.py's ROPE_SCALINGS)
     max_len: int = 2048  # longest sequence: RoPE tables and the default KV cache size
     tie_weight: bool = True  # output head shares the token embedding
     attention_bias: bool = False  # biases on q/k/v (Qwen2)
@@ -55,6 +59,7 @@ class ModelConfig:
             problems.append(f"the RoPE dimension {rope_dim} must be even")
         if self.attn == "mla" and (self.attention_bias or self.use_qk_norm or self.use_gated_attention):
             problems.append("attention_bias, use_qk_norm and use_gated_attention apply to attn='gqa' only")
+        problems += rope_scaling_problems(self.rope_scaling)
         if problems:
             raise ValueError("ModelConfig: " + "; ".join(problems))
 
@@ -90,13 +95,6 @@ class RMSNorm(nn.Module):
         if x.dtype == torch.float32:  # no casts: a decode step is ~200 tiny ops, each costing microseconds
             return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-
-
-def apply_rope(x, cos, sin):
-    """Hugging Face's rotate_half convention, x * cos + cat(-x2, x1) * sin, as x * cos + roll(x) * sin with
-    the sign folded into sin's first half (init_rope): 3 kernels instead of 6. x (B, nh, T, d);
-    cos/sin (T, d) or (B, 1, T, d)."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
 class MLP(nn.Module):
@@ -171,7 +169,7 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.norm_eps)
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, c.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(c.n_heads * self.v_dim, c.dim, bias=False)
-        self.scale = (self.nope_dim + self.rope_dim) ** -0.5
+        self.scale = mla_softmax_scale(c)
 
     def forward(self, x, cos, sin, index=None, kv=None):
         B, T, _ = x.shape
@@ -447,12 +445,9 @@ class Transformer(nn.Module):
     def init_rope(self, device=None):
         c = self.config
         rope_dim = c.qk_rope_head_dim if c.attn == "mla" else c.head_dim
-        exponents = torch.arange(0, rope_dim, 2, dtype=torch.int64, device=device).float() / rope_dim
-        inv_freq = 1.0 / (c.rope_theta ** exponents)
-        freqs = torch.outer(torch.arange(c.max_len, device=device).float(), inv_freq)
-        self.register_buffer("rope_cos", torch.cat([freqs.cos(), freqs.cos()], dim=-1), persistent=False)
-        # the sign of rotate_half folded into sin's first half: see apply_rope
-        self.register_buffer("rope_sin", torch.cat([-freqs.sin(), freqs.sin()], dim=-1), persistent=False)
+        cos, sin = rope_tables(c, rope_dim, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, input_ids, cache=None, rows=None, input_lengths=None, last_only=False, targets=None,
                 temperature=1.0, label_smoothing=None):
@@ -634,7 +629,7 @@ def config_to_hf(c, dtype="float32", token_ids=None):
         "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
         "head_dim": c.head_dim, "hidden_act": "silu", "max_position_embeddings": c.max_len,
         "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta, **(c.rope_scaling or {})},
         "tie_word_embeddings": c.tie_weight, "attention_bias": False, "dtype": dtype,
         "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **(token_ids or {}),
     }
@@ -675,8 +670,10 @@ def config_from_hf(hf, where):
             raise ValueError(f"{where}: {model_type} with {what} is not supported")
 
     need(hf.get("hidden_act", "silu") == "silu", f"hidden_act={hf.get('hidden_act')!r} (only silu)")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    need(rope.get("rope_type", rope.get("type", "default")) == "default", f"RoPE scaling {rope}")
+    rope, rope_scaling = rope_from_hf(hf)
+    need(rope.get("rope_type") in ("default", *ROPE_SCALINGS), f"RoPE scaling type {rope.get('rope_type')!r} "
+         f"in {rope} (supported: default, {', '.join(ROPE_SCALINGS)})")
+    need(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) == 1.0, "partial_rotary_factor")
     need(not hf.get("mlp_bias"), "mlp_bias")
     need(not hf.get("use_sliding_window"), "sliding window attention")
     n_heads = hf["num_attention_heads"]
@@ -685,7 +682,7 @@ def config_from_hf(hf, where):
         n_kv_heads=hf.get("num_key_value_heads") or n_heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
         dim_ffn=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), rope_scaling=rope_scaling,
         max_len=hf.get("max_position_embeddings", 2048), tie_weight=bool(hf.get("tie_word_embeddings", False)),
     )
     if model_type == "llama":
@@ -707,8 +704,25 @@ def config_from_hf(hf, where):
         c.update(attn="mla", n_kv_heads=n_heads, head_dim=0, q_lora_rank=hf.get("q_lora_rank") or 0,
                  kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
                  qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"])
-        return ModelConfig(**c), bool(hf.get("rope_interleave", True))
-    return ModelConfig(**c), False
+    try:
+        return ModelConfig(**c), model_type == "deepseek_v3" and bool(hf.get("rope_interleave", True))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def rope_from_hf(hf):
+    """config.json's RoPE dict, and the rope_scaling it gives ModelConfig (None unscaled), read as transformers reads
+    it: rope_scaling before rope_parameters, "type" for "rope_type", a missing original_max_position_embeddings
+    from the top level or max_position_embeddings (its standardize_rope_params)."""
+    rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
+    if rope["rope_type"] not in ROPE_SCALINGS:
+        return rope, None
+    scaling = {k: v for k, v in rope.items() if k not in ("type", "rope_theta", "partial_rotary_factor")}
+    if rope["rope_type"] in ("llama3", "yarn"):
+        original = hf.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
+        scaling["original_max_position_embeddings"] = original or hf.get("max_position_embeddings", 2048)
+    return rope, scaling
 
 
 def deinterleave_rope_weights(state, c):

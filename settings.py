@@ -5,9 +5,12 @@ then config files (plain Python assignments, in the order given), then `--key=va
     cfg = load_settings(DEFAULTS, sys.argv[1:])    # cfg.lr, cfg.max_iters, ...
 
 One type rule: a value takes its default's type. A config file may give an int where the default is a float;
-the command line converts text (true/false/1/0/yes/no for booleans, a bare --flag is true). An unknown key or a
-value of the wrong type is an error naming the key, the value and the file it came from.
+the command line converts text (true/false/1/0/yes/no for booleans, a bare --flag is true). A None default is
+an optional table (ModelConfig.rope_scaling): None or a dict, given on the command line as JSON; its owner checks
+what is in it. An unknown key or a value of the wrong type is an error naming the key, the value and the file it
+came from.
 """
+import json
 import os
 import types
 
@@ -41,6 +44,11 @@ def from_text(key, text, default, where):
     """A command-line value converted to the default's type."""
     kind = type(default)
     words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if default is None:
+        try:
+            return typed(key, json.loads(text), default, where)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{where}: --{key}={text!r}: expected JSON, null or an object ({e})") from None
     try:
         return words[text.lower()] if kind is bool else kind(text)
     except (KeyError, ValueError):
@@ -53,8 +61,11 @@ def typed(key, value, default, where):
     kind = type(default)
     if kind is float and type(value) is int:
         value = float(value)
+    if default is None and (value is None or type(value) is dict):
+        return value
     if type(value) is not kind:
-        raise SystemExit(f"{where}: {key} = {value!r} should be a {kind.__name__} (default {default!r})")
+        expected = "None or a dict" if default is None else f"a {kind.__name__}"
+        raise SystemExit(f"{where}: {key} = {value!r} should be {expected} (default {default!r})")
     return value
 
 

@@ -1,5 +1,6 @@
 # export.py: the GGUF file read back with gguf's own reader, and run by llama.cpp's server (tokenization and greedy
 # continuations equal ours) for each architecture it maps to. Tiny models and tokenizers made here.
+import dataclasses
 import json
 import os
 import socket
@@ -35,11 +36,11 @@ SHAPES = {  # ModelConfig fields of each architecture llama.cpp gets
 }
 
 
-def make_model_dir(path, shape, tokenizer, vocab_size=None):
+def make_model_dir(path, shape, tokenizer, vocab_size=None, rope_scaling=None):
     """A MODELDIR of a random tiny model; its vocab padded past the tokenizer's, as a model's may be."""
     tokenizer.save(str(path))
     config = ModelConfig(vocab_size=vocab_size or tokenizer.vocab_size + 13, dim=64, n_layers=2, n_heads=4,
-                         dim_ffn=128, max_len=256, **SHAPES[shape])
+                         dim_ffn=128, max_len=256, rope_scaling=rope_scaling, **SHAPES[shape])
     torch.manual_seed(0)
     model = randomize(Transformer(config), seed=len(shape))
     model.save_pretrained(str(path), token_ids=tokenizer.token_ids())
@@ -161,6 +162,77 @@ def test_cli_and_what_cannot_be_exported(ours, tmp_path):
     assert not os.path.exists(tmp_path / "d.gguf")
 
 
+# ----------------------------------------------------------------------------- RoPE scaling
+
+ORIGINAL = 16  # original_max_position_embeddings: the prompts of the llama.cpp check below run past it
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 2 * ORIGINAL}  # head_dim 16: wavelengths kept, ramped and scaled
+LINEAR = {"rope_type": "linear", "factor": 4.0}
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL}
+YARN_DEEPSEEK = {**YARN, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}  # V3's keys
+ROPE_EXPORTS = [  # (shape, rope_scaling, the {arch}.rope.scaling.* keys convert_hf_to_gguf.py writes for it)
+    ("llama", LLAMA3, {}),  # the rope_freqs tensor instead
+    ("llama", LINEAR, {"type": "linear", "factor": 4.0}),
+    ("qwen3", YARN, {"type": "yarn", "factor": 4.0, "original_context_length": ORIGINAL}),
+    ("qwen2", {**YARN, "beta_fast": 32.0, "beta_slow": 1.0}, {"type": "yarn", "factor": 4.0,
+     "original_context_length": ORIGINAL, "yarn_beta_fast": 32.0, "yarn_beta_slow": 1.0}),
+    ("deepseek2", YARN_DEEPSEEK, {"type": "yarn", "factor": 4.0, "original_context_length": ORIGINAL,
+     "yarn_beta_fast": 32.0, "yarn_beta_slow": 1.0, "yarn_log_multiplier": 0.1}),
+]
+
+
+def llama3_rope_factors(theta, dim, factor, low_freq_factor, high_freq_factor, old_context_len):
+    """rope_freqs as llama.cpp's converter computes it (conversion/llama.py, generate_extra_tensors)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    low_freq_wavelen, high_freq_wavelen = old_context_len / low_freq_factor, old_context_len / high_freq_factor
+    factors = []
+    for freq in freqs.tolist():
+        wavelen = 2 * np.pi / freq
+        if wavelen < high_freq_wavelen:
+            factors.append(1)
+        elif wavelen > low_freq_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+@pytest.mark.parametrize("shape,rope,written", ROPE_EXPORTS)
+def test_rope_scaling_metadata(shape, rope, written, ours, tmp_path):
+    model_dir, model = make_model_dir(tmp_path / "model", shape, ours, rope_scaling=rope)
+    export.export(model_dir, str(tmp_path / "m.gguf"), "f16")
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    prefix = f"{shape}.rope.scaling."
+    got = {k.removeprefix(prefix): f.contents() for k, f in reader.fields.items() if k.startswith(prefix)}
+    assert got == pytest.approx(written, rel=1e-6)
+    tensors = {t.name: t for t in reader.tensors}
+    if rope["rope_type"] == "llama3":
+        factors = tensors["rope_freqs.weight"]
+        assert factors.tensor_type == gguf.GGMLQuantizationType.F32
+        want = llama3_rope_factors(10000.0, model.config.head_dim, 8.0, 1.0, 4.0, 2 * ORIGINAL)
+        assert np.allclose(factors.data, want, rtol=1e-6)
+        assert want[0] == 1 and 1 < want[1] < 8 and want[-1] == 8  # each of llama3's three kinds of wavelength
+    else:
+        assert "rope_freqs.weight" not in tensors
+
+
+def test_rope_scaling_llamacpp_cannot_run(ours, tmp_path):
+    for shape, rope, error in [
+        ("qwen2", LLAMA3, "llama3 on qwen2: llama.cpp reads its factors"),
+        ("deepseek2", LINEAR, r"linear on deepseek2: .* \(1 \+ 0.1 ln factor\)\^2"),
+        ("qwen3", {**YARN, "beta_fast": 8.0}, "yarn beta_fast=8.0: llama.cpp's qwen3 runs YaRN with 32"),
+        ("llama", {**YARN, "truncate": False}, "yarn truncate=False"),
+        ("llama", {**YARN, "attention_factor": 1.25},
+         "transformers scales cos/sin by 1.25 .* llama.cpp would by 1.13863"),
+        ("deepseek2", YARN, "attention logits by 1, llama.cpp would by 1.13863 and 1.29648"),
+    ]:
+        model_dir, _ = make_model_dir(tmp_path / shape, shape, ours, rope_scaling=rope)
+        with pytest.raises(ValueError, match=error):
+            export.export(model_dir, str(tmp_path / "r.gguf"))
+        assert not os.path.exists(tmp_path / "r.gguf") and not os.path.exists(tmp_path / "r.gguf.tmp")
+
+
 # ----------------------------------------------------------------------------- llama.cpp runs the file
 
 def free_port():
@@ -249,3 +321,26 @@ def test_llamacpp_tokenizes_and_generates_like_us(shape, family, ours, tmp_path)
             new = generate(model, [ids], 24, temperature=0.0, stop_ids=tokenizer.stop_ids)[0]
             stopped = new[-1] in tokenizer.stop_ids  # llama.cpp stops at the same tokens
             assert (theirs["tokens"], theirs["stop_type"]) == (new, "eos" if stopped else "limit"), prompt
+
+
+@pytest.mark.skipif(not os.path.isfile(SERVER), reason=f"llama.cpp is not built ({SERVER} missing)")
+@pytest.mark.parametrize("shape,rope", [(shape, rope) for shape, rope, _ in ROPE_EXPORTS])
+def test_llamacpp_generates_like_us_with_rope_scaling(shape, rope, ours, tmp_path):
+    """Greedy continuations of up to 40 tokens, past original_max_position_embeddings, equal ours; the same weights
+    unscaled continue differently somewhere, so the scaling is what is compared."""
+    model_dir, model = make_model_dir(tmp_path / "model", shape, ours, rope_scaling=rope)
+    export.export(model_dir, str(tmp_path / "m.gguf"), "f32")
+    plain = Transformer(dataclasses.replace(model.config, rope_scaling=None)).eval()
+    plain.load_state_dict(model.state_dict())
+    longest, unscaled_differs = 0, False
+    with llama_server(str(tmp_path / "m.gguf"), str(tmp_path / "server.log")) as port:
+        for prompt in BILINGUAL[:4]:
+            ids = ours.encode(prompt)[:8]
+            theirs = post(port, "/completion", {"prompt": ids, "n_predict": 40, "temperature": 0, "top_k": 1,
+                                                "samplers": ["top_k"], "cache_prompt": False, "return_tokens": True})
+            new = generate(model, [ids], 40, temperature=0.0, stop_ids=ours.stop_ids)[0]
+            stopped = new[-1] in ours.stop_ids
+            assert (theirs["tokens"], theirs["stop_type"]) == (new, "eos" if stopped else "limit"), prompt
+            longest = max(longest, len(ids) + len(new))
+            unscaled_differs |= new != generate(plain, [ids], 40, temperature=0.0, stop_ids=ours.stop_ids)[0]
+    assert longest > 2 * ORIGINAL and unscaled_differs

@@ -1,4 +1,5 @@
 """model.py against Hugging Face transformers: logits both ways, the KV cache, presets, bad input."""
+import dataclasses
 import json
 import os
 
@@ -258,3 +259,121 @@ def test_from_pretrained_errors(tmp_path):
         Transformer.from_pretrained(d)
     with pytest.raises(ValueError, match="unknown model config keys.*'dimm'"):
         ModelConfig.from_dict({"dimm": 3})
+
+
+# -----------------------------------------------------------------------------
+# RoPE scaling as published: 48 tokens in a model of 64 positions whose RoPE was trained on 16
+
+ORIGINAL = 16
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": ORIGINAL}
+LINEAR = {"rope_type": "linear", "factor": 4.0}
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL}
+YARN_TUNED = {**YARN, "factor": 3.0, "beta_fast": 8.0, "beta_slow": 2.0, "truncate": False, "attention_factor": 1.25}
+YARN_DEEPSEEK = {**YARN, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}  # V3's keys
+YARN_MSCALES = {**YARN, "mscale": 0.9, "mscale_all_dim": 0.7}  # cos/sin by 0.9's mscale / 0.7's; softmax by 0.7's^2
+SCALINGS = [  # (family, rope parameters, written the old way: "rope_scaling" with "type", rope_theta beside it)
+    ("llama", LLAMA3, False), ("llama", LLAMA3, True), ("llama", LINEAR, False), ("llama", LINEAR, True),
+    ("qwen2", YARN, False), ("qwen3", YARN, True), ("qwen3", YARN_TUNED, False),
+    ("deepseek_v3", YARN_DEEPSEEK, True), ("deepseek_v3", YARN_MSCALES, False),
+]
+
+
+def unscaled_logits(model, x):
+    plain = Transformer(dataclasses.replace(model.config, rope_scaling=None)).eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        return plain(x)
+
+
+@pytest.mark.parametrize("family,rope,legacy", SCALINGS)
+def test_rope_scaling_hf_to_ours(tmp_path, family, rope, legacy):
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config(family, rope_parameters=dict(rope)),
+                                                       attn_implementation="eager").eval()
+    randomize(hf)
+    hf.save_pretrained(tmp_path)
+    if legacy:  # as Llama 3.1's or DeepSeek-V3's config.json: transformers must read it as we do
+        config = json.load(open(tmp_path / "config.json"))
+        parameters = config.pop("rope_parameters")
+        config["rope_theta"] = parameters.pop("rope_theta")
+        config["rope_scaling"] = {"type" if family == "deepseek_v3" else "rope_type": parameters.pop("rope_type"),
+                                  **parameters}
+        json.dump(config, open(tmp_path / "config.json", "w"))
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    ours = Transformer.from_pretrained(tmp_path).eval()
+    assert ours.config.rope_scaling == rope
+    x = batch(97, B=2, T=48)
+    with torch.no_grad():
+        ref, got = hf(x).logits, ours(x)
+    assert (got - ref).abs().max().item() < TOL
+    assert (unscaled_logits(ours, x) - ref).abs().max().item() > 0.05  # the scaling shows: this test can fail
+
+
+OURS_SCALED = [("llama", LLAMA3), ("llama_tied", LINEAR), ("qwen2", YARN), ("qwen3", YARN_TUNED),
+               ("deepseek_v3", YARN_DEEPSEEK), ("deepseek_v3_q_lora", YARN_MSCALES)]
+
+
+@pytest.mark.parametrize("name,rope", OURS_SCALED)
+def test_rope_scaling_ours_to_hf(tmp_path, name, rope):
+    ours = randomize(Transformer(tiny(**OUR_CONFIGS[name], rope_scaling=rope))).eval()
+    ours.save_pretrained(tmp_path)
+    config = json.load(open(tmp_path / "config.json"))
+    assert config["rope_parameters"] == {**rope, "rope_theta": 10000.0}
+    del config["astrai"]  # read back from what transformers reads
+    json.dump(config, open(tmp_path / "config.json", "w"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    x = batch(97, B=2, T=48)
+    with torch.no_grad():
+        ref = hf(x).logits
+        assert (ours(x) - ref).abs().max().item() < TOL
+    assert (unscaled_logits(ours, x) - ref).abs().max().item() > 0.05
+    assert Transformer.from_pretrained(tmp_path).config.rope_scaling == rope
+
+
+@pytest.mark.parametrize("name,rope", [("llama", LLAMA3), ("qwen3", YARN_TUNED), ("deepseek_v3", YARN_MSCALES)])
+def test_rope_scaling_cached_decode(name, rope):
+    """Prefill 5 tokens, then decode one at a time past original_max_position_embeddings: the full forward's logits."""
+    model = randomize(Transformer(tiny(**OUR_CONFIGS[name], rope_scaling=rope))).eval()
+    x = batch(97, B=2, T=40)
+    cache = KVCache(model.config, batch_size=2)
+    with torch.no_grad():
+        full = model(x)
+        got = [model(x[:, :5], cache=cache)] + [model(x[:, t : t + 1], cache=cache) for t in range(5, 40)]
+    assert (torch.cat(got, dim=1) - full).abs().max().item() < TOL
+
+
+def test_rope_scaling_refused(tmp_path):
+    for scaling, error in [
+        ({"rope_type": "dynamic", "factor": 2.0}, "rope_type='dynamic' is not supported"),
+        ({"type": "linear", "factor": 2.0}, "rope_type=None is not supported"),
+        ("yarn", "rope_scaling='yarn'"),
+        ({**LLAMA3, "beta_fast": 32}, r"rope_scaling \(llama3\) has unknown keys \['beta_fast'\]"),
+        ({"rope_type": "yarn", "factor": 4.0}, r"lacks \['original_max_position_embeddings'\]"),
+        ({**YARN, "factor": "4", "truncate": None}, r"factor='4', truncate=None"),
+    ]:
+        with pytest.raises(ValueError, match=error):
+            tiny(rope_scaling=scaling)
+    config = hf_config("llama").to_dict()
+    for kind, rope in [("longrope", {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}),
+                       ("dynamic", {"type": "dynamic", "factor": 2.0})]:
+        config["rope_parameters"] = rope
+        json.dump(config, open(tmp_path / "config.json", "w"))
+        with pytest.raises(ValueError, match=rf"config\.json: llama with RoPE scaling type '{kind}'"):
+            Transformer.from_pretrained(tmp_path)
+    config["rope_parameters"] = {**LLAMA3, "factor": None}
+    json.dump(config, open(tmp_path / "config.json", "w"))
+    with pytest.raises(ValueError, match=r"config\.json: ModelConfig: rope_scaling \(llama3\): factor=None"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_rope_scaling_in_presets(tmp_path):
+    """A preset file and the command line give rope_scaling as a dict (JSON on the command line)."""
+    preset = tmp_path / "long.py"
+    preset.write_text(f"dim = 64\nn_heads = 4\nn_kv_heads = 4\nrope_scaling = {LLAMA3!r}\n")
+    assert ModelConfig.from_file(str(preset)).rope_scaling == LLAMA3
+    override = ModelConfig.from_file(str(preset), ['--rope_scaling={"rope_type": "linear", "factor": 4.0}'])
+    assert override.rope_scaling == LINEAR
+    assert ModelConfig.from_file(str(preset), ["--rope_scaling=null"]).rope_scaling is None
+    with pytest.raises(SystemExit, match="rope_scaling = 'linear' should be None or a dict"):
+        preset.write_text("rope_scaling = 'linear'\n")
+        ModelConfig.from_file(str(preset))
