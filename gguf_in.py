@@ -17,10 +17,12 @@ control tokens as special added tokens, user-defined ones as plain added tokens,
 import functools
 import math
 import os
+import types
 
 import numpy as np
 import torch
 
+from rope import rope_frequencies
 from tokenizer import DEEPSEEK3_SPLIT_PATTERNS, LLAMA3_SPLIT_PATTERN, SPLIT_PATTERN, Tokenizer
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
@@ -108,37 +110,32 @@ def rope_scaling(metadata, arch, rope_freqs, head_dim, theta):
 
 
 def llama3_scaling(divisors, head_dim, theta):
-    """Llama 3's factor, low/high_freq_factor and original context from the divisors of each inverse frequency:
+    """Llama 3's factor, low/high_freq_factor and original context from the divisor of each inverse frequency:
     the factor where wavelengths are long, 1 where short, 1 / ((1 - s) / factor + s) between, s linear in
-    1 / wavelength (low_freq_factor is taken as 1, as every Llama 3 has it; only ratios to it are defined)."""
+    1 / wavelength (low_freq_factor is taken as 1, as every Llama 3 has it: only ratios to it are defined). The
+    numbers are then checked to give back every divisor under rope.py's rule."""
     wavelen = 2 * math.pi * theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     factor = float(divisors.max())
-    between = ((divisors - 1).abs() > 1e-6) & ((divisors - factor).abs() > 1e-6)
-    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    short, long = (divisors - 1).abs() <= 1e-6, (divisors - factor).abs() <= 1e-6
+    between = ~short & ~long
+    if factor <= 1 + 1e-6:
+        return None  # every divisor 1: no scaling
+    scaling = {"rope_type": "llama3", "factor": _float(factor), "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
-    if between.sum() >= 2:  # s = original / ((high - 1) * wavelen) - 1 / (high - 1): two unknowns, a line fit
+    if between.sum() >= 2:  # s = original / ((high - 1) wavelen) - 1 / (high - 1): a line in 1 / wavelen
         s = (1 / divisors[between] - 1 / factor) / (1 - 1 / factor)
         slope, intercept = np.polyfit((1 / wavelen[between]).numpy(), s.numpy(), 1)
         high = 1 - 1 / intercept
-        scaling.update(high_freq_factor=float(high), original_max_position_embeddings=round(slope * (high - 1)))
-    elif factor > 1:  # no wavelength between: an original context just under the shortest long wavelength will do
-        short, long = wavelen[(divisors - 1).abs() <= 1e-6], wavelen[(divisors - factor).abs() <= 1e-6]
-        original = math.ceil(float(long.min())) - 1
-        high = (original / float(short.max()) + 1) / 2 if len(short) else 4.0  # any 1 < high < original / short
+        scaling.update(high_freq_factor=_float(high), original_max_position_embeddings=round(slope * (high - 1)))
+    elif not between.any():  # any original context just under the shortest long wavelength will do
+        original = math.ceil(float(wavelen[long].min())) - 1
+        high = (original / float(wavelen[short].max()) + 1) / 2 if short.any() else 4.0  # 1 < high < original/short
         scaling.update(high_freq_factor=high, original_max_position_embeddings=original)
-    else:
-        return None  # every divisor 1: no scaling
-    if not torch.allclose(llama3_divisors(scaling, wavelen), divisors, rtol=1e-5, atol=1e-6):
+    rule = types.SimpleNamespace(rope_theta=theta, rope_scaling=scaling)
+    unscaled = rope_frequencies(types.SimpleNamespace(rope_theta=theta, rope_scaling=None), head_dim)[0]
+    if not torch.allclose(unscaled / rope_frequencies(rule, head_dim)[0], divisors.float(), rtol=1e-5, atol=1e-6):
         raise ValueError("rope_freqs.weight does not follow Llama 3's RoPE scaling rule; no other is supported")
     return scaling
-
-
-def llama3_divisors(s, wavelen):
-    """What llama.cpp's converter writes to rope_freqs.weight for Llama 3's scaling (and transformers computes)."""
-    low, high, original = s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
-    smooth = ((original / wavelen - low) / (high - low)).clamp(0, 1)
-    between = 1 / ((1 - smooth) / s["factor"] + smooth)
-    return torch.where(wavelen < original / high, 1.0, torch.where(wavelen > original / low, s["factor"], between))
 
 
 def model_config(metadata, tensors, path):

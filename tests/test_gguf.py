@@ -1,6 +1,7 @@
 # gguf_in.py against transformers' GGUF loader and the `tokenizers` library: files made by llama.cpp's own converter
 # (convert_hf_to_gguf.py) and llama-quantize in every tensor type it reads, this project's exports read back, and
 # files that are wrong in each way a download can be (truncated, corrupt, another architecture or tensor type).
+import dataclasses
 import json
 import os
 import shutil
@@ -204,6 +205,55 @@ def test_our_export_reads_back(shape, outtype, tmp_path):
     read = Tokenizer.load(str(tmp_path / "m.gguf"))
     for text in texts(100, seed=3):
         assert read.encode_with_special(text) == tokenizer.encode_with_special(text)
+
+
+SCALINGS = [  # (architecture, rope_scaling) as published models set them, original context 16 of 64
+    ("llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}),
+    ("llama", {"rope_type": "linear", "factor": 4.0}),
+    ("qwen3", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
+    ("qwen2", {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16}),
+]
+
+
+@pytest.mark.parametrize("shape, scaling", SCALINGS)
+def test_scaled_rope_reads_back(shape, scaling, tmp_path):
+    from test_export import SHAPES
+
+    tokenizer = Tokenizer(json.loads(train(pre.Sequence([split(tk.SPLIT_PATTERN), BYTE_LEVEL]), vocab_size=300)
+                                     .to_str()))
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, dim=128, n_layers=2, n_heads=2, dim_ffn=128, max_len=64,
+                         rope_theta=500.0, rope_scaling=scaling, **SHAPES[shape])  # head_dim 64: 32 frequencies
+    torch.manual_seed(0)
+    model = randomize(Transformer(config)).eval()
+    model.save_pretrained(str(tmp_path / "model"))
+    tokenizer.save(str(tmp_path / "model"))
+    export.export(str(tmp_path / "model"), str(tmp_path / "m.gguf"), "f32")
+    back = Transformer.from_pretrained(str(tmp_path / "m.gguf")).eval()
+    assert back.config.rope_scaling["rope_type"] == scaling["rope_type"]
+    x = torch.randint(0, config.vocab_size, (1, 60), generator=torch.Generator().manual_seed(0))
+    unscaled = Transformer.from_state_dict(dataclasses.replace(config, rope_scaling=None), model.state_dict(), "x")
+    with torch.no_grad():
+        got, want = back(x), model(x)
+        assert (unscaled.eval()(x) - want).abs().max() > 0.05  # the scaling matters at these positions
+    assert (got - want).abs().max().item() < 1e-4
+
+
+@needs_converter
+def test_converter_llama3_and_yarn_files(tmp_path):
+    """llama.cpp's converter writes Llama 3's scaling as rope_freqs.weight and YaRN as metadata; transformers' GGUF
+    loader reads neither, so the reference is transformers on the directory the file was made from."""
+    for family, rope in [("llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+                         ("qwen3", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})]:
+        model_dir = hf_model_dir(tmp_path / family, family)
+        config = json.loads((model_dir / "config.json").read_text())
+        config["rope_parameters"] = {**rope, "rope_theta": 10000.0}
+        (model_dir / "config.json").write_text(json.dumps(config))
+        path = convert(model_dir, tmp_path / f"{family}.gguf", family)
+        original = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        ours = assert_same_logits(path, original)
+        assert ours.config.rope_scaling["rope_type"] == rope["rope_type"]
 
 
 # ----------------------------------------------------------------------------- what is refused, and how
