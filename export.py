@@ -1,8 +1,10 @@
 """
 GGUF export: a MODELDIR (ours, or a Hugging Face Llama / Qwen2 / Qwen3 / DeepseekV3-dense one) as one GGUF file
-for llama.cpp and Ollama, written with llama.cpp's own Python writer (`pip install gguf`, needed by this file only).
+for llama.cpp and Ollama, written with llama.cpp's own Python writer (`pip install gguf`); and any model this project
+loads (a .gguf file included) as a Hugging Face MODELDIR that transformers loads.
 
     python export.py --model=out/demo/final --gguf=demo.gguf [--outtype=f32|f16|bf16|q8_0]
+    python export.py --model=smollm2-135m-q4_k_m.gguf --hf_dir=smollm2 [--outtype=f32|f16|bf16]
 
 What goes in: llama.cpp's architecture for the model (llama: GQA; qwen2: q/k/v biases; qwen3: qk-norm;
 deepseek2: MLA with every layer dense) and its sizes; every weight under llama.cpp's name, in its layout; the
@@ -15,6 +17,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import shutil
 import sys
 
 import torch
@@ -26,7 +29,8 @@ from tokenizer import KNOWN_SPLITS, Tokenizer
 
 DEFAULTS = {
     "model": "",  # MODELDIR: config.json + model.safetensors + tokenizer.json (+ tokenizer_config.json)
-    "gguf": "",  # the file to write
+    "gguf": "",  # the GGUF file to write
+    "hf_dir": "",  # or the Hugging Face MODELDIR to write: config.json, model.safetensors, tokenizer files
     "outtype": "f16",  # f32 | f16 | bf16 | q8_0: the 2-D weights; norms and biases stay f32, as llama.cpp expects
 }
 OUTTYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
@@ -243,15 +247,40 @@ def export(model_dir, path, outtype="f16"):
     return arch
 
 
+def export_hf(model_path, directory, outtype="bf16"):
+    """Write a MODELDIR or .gguf file as a Hugging Face MODELDIR in outtype's dtype (via directory.tmp, renamed when
+    complete); its config.json lists every stop id (a .gguf file's eot and eom too)."""
+    from sample import stop_ids_for
+
+    dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}.get(outtype)
+    if dtype is None:
+        raise ValueError(f"--outtype={outtype!r}: a Hugging Face directory takes f32, f16 or bf16")
+    if os.path.exists(directory) and os.listdir(directory):
+        raise ValueError(f"--hf_dir={directory}: exists and is not empty; nothing is overwritten")
+    model, tokenizer = Transformer.from_pretrained(model_path, dtype=dtype), Tokenizer.load(model_path)
+    token_ids = tokenizer.token_ids() | {"eos_token_id": stop_ids_for(model_path, tokenizer)}
+    tmp = os.path.normpath(directory) + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # what a killed run left
+    model.save_pretrained(tmp, token_ids=token_ids)
+    tokenizer.save(tmp)
+    os.replace(tmp, directory)
+
+
 if __name__ == "__main__":
     cfg = load_settings(DEFAULTS, sys.argv[1:], where="export.py")
-    if not cfg.model or not cfg.gguf:
-        raise SystemExit("export.py: --model=MODELDIR and --gguf=FILE are both needed")
-    if importlib.util.find_spec("gguf") is None:
-        raise SystemExit("export.py needs llama.cpp's writer: pip install gguf")
+    if not cfg.model or bool(cfg.gguf) == bool(cfg.hf_dir):
+        raise SystemExit("export.py: --model=MODELDIR|FILE.gguf and one of --gguf=FILE or --hf_dir=DIR are needed")
+    if importlib.util.find_spec("gguf") is None and (cfg.gguf or cfg.model.endswith(".gguf")):
+        raise SystemExit("export.py needs llama.cpp's reader and writer: pip install gguf")
     try:
-        arch = export(cfg.model, cfg.gguf, cfg.outtype)
+        if cfg.hf_dir:
+            export_hf(cfg.model, cfg.hf_dir, cfg.outtype)
+        else:
+            arch = export(cfg.model, cfg.gguf, cfg.outtype)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"export.py: {e}") from None
-    print(f"wrote {cfg.gguf} ({arch}, {cfg.outtype}, {os.path.getsize(cfg.gguf) / 2**20:.1f} MiB): "
-          f"llama-server -m {cfg.gguf}")
+    if cfg.hf_dir:
+        print(f"wrote {cfg.hf_dir} ({cfg.outtype}): python sample.py --model={cfg.hf_dir} --chat")
+    else:
+        print(f"wrote {cfg.gguf} ({arch}, {cfg.outtype}, {os.path.getsize(cfg.gguf) / 2**20:.1f} MiB): "
+              f"llama-server -m {cfg.gguf}")

@@ -49,7 +49,7 @@ DEEPSEEK3_SPLIT_PATTERNS = (r"\p{N}{1,3}", "[一-龥\u3040-ゟ゠-ヿ]+",
                             r"""| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 # the split regexes of the families, as llama.cpp names them (GGUF's tokenizer.ggml.pre); each matches every character
 KNOWN_SPLITS = {(GPT2_SPLIT_PATTERN,): "gpt-2", (LLAMA3_SPLIT_PATTERN,): "llama-bpe", (SPLIT_PATTERN,): "qwen2",
-                DEEPSEEK3_SPLIT_PATTERNS: "deepseek-v3"}
+                DEEPSEEK3_SPLIT_PATTERNS: "deepseek-v3", (r"\p{N}", GPT2_SPLIT_PATTERN): "smollm"}  # digits, GPT-2
 CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
                  "'<|im_end|>' + '\\n' }}{% endfor %}"
                  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")

@@ -287,7 +287,8 @@ def family_tokenizer(family):
     from tokenizers import pre_tokenizers as pre
 
     shape = {"llama-bpe": [split(tk.LLAMA3_SPLIT_PATTERN), BYTE_LEVEL], "deepseek-v3": [
-        *map(split, tk.DEEPSEEK3_SPLIT_PATTERNS), BYTE_LEVEL], "gpt-2": [pre.ByteLevel(add_prefix_space=False)]}[family]
+        *map(split, tk.DEEPSEEK3_SPLIT_PATTERNS), BYTE_LEVEL], "gpt-2": [pre.ByteLevel(add_prefix_space=False)],
+        "smollm": [pre.Digits(individual_digits=True), pre.ByteLevel(add_prefix_space=False)]}[family]
     return Tokenizer(json.loads(train(pre.Sequence(shape), vocab_size=500).to_str()))
 
 
@@ -301,7 +302,7 @@ BILINGUAL = [
 @pytest.mark.skipif(not os.path.isfile(SERVER), reason=f"llama.cpp is not built ({SERVER} missing): build it with "
                     "../shared/tools/build-llamacpp (about 10 minutes) or set LLAMACPP_DIR to a built llama.cpp")
 @pytest.mark.parametrize("shape, family", [("llama", "qwen2"), ("qwen3", "llama-bpe"), ("deepseek2", "deepseek-v3"),
-                                           ("qwen2", "gpt-2"), ("deepseek2-q-lora", "qwen2")])
+                                           ("qwen2", "gpt-2"), ("deepseek2-q-lora", "qwen2"), ("llama", "smollm")])
 def test_llamacpp_tokenizes_and_generates_like_us(shape, family, ours, tmp_path):
     tokenizer = ours if family == "qwen2" else family_tokenizer(family)
     model_dir, model = make_model_dir(tmp_path / "model", shape, tokenizer)
