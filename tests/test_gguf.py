@@ -75,8 +75,9 @@ def hf_model_dir(path, family):
     return path
 
 
-def convert(model_dir, out, family, outtype="f32"):
-    env = {**os.environ, "LLAMACPP_DIR": LLAMACPP, "GGUF_PRE": FAMILIES[family][1]}
+def convert(model_dir, out, pre_name, outtype="f32"):
+    """llama.cpp's converter on a Hugging Face dir, its pre-tokenizer named pre_name (tokenizer.ggml.pre)."""
+    env = {**os.environ, "LLAMACPP_DIR": LLAMACPP, "GGUF_PRE": pre_name}
     run = subprocess.run([sys.executable, "-c", CONVERT, str(model_dir), "--outfile", str(out), "--outtype", outtype],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -116,7 +117,7 @@ def converted(tmp_path_factory):
     out = {}
     for family in FAMILIES:
         model_dir = hf_model_dir(root / family, family)
-        out[family] = (model_dir, convert(model_dir, root / f"{family}-f32.gguf", family))
+        out[family] = (model_dir, convert(model_dir, root / f"{family}-f32.gguf", FAMILIES[family][1]))
     return out
 
 
@@ -250,7 +251,7 @@ def test_converter_llama3_and_yarn_files(tmp_path):
         config = json.loads((model_dir / "config.json").read_text())
         config["rope_parameters"] = {**rope, "rope_theta": 10000.0}
         (model_dir / "config.json").write_text(json.dumps(config))
-        path = convert(model_dir, tmp_path / f"{family}.gguf", family)
+        path = convert(model_dir, tmp_path / f"{family}.gguf", FAMILIES[family][1])
         original = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
         ours = assert_same_logits(path, original)
         assert ours.config.rope_scaling["rope_type"] == rope["rope_type"]
