@@ -22,6 +22,7 @@ import pathlib
 import sys
 import time
 import unicodedata
+import warnings
 from bisect import bisect_left, bisect_right
 from functools import cached_property, lru_cache, reduce
 from hashlib import sha256
@@ -55,6 +56,7 @@ CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role
                  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 CHAT_ROLES = ("system", "user", "assistant")
 BEHAVIORS = ("Isolated", "Removed", "MergedWithPrevious", "MergedWithNext", "Contiguous")
+NOT_IN_UTF8 = bytes([0xC0, 0xC1, *range(0xF5, 0x100)])  # bytes no UTF-8 text holds
 
 
 def _bytes_to_unicode():
@@ -184,6 +186,20 @@ def _cut(text, matcher):
     return out + [(text[start:], None)] if start < len(text) else out
 
 
+def _library_ids(added, vocab, source):
+    """added_tokens with the ids the tokenizers library gives them, whatever the file says: the vocab's id where the
+    vocab holds the token, else the next after the largest so far, and at least the vocab's size (its length)."""
+    out, top = [], -1
+    for token in added:
+        given = vocab.get(token["content"], top + 1 if top >= len(vocab) else len(vocab))
+        if given != token["id"]:
+            warnings.warn(f"{source}: added token {token['content']!r} has id {token['id']} in the file; the "
+                          f"tokenizers library gives it id {given}, and so do we")
+        out.append(token | {"id": given})
+        top = max(top, given)
+    return out
+
+
 def _read_json(file):
     try:
         with open(file, encoding="utf-8") as f:
@@ -231,7 +247,7 @@ class Tokenizer:
         self.splits = _splits(hf_json.get("pre_tokenizer") or {}, source)  # [(regex, behavior, invert)]
         last = _one_regex(*self.splits[-1]) if self.splits else r"[\s\S]+"
         self._python_splits = [_python_split(*split) for split in self.splits[: -1 if last else None]]
-        added = hf_json.get("added_tokens", [])
+        added = _library_ids(hf_json.get("added_tokens", []), model.get("vocab", {}), source)
         self._added_ids = {t["content"]: t["id"] for t in added}
         self._build_bpe(model, added, last or r"[\s\S]+")
         # tiktoken cuts out added tokens itself where they have no flags and no normalizer or split runs in Python
@@ -277,10 +293,18 @@ class Tokenizer:
         for token in added:  # the library decodes a normalized=True added token normalized
             normalize = self._normalize if token.get("normalized") and self._normalize else str
             token_bytes[token["id"]] = normalize(token["content"]).encode()
-        missing = [b for b in range(256) if BYTE_TO_CHAR[b] not in vocab]
-        if missing:
-            raise ValueError(f"{source}: {len(missing)} of the 256 single-byte tokens are missing (e.g. byte "
-                             f"{missing[0]}); train with all 256 (initial_alphabet=ByteLevel.alphabet())")
+        missing = bytes(b for b in range(256) if BYTE_TO_CHAR[b] not in vocab)
+        if missing:  # published vocabs often lack control bytes their training text never held
+            warnings.warn(f"{source}: {len(missing)} of the 256 single-byte tokens are missing (bytes "
+                          f"{' '.join(f'{b:02x}' for b in missing)}): encoding drops them from the text, as the "
+                          "tokenizers library does")
+        # text is checked for the missing bytes that UTF-8 can hold, and loses them before BPE (_encode_ordinary)
+        self._missing = missing.translate(None, NOT_IN_UTF8)
+        # with ignore_merges the library looks a whole piece up first; a token holding a missing byte (BPE never
+        # makes it: the byte is dropped) is found only that way
+        gone = {BYTE_TO_CHAR[b] for b in missing} if model.get("ignore_merges") else set()
+        self._whole_only = {token_bytes[i]: i for text, i in vocab.items()
+                            if not gone.isdisjoint(text) and text not in self._added_ids}
         # tiktoken merges the adjacent pair whose joined bytes have the lowest rank; HF merges the pair listed
         # first in `merges`. Both agree when a token's rank is the index of the merge that made it.
         merged_ids, seen = [], set()
@@ -291,7 +315,8 @@ class Tokenizer:
             if left + right not in seen:  # a token made by two merges: the first one ranks it
                 seen.add(left + right)
                 merged_ids.append(vocab[left + right])
-        bpe_ids, added_ids = [vocab[BYTE_TO_CHAR[b]] for b in range(256)] + merged_ids, self._added_ids
+        bpe_ids = [vocab[BYTE_TO_CHAR[b]] for b in range(256) if b not in missing] + merged_ids
+        added_ids = self._added_ids
         if all(a < b for a, b in zip(merged_ids, merged_ids[1:])) and \
                 len(set(bpe_ids) | set(added_ids.values())) == len(bpe_ids) + len(added_ids):
             self._rank_to_id = None  # the usual case (GPT-2, Llama 3, Qwen, ours): rank == id
@@ -300,11 +325,14 @@ class Tokenizer:
             self._rank_to_id = bpe_ids + list(added_ids.values())
             ranks = {token_bytes[i]: rank for rank, i in enumerate(bpe_ids)}
             special_ranks = {content: len(bpe_ids) + n for n, content in enumerate(added_ids)}
+        top = max([*ranks.values(), *special_ranks.values()]) + 1  # tiktoken needs a rank for every byte: these
+        ranks |= {bytes([b]): top + n for n, b in enumerate(missing)}  # never come out (no piece holds the byte)
         try:
             self._tiktoken = tiktoken.Encoding("tokenizer", pat_str=pattern, mergeable_ranks=ranks,
                                                special_tokens=special_ranks)
         except Exception as e:
             raise ValueError(f"{source}: tiktoken rejects the split pattern {pattern!r}: {e}") from None
+        self._last_split = regex.compile(pattern) if self._missing else None
         self.vocab_size = max(token_bytes) + 1
         self._decode_table = [token_bytes.get(i) for i in range(self.vocab_size)]
 
@@ -352,7 +380,7 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Plain text: '<|im_end|>' typed by a user stays text, never becomes the special token (added tokens not
         marked special still match, as in the tokenizers library with encode_special_tokens=True)."""
-        if self._fast:
+        if self._fast and not self._holds_missing(text):
             if not self._plain_added:
                 return self._ids(self._tiktoken.encode_ordinary(text))
             return self._ids(self._tiktoken.encode(text, allowed_special=self._plain_added, disallowed_special=()))
@@ -360,9 +388,16 @@ class Tokenizer:
 
     def encode_with_special(self, text: str) -> list[int]:
         """Special-token strings in `text` become their ids, as Hugging Face tokenizers do."""
-        if self._fast:
+        if self._fast and not self._holds_missing(text):
             return self._ids(self._tiktoken.encode(text, allowed_special="all"))
         return self._encode(text, special=True)
+
+    def _holds_missing(self, text):
+        """Whether text holds a byte the vocab has no token for (a C-speed check; most text holds none)."""
+        if not self._missing:
+            return False
+        data = text.encode(errors="surrogatepass")
+        return len(data.translate(None, self._missing)) != len(data)
 
     def _cut_added(self, text, special):
         """The library's order: added tokens found in the raw text (normalized=False ones), the text between them
@@ -377,7 +412,7 @@ class Tokenizer:
         return pieces
 
     def _encode(self, text, special):
-        ids, encode = [], self._tiktoken.encode_ordinary
+        ids = []
         for piece, token_id in self._cut_added(text, special):
             if token_id is not None:
                 ids.append(token_id)
@@ -385,7 +420,23 @@ class Tokenizer:
             pieces = [piece]
             for split in self._python_splits:
                 pieces = [p for piece in pieces for p in split(piece)]
-            ids += self._ids([t for p in pieces for t in encode(p)])
+            ids += [t for p in pieces for t in self._encode_ordinary(p)]
+        return ids
+
+    def _encode_ordinary(self, text):
+        """tiktoken's encode_ordinary, as ids. The library's BPE skips a byte with no token and merges the bytes
+        around it as if adjacent: so each piece of the split loses those bytes before BPE, one by one (splitting
+        the text without them could cut it elsewhere)."""
+        if not self._holds_missing(text):
+            return self._ids(self._tiktoken.encode_ordinary(text))
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # a lone surrogate: as tiktoken
+        ids = []
+        for piece in self._last_split.findall(text):
+            data = piece.encode()
+            if data in self._whole_only:
+                ids.append(self._whole_only[data])
+            elif data := data.translate(None, self._missing):
+                ids += self._ids(self._tiktoken._encode_single_piece(data))  # BPE of the bytes, no regex split
         return ids
 
     def decode_bytes(self, ids) -> bytes:
@@ -408,8 +459,10 @@ class Tokenizer:
             raise ValueError(f"chat_template: {type(e).__name__}: {e}") from None
 
     def _as_tokenized(self, text):
-        """The bytes the ids of `text` decode to: text after normalization and added tokens' strip flags."""
-        return text.encode() if self._fast else b"".join(p.encode() for p, _ in self._cut_added(text, True))
+        """The bytes the ids of `text` decode to: text after normalization and added tokens' strip flags, without
+        the bytes the vocab has no token for."""
+        data = text.encode() if self._fast else b"".join(p.encode() for p, _ in self._cut_added(text, True))
+        return data.translate(None, self._missing)
 
     def _encode_chat(self, messages, text):
         """The rendered chat's ids: special-token strings are special tokens where the template wrote them and
@@ -460,7 +513,8 @@ class Tokenizer:
             return ids, mask
         full, ends = self._as_tokenized(text), list(accumulate(len(self._decode_table[i]) for i in ids))
         if self.decode_bytes(ids) != full:
-            raise ValueError(f"{self.source}: the pre_tokenizer drops text (a Split with behavior Removed), so "
+            raise ValueError(f"{self.source}: the ids do not decode to the rendered text (a Split with behavior "
+                             "Removed drops text, or ignore_merges found a token holding a byte the vocab lacks), so "
                              "tokens cannot be matched to messages for the loss mask")
         added = set(self._added_ids.values())
         for n, message in enumerate(messages):

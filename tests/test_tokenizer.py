@@ -25,7 +25,14 @@ FRAGMENTS = [
     "ΟΔΟΣ Σίσυφος İstanbul straße", "café cafe\u0301 naïve ñ", " " * 17, "\t\t  \n\n\n", "a  b   c    d",
     "<|im_end|>", "<|im_start|>user\n", "<|endoftext|>", "x[MASK]y", " [MASK] ", "<think>ok</think>",
     "CRLF\r\n\r\nend", "trailing   ", "价格：￥１２３。", "😀😀😀😀", "https://example.com/a?b=1&c=2",
+    "👨‍👩‍👧‍👦 🏳️‍🌈 🧑🏽‍💻 👍🏿", "e\u0301\u0302 a\u0308\u0304 ก\u0e31\u0e49 n\u0303\u20dd", "98765432109876543210123456",
+    "bad \ufffd bytes \ufffd\ufffd", "tab\there\x00nul\x1besc[0m\x7fdel\x85nel",
 ]
+CONTROLS = "".join(map(chr, [*range(0x20), 0x7F, *range(0x80, 0xA0)]))  # C0, DEL, C1
+WHITESPACE = " \xa0\u1680" + "".join(map(chr, range(0x2000, 0x200E))) + "\u2028\u2029\u202f\u205f\u3000\ufeff"
+# 21 bytes a published vocab may lack: control bytes, one UTF-8 continuation byte (every emoji here holds 0x9f) and
+# bytes no UTF-8 text holds
+DROPPED = bytes([*range(9), *range(0x0E, 0x14), 0x1C, 0x7F, 0x9F, 0xC0, 0xC1, 0xFF])
 
 
 def texts(n, seed=0):
@@ -33,22 +40,33 @@ def texts(n, seed=0):
     rng = random.Random(seed)
     ranges = [(32, 0x250), (0x3000, 0x30FF), (0x4E00, 0x9FA5), (0xFF00, 0xFFEF), (0x1F300, 0x1F64F)]  # CJK, kana, emoji
     soup = "".join(chr(rng.randrange(*rng.choice(ranges))) for _ in range(400))
-    soup += " \t\n\r\x0b\x0c\x1c\x85\xa0\u2028\u3000" * 3
+    soup += (CONTROLS + WHITESPACE) * 2
     out = []
     for _ in range(n):
         parts = [rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 4))]
         parts.insert(rng.randrange(len(parts) + 1), "".join(rng.choice(soup) for _ in range(rng.randint(0, 30))))
         out.append(rng.choice(["", " ", "\n"]).join(parts))
-    return out + ["", " ", "\n", " " * 300, "1" * 50, "中" * 40]
+    return out + ["", " ", "\n", " " * 300, "1" * 50, "中" * 40, CONTROLS + WHITESPACE]
 
 
-def train(pre_tokenizer, normalizer=None, vocab_size=600, ignore_merges=False, specials=SPECIALS):
-    """A byte-level BPE tokenizer trained with the `tokenizers` library on the bilingual texts."""
+def train(pre_tokenizer, normalizer=None, vocab_size=600, ignore_merges=False, specials=SPECIALS, dropped=b""):
+    """A byte-level BPE tokenizer trained with the `tokenizers` library on the bilingual texts. With `dropped`, shaped
+    as published vocabs are: those single-byte tokens deleted with the merges that use them (the tokens those merges
+    made stay), the special tokens in the vocab too (the library keeps an added token's id only there): the first
+    last (GPT-2's <|endoftext|>), the others in the middle of the id range, where the deleted bytes were."""
     hf = tokenizers.Tokenizer(models.BPE(ignore_merges=ignore_merges))
     hf.normalizer, hf.pre_tokenizer, hf.decoder = normalizer, pre_tokenizer, decoders.ByteLevel()
     hf.train_from_iterator(texts(400, seed=1) * 2, trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, show_progress=False, initial_alphabet=pre.ByteLevel.alphabet()))
-    return hf
+    if not dropped:
+        return hf
+    spec = json.loads(hf.to_str())
+    vocab, gone = spec["model"]["vocab"], [tk.BYTE_TO_CHAR[b] for b in dropped]
+    spec["model"]["merges"] = [m for m in spec["model"]["merges"] if m[0] not in gone and m[1] not in gone]
+    free = sorted(vocab.pop(text) for text in gone + specials)
+    for n, token in enumerate(spec["added_tokens"]):
+        token["id"] = vocab[token["content"]] = max(vocab.values()) + 1 if n == 0 else free[len(free) // 2 + n]
+    return tokenizers.Tokenizer.from_str(json.dumps(spec))
 
 
 def with_pre_tokenizer(hf, pre_tokenizer):
@@ -58,8 +76,13 @@ def with_pre_tokenizer(hf, pre_tokenizer):
     return tokenizers.Tokenizer.from_str(json.dumps(spec))
 
 
-def check_same(hf, texts_, exact_decode=True):
-    ours = Tokenizer(json.loads(hf.to_str()))
+def check_same(hf, texts_, exact_decode=True, spec=None):
+    """Ours, made from `spec` (the library's own JSON by default), gives the library's ids and decodes."""
+    ours = Tokenizer(spec or json.loads(hf.to_str()))
+    ids, rng = sorted(hf.get_vocab().values()), random.Random(0)
+    for length in [1, 2, 3, 5, 8] * 40:  # random ids: byte tokens that are invalid UTF-8 alone or together
+        some = rng.choices(ids, k=length)
+        assert ours.decode(some) == hf.decode(some, skip_special_tokens=False), some
     for text in texts_:
         hf.encode_special_tokens = False
         ids = hf.encode(text, add_special_tokens=False).ids
@@ -92,13 +115,36 @@ def test_deepseek_v3_shape_matches(deepseek):
     assert pieces == ["123", "45", "Ġ", "ä¸ŃæĸĩãĤ«ãĥĬ"]  # the split shape is DeepSeek's: digits by 3, CJK+kana runs
 
 
+def family_pre_tokenizer(family):
+    """The family's splits, then ByteLevel; GPT-2's is ByteLevel's own regex."""
+    patterns = {"llama3": [tk.LLAMA3_SPLIT_PATTERN], "qwen2": [tk.SPLIT_PATTERN],
+                "deepseek3": tk.DEEPSEEK3_SPLIT_PATTERNS}.get(family)
+    return pre.Sequence([*map(split, patterns), BYTE_LEVEL]) if patterns else pre.ByteLevel(add_prefix_space=False)
+
+
 @pytest.mark.parametrize("family", ["llama3", "qwen2", "gpt2"])
 def test_single_regex_families_match(family):
-    pattern = {"llama3": tk.LLAMA3_SPLIT_PATTERN, "qwen2": tk.SPLIT_PATTERN}.get(family)
-    hf = train(pre.Sequence([split(pattern), BYTE_LEVEL]) if pattern else pre.ByteLevel(add_prefix_space=False),
-               normalizers.NFC() if family == "qwen2" else None, ignore_merges=family == "llama3")
+    hf = train(family_pre_tokenizer(family), normalizers.NFC() if family == "qwen2" else None,
+               ignore_merges=family == "llama3")
     ours = check_same(hf, texts(2000), exact_decode=family != "qwen2")
     assert ours._python_splits == [] and ours._fast == (family != "qwen2")  # Qwen2's NFC runs in Python
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "gpt2", "deepseek3"])
+def test_published_vocab_lacking_bytes_matches(family):
+    """The library drops a byte with no token and merges across it; ids in the middle of the vocab are added tokens."""
+    hf = train(family_pre_tokenizer(family), ignore_merges=family == "llama3", dropped=DROPPED)
+    hf.add_tokens([AddedToken("<think>", normalized=True, special=False), AddedToken("</think>")])
+    with pytest.warns(UserWarning, match="21 of the 256 single-byte tokens are missing .bytes 00 01 02 03 04 05 06"):
+        ours = check_same(hf, texts(2000, seed=5) + [CONTROLS, "x\x04y \x04\x04", "😀😀 😀"], exact_decode=False)
+    assert ours._fast == (family != "deepseek3") and len(ours._missing) == 18  # 0xc0 0xc1 0xff are not in UTF-8
+    if family != "deepseek3":  # where "_\x04_" is one piece, the bytes around the dropped one merge
+        assert ours.encode("_\x04_\x1c") == hf.encode("_\x04_\x1c").ids == [hf.token_to_id("__")]
+    assert ours.decode_bytes(ours.encode(CONTROLS)) == CONTROLS.encode().translate(None, DROPPED)
+    if family != "llama3":  # tiktoken looks a whole piece up first, as ignore_merges does: the same here
+        gone = {tk.BYTE_TO_CHAR[b] for b in DROPPED}  # BPE never makes a token holding those: the bytes go first
+        assert all([t.id for t in hf.model.tokenize(text)] == [i] for text, i in hf.get_vocab(False).items()
+                   if gone.isdisjoint(text) and text not in SPECIALS)
 
 
 def test_nfkc_digits_and_byte_level_regex(tmp_path):
@@ -145,6 +191,20 @@ def test_shuffled_ids_and_a_vocab_holding_the_added_tokens(deepseek):
     hf = tokenizers.Tokenizer.from_str(json.dumps(spec))
     assert Tokenizer(spec)._rank_to_id is not None
     check_same(hf, texts(300, seed=4))
+
+
+def test_added_token_ids_are_the_librarys(deepseek):
+    """The library keeps an added token's id only where the vocab holds the token, and numbers the others on from
+    the vocab's size, whatever ids the file gives them."""
+    spec = json.loads(deepseek.to_str())
+    size = len(spec["model"]["vocab"])
+    spec["added_tokens"] += [spec["added_tokens"][0] | {"id": 7, "content": "<tool>"},  # 7 is a vocab token's
+                             spec["added_tokens"][0] | {"id": 10**4, "content": "</tool>", "special": False}]
+    hf = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    with pytest.warns(UserWarning, match=f"added token '<tool>' has id 7 in the file; the tokenizers library gives "
+                                         f"it id {size}, and so do we"):
+        ours = check_same(hf, texts(200, seed=6) + ["<tool>x</tool>"], spec=spec)
+    assert ours.encode_with_special("<tool></tool>") == [size, size + 1]
 
 
 @pytest.mark.parametrize("change, message", [
