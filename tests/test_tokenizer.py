@@ -264,9 +264,9 @@ CONVERSATION = [{"role": "system", "content": "You add numbers."}, {"role": "use
                 {"role": "assistant", "content": "<think>4 - 1</think>4 减 1 等于 3。"}]
 
 
-def model_dir(path, family):
+def model_dir(path, family, dropped=b""):
     template, specials, bos, eos, patterns, _ = FAMILIES[family]
-    hf = train(pre.Sequence([*map(split, patterns), BYTE_LEVEL]), vocab_size=400, specials=specials)
+    hf = train(pre.Sequence([*map(split, patterns), BYTE_LEVEL]), vocab_size=400, specials=specials, dropped=dropped)
     hf.save(str(path / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "clean_up_tokenization_spaces": False,
               "eos_token": {"__type": "AddedToken", "content": eos, "special": True}}  # a name in either form
@@ -297,6 +297,21 @@ def test_chat_templates_match_transformers(family, tmp_path):
                        if family == "deepseek3" else m["content"] for m in conversation if m["role"] == "assistant"]
             assert ours.decode([i for i, m in zip(ids, mask) if m]) == \
                 ("" if generation_prompt else "".join(a + end for a in answers))
+
+
+def test_chat_holding_bytes_the_vocab_lacks(tmp_path):
+    """Those bytes vanish from the ids: the loss mask still finds each message's tokens."""
+    transformers = pytest.importorskip("transformers")
+    path = model_dir(tmp_path, "llama3", dropped=DROPPED)
+    with pytest.warns(UserWarning, match="21 of the 256 single-byte tokens are missing"):
+        ours = Tokenizer.load(str(path))
+    auto = transformers.AutoTokenizer.from_pretrained(str(path))
+    answer = "\x07 rung\x04 😀\x7f"
+    conversation = [{"role": "user", "content": "ring\x07 the\x00 bell"}, {"role": "assistant", "content": answer}]
+    ids, mask = ours.render_chat(conversation)
+    assert ids == auto.apply_chat_template(conversation, return_dict=False)
+    assert ours.decode_bytes([i for i, m in zip(ids, mask) if m]) == answer.encode().translate(None, DROPPED) + \
+        b"<|eot_id|>"
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
