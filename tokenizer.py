@@ -55,6 +55,7 @@ CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role
                  "'<|im_end|>' + '\\n' }}{% endfor %}"
                  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 CHAT_ROLES = ("system", "user", "assistant")
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")  # transformers hands a template the first under all
 BEHAVIORS = ("Isolated", "Removed", "MergedWithPrevious", "MergedWithNext", "Contiguous")
 NOT_IN_UTF8 = bytes([0xC0, 0xC1, *range(0xF5, 0x100)])  # bytes no UTF-8 text holds
 
@@ -222,6 +223,27 @@ def _compiled_template(template):
         return env.from_string(template)
     except jinja2.TemplateError as e:
         raise ValueError(f"chat_template does not compile: {e}") from None
+
+
+def _chat_messages(messages, roles):
+    """The messages as transformers' apply_chat_template hands them to a template: keys holding None dropped (an
+    assistant message's content=None beside its tool_calls), a message's reasoning under each of REASONING_KEYS."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"messages must be a non-empty list of {{'role', 'content'}} dicts, got {messages!r:.80}")
+    out = []
+    for n, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"message {n} must be a {{'role', 'content'}} dict, got {type(message).__name__}")
+        message = {key: value for key, value in message.items() if value is not None}
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or roles and role not in roles:
+            raise ValueError(f"message {n}: role {role!r} is not one of {', '.join(roles or ['a string'])}")
+        if not isinstance(content, str) and not (content is None and message.get("tool_calls")):
+            raise ValueError(f"message {n} ({role}): content must be a string, got {type(content).__name__} (None "
+                             "or none only in a message with tool_calls)")
+        reasoning = next((message[key] for key in REASONING_KEYS if key in message), None)
+        out.append(message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning})
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -451,10 +473,13 @@ class Tokenizer:
 
     # --- chat -----------------------------------------------------------------
 
-    def _render(self, messages, add_generation_prompt):
+    def _render(self, messages, add_generation_prompt, variables):
+        """variables: tools, documents and any other the template reads (enable_thinking, date_string, ...); they
+        win over the special token names, as in transformers."""
         try:
             return _compiled_template(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **self.special_token_names)
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                **{**self.special_token_names, **variables})
         except (jinja2.TemplateError, TypeError, KeyError, IndexError, AttributeError) as e:
             raise ValueError(f"chat_template: {type(e).__name__}: {e}") from None
 
@@ -467,13 +492,13 @@ class Tokenizer:
     def _encode_chat(self, messages, text):
         """The rendered chat's ids: special-token strings are special tokens where the template wrote them and
         text where a message's content holds them, so a user typing '<|im_end|>' cannot end a turn or open one."""
-        typed = [t for t in self._added_ids if t not in self._plain_added and any(t in m["content"] for m in messages)]
+        contents = [m.get("content", "") for m in messages]
+        typed = [t for t in self._added_ids if t not in self._plain_added and any(t in c for c in contents)]
         if not typed:
             return self.encode_with_special(text)
         spans, start = [], 0  # where the template put those contents (as they are, or stripped)
-        for message in (m for m in messages if any(t in m["content"] for t in typed)):
-            found = [(k, len(c)) for c in (message["content"], message["content"].strip())
-                     if (k := text.find(c, start)) >= 0]
+        for content in (c for c in contents if any(t in c for t in typed)):
+            found = [(k, len(c)) for c in (content, content.strip()) if (k := text.find(c, start)) >= 0]
             if not found:
                 raise ValueError(f"a message holds the special token {typed[0]!r} and chat_template changes its "
                                  "content, so it cannot be kept as text: remove it from the message")
@@ -487,26 +512,24 @@ class Tokenizer:
                 plain_from = found.end()
         return ids + self.encode(text[plain_from:])
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None,
+                    documents: list[dict] | None = None, **template_kwargs) -> tuple[list[int], list[int]]:
         """messages -> (ids, loss_mask): rendered with the chat_template (ChatML for ours) and tokenized as
-        transformers' apply_chat_template does, but for contents holding special tokens (_encode_chat). The mask is
-        1 on the tokens each assistant message adds: from the end of the conversation before it rendered with a
-        generation prompt to the end of the conversation up to it, cut after its last special token (ChatML's
-        <|im_end|>, not the "\\n" after it, which generation never produces); a token straddling the start counts
+        transformers' apply_chat_template does, but for contents holding special tokens (_encode_chat). tools (JSON
+        schemas), documents and template_kwargs (enable_thinking=False, date_string=...) go to the template as there.
+        The mask is 1 on the tokens each assistant message adds: from the end of the conversation before it rendered
+        with a generation prompt to the end of the conversation up to it, cut after its last special token (ChatML's
+        <|im_end|>, not the "\n" after it, which generation never produces); a token straddling the start counts
         as the message's. A prompt (add_generation_prompt=True) is for generating: its mask is all 0."""
         if self.chat_template is None:
             raise ValueError(f"{self.source}: no chat_template (tokenizer_config.json or chat_template.jinja) and no "
                              "<|im_start|>/<|im_end|> tokens for ChatML, so this tokenizer cannot render a chat")
-        if not isinstance(messages, list) or not messages:
-            raise ValueError(f"messages must be a non-empty list of {{'role', 'content'}} dicts, got {messages!r:.80}")
-        roles = CHAT_ROLES if self.chat_template == CHAT_TEMPLATE else None  # a model's template checks its own
-        for n, message in enumerate(messages):
-            role, content = (message.get("role"), message.get("content")) if isinstance(message, dict) else (0, 0)
-            if not isinstance(role, str) or roles and role not in roles:
-                raise ValueError(f"message {n}: role {role!r} is not one of {', '.join(roles or ['a string'])}")
-            if not isinstance(content, str):
-                raise ValueError(f"message {n} ({role}): content must be a string, got {type(content).__name__}")
-        text = self._render(messages, add_generation_prompt)
+        messages = _chat_messages(messages, CHAT_ROLES if self.chat_template == CHAT_TEMPLATE else None)
+        for name, value in (("tools", tools), ("documents", documents)):
+            if value is not None and not (isinstance(value, list) and all(isinstance(v, dict) for v in value)):
+                raise ValueError(f"{name} must be a list of dicts (JSON schemas for tools), got {value!r:.80}")
+        variables = {"tools": tools, "documents": documents, **template_kwargs}
+        text = self._render(messages, add_generation_prompt, variables)
         ids = self._encode_chat(messages, text)
         mask = [0] * len(ids)
         if add_generation_prompt:
@@ -520,7 +543,7 @@ class Tokenizer:
         for n, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            start, end = (self._as_tokenized(self._render(messages[:k], k == n)) for k in (n, n + 1))
+            start, end = (self._as_tokenized(self._render(messages[:k], k == n, variables)) for k in (n, n + 1))
             if not (full.startswith(start) and full.startswith(end)):
                 raise ValueError(f"chat_template renders messages[:{n + 1}] differently inside the whole "
                                  f"conversation, so the tokens message {n} adds are not defined")

@@ -1,6 +1,7 @@
 # tokenizer.py against the `tokenizers` library: tokenizer.json files in the shapes of the families model.py loads
 # (Llama 3, Qwen2/3, DeepSeek-V3), every Split behavior, normalizers and added-token flags, trained here on
 # bilingual text; and chat templates against transformers' apply_chat_template.
+import datetime
 import json
 import os
 import random
@@ -201,9 +202,11 @@ def test_added_token_ids_are_the_librarys(deepseek):
     spec["added_tokens"] += [spec["added_tokens"][0] | {"id": 7, "content": "<tool>"},  # 7 is a vocab token's
                              spec["added_tokens"][0] | {"id": 10**4, "content": "</tool>", "special": False}]
     hf = tokenizers.Tokenizer.from_str(json.dumps(spec))
-    with pytest.warns(UserWarning, match=f"added token '<tool>' has id 7 in the file; the tokenizers library gives "
-                                         f"it id {size}, and so do we"):
+    with pytest.warns(UserWarning) as caught:
         ours = check_same(hf, texts(200, seed=6) + ["<tool>x</tool>"], spec=spec)
+    assert [str(w.message) for w in caught] == [f"tokenizer.json: added token {t!r} has id {i} in the file; the "
+                                                f"tokenizers library gives it id {size + n}, and so do we"
+                                                for n, (t, i) in enumerate([("<tool>", 7), ("</tool>", 10**4)])]
     assert ours.encode_with_special("<tool></tool>") == [size, size + 1]
 
 
@@ -402,3 +405,253 @@ def test_saved_tokenizer_keeps_its_template_and_ours_write_chatml(tmp_path):
     trained.save(str(tmp_path / "c"))
     config = json.loads((tmp_path / "c" / "tokenizer_config.json").read_text())
     assert config["chat_template"] == tk.CHAT_TEMPLATE == Tokenizer.load(str(tmp_path / "c")).chat_template
+
+
+# ----------------------------------------------------------------------------- published templates with tools
+# written here in the form of Qwen3's and Llama 3.1's published templates, and a RAG template with loop controls
+
+QWEN3_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and
+           not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = '' %}
+    {%- endif %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in content %}
+                {%- set reasoning_content =
+                        content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+                {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {%- if loop.last or (not loop.last and reasoning_content) %}
+                {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') +
+                    '\n</think>\n\n' + content.lstrip('\n') }}
+            {%- else %}
+                {{- '<|im_start|>' + message.role + '\n' + content }}
+            {%- endif %}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\n' + content }}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- endif %}
+{%- endif %}"""
+LLAMA31_TEMPLATE = r"""{{- bos_token }}
+{%- if custom_tools is defined %}
+    {%- set tools = custom_tools %}
+{%- endif %}
+{%- if not tools_in_user_message is defined %}
+    {%- set tools_in_user_message = true %}
+{%- endif %}
+{%- if not date_string is defined %}
+    {%- if strftime_now is defined %}
+        {%- set date_string = strftime_now("%d %b %Y") %}
+    {%- else %}
+        {%- set date_string = "26 Jul 2024" %}
+    {%- endif %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+{%- if tools is not none %}
+    {{- "Environment: ipython\n" }}
+{%- endif %}
+{{- "Cutting Knowledge Date: December 2023\n" }}
+{{- "Today Date: " + date_string + "\n\n" }}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+{%- if tools_in_user_message and not tools is none %}
+    {%- if messages | length != 0 %}
+        {%- set first_user_message = messages[0]['content']|trim %}
+        {%- set messages = messages[1:] %}
+    {%- else %}
+        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
+    {%- endif %}
+    {{- '<|start_header_id|>user<|end_header_id|>\n\n' -}}
+    {{- "Given the following functions, please respond with a JSON for a function call " }}
+    {{- "with its proper arguments that best answers the given prompt.\n\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\n\n" }}
+    {%- endfor %}
+    {{- first_user_message + "<|eot_id|>"}}
+{%- endif %}
+{%- for message in messages %}
+    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim +
+            '<|eot_id|>' }}
+    {%- elif 'tool_calls' in message %}
+        {%- if not message.tool_calls|length == 1 %}
+            {{- raise_exception("This model only supports single tool-calls at once!") }}
+        {%- endif %}
+        {%- set tool_call = message.tool_calls[0].function %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
+        {{- '{"name": "' + tool_call.name + '", ' }}
+        {{- '"parameters": ' }}
+        {{- tool_call.arguments | tojson }}
+        {{- "}" }}
+        {{- "<|eot_id|>" }}
+    {%- elif message.role == "tool" or message.role == "ipython" %}
+        {{- "<|start_header_id|>ipython<|end_header_id|>\n\n" }}
+        {%- if message.content is mapping or message.content is iterable %}
+            {{- message.content | tojson }}
+        {%- else %}
+            {{- message.content }}
+        {%- endif %}
+        {{- "<|eot_id|>" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}"""
+RAG_TEMPLATE = r"""{%- for message in messages %}
+    {%- if loop.first and documents %}
+        {{- '<|im_start|>system\nDocuments:' }}
+        {%- for document in documents %}
+            {%- if loop.index > max_documents | default(2) %}{% break %}{% endif %}
+            {%- if not document.text %}{% continue %}{% endif %}
+            {{- '\n[' + loop.index | string + '] ' + document.title + ': ' + document.text }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- endif %}
+    {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"""
+TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add two numbers <|im_end|> exactly.",
+          "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+                         "required": ["a", "b"]}}}]
+TOOL_CALL = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+TOOL_CONVERSATION = [
+    {"role": "system", "content": "You add numbers."}, {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": None, "reasoning": "Use the tool.", "tool_calls": [TOOL_CALL]},
+    {"role": "tool", "content": "5", "name": "add"}, {"role": "assistant", "content": "2 + 3 = 5.", "tool_calls": None}]
+
+
+def render_both(tmp_path, family, template, conversation, **kwargs):
+    """(ours, transformers') ids of the conversation under `template`, and our loss mask."""
+    transformers = pytest.importorskip("transformers")
+    path = model_dir(tmp_path, family)
+    ours, auto = Tokenizer.load(str(path)), transformers.AutoTokenizer.from_pretrained(str(path))
+    ours.chat_template = template
+    ids, mask = ours.render_chat(conversation, **kwargs)
+    return ours, ids, mask, auto.apply_chat_template(conversation, chat_template=template, return_dict=False, **kwargs)
+
+
+def learned(ours, ids, mask):
+    return ours.decode([i for i, m in zip(ids, mask) if m])
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"tools": TOOLS}, {"tools": TOOLS, "add_generation_prompt": True},
+                                    {"add_generation_prompt": True, "enable_thinking": False}])
+def test_qwen3_template_with_tools_reasoning_and_enable_thinking(tmp_path, kwargs):
+    conversation = TOOL_CONVERSATION + [{"role": "user", "content": "And 4 + 4?"}] \
+        if kwargs.get("add_generation_prompt") else TOOL_CONVERSATION
+    ours, ids, mask, theirs = render_both(tmp_path, "qwen2", QWEN3_TEMPLATE, conversation, **kwargs)
+    assert ids == theirs
+    if kwargs.get("add_generation_prompt"):
+        assert not any(mask) and ours.decode(ids).endswith("<|im_start|>assistant\n" + (
+            "<think>\n\n</think>\n\n" if "enable_thinking" in kwargs else ""))
+    else:  # each reply with its reasoning and tool call, as the model would write them after the generation prompt
+        assert learned(ours, ids, mask) == ('<think>\nUse the tool.\n</think>\n\n<tool_call>\n{"name": "add", '
+                                            '"arguments": {"a": 2, "b": 3}}\n</tool_call><|im_end|>'
+                                            "<think>\n\n</think>\n\n2 + 3 = 5.<|im_end|>")
+    assert ("<tools>" in ours.decode(ids)) == ("tools" in kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"date_string": "01 Jan 2030"}, {"tools": TOOLS}, {"tools_in_user_message":
+                                    False, "tools": TOOLS, "add_generation_prompt": True}])
+def test_llama31_template_with_strftime_now_and_tools(tmp_path, kwargs):
+    conversation = TOOL_CONVERSATION[:2] + TOOL_CONVERSATION[2:] * ("tools" in kwargs)
+    ours, ids, mask, theirs = render_both(tmp_path, "llama3", LLAMA31_TEMPLATE, conversation, **kwargs)
+    assert ids == theirs
+    text = ours.decode(ids)
+    assert "Today Date: " + kwargs.get("date_string", datetime.datetime.now().strftime("%d %b %Y")) in text
+    if "tools" in kwargs and not kwargs.get("add_generation_prompt"):  # the tool call as JSON, then the answer
+        assert learned(ours, ids, mask) == \
+            '{"name": "add", "parameters": {"a": 2, "b": 3}}<|eot_id|>2 + 3 = 5.<|eot_id|>'
+    with pytest.raises(ValueError, match="chat_template: TemplateError: This model only supports single tool-calls"):
+        ours.render_chat([{"role": "assistant", "tool_calls": [TOOL_CALL] * 2}])
+
+
+def test_documents_and_loop_controls(tmp_path):
+    documents = [{"title": "Sums", "text": "2 + 3 = 5"}, {"title": "Empty", "text": ""},
+                 {"title": "Products", "text": "2 * 3 = 6"}, {"title": "Beyond", "text": "never shown"}]
+    for kwargs in ({"documents": documents}, {"documents": documents, "max_documents": 4}, {}):
+        ours, ids, mask, theirs = render_both(tmp_path, "qwen2", RAG_TEMPLATE, CONVERSATION[1:3], **kwargs)
+        assert ids == theirs and learned(ours, ids, mask) == CONVERSATION[2]["content"] + "<|im_end|>"
+        assert ("never shown" in ours.decode(ids)) == ("max_documents" in kwargs)
+    with pytest.raises(ValueError, match="documents must be a list of dicts"):
+        ours.render_chat(CONVERSATION, documents=["2 + 3 = 5"])
