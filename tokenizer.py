@@ -296,8 +296,10 @@ class Tokenizer:
         stops = (self.im_end_id, ids.get("<|eot_id|>"), self.eot_id, eos_id)
         self.stop_ids = list(dict.fromkeys(i for i in stops if i is not None))
         template = chat_template or config.get("chat_template")
+        self.tool_template = None  # transformers renders with a template named tool_use, where given, when tools are
         if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+            named = {t.get("name"): t.get("template") for t in template}
+            template, self.tool_template = named.get("default"), named.get("tool_use")
         if template is None and self.im_start_id is not None and self.im_end_id is not None:
             template = CHAT_TEMPLATE
         self.chat_template = template
@@ -385,7 +387,8 @@ class Tokenizer:
                   "pad_token": names.get(self.eot_id), "unk_token": None}
         config |= self.special_token_names
         if self.chat_template:
-            config["chat_template"] = self.chat_template
+            config["chat_template"] = self.chat_template if self.tool_template is None else [
+                {"name": "default", "template": self.chat_template}, {"name": "tool_use", "template": self.tool_template}]
         with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, ensure_ascii=False, indent=2)
 
@@ -477,7 +480,8 @@ class Tokenizer:
         """variables: tools, documents and any other the template reads (enable_thinking, date_string, ...); they
         win over the special token names, as in transformers."""
         try:
-            return _compiled_template(self.chat_template).render(
+            tool_use = self.tool_template is not None and variables.get("tools") is not None
+            return _compiled_template(self.tool_template if tool_use else self.chat_template).render(
                 messages=messages, add_generation_prompt=add_generation_prompt,
                 **{**self.special_token_names, **variables})
         except (jinja2.TemplateError, TypeError, KeyError, IndexError, AttributeError) as e:

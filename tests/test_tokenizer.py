@@ -655,3 +655,21 @@ def test_documents_and_loop_controls(tmp_path):
         assert ("never shown" in ours.decode(ids)) == ("max_documents" in kwargs)
     with pytest.raises(ValueError, match="documents must be a list of dicts"):
         ours.render_chat(CONVERSATION, documents=["2 + 3 = 5"])
+
+
+def test_a_tool_use_template_renders_when_tools_are_given(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    (tmp_path / "a").mkdir()
+    path = model_dir(tmp_path / "a", "qwen2")
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "default", "template": QWEN2_TEMPLATE},
+                               {"name": "tool_use", "template": QWEN3_TEMPLATE}]
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    auto = transformers.AutoTokenizer.from_pretrained(str(path))
+    Tokenizer.load(str(path)).save(str(tmp_path / "b"))  # and saved as it was
+    for ours in (Tokenizer.load(str(path)), Tokenizer.load(str(tmp_path / "b"))):
+        for tools in (None, TOOLS):
+            ids, _ = ours.render_chat(CONVERSATION[:4], add_generation_prompt=True, tools=tools)
+            assert ids == auto.apply_chat_template(CONVERSATION[:4], add_generation_prompt=True, tools=tools,
+                                                   return_dict=False)
+            assert ("<tools>" in ours.decode(ids)) == (tools is not None)
