@@ -5,13 +5,15 @@ training, and the one chat renderer: the model's own chat_template (ChatML for o
 
     tokenizer = Tokenizer.load("data/demo/tokenizer")       # a directory holding tokenizer.json
     ids, loss_mask = tokenizer.render_chat(messages)        # 1 on what each assistant message adds
+    ids, _ = tokenizer.render_chat(messages, add_generation_prompt=True, tools=tools, enable_thinking=False)
     tokenizer = train_tokenizer(texts, vocab_size=2048)     # python data.py tokenizer ... runs this
 
 tokenizer.json's pipeline, in the `tokenizers` library's order: added tokens are cut out of the text, the
 normalizer runs on the text between them, the pre-tokenizer's splits run one after another (each on the pieces
 of the one before), and BPE runs on each final piece. tiktoken takes exactly one split regex, so the last split
 becomes tiktoken's regex and runs in Rust; only what one regex cannot say runs in Python: a normalizer, the
-splits before the last one of a Sequence (DeepSeek-V3's digit and CJK runs), added tokens' strip flags.
+splits before the last one of a Sequence (DeepSeek-V3's digit and CJK runs), added tokens' strip flags, and
+BPE on the pieces of a text holding a byte the vocab has no token for (the library drops such a byte).
 """
 import collections
 import datetime
@@ -387,8 +389,9 @@ class Tokenizer:
                   "pad_token": names.get(self.eot_id), "unk_token": None}
         config |= self.special_token_names
         if self.chat_template:
+            named = {"default": self.chat_template, "tool_use": self.tool_template}
             config["chat_template"] = self.chat_template if self.tool_template is None else [
-                {"name": "default", "template": self.chat_template}, {"name": "tool_use", "template": self.tool_template}]
+                {"name": name, "template": template} for name, template in named.items()]
         with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, ensure_ascii=False, indent=2)
 
@@ -461,7 +464,7 @@ class Tokenizer:
             if data in self._whole_only:
                 ids.append(self._whole_only[data])
             elif data := data.translate(None, self._missing):
-                ids += self._ids(self._tiktoken._encode_single_piece(data))  # BPE of the bytes, no regex split
+                ids += self._ids(self._tiktoken._encode_single_piece(data))  # tiktoken 0.14: BPE, no regex split
         return ids
 
     def decode_bytes(self, ids) -> bytes:
