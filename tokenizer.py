@@ -241,8 +241,8 @@ def _chat_messages(messages, roles):
         if not isinstance(role, str) or roles and role not in roles:
             raise ValueError(f"message {n}: role {role!r} is not one of {', '.join(roles or ['a string'])}")
         if not isinstance(content, str) and not (content is None and message.get("tool_calls")):
-            raise ValueError(f"message {n} ({role}): content must be a string, got {type(content).__name__} (None "
-                             "or none only in a message with tool_calls)")
+            raise ValueError(f"message {n} ({role}): content must be a string, got {type(content).__name__} (it "
+                             "may be None or left out only beside tool_calls)")
         reasoning = next((message[key] for key in REASONING_KEYS if key in message), None)
         out.append(message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning})
     return out
@@ -526,12 +526,13 @@ class Tokenizer:
         schemas), documents and template_kwargs (enable_thinking=False, date_string=...) go to the template as there.
         The mask is 1 on the tokens each assistant message adds: from the end of the conversation before it rendered
         with a generation prompt to the end of the conversation up to it, cut after its last special token (ChatML's
-        <|im_end|>, not the "\n" after it, which generation never produces); a token straddling the start counts
+        <|im_end|>, not the "\\n" after it, which generation never produces); a token straddling the start counts
         as the message's. A prompt (add_generation_prompt=True) is for generating: its mask is all 0."""
         if self.chat_template is None:
             raise ValueError(f"{self.source}: no chat_template (tokenizer_config.json or chat_template.jinja) and no "
                              "<|im_start|>/<|im_end|> tokens for ChatML, so this tokenizer cannot render a chat")
-        messages = _chat_messages(messages, CHAT_ROLES if self.chat_template == CHAT_TEMPLATE else None)
+        roles = CHAT_ROLES if self.chat_template == CHAT_TEMPLATE else None  # a model's template checks its own
+        messages = _chat_messages(messages, roles)
         for name, value in (("tools", tools), ("documents", documents)):
             if value is not None and not (isinstance(value, list) and all(isinstance(v, dict) for v in value)):
                 raise ValueError(f"{name} must be a list of dicts (JSON schemas for tools), got {value!r:.80}")
