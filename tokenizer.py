@@ -5,13 +5,15 @@ training, and the one chat renderer: the model's own chat_template (ChatML for o
 
     tokenizer = Tokenizer.load("data/demo/tokenizer")       # a directory holding tokenizer.json
     ids, loss_mask = tokenizer.render_chat(messages)        # 1 on what each assistant message adds
+    ids, _ = tokenizer.render_chat(messages, add_generation_prompt=True, tools=tools, enable_thinking=False)
     tokenizer = train_tokenizer(texts, vocab_size=2048)     # python data.py tokenizer ... runs this
 
 tokenizer.json's pipeline, in the `tokenizers` library's order: added tokens are cut out of the text, the
 normalizer runs on the text between them, the pre-tokenizer's splits run one after another (each on the pieces
 of the one before), and BPE runs on each final piece. tiktoken takes exactly one split regex, so the last split
 becomes tiktoken's regex and runs in Rust; only what one regex cannot say runs in Python: a normalizer, the
-splits before the last one of a Sequence (DeepSeek-V3's digit and CJK runs), added tokens' strip flags.
+splits before the last one of a Sequence (DeepSeek-V3's digit and CJK runs), added tokens' strip flags, and
+BPE on the pieces of a text holding a byte the vocab has no token for (the library drops such a byte).
 """
 import collections
 import datetime
@@ -22,6 +24,7 @@ import pathlib
 import sys
 import time
 import unicodedata
+import warnings
 from bisect import bisect_left, bisect_right
 from functools import cached_property, lru_cache, reduce
 from hashlib import sha256
@@ -54,7 +57,9 @@ CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role
                  "'<|im_end|>' + '\\n' }}{% endfor %}"
                  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 CHAT_ROLES = ("system", "user", "assistant")
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")  # transformers hands a template the first under all
 BEHAVIORS = ("Isolated", "Removed", "MergedWithPrevious", "MergedWithNext", "Contiguous")
+NOT_IN_UTF8 = bytes([0xC0, 0xC1, *range(0xF5, 0x100)])  # bytes no UTF-8 text holds
 
 
 def _bytes_to_unicode():
@@ -184,6 +189,20 @@ def _cut(text, matcher):
     return out + [(text[start:], None)] if start < len(text) else out
 
 
+def _library_ids(added, vocab, source):
+    """added_tokens with the ids the tokenizers library gives them, whatever the file says: the vocab's id where the
+    vocab holds the token, else the next after the largest so far, and at least the vocab's size (its length)."""
+    out, top = [], -1
+    for token in added:
+        given = vocab.get(token["content"], top + 1 if top >= len(vocab) else len(vocab))
+        if given != token["id"]:
+            warnings.warn(f"{source}: added token {token['content']!r} has id {token['id']} in the file; the "
+                          f"tokenizers library gives it id {given}, and so do we")
+        out.append(token | {"id": given})
+        top = max(top, given)
+    return out
+
+
 def _read_json(file):
     try:
         with open(file, encoding="utf-8") as f:
@@ -206,6 +225,27 @@ def _compiled_template(template):
         return env.from_string(template)
     except jinja2.TemplateError as e:
         raise ValueError(f"chat_template does not compile: {e}") from None
+
+
+def _chat_messages(messages, roles):
+    """The messages as transformers' apply_chat_template hands them to a template: keys holding None dropped (an
+    assistant message's content=None beside its tool_calls), a message's reasoning under each of REASONING_KEYS."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"messages must be a non-empty list of {{'role', 'content'}} dicts, got {messages!r:.80}")
+    out = []
+    for n, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"message {n} must be a {{'role', 'content'}} dict, got {type(message).__name__}")
+        message = {key: value for key, value in message.items() if value is not None}
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or roles and role not in roles:
+            raise ValueError(f"message {n}: role {role!r} is not one of {', '.join(roles or ['a string'])}")
+        if not isinstance(content, str) and not (content is None and message.get("tool_calls")):
+            raise ValueError(f"message {n} ({role}): content must be a string, got {type(content).__name__} (it "
+                             "may be None or left out only beside tool_calls)")
+        reasoning = next((message[key] for key in REASONING_KEYS if key in message), None)
+        out.append(message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning})
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -231,7 +271,7 @@ class Tokenizer:
         self.splits = _splits(hf_json.get("pre_tokenizer") or {}, source)  # [(regex, behavior, invert)]
         last = _one_regex(*self.splits[-1]) if self.splits else r"[\s\S]+"
         self._python_splits = [_python_split(*split) for split in self.splits[: -1 if last else None]]
-        added = hf_json.get("added_tokens", [])
+        added = _library_ids(hf_json.get("added_tokens", []), model.get("vocab", {}), source)
         self._added_ids = {t["content"]: t["id"] for t in added}
         self._build_bpe(model, added, last or r"[\s\S]+")
         # tiktoken cuts out added tokens itself where they have no flags and no normalizer or split runs in Python
@@ -258,8 +298,10 @@ class Tokenizer:
         stops = (self.im_end_id, ids.get("<|eot_id|>"), self.eot_id, eos_id)
         self.stop_ids = list(dict.fromkeys(i for i in stops if i is not None))
         template = chat_template or config.get("chat_template")
+        self.tool_template = None  # transformers renders with a template named tool_use, where given, when tools are
         if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+            named = {t.get("name"): t.get("template") for t in template}
+            template, self.tool_template = named.get("default"), named.get("tool_use")
         if template is None and self.im_start_id is not None and self.im_end_id is not None:
             template = CHAT_TEMPLATE
         self.chat_template = template
@@ -277,10 +319,18 @@ class Tokenizer:
         for token in added:  # the library decodes a normalized=True added token normalized
             normalize = self._normalize if token.get("normalized") and self._normalize else str
             token_bytes[token["id"]] = normalize(token["content"]).encode()
-        missing = [b for b in range(256) if BYTE_TO_CHAR[b] not in vocab]
-        if missing:
-            raise ValueError(f"{source}: {len(missing)} of the 256 single-byte tokens are missing (e.g. byte "
-                             f"{missing[0]}); train with all 256 (initial_alphabet=ByteLevel.alphabet())")
+        missing = bytes(b for b in range(256) if BYTE_TO_CHAR[b] not in vocab)
+        if missing:  # published vocabs often lack control bytes their training text never held
+            warnings.warn(f"{source}: {len(missing)} of the 256 single-byte tokens are missing (bytes "
+                          f"{' '.join(f'{b:02x}' for b in missing)}): encoding drops them from the text, as the "
+                          "tokenizers library does")
+        # text is checked for the missing bytes that UTF-8 can hold, and loses them before BPE (_encode_ordinary)
+        self._missing = missing.translate(None, NOT_IN_UTF8)
+        # with ignore_merges the library looks a whole piece up first; a token holding a missing byte (BPE never
+        # makes it: the byte is dropped) is found only that way
+        gone = {BYTE_TO_CHAR[b] for b in missing} if model.get("ignore_merges") else set()
+        self._whole_only = {token_bytes[i]: i for text, i in vocab.items()
+                            if not gone.isdisjoint(text) and text not in self._added_ids}
         # tiktoken merges the adjacent pair whose joined bytes have the lowest rank; HF merges the pair listed
         # first in `merges`. Both agree when a token's rank is the index of the merge that made it.
         merged_ids, seen = [], set()
@@ -291,7 +341,8 @@ class Tokenizer:
             if left + right not in seen:  # a token made by two merges: the first one ranks it
                 seen.add(left + right)
                 merged_ids.append(vocab[left + right])
-        bpe_ids, added_ids = [vocab[BYTE_TO_CHAR[b]] for b in range(256)] + merged_ids, self._added_ids
+        bpe_ids = [vocab[BYTE_TO_CHAR[b]] for b in range(256) if b not in missing] + merged_ids
+        added_ids = self._added_ids
         if all(a < b for a, b in zip(merged_ids, merged_ids[1:])) and \
                 len(set(bpe_ids) | set(added_ids.values())) == len(bpe_ids) + len(added_ids):
             self._rank_to_id = None  # the usual case (GPT-2, Llama 3, Qwen, ours): rank == id
@@ -300,11 +351,14 @@ class Tokenizer:
             self._rank_to_id = bpe_ids + list(added_ids.values())
             ranks = {token_bytes[i]: rank for rank, i in enumerate(bpe_ids)}
             special_ranks = {content: len(bpe_ids) + n for n, content in enumerate(added_ids)}
+        top = max([*ranks.values(), *special_ranks.values()]) + 1  # tiktoken needs a rank for every byte: these
+        ranks |= {bytes([b]): top + n for n, b in enumerate(missing)}  # never come out (no piece holds the byte)
         try:
             self._tiktoken = tiktoken.Encoding("tokenizer", pat_str=pattern, mergeable_ranks=ranks,
                                                special_tokens=special_ranks)
         except Exception as e:
             raise ValueError(f"{source}: tiktoken rejects the split pattern {pattern!r}: {e}") from None
+        self._last_split = regex.compile(pattern) if self._missing else None
         self.vocab_size = max(token_bytes) + 1
         self._decode_table = [token_bytes.get(i) for i in range(self.vocab_size)]
 
@@ -340,7 +394,9 @@ class Tokenizer:
                   "pad_token": names.get(self.eot_id), "unk_token": None}
         config |= self.special_token_names
         if self.chat_template:
-            config["chat_template"] = self.chat_template
+            named = {"default": self.chat_template, "tool_use": self.tool_template}
+            config["chat_template"] = self.chat_template if self.tool_template is None else [
+                {"name": name, "template": template} for name, template in named.items()]
         with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, ensure_ascii=False, indent=2)
 
@@ -357,7 +413,7 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Plain text: '<|im_end|>' typed by a user stays text, never becomes the special token (added tokens not
         marked special still match, as in the tokenizers library with encode_special_tokens=True)."""
-        if self._fast:
+        if self._fast and not self._holds_missing(text):
             if not self._plain_added:
                 return self._ids(self._tiktoken.encode_ordinary(text))
             return self._ids(self._tiktoken.encode(text, allowed_special=self._plain_added, disallowed_special=()))
@@ -365,9 +421,16 @@ class Tokenizer:
 
     def encode_with_special(self, text: str) -> list[int]:
         """Special-token strings in `text` become their ids, as Hugging Face tokenizers do."""
-        if self._fast:
+        if self._fast and not self._holds_missing(text):
             return self._ids(self._tiktoken.encode(text, allowed_special="all"))
         return self._encode(text, special=True)
+
+    def _holds_missing(self, text):
+        """Whether text holds a byte the vocab has no token for (a C-speed check; most text holds none)."""
+        if not self._missing:
+            return False
+        data = text.encode(errors="surrogatepass")
+        return len(data.translate(None, self._missing)) != len(data)
 
     def _cut_added(self, text, special):
         """The library's order: added tokens found in the raw text (normalized=False ones), the text between them
@@ -382,7 +445,7 @@ class Tokenizer:
         return pieces
 
     def _encode(self, text, special):
-        ids, encode = [], self._tiktoken.encode_ordinary
+        ids = []
         for piece, token_id in self._cut_added(text, special):
             if token_id is not None:
                 ids.append(token_id)
@@ -390,7 +453,23 @@ class Tokenizer:
             pieces = [piece]
             for split in self._python_splits:
                 pieces = [p for piece in pieces for p in split(piece)]
-            ids += self._ids([t for p in pieces for t in encode(p)])
+            ids += [t for p in pieces for t in self._encode_ordinary(p)]
+        return ids
+
+    def _encode_ordinary(self, text):
+        """tiktoken's encode_ordinary, as ids. The library's BPE skips a byte with no token and merges the bytes
+        around it as if adjacent: so each piece of the split loses those bytes before BPE, one by one (splitting
+        the text without them could cut it elsewhere)."""
+        if not self._holds_missing(text):
+            return self._ids(self._tiktoken.encode_ordinary(text))
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # a lone surrogate: as tiktoken
+        ids = []
+        for piece in self._last_split.findall(text):
+            data = piece.encode()
+            if data in self._whole_only:
+                ids.append(self._whole_only[data])
+            elif data := data.translate(None, self._missing):
+                ids += self._ids(self._tiktoken._encode_single_piece(data))  # tiktoken 0.14: BPE, no regex split
         return ids
 
     def decode_bytes(self, ids) -> bytes:
@@ -405,27 +484,33 @@ class Tokenizer:
 
     # --- chat -----------------------------------------------------------------
 
-    def _render(self, messages, add_generation_prompt):
+    def _render(self, messages, add_generation_prompt, variables):
+        """variables: tools, documents and any other the template reads (enable_thinking, date_string, ...); they
+        win over the special token names, as in transformers."""
         try:
-            return _compiled_template(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **self.special_token_names)
+            tool_use = self.tool_template is not None and variables.get("tools") is not None
+            return _compiled_template(self.tool_template if tool_use else self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                **{**self.special_token_names, **variables})
         except (jinja2.TemplateError, TypeError, KeyError, IndexError, AttributeError) as e:
             raise ValueError(f"chat_template: {type(e).__name__}: {e}") from None
 
     def _as_tokenized(self, text):
-        """The bytes the ids of `text` decode to: text after normalization and added tokens' strip flags."""
-        return text.encode() if self._fast else b"".join(p.encode() for p, _ in self._cut_added(text, True))
+        """The bytes the ids of `text` decode to: text after normalization and added tokens' strip flags, without
+        the bytes the vocab has no token for."""
+        data = text.encode() if self._fast else b"".join(p.encode() for p, _ in self._cut_added(text, True))
+        return data.translate(None, self._missing)
 
     def _encode_chat(self, messages, text):
         """The rendered chat's ids: special-token strings are special tokens where the template wrote them and
         text where a message's content holds them, so a user typing '<|im_end|>' cannot end a turn or open one."""
-        typed = [t for t in self._added_ids if t not in self._plain_added and any(t in m["content"] for m in messages)]
+        contents = [m.get("content", "") for m in messages]
+        typed = [t for t in self._added_ids if t not in self._plain_added and any(t in c for c in contents)]
         if not typed:
             return self.encode_with_special(text)
         spans, start = [], 0  # where the template put those contents (as they are, or stripped)
-        for message in (m for m in messages if any(t in m["content"] for t in typed)):
-            found = [(k, len(c)) for c in (message["content"], message["content"].strip())
-                     if (k := text.find(c, start)) >= 0]
+        for content in (c for c in contents if any(t in c for t in typed)):
+            found = [(k, len(c)) for c in (content, content.strip()) if (k := text.find(c, start)) >= 0]
             if not found:
                 raise ValueError(f"a message holds the special token {typed[0]!r} and chat_template changes its "
                                  "content, so it cannot be kept as text: remove it from the message")
@@ -439,39 +524,39 @@ class Tokenizer:
                 plain_from = found.end()
         return ids + self.encode(text[plain_from:])
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None,
+                    documents: list[dict] | None = None, **template_kwargs) -> tuple[list[int], list[int]]:
         """messages -> (ids, loss_mask): rendered with the chat_template (ChatML for ours) and tokenized as
-        transformers' apply_chat_template does, but for contents holding special tokens (_encode_chat). The mask is
-        1 on the tokens each assistant message adds: from the end of the conversation before it rendered with a
-        generation prompt to the end of the conversation up to it, cut after its last special token (ChatML's
+        transformers' apply_chat_template does, but for contents holding special tokens (_encode_chat). tools (JSON
+        schemas), documents and template_kwargs (enable_thinking=False, date_string=...) go to the template as there.
+        The mask is 1 on the tokens each assistant message adds: from the end of the conversation before it rendered
+        with a generation prompt to the end of the conversation up to it, cut after its last special token (ChatML's
         <|im_end|>, not the "\\n" after it, which generation never produces); a token straddling the start counts
         as the message's. A prompt (add_generation_prompt=True) is for generating: its mask is all 0."""
         if self.chat_template is None:
             raise ValueError(f"{self.source}: no chat_template (tokenizer_config.json or chat_template.jinja) and no "
                              "<|im_start|>/<|im_end|> tokens for ChatML, so this tokenizer cannot render a chat")
-        if not isinstance(messages, list) or not messages:
-            raise ValueError(f"messages must be a non-empty list of {{'role', 'content'}} dicts, got {messages!r:.80}")
         roles = CHAT_ROLES if self.chat_template == CHAT_TEMPLATE else None  # a model's template checks its own
-        for n, message in enumerate(messages):
-            role, content = (message.get("role"), message.get("content")) if isinstance(message, dict) else (0, 0)
-            if not isinstance(role, str) or roles and role not in roles:
-                raise ValueError(f"message {n}: role {role!r} is not one of {', '.join(roles or ['a string'])}")
-            if not isinstance(content, str):
-                raise ValueError(f"message {n} ({role}): content must be a string, got {type(content).__name__}")
-        text = self._render(messages, add_generation_prompt)
+        messages = _chat_messages(messages, roles)
+        for name, value in (("tools", tools), ("documents", documents)):
+            if value is not None and not (isinstance(value, list) and all(isinstance(v, dict) for v in value)):
+                raise ValueError(f"{name} must be a list of dicts (JSON schemas for tools), got {value!r:.80}")
+        variables = {"tools": tools, "documents": documents, **template_kwargs}
+        text = self._render(messages, add_generation_prompt, variables)
         ids = self._encode_chat(messages, text)
         mask = [0] * len(ids)
         if add_generation_prompt:
             return ids, mask
         full, ends = self._as_tokenized(text), list(accumulate(len(self._decode_table[i]) for i in ids))
         if self.decode_bytes(ids) != full:
-            raise ValueError(f"{self.source}: the pre_tokenizer drops text (a Split with behavior Removed), so "
+            raise ValueError(f"{self.source}: the ids do not decode to the rendered text (a Split with behavior "
+                             "Removed drops text, or ignore_merges found a token holding a byte the vocab lacks), so "
                              "tokens cannot be matched to messages for the loss mask")
         added = set(self._added_ids.values())
         for n, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            start, end = (self._as_tokenized(self._render(messages[:k], k == n)) for k in (n, n + 1))
+            start, end = (self._as_tokenized(self._render(messages[:k], k == n, variables)) for k in (n, n + 1))
             if not (full.startswith(start) and full.startswith(end)):
                 raise ValueError(f"chat_template renders messages[:{n + 1}] differently inside the whole "
                                  f"conversation, so the tokens message {n} adds are not defined")

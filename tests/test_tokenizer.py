@@ -1,6 +1,7 @@
 # tokenizer.py against the `tokenizers` library: tokenizer.json files in the shapes of the families model.py loads
 # (Llama 3, Qwen2/3, DeepSeek-V3), every Split behavior, normalizers and added-token flags, trained here on
 # bilingual text; and chat templates against transformers' apply_chat_template.
+import datetime
 import json
 import os
 import random
@@ -25,7 +26,14 @@ FRAGMENTS = [
     "ΟΔΟΣ Σίσυφος İstanbul straße", "café cafe\u0301 naïve ñ", " " * 17, "\t\t  \n\n\n", "a  b   c    d",
     "<|im_end|>", "<|im_start|>user\n", "<|endoftext|>", "x[MASK]y", " [MASK] ", "<think>ok</think>",
     "CRLF\r\n\r\nend", "trailing   ", "价格：￥１２３。", "😀😀😀😀", "https://example.com/a?b=1&c=2",
+    "👨‍👩‍👧‍👦 🏳️‍🌈 🧑🏽‍💻 👍🏿", "e\u0301\u0302 a\u0308\u0304 ก\u0e31\u0e49 n\u0303\u20dd", "98765432109876543210123456",
+    "bad \ufffd bytes \ufffd\ufffd", "tab\there\x00nul\x1besc[0m\x7fdel\x85nel",
 ]
+CONTROLS = "".join(map(chr, [*range(0x20), 0x7F, *range(0x80, 0xA0)]))  # C0, DEL, C1
+WHITESPACE = " \xa0\u1680" + "".join(map(chr, range(0x2000, 0x200E))) + "\u2028\u2029\u202f\u205f\u3000\ufeff"
+# 21 bytes a published vocab may lack: control bytes, one UTF-8 continuation byte (every emoji here holds 0x9f) and
+# bytes no UTF-8 text holds
+DROPPED = bytes([*range(9), *range(0x0E, 0x14), 0x1C, 0x7F, 0x9F, 0xC0, 0xC1, 0xFF])
 
 
 def texts(n, seed=0):
@@ -33,22 +41,33 @@ def texts(n, seed=0):
     rng = random.Random(seed)
     ranges = [(32, 0x250), (0x3000, 0x30FF), (0x4E00, 0x9FA5), (0xFF00, 0xFFEF), (0x1F300, 0x1F64F)]  # CJK, kana, emoji
     soup = "".join(chr(rng.randrange(*rng.choice(ranges))) for _ in range(400))
-    soup += " \t\n\r\x0b\x0c\x1c\x85\xa0\u2028\u3000" * 3
+    soup += (CONTROLS + WHITESPACE) * 2
     out = []
     for _ in range(n):
         parts = [rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 4))]
         parts.insert(rng.randrange(len(parts) + 1), "".join(rng.choice(soup) for _ in range(rng.randint(0, 30))))
         out.append(rng.choice(["", " ", "\n"]).join(parts))
-    return out + ["", " ", "\n", " " * 300, "1" * 50, "中" * 40]
+    return out + ["", " ", "\n", " " * 300, "1" * 50, "中" * 40, CONTROLS + WHITESPACE]
 
 
-def train(pre_tokenizer, normalizer=None, vocab_size=600, ignore_merges=False, specials=SPECIALS):
-    """A byte-level BPE tokenizer trained with the `tokenizers` library on the bilingual texts."""
+def train(pre_tokenizer, normalizer=None, vocab_size=600, ignore_merges=False, specials=SPECIALS, dropped=b""):
+    """A byte-level BPE tokenizer trained with the `tokenizers` library on the bilingual texts. With `dropped`, shaped
+    as published vocabs are: those single-byte tokens deleted with the merges that use them (the tokens those merges
+    made stay), the special tokens in the vocab too (the library keeps an added token's id only there): the first
+    last (GPT-2's <|endoftext|>), the others in the middle of the id range, where the deleted bytes were."""
     hf = tokenizers.Tokenizer(models.BPE(ignore_merges=ignore_merges))
     hf.normalizer, hf.pre_tokenizer, hf.decoder = normalizer, pre_tokenizer, decoders.ByteLevel()
     hf.train_from_iterator(texts(400, seed=1) * 2, trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, show_progress=False, initial_alphabet=pre.ByteLevel.alphabet()))
-    return hf
+    if not dropped:
+        return hf
+    spec = json.loads(hf.to_str())
+    vocab, gone = spec["model"]["vocab"], [tk.BYTE_TO_CHAR[b] for b in dropped]
+    spec["model"]["merges"] = [m for m in spec["model"]["merges"] if m[0] not in gone and m[1] not in gone]
+    free = sorted(vocab.pop(text) for text in gone + specials)
+    for n, token in enumerate(spec["added_tokens"]):
+        token["id"] = vocab[token["content"]] = max(vocab.values()) + 1 if n == 0 else free[len(free) // 2 + n]
+    return tokenizers.Tokenizer.from_str(json.dumps(spec))
 
 
 def with_pre_tokenizer(hf, pre_tokenizer):
@@ -58,8 +77,13 @@ def with_pre_tokenizer(hf, pre_tokenizer):
     return tokenizers.Tokenizer.from_str(json.dumps(spec))
 
 
-def check_same(hf, texts_, exact_decode=True):
-    ours = Tokenizer(json.loads(hf.to_str()))
+def check_same(hf, texts_, exact_decode=True, spec=None):
+    """Ours, made from `spec` (the library's own JSON by default), gives the library's ids and decodes."""
+    ours = Tokenizer(spec or json.loads(hf.to_str()))
+    ids, rng = sorted(hf.get_vocab().values()), random.Random(0)
+    for length in [1, 2, 3, 5, 8] * 40:  # random ids: byte tokens that are invalid UTF-8 alone or together
+        some = rng.choices(ids, k=length)
+        assert ours.decode(some) == hf.decode(some, skip_special_tokens=False), some
     for text in texts_:
         hf.encode_special_tokens = False
         ids = hf.encode(text, add_special_tokens=False).ids
@@ -92,13 +116,36 @@ def test_deepseek_v3_shape_matches(deepseek):
     assert pieces == ["123", "45", "Ġ", "ä¸ŃæĸĩãĤ«ãĥĬ"]  # the split shape is DeepSeek's: digits by 3, CJK+kana runs
 
 
+def family_pre_tokenizer(family):
+    """The family's splits, then ByteLevel; GPT-2's is ByteLevel's own regex."""
+    patterns = {"llama3": [tk.LLAMA3_SPLIT_PATTERN], "qwen2": [tk.SPLIT_PATTERN],
+                "deepseek3": tk.DEEPSEEK3_SPLIT_PATTERNS}.get(family)
+    return pre.Sequence([*map(split, patterns), BYTE_LEVEL]) if patterns else pre.ByteLevel(add_prefix_space=False)
+
+
 @pytest.mark.parametrize("family", ["llama3", "qwen2", "gpt2"])
 def test_single_regex_families_match(family):
-    pattern = {"llama3": tk.LLAMA3_SPLIT_PATTERN, "qwen2": tk.SPLIT_PATTERN}.get(family)
-    hf = train(pre.Sequence([split(pattern), BYTE_LEVEL]) if pattern else pre.ByteLevel(add_prefix_space=False),
-               normalizers.NFC() if family == "qwen2" else None, ignore_merges=family == "llama3")
+    hf = train(family_pre_tokenizer(family), normalizers.NFC() if family == "qwen2" else None,
+               ignore_merges=family == "llama3")
     ours = check_same(hf, texts(2000), exact_decode=family != "qwen2")
     assert ours._python_splits == [] and ours._fast == (family != "qwen2")  # Qwen2's NFC runs in Python
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "gpt2", "deepseek3"])
+def test_published_vocab_lacking_bytes_matches(family):
+    """The library drops a byte with no token and merges across it; ids in the middle of the vocab are added tokens."""
+    hf = train(family_pre_tokenizer(family), ignore_merges=family == "llama3", dropped=DROPPED)
+    hf.add_tokens([AddedToken("<think>", normalized=True, special=False), AddedToken("</think>")])
+    with pytest.warns(UserWarning, match="21 of the 256 single-byte tokens are missing .bytes 00 01 02 03 04 05 06"):
+        ours = check_same(hf, texts(2000, seed=5) + [CONTROLS, "x\x04y \x04\x04", "😀😀 😀"], exact_decode=False)
+    assert ours._fast == (family != "deepseek3") and len(ours._missing) == 18  # 0xc0 0xc1 0xff are not in UTF-8
+    if family != "deepseek3":  # where "_\x04_" is one piece, the bytes around the dropped one merge
+        assert ours.encode("_\x04_\x1c") == hf.encode("_\x04_\x1c").ids == [hf.token_to_id("__")]
+    assert ours.decode_bytes(ours.encode(CONTROLS)) == CONTROLS.encode().translate(None, DROPPED)
+    if family != "llama3":  # tiktoken looks a whole piece up first, as ignore_merges does: the same here
+        gone = {tk.BYTE_TO_CHAR[b] for b in DROPPED}  # BPE never makes a token holding those: the bytes go first
+        assert all([t.id for t in hf.model.tokenize(text)] == [i] for text, i in hf.get_vocab(False).items()
+                   if gone.isdisjoint(text) and text not in SPECIALS)
 
 
 def test_nfkc_digits_and_byte_level_regex(tmp_path):
@@ -145,6 +192,22 @@ def test_shuffled_ids_and_a_vocab_holding_the_added_tokens(deepseek):
     hf = tokenizers.Tokenizer.from_str(json.dumps(spec))
     assert Tokenizer(spec)._rank_to_id is not None
     check_same(hf, texts(300, seed=4))
+
+
+def test_added_token_ids_are_the_librarys(deepseek):
+    """The library keeps an added token's id only where the vocab holds the token, and numbers the others on from
+    the vocab's size, whatever ids the file gives them."""
+    spec = json.loads(deepseek.to_str())
+    size = len(spec["model"]["vocab"])
+    spec["added_tokens"] += [spec["added_tokens"][0] | {"id": 7, "content": "<tool>"},  # 7 is a vocab token's
+                             spec["added_tokens"][0] | {"id": 10**4, "content": "</tool>", "special": False}]
+    hf = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    with pytest.warns(UserWarning) as caught:
+        ours = check_same(hf, texts(200, seed=6) + ["<tool>x</tool>"], spec=spec)
+    assert [str(w.message) for w in caught] == [f"tokenizer.json: added token {t!r} has id {i} in the file; the "
+                                                f"tokenizers library gives it id {size + n}, and so do we"
+                                                for n, (t, i) in enumerate([("<tool>", 7), ("</tool>", 10**4)])]
+    assert ours.encode_with_special("<tool></tool>") == [size, size + 1]
 
 
 @pytest.mark.parametrize("change, message", [
@@ -204,9 +267,9 @@ CONVERSATION = [{"role": "system", "content": "You add numbers."}, {"role": "use
                 {"role": "assistant", "content": "<think>4 - 1</think>4 减 1 等于 3。"}]
 
 
-def model_dir(path, family):
+def model_dir(path, family, dropped=b""):
     template, specials, bos, eos, patterns, _ = FAMILIES[family]
-    hf = train(pre.Sequence([*map(split, patterns), BYTE_LEVEL]), vocab_size=400, specials=specials)
+    hf = train(pre.Sequence([*map(split, patterns), BYTE_LEVEL]), vocab_size=400, specials=specials, dropped=dropped)
     hf.save(str(path / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "clean_up_tokenization_spaces": False,
               "eos_token": {"__type": "AddedToken", "content": eos, "special": True}}  # a name in either form
@@ -237,6 +300,21 @@ def test_chat_templates_match_transformers(family, tmp_path):
                        if family == "deepseek3" else m["content"] for m in conversation if m["role"] == "assistant"]
             assert ours.decode([i for i, m in zip(ids, mask) if m]) == \
                 ("" if generation_prompt else "".join(a + end for a in answers))
+
+
+def test_chat_holding_bytes_the_vocab_lacks(tmp_path):
+    """Those bytes vanish from the ids: the loss mask still finds each message's tokens."""
+    transformers = pytest.importorskip("transformers")
+    path = model_dir(tmp_path, "llama3", dropped=DROPPED)
+    with pytest.warns(UserWarning, match="21 of the 256 single-byte tokens are missing"):
+        ours = Tokenizer.load(str(path))
+    auto = transformers.AutoTokenizer.from_pretrained(str(path))
+    answer = "\x07 rung\x04 😀\x7f"
+    conversation = [{"role": "user", "content": "ring\x07 the\x00 bell"}, {"role": "assistant", "content": answer}]
+    ids, mask = ours.render_chat(conversation)
+    assert ids == auto.apply_chat_template(conversation, return_dict=False)
+    assert ours.decode_bytes([i for i, m in zip(ids, mask) if m]) == answer.encode().translate(None, DROPPED) + \
+        b"<|eot_id|>"
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -327,3 +405,271 @@ def test_saved_tokenizer_keeps_its_template_and_ours_write_chatml(tmp_path):
     trained.save(str(tmp_path / "c"))
     config = json.loads((tmp_path / "c" / "tokenizer_config.json").read_text())
     assert config["chat_template"] == tk.CHAT_TEMPLATE == Tokenizer.load(str(tmp_path / "c")).chat_template
+
+
+# ----------------------------------------------------------------------------- published templates with tools
+# written here in the form of Qwen3's and Llama 3.1's published templates, and a RAG template with loop controls
+
+QWEN3_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and
+           not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = '' %}
+    {%- endif %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in content %}
+                {%- set reasoning_content =
+                        content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+                {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {%- if loop.last or (not loop.last and reasoning_content) %}
+                {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') +
+                    '\n</think>\n\n' + content.lstrip('\n') }}
+            {%- else %}
+                {{- '<|im_start|>' + message.role + '\n' + content }}
+            {%- endif %}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\n' + content }}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- endif %}
+{%- endif %}"""
+LLAMA31_TEMPLATE = r"""{{- bos_token }}
+{%- if custom_tools is defined %}
+    {%- set tools = custom_tools %}
+{%- endif %}
+{%- if not tools_in_user_message is defined %}
+    {%- set tools_in_user_message = true %}
+{%- endif %}
+{%- if not date_string is defined %}
+    {%- if strftime_now is defined %}
+        {%- set date_string = strftime_now("%d %b %Y") %}
+    {%- else %}
+        {%- set date_string = "26 Jul 2024" %}
+    {%- endif %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+{%- if tools is not none %}
+    {{- "Environment: ipython\n" }}
+{%- endif %}
+{{- "Cutting Knowledge Date: December 2023\n" }}
+{{- "Today Date: " + date_string + "\n\n" }}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+{%- if tools_in_user_message and not tools is none %}
+    {%- if messages | length != 0 %}
+        {%- set first_user_message = messages[0]['content']|trim %}
+        {%- set messages = messages[1:] %}
+    {%- else %}
+        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
+    {%- endif %}
+    {{- '<|start_header_id|>user<|end_header_id|>\n\n' -}}
+    {{- "Given the following functions, please respond with a JSON for a function call " }}
+    {{- "with its proper arguments that best answers the given prompt.\n\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\n\n" }}
+    {%- endfor %}
+    {{- first_user_message + "<|eot_id|>"}}
+{%- endif %}
+{%- for message in messages %}
+    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim +
+            '<|eot_id|>' }}
+    {%- elif 'tool_calls' in message %}
+        {%- if not message.tool_calls|length == 1 %}
+            {{- raise_exception("This model only supports single tool-calls at once!") }}
+        {%- endif %}
+        {%- set tool_call = message.tool_calls[0].function %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
+        {{- '{"name": "' + tool_call.name + '", ' }}
+        {{- '"parameters": ' }}
+        {{- tool_call.arguments | tojson }}
+        {{- "}" }}
+        {{- "<|eot_id|>" }}
+    {%- elif message.role == "tool" or message.role == "ipython" %}
+        {{- "<|start_header_id|>ipython<|end_header_id|>\n\n" }}
+        {%- if message.content is mapping or message.content is iterable %}
+            {{- message.content | tojson }}
+        {%- else %}
+            {{- message.content }}
+        {%- endif %}
+        {{- "<|eot_id|>" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}"""
+RAG_TEMPLATE = r"""{%- for message in messages %}
+    {%- if loop.first and documents %}
+        {{- '<|im_start|>system\nDocuments:' }}
+        {%- for document in documents %}
+            {%- if loop.index > max_documents | default(2) %}{% break %}{% endif %}
+            {%- if not document.text %}{% continue %}{% endif %}
+            {{- '\n[' + loop.index | string + '] ' + document.title + ': ' + document.text }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- endif %}
+    {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"""
+TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add two numbers <|im_end|> exactly.",
+          "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+                         "required": ["a", "b"]}}}]
+TOOL_CALL = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+TOOL_CONVERSATION = [
+    {"role": "system", "content": "You add numbers."}, {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": None, "reasoning": "Use the tool.", "tool_calls": [TOOL_CALL]},
+    {"role": "tool", "content": "5", "name": "add"}, {"role": "assistant", "content": "2 + 3 = 5.", "tool_calls": None}]
+
+
+def render_both(tmp_path, family, template, conversation, **kwargs):
+    """(ours, transformers') ids of the conversation under `template`, and our loss mask."""
+    transformers = pytest.importorskip("transformers")
+    path = model_dir(tmp_path, family)
+    ours, auto = Tokenizer.load(str(path)), transformers.AutoTokenizer.from_pretrained(str(path))
+    ours.chat_template = template
+    ids, mask = ours.render_chat(conversation, **kwargs)
+    return ours, ids, mask, auto.apply_chat_template(conversation, chat_template=template, return_dict=False, **kwargs)
+
+
+def learned(ours, ids, mask):
+    return ours.decode([i for i, m in zip(ids, mask) if m])
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"tools": TOOLS}, {"tools": TOOLS, "add_generation_prompt": True},
+                                    {"add_generation_prompt": True, "enable_thinking": False}])
+def test_qwen3_template_with_tools_reasoning_and_enable_thinking(tmp_path, kwargs):
+    conversation = TOOL_CONVERSATION + [{"role": "user", "content": "And 4 + 4?"}] \
+        if kwargs.get("add_generation_prompt") else TOOL_CONVERSATION
+    ours, ids, mask, theirs = render_both(tmp_path, "qwen2", QWEN3_TEMPLATE, conversation, **kwargs)
+    assert ids == theirs
+    if kwargs.get("add_generation_prompt"):
+        assert not any(mask) and ours.decode(ids).endswith("<|im_start|>assistant\n" + (
+            "<think>\n\n</think>\n\n" if "enable_thinking" in kwargs else ""))
+    else:  # each reply with its reasoning and tool call, as the model would write them after the generation prompt
+        assert learned(ours, ids, mask) == ('<think>\nUse the tool.\n</think>\n\n<tool_call>\n{"name": "add", '
+                                            '"arguments": {"a": 2, "b": 3}}\n</tool_call><|im_end|>'
+                                            "<think>\n\n</think>\n\n2 + 3 = 5.<|im_end|>")
+    assert ("<tools>" in ours.decode(ids)) == ("tools" in kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"date_string": "01 Jan 2030"}, {"tools": TOOLS}, {"tools_in_user_message":
+                                    False, "tools": TOOLS, "add_generation_prompt": True}])
+def test_llama31_template_with_strftime_now_and_tools(tmp_path, kwargs):
+    conversation = TOOL_CONVERSATION[:2] + TOOL_CONVERSATION[2:] * ("tools" in kwargs)
+    ours, ids, mask, theirs = render_both(tmp_path, "llama3", LLAMA31_TEMPLATE, conversation, **kwargs)
+    assert ids == theirs
+    text = ours.decode(ids)
+    assert "Today Date: " + kwargs.get("date_string", datetime.datetime.now().strftime("%d %b %Y")) in text
+    if "tools" in kwargs and not kwargs.get("add_generation_prompt"):  # the tool call as JSON, then the answer
+        assert learned(ours, ids, mask) == \
+            '{"name": "add", "parameters": {"a": 2, "b": 3}}<|eot_id|>2 + 3 = 5.<|eot_id|>'
+    with pytest.raises(ValueError, match="chat_template: TemplateError: This model only supports single tool-calls"):
+        ours.render_chat([{"role": "assistant", "tool_calls": [TOOL_CALL] * 2}])
+
+
+def test_documents_and_loop_controls(tmp_path):
+    documents = [{"title": "Sums", "text": "2 + 3 = 5"}, {"title": "Empty", "text": ""},
+                 {"title": "Products", "text": "2 * 3 = 6"}, {"title": "Beyond", "text": "never shown"}]
+    for kwargs in ({"documents": documents}, {"documents": documents, "max_documents": 4}, {}):
+        ours, ids, mask, theirs = render_both(tmp_path, "qwen2", RAG_TEMPLATE, CONVERSATION[1:3], **kwargs)
+        assert ids == theirs and learned(ours, ids, mask) == CONVERSATION[2]["content"] + "<|im_end|>"
+        assert ("never shown" in ours.decode(ids)) == ("max_documents" in kwargs)
+    with pytest.raises(ValueError, match="documents must be a list of dicts"):
+        ours.render_chat(CONVERSATION, documents=["2 + 3 = 5"])
+
+
+def test_a_tool_use_template_renders_when_tools_are_given(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    (tmp_path / "a").mkdir()
+    path = model_dir(tmp_path / "a", "qwen2")
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "default", "template": QWEN2_TEMPLATE},
+                               {"name": "tool_use", "template": QWEN3_TEMPLATE}]
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    auto = transformers.AutoTokenizer.from_pretrained(str(path))
+    Tokenizer.load(str(path)).save(str(tmp_path / "b"))  # and saved as it was
+    for ours in (Tokenizer.load(str(path)), Tokenizer.load(str(tmp_path / "b"))):
+        for tools in (None, TOOLS):
+            ids, _ = ours.render_chat(CONVERSATION[:4], add_generation_prompt=True, tools=tools)
+            assert ids == auto.apply_chat_template(CONVERSATION[:4], add_generation_prompt=True, tools=tools,
+                                                   return_dict=False)
+            assert ("<tools>" in ours.decode(ids)) == (tools is not None)
