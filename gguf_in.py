@@ -267,7 +267,8 @@ def tokenizer_json(metadata, path):
     added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
               "special": kind == CONTROL} for i, (t, kind) in enumerate(zip(tokens, types))
              if kind in (CONTROL, USER_DEFINED)]
-    vocab = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind not in (CONTROL, USER_DEFINED, UNUSED)}
+    # added tokens in the vocab too, as the tokenizers library writes them: it keeps a file's added-token id only then
+    vocab = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind != UNUSED}
     model = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
              "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
              "ignore_merges": PRE_ALIASES.get(pre, pre) == "llama-bpe",  # Llama 3's tokenizer.json sets it
