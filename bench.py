@@ -274,9 +274,10 @@ def bench_gguf_load(args):
         del model
         path = os.path.join(directory, "model-q4_k_m.gguf")
         subprocess.run([quantize, f32, path, "Q4_K_M"], check=True, capture_output=True)
-        print(f"== gguf_load: {args.gguf_preset} (random weights) as a Q4_K_M file of {os.path.getsize(path) / 1e6:.0f} "
-              "MB made by llama-quantize, loaded to a float32 model and its tokenizer, each implementation in a "
-              "fresh process; peak = the process's peak RSS (Python and torch included)")
+        size = os.path.getsize(path) / 1e6
+        print(f"== gguf_load: {args.gguf_preset} (random weights) as a Q4_K_M file of {size:.0f} MB made by "
+              "llama-quantize, loaded to a float32 model and its tokenizer, each implementation in a fresh process; "
+              "peak = the process's peak RSS (Python and torch included)")
         context, results = multiprocessing.get_context("spawn"), {}
         for impl in ("gguf_in.py", "transformers"):
             queue = context.Queue()

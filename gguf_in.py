@@ -6,7 +6,7 @@ MODELDIR is taken, a .gguf file is too: model.py and tokenizer.py hand such path
     model = Transformer.from_pretrained("smollm2-135m-q4_k_m.gguf")   # read_model(): config + weights
     tokenizer = Tokenizer.load("smollm2-135m-q4_k_m.gguf")            # read_tokenizer(): vocab, merges, template
 
-What is read: the architectures model.py runs (llama, qwen2, qwen3); tensors of types F32, F16, BF16 (converted
+What is read: the architectures model.py runs (llama, qwen2, qwen3; deepseek2 with dense layers); tensors of types F32, F16, BF16 (converted
 as they are) and every quantized type the `gguf` package dequantizes (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K,
 ...: llama.cpp's own dequantization, none written here), into the requested dtype one tensor at a time; llama's
 Q/K rows put back from llama.cpp's adjacent-pair RoPE order to Hugging Face's; RoPE scaling (linear and yarn from
@@ -25,7 +25,7 @@ import torch
 from rope import rope_frequencies
 from tokenizer import DEEPSEEK3_SPLIT_PATTERNS, LLAMA3_SPLIT_PATTERN, SPLIT_PATTERN, Tokenizer
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "deepseek2")  # deepseek2: MLA, dense layers only
 CONTROL, USER_DEFINED, UNUSED = 3, 4, 5  # gguf.TokenType
 
 
@@ -100,6 +100,11 @@ def rope_scaling(metadata, arch, rope_freqs, head_dim, theta):
                              ("beta_slow", "yarn_beta_slow")):
             if key(theirs) is not None:
                 scaling[ours] = _float(key(theirs))
+        if key("yarn_log_multiplier") is not None:  # deepseek2: 0.1 * mscale_all_dim; cos/sin then unscaled
+            scaling["mscale"] = scaling["mscale_all_dim"] = _float(key("yarn_log_multiplier") / 0.1)
+        elif arch == "deepseek2":
+            raise ValueError("deepseek2 with yarn and no rope.scaling.yarn_log_multiplier: llama.cpp's attention "
+                             "scale then differs from transformers'; not supported")
         return scaling
     if kind not in ("none", None):
         raise ValueError(f"RoPE scaling {kind!r} ({arch}.rope.scaling.type) is not supported; supported: linear, yarn "
@@ -153,27 +158,32 @@ def model_config(metadata, tensors, path):
         return value
 
     n_heads, dim = get("attention.head_count"), get("embedding_length")
-    head_dim = get("attention.key_length", dim // n_heads)
-    n_kv_heads = get("attention.head_count_kv", n_heads)
-    if isinstance(n_kv_heads, list) or isinstance(get("feed_forward_length"), list):
+    if isinstance(get("attention.head_count_kv", 1), list) or isinstance(get("feed_forward_length"), list):
         raise ValueError(f"{path}: head or feed-forward sizes that differ per layer are not supported")
-    if get("attention.value_length", head_dim) != head_dim or get("rope.dimension_count", head_dim) != head_dim:
-        raise ValueError(f"{path}: value length {get('attention.value_length', head_dim)} or RoPE dimension "
-                         f"{get('rope.dimension_count', head_dim)} differs from the key length {head_dim}: not supported")
-    if f"{arch}.expert_count" in metadata:
+    if f"{arch}.expert_count" in metadata and get("leading_dense_block_count", 0) < get("block_count"):
         raise ValueError(f"{path}: mixture-of-experts layers ({arch}.expert_count) are not supported")
+    if arch == "deepseek2":  # MLA: the sizes export.add_hyperparameters writes (and llama.cpp's converter)
+        rope_dim, shape = get("rope.dimension_count"), dict(
+            attn="mla", n_kv_heads=n_heads, q_lora_rank=get("attention.q_lora_rank", 0),
+            kv_lora_rank=get("attention.kv_lora_rank"), qk_rope_head_dim=get("rope.dimension_count"),
+            qk_nope_head_dim=get("attention.key_length_mla") - get("rope.dimension_count"),
+            v_head_dim=get("attention.value_length_mla"))
+    else:
+        rope_dim = head_dim = get("attention.key_length", dim // n_heads)
+        value_length = get("attention.value_length", head_dim)
+        if value_length != head_dim or get("rope.dimension_count", head_dim) != head_dim:
+            raise ValueError(f"{path}: value length {value_length} or RoPE dimension "
+                             f"{get('rope.dimension_count', head_dim)} differs from the key length {head_dim}")
+        shape = dict(n_kv_heads=get("attention.head_count_kv", n_heads), head_dim=head_dim,
+                     attention_bias="blk.0.attn_q.bias" in tensors, use_qk_norm=arch == "qwen3")
     theta = _float(get("rope.freq_base", 10000.0))
     freqs = tensors.get("rope_freqs.weight")
     freqs = None if freqs is None else torch.from_numpy(_dequantize(freqs, path).copy())
-    scaling = rope_scaling(metadata, arch, freqs, head_dim, theta)
-    fields = dict(vocab_size=int(tensors["token_embd.weight"].shape[1]), dim=dim, n_layers=get("block_count"),
-                  n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, dim_ffn=get("feed_forward_length"),
-                  norm_eps=_float(get("attention.layer_norm_rms_epsilon")), rope_theta=theta,
-                  max_len=get("context_length"), tie_weight="output.weight" not in tensors,
-                  attention_bias="blk.0.attn_q.bias" in tensors, use_qk_norm=arch == "qwen3")
-    if scaling is not None:
-        fields["rope_scaling"] = scaling
-    return ModelConfig(**fields)
+    scaling = rope_scaling(metadata, arch, freqs, rope_dim, theta)
+    return ModelConfig(vocab_size=int(tensors["token_embd.weight"].shape[1]), dim=dim, n_layers=get("block_count"),
+                       n_heads=n_heads, dim_ffn=get("feed_forward_length"), rope_theta=theta, rope_scaling=scaling,
+                       norm_eps=_float(get("attention.layer_norm_rms_epsilon")), max_len=get("context_length"),
+                       tie_weight="output.weight" not in tensors, **shape)
 
 
 def _float(value):
@@ -208,11 +218,23 @@ def _tensor(tensor, dtype, path):
     return weight
 
 
-def unpair_rope_rows(w, n_heads):
-    """The inverse of export.pair_rope_rows for a whole head: llama.cpp's llama rotates adjacent pairs (x0, x1),
-    (x2, x3), ...; Hugging Face's rotate_half pairs x_i with x_{i+d/2}. Rows 2i, 2i+1 of each head go to i, i+d/2."""
-    rest = w.shape[1:]
-    return w.reshape(n_heads, -1, 2, *rest).transpose(1, 2).reshape(w.shape)
+def unpair_rope_rows(w, n_heads, rope_dim):
+    """The inverse of export.pair_rope_rows: llama.cpp's llama and deepseek2 rotate adjacent pairs (x0, x1), (x2,
+    x3), ...; Hugging Face's rotate_half pairs x_i with x_{i+d/2}. Of each head's last rope_dim rows, rows 2i and
+    2i+1 go to i and i+d/2."""
+    heads = w.reshape(n_heads, -1, *w.shape[1:])
+    keep, rest = heads.shape[1] - rope_dim, w.shape[1:]
+    rope = heads[:, keep:].reshape(n_heads, rope_dim // 2, 2, *rest).transpose(1, 2).reshape(n_heads, rope_dim, *rest)
+    return torch.cat([heads[:, :keep], rope], 1).reshape(w.shape)
+
+
+def unpaired(weight, inner, arch, c):
+    """A weight from llama.cpp's RoPE row order back to ours (others as they are)."""
+    if arch == "llama" and inner in ("self_attn.q_proj", "self_attn.k_proj"):
+        return unpair_rope_rows(weight, c.n_heads if inner == "self_attn.q_proj" else c.n_kv_heads, c.head_dim)
+    if arch == "deepseek2" and inner in ("self_attn.q_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa"):
+        return unpair_rope_rows(weight, 1 if inner.endswith("mqa") else c.n_heads, c.qk_rope_head_dim)
+    return weight
 
 
 def read_model(path, dtype=None):
@@ -224,24 +246,30 @@ def read_model(path, dtype=None):
     if "token_embd.weight" not in tensors:
         raise ValueError(f"{path}: no token_embd.weight tensor: not a language model file")
     config = model_config(metadata, tensors, path)
-    ours = {f"{theirs}.": f"{name}." for name, theirs in {**LAYER_NAMES, **GLOBAL_NAMES}.items()}
-    state, unknown = {}, []
+    names = {**LAYER_NAMES, **GLOBAL_NAMES, "self_attn.kv_b_proj": "attn_kv_b"}  # ours -> llama.cpp's
+    ours = {theirs: name for name, theirs in names.items()}
+    arch, dtype = metadata["general.architecture"], dtype or torch.float32
+    state, absorbed, unknown = {}, {}, []
     for name, tensor in tensors.items():
         if name == "rope_freqs.weight":
             continue  # read into the config's rope_scaling
-        parts = name.split(".", 2)
-        inner = ours.get(parts[2].rsplit(".", 1)[0] + ".") if parts[0] == "blk" and len(parts) == 3 else None
-        if parts[0] == "blk" and inner:
-            key = f"layers.{parts[1]}.{inner}{parts[2].rsplit('.', 1)[1]}"
-        elif parts[0] != "blk" and f"{parts[0]}." in ours:
-            key = ours[f"{parts[0]}."] + ".".join(parts[1:])
-        else:
+        parts = name.split(".")
+        if parts[0] == "blk" and len(parts) == 4 and parts[2] in ("attn_k_b", "attn_v_b"):
+            absorbed[parts[1], parts[2]] = _tensor(tensor, dtype, path)  # MLA's kv_b_proj in llama.cpp's two parts
+            continue
+        inner = ours.get(parts[2] if parts[0] == "blk" and len(parts) == 4 else parts[0])
+        if inner is None or parts[0] != "blk" and len(parts) != 2:
             unknown.append(name)
             continue
-        weight = _tensor(tensor, dtype or torch.float32, path)
-        if metadata["general.architecture"] == "llama" and inner in ("self_attn.q_proj.", "self_attn.k_proj."):
-            weight = unpair_rope_rows(weight, config.n_heads if inner == "self_attn.q_proj." else config.n_kv_heads)
-        state[key] = weight
+        key = f"layers.{parts[1]}.{inner}.{parts[3]}" if parts[0] == "blk" else f"{inner}.{parts[1]}"
+        state[key] = unpaired(_tensor(tensor, dtype, path), inner, arch, config)
+    for (block, part), weight in absorbed.items():
+        if part == "attn_k_b":  # (H, r, nope) and (H, v, r) -> (H * (nope + v), r)
+            v_b = absorbed.get((block, "attn_v_b"))
+            if v_b is None:
+                raise ValueError(f"{path}: blk.{block}.attn_k_b.weight without blk.{block}.attn_v_b.weight")
+            kv = torch.cat([weight.transpose(1, 2), v_b], 1)
+            state[f"layers.{block}.self_attn.kv_b_proj.weight"] = kv.reshape(-1, config.kv_lora_rank)
     if unknown:
         raise ValueError(f"{path}: tensors this model cannot hold: {', '.join(unknown[:6])}"
                          f"{' ...' if len(unknown) > 6 else ''}")

@@ -185,7 +185,7 @@ def test_q4_k_m_mix_as_downloaded(converted, family, tmp_path):
 # ----------------------------------------------------------------------------- our own exports read back
 
 
-@pytest.mark.parametrize("shape", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("shape", ["llama", "qwen2", "qwen3", "deepseek2", "deepseek2-q-lora"])
 @pytest.mark.parametrize("outtype", ["f32", "q8_0"])
 def test_our_export_reads_back(shape, outtype, tmp_path):
     from test_export import SHAPES, make_model_dir
@@ -214,6 +214,8 @@ SCALINGS = [  # (architecture, rope_scaling) as published models set them, origi
     ("llama", {"rope_type": "linear", "factor": 4.0}),
     ("qwen3", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
     ("qwen2", {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16}),
+    ("deepseek2", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "mscale": 0.8,
+                   "mscale_all_dim": 0.8}),
 ]
 
 
@@ -223,8 +225,8 @@ def test_scaled_rope_reads_back(shape, scaling, tmp_path):
 
     tokenizer = Tokenizer(json.loads(train(pre.Sequence([split(tk.SPLIT_PATTERN), BYTE_LEVEL]), vocab_size=300)
                                      .to_str()))
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, dim=128, n_layers=2, n_heads=2, dim_ffn=128, max_len=64,
-                         rope_theta=500.0, rope_scaling=scaling, **SHAPES[shape])  # head_dim 64: 32 frequencies
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, dim=128, n_layers=2, n_heads=4, dim_ffn=128, max_len=64,
+                         rope_theta=500.0, rope_scaling=scaling, **SHAPES[shape])  # head_dim 32: 16 frequencies
     torch.manual_seed(0)
     model = randomize(Transformer(config)).eval()
     model.save_pretrained(str(tmp_path / "model"))
