@@ -205,24 +205,31 @@ def train_step_in_child(impl, spec, steps, threads, queue):
                "params": sum(p.numel() for p in model.parameters())})
 
 
-def bench_train_memory(args):
+def in_children(target, impls, *args):
+    """{impl: what target(impl, *args, queue) put}, each implementation in a fresh process; None if one failed."""
     import multiprocessing
 
-    print(f"== train_memory: one training step (forward, loss, backward; float32 on CPU) at {args.memory_shape}, "
-          "each implementation in a fresh process; peak = the process's peak RSS during the step (weights, "
-          "gradients, activations, logits), step = that peak minus the RSS just before the step")
-    context = multiprocessing.get_context("spawn")
-    results = {}
-    for impl in ("model.py", "transformers"):
+    context, results = multiprocessing.get_context("spawn"), {}
+    for impl in impls:
         queue = context.Queue()
-        child = context.Process(target=train_step_in_child,
-                                args=(impl, args.memory_shape, args.memory_steps, args.threads, queue))
+        child = context.Process(target=target, args=(impl, *args, queue))
         child.start()
         child.join()
         if child.exitcode != 0:
             print(f"{impl}: the child process failed (exit code {child.exitcode})")
-            return
+            return None
         results[impl] = queue.get()
+    return results
+
+
+def bench_train_memory(args):
+    print(f"== train_memory: one training step (forward, loss, backward; float32 on CPU) at {args.memory_shape}, "
+          "each implementation in a fresh process; peak = the process's peak RSS during the step (weights, "
+          "gradients, activations, logits), step = that peak minus the RSS just before the step")
+    results = in_children(train_step_in_child, ("model.py", "transformers"), args.memory_shape, args.memory_steps,
+                          args.threads)
+    if results is None:
+        return
     rows = [[impl, r["batch"], f"{r['params'] / 1e6:,.1f}M", f"{r['before'] / 2**30:.2f}", f"{r['peak'] / 2**30:.2f}",
              f"{(r['peak'] - r['before']) / 2**30:.2f}", f"{r['tokens_per_s']:,.0f}"] for impl, r in results.items()]
     ours, theirs = results["model.py"], results["transformers"]
@@ -259,7 +266,6 @@ def load_in_child(impl, path, threads, queue):
 
 
 def bench_gguf_load(args):
-    import multiprocessing
     import os
     import subprocess
     import tempfile
@@ -278,16 +284,9 @@ def bench_gguf_load(args):
         print(f"== gguf_load: {args.gguf_preset} (random weights) as a Q4_K_M file of {size:.0f} MB made by "
               "llama-quantize, loaded to a float32 model and its tokenizer, each implementation in a fresh process; "
               "peak = the process's peak RSS (Python and torch included)")
-        context, results = multiprocessing.get_context("spawn"), {}
-        for impl in ("gguf_in.py", "transformers"):
-            queue = context.Queue()
-            child = context.Process(target=load_in_child, args=(impl, path, args.threads, queue))
-            child.start()
-            child.join()
-            if child.exitcode != 0:
-                print(f"{impl}: the child process failed (exit code {child.exitcode})")
-                return
-            results[impl] = queue.get()
+        results = in_children(load_in_child, ("gguf_in.py", "transformers"), path, args.threads)
+        if results is None:
+            return
     rows = [[impl, f"{r['params'] / 1e6:,.1f}M", f"{r['seconds']:.2f}", f"{r['before'] / 2**30:.2f}",
              f"{r['peak'] / 2**30:.2f}"] for impl, r in results.items()]
     ours, theirs = results["gguf_in.py"], results["transformers"]

@@ -188,7 +188,7 @@ def test_q4_k_m_mix_as_downloaded(converted, family, tmp_path):
 @pytest.mark.parametrize("shape", ["llama", "qwen2", "qwen3", "deepseek2", "deepseek2-q-lora"])
 @pytest.mark.parametrize("outtype", ["f32", "q8_0"])
 def test_our_export_reads_back(shape, outtype, tmp_path):
-    from test_export import SHAPES, make_model_dir
+    from test_export import make_model_dir
 
     tokenizer = Tokenizer(json.loads(train(pre.Sequence([split(tk.SPLIT_PATTERN), BYTE_LEVEL]), vocab_size=400)
                                      .to_str()))
