@@ -28,7 +28,7 @@ from settings import load_settings
 from tokenizer import KNOWN_SPLITS, Tokenizer
 
 DEFAULTS = {
-    "model": "",  # MODELDIR: config.json + model.safetensors + tokenizer.json (+ tokenizer_config.json)
+    "model": "",  # MODELDIR (config.json + model.safetensors + tokenizer.json) or a .gguf file
     "gguf": "",  # the GGUF file to write
     "hf_dir": "",  # or the Hugging Face MODELDIR to write: config.json, model.safetensors, tokenizer files
     "outtype": "f16",  # f32 | f16 | bf16 | q8_0: the 2-D weights; norms and biases stay f32, as llama.cpp expects

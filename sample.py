@@ -32,7 +32,7 @@ from settings import DTYPES, load_settings, pick_device
 from tokenizer import Tokenizer
 
 DEFAULTS = dict(
-    model="",  # MODELDIR: config.json + model.safetensors + tokenizer files
+    model="",  # MODELDIR (config.json + model.safetensors + tokenizer files) or a .gguf file
     adapter="",  # a LoRA adapter directory (train.py --lora_rank, or peft's) trained on --model: merged in on load
     prompt="",  # text, or FILE:path to read it from a file; empty: start a fresh document
     chat=False,  # wrap the prompt as a user message in the chat template; without --prompt: interactive chat
@@ -646,7 +646,8 @@ def main(argv):
         print(__doc__.strip() + "\n")  # load_settings then lists the options and exits
     args = load_settings(DEFAULTS, argv, "sample.py")
     if not args.model:
-        sys.exit("sample.py: --model=MODELDIR is required (a directory with config.json, model.safetensors, tokenizer)")
+        sys.exit("sample.py: --model=MODELDIR|FILE.gguf is required (a directory with config.json, model.safetensors, "
+                 "tokenizer, or a .gguf file)")
     device, dtype = pick_device(args.device, args.dtype, inference=True)
     model, tokenizer = load(args.model, device=device, dtype=dtype, adapter=args.adapter)
     stop_ids = stop_ids_for(args.model, tokenizer)

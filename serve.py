@@ -48,7 +48,7 @@ from sample import Engine, Sequence, TextStream, load, stop_ids_for
 from settings import load_settings, pick_device
 
 DEFAULTS = dict(
-    model="",  # MODELDIR: config.json + model.safetensors + tokenizer files (ours or Hugging Face)
+    model="",  # MODELDIR: config.json + model.safetensors + tokenizer files (ours or Hugging Face), or a .gguf file
     adapter="",  # a LoRA adapter directory (train.py --lora_rank, or peft's) trained on --model: merged in on load
     host="127.0.0.1",  # loopback only; --host=0.0.0.0 exposes the server to the network
     port=8000,
@@ -736,7 +736,8 @@ def shut_down(server, loop, grace):
 def main(argv):
     args = load_settings(DEFAULTS, argv, "serve.py")
     if not args.model:
-        sys.exit("serve.py: --model=MODELDIR is required (a directory with config.json, model.safetensors, tokenizer)")
+        sys.exit("serve.py: --model=MODELDIR|FILE.gguf is required (a directory with config.json, model.safetensors, "
+                 "tokenizer, or a .gguf file)")
     for key in ("max_batch", "prefill_chunk", "max_connections"):
         if args[key] < 1:
             sys.exit(f"serve.py: --{key}={args[key]} must be at least 1")

@@ -41,7 +41,7 @@ DEFAULTS = dict(
     out_dir="out",  # metrics, checkpoints and the final model go here
     data="data/demo/pretrain.h5",  # an .h5 from `data.py prepare`, or a directory of .h5 shards
     tokenizer="",  # tokenizer dir; default: the one in init_from or next to the data
-    init_from="scratch",  # scratch | a MODELDIR (its config.json decides the architecture)
+    init_from="scratch",  # scratch | a MODELDIR or .gguf file (its config decides the architecture)
     model_config="configs/tiny.py",  # model preset, used with init_from=scratch only
     resume="",  # "auto": continue from the newest complete OUT_DIR/ckpt-*
     strategy="seq",  # seq | sft | dpo | grpo (strategies.py)
