@@ -53,6 +53,23 @@ def kv_budget_bytes(kv_memory, device):
                          "the weights (like 50%)") from None
 
 
+def budget_blocks(kv_memory, config, dtype, device, rows, context):
+    """-> (the budget in bytes, the blocks it holds): no more than `rows` rows of `context` tokens would use."""
+    budget, block = kv_budget_bytes(kv_memory, device), KVCache.block_bytes(config, dtype)
+    if budget < block:
+        raise ValueError(f"kv_memory={kv_memory!r} ({budget} bytes) holds less than one KV cache block of {BLOCK} "
+                         f"tokens ({block} bytes)")
+    return budget, min(budget // block, rows * -(-context // BLOCK))
+
+
+def budget_text(kv_memory, budget, n_blocks, device):
+    """The line a command prints at start: what the budget is and the tokens it holds."""
+    share = f" ({kv_memory} of the memory left after the weights)" if str(kv_memory).strip().endswith("%") else ""
+    taken = "taken up front" if torch.device(device).type == "cuda" else "taken as tokens are written"
+    return (f"KV cache: --kv_memory={kv_memory}: {budget / 1e9:.2f} GB{share} holds {n_blocks * BLOCK:,} tokens "
+            f"in blocks of {BLOCK}, {taken}")
+
+
 class KVCache:
     """A pool of n_blocks blocks of BLOCK tokens (default: enough for every row's max_len) shared by batch_size
     rows; `tables` (host lists) hold each row's blocks in order and `lengths` count its tokens. grow() hands a row

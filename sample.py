@@ -1,5 +1,5 @@
 """
-Generation: the sampler, the engine (continuous batching over a preallocated KV cache: the one decode path),
+Generation: the sampler, the engine (continuous batching over a paged KV cache: the one decode path),
 generate() on top of it, streamed text, exact-answer evaluation, and the command line.
 
     python sample.py --model=out/final --prompt="Once upon a time"
@@ -27,7 +27,7 @@ import regex
 import torch
 
 from lora import merge_adapter
-from kv_cache import BLOCK, KVCache, kv_budget_bytes
+from kv_cache import BLOCK, KVCache, budget_blocks, budget_text
 from model import CacheIndex, Transformer, quantize_int8
 from settings import DTYPES, load_settings, pick_device
 from tokenizer import Tokenizer
@@ -54,6 +54,8 @@ DEFAULTS = dict(
     compile=True,  # decode steps through torch.compile (the first ones compile it: seconds); false = eager
     eval="",  # TASK.jsonl: greedy generation over {"messages"|"prompt", "answer"} records, prints accuracy
     batch_size=32,  # rows per generate() call with --eval
+    kv_memory="50%",  # KV cache budget: GB (like 8), or a share of the memory left after the weights (like 50%);
+    # taken as tokens are written on a CPU, up front on a GPU; rows that do not fit together wait their turn
 )
 
 # -----------------------------------------------------------------------------
@@ -163,7 +165,7 @@ def adjust_logits(logits, seqs):
 
 
 # -----------------------------------------------------------------------------
-# the engine: sequences in the rows of one preallocated KV cache, continuous batching
+# the engine: sequences in the rows of one paged KV cache, continuous batching
 
 
 class Sequence:
@@ -225,12 +227,8 @@ class Engine:
         self.vocab_size = vocab_size  # the tokenizer's: ids past it (padded embedding rows) have no text
         weight = model.embed_tokens.weight  # the activations' dtype (an int8 model computes in bfloat16)
         self.device, self.context = weight.device, min(max_len or model.config.max_len, model.config.max_len)
-        self.kv_bytes = kv_budget_bytes(kv_memory, self.device)
-        block_bytes = KVCache.block_bytes(model.config, weight.dtype)
-        if self.kv_bytes < block_bytes:
-            raise ValueError(f"kv_memory={kv_memory!r} ({self.kv_bytes} bytes) holds less than one KV cache block "
-                             f"of {BLOCK} tokens ({block_bytes} bytes)")
-        n_blocks = min(self.kv_bytes // block_bytes, max_batch * -(-self.context // BLOCK))  # never more than used
+        self.kv_bytes, n_blocks = budget_blocks(kv_memory, model.config, weight.dtype, self.device, max_batch,
+                                                self.context)
         self.kv_tokens = n_blocks * BLOCK  # what the budget holds, all rows together
         self.max_len = min(self.context, self.kv_tokens)  # one row's longest prompt + reply
         with torch.inference_mode():  # the compiled step writes into it
@@ -618,7 +616,7 @@ def read_task(task_path, tokenizer):
     return prompts, answers
 
 
-def evaluate(model, tokenizer, task_path, batch_size=32, max_new_tokens=64, stop_ids=None):
+def evaluate(model, tokenizer, task_path, batch_size=32, max_new_tokens=64, stop_ids=None, kv_memory="50%"):
     """Fraction of a task file's records whose greedy completion holds the answer (answer_is_correct, the
     check GRPO's reward uses). Prompts are batched shortest first to waste little on padding."""
     prompts, answers = read_task(task_path, tokenizer)
@@ -632,7 +630,7 @@ def evaluate(model, tokenizer, task_path, batch_size=32, max_new_tokens=64, stop
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         outputs = generate(model, [prompts[i] for i in batch], max_new_tokens, temperature=0.0, stop_ids=stop_ids,
-                           vocab_size=tokenizer.vocab_size)
+                           vocab_size=tokenizer.vocab_size, kv_memory=kv_memory)
         for i, tokens in zip(batch, outputs):
             correct += answer_is_correct(tokenizer.decode(strip_stop(tokens, stop_ids)), answers[i])
     return correct / len(prompts)
@@ -648,8 +646,8 @@ def sampling_options(args):
         bias = {int(i): float(b) for i, _, b in (item.partition(":") for item in args.logit_bias.split(",") if item)}
     except ValueError:
         raise ValueError(f"--logit_bias={args.logit_bias!r}: expected ID:BIAS pairs like 0:-100,42:5") from None
-    return dict(compile=args.compile, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                presence_penalty=args.presence_penalty,
+    return dict(compile=args.compile, kv_memory=args.kv_memory, min_p=args.min_p,
+                repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                 frequency_penalty=args.frequency_penalty, logit_bias=bias)
 
 
@@ -703,8 +701,11 @@ def main(argv):
     model, tokenizer = load(args.model, device=device, dtype=dtype, adapter=args.adapter)
     stop_ids = stop_ids_for(args.model, tokenizer)
     seed = None if args.seed < 0 else args.seed
+    rows = args.batch_size if args.eval else args.num_samples
+    print(budget_text(args.kv_memory, *budget_blocks(args.kv_memory, model.config, model.embed_tokens.weight.dtype,
+                                                     device, rows, model.config.max_len), device), file=sys.stderr)
     if args.eval:
-        accuracy = evaluate(model, tokenizer, args.eval, args.batch_size, args.max_new_tokens, stop_ids)
+        accuracy = evaluate(model, tokenizer, args.eval, args.batch_size, args.max_new_tokens, stop_ids, args.kv_memory)
         print(f"{args.eval}: accuracy {accuracy:.4f}")
         return
     prompt = args.prompt
