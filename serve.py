@@ -763,7 +763,6 @@ def main(argv):
                         stop_ids_for(args.model, tokenizer), tokenizer.vocab_size, args.compile, args.kv_memory)
     except ValueError as e:
         sys.exit(f"serve.py: {e}")
-    print(budget_text(args.kv_memory, engine.kv_bytes, engine.kv_tokens // BLOCK, device), file=sys.stderr, flush=True)
     if args.compile:
         print("compiling the decode step (--compile=false skips this)", file=sys.stderr, flush=True)
         warm_up(engine)
@@ -778,8 +777,8 @@ def main(argv):
         signal.signal(number, lambda *_: stop.set())
     threading.Thread(target=server.serve_forever, name="accept", daemon=True).start()
     print(f"serving {name} ({model.num_params() / 1e6:.1f}M params, {device} {dtype}, max_batch {args.max_batch}) "
-          f"on http://{args.host}:{server.server_address[1]}" + (" with an API key" if api_key else ""),
-          file=sys.stderr, flush=True)
+          f"on http://{args.host}:{server.server_address[1]}" + (" with an API key" if api_key else "") + "; " +
+          budget_text(args.kv_memory, engine.kv_bytes, engine.kv_tokens // BLOCK, device), file=sys.stderr, flush=True)
     stop.wait()
     print(f"shutting down: running requests get {args.shutdown_timeout:g} s", file=sys.stderr, flush=True)
     shut_down(server, loop, args.shutdown_timeout)
