@@ -188,8 +188,10 @@ class CacheIndex:
         buf[self.slots] = self.new_entries(x).to(buf.dtype)
 
     def read(self, buf):
-        # buf (slots, heads, width) -> (b, heads, length, width): each row's blocks gathered in order
-        return buf[self.read_slots].transpose(1, 2)
+        # buf (slots, heads, width) -> (b, heads, length, width): each row's blocks gathered in order (index_select:
+        # a few times faster than indexing with a 2-d tensor on a CPU)
+        b, length = self.read_slots.shape
+        return buf.index_select(0, self.read_slots.view(-1)).view(b, length, *buf.shape[1:]).transpose(1, 2)
 
     def advance(self, cache):
         for r, end in zip(self.rows, self.ends):
