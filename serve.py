@@ -708,8 +708,7 @@ class Server(ThreadingHTTPServer):
 
 def warm_up(engine):
     """Decode a batch of one row, of two, then of every row: torch.compile's graphs for every batch size exist
-    before the first request (batch 1; a dynamic batch of gathered rows; all rows in order, which the cache slices
-    instead of gathering)."""
+    before the first request (batch 1, and a dynamic batch for any more rows)."""
     for rows in sorted({1, min(2, engine.max_batch), engine.max_batch}):
         engine.add([Sequence([0], 3) for _ in range(rows)])
         while engine.has_work():
