@@ -112,17 +112,20 @@ def sampling(body, vocab_size, max_temperature=2.0):
                 logit_bias={int(k): float(v) for k, v in bias.items()})
 
 
-def budgets(prompts, asked, default, max_len, param, prompt_param):
-    """Tokens each prompt may generate: `asked`, which must fit in the context with the prompt (400
-    context_length_exceeded otherwise, as OpenAI and Anthropic answer), else `default` capped by the context."""
+def budgets(prompts, asked, default, limits, param, prompt_param):
+    """Tokens each prompt may generate: `asked`, which must fit with the prompt in the context and in the KV
+    cache's budget, limits = (context, tokens the budget holds) (400 context_length_exceeded otherwise, as OpenAI
+    and Anthropic answer), else `default` capped by both."""
+    max_len = min(limits)
+    both = f"the context is {limits[0]} tokens and the KV cache budget (--kv_memory) holds {limits[1]}"
     for p in prompts:
         if len(p) >= max_len:
-            raise ApiError(400, f"the prompt is {len(p)} tokens but the context is {max_len} tokens, which leaves no "
-                                f"room for a reply: shorten it to at most {max_len - 1} tokens",
+            raise ApiError(400, f"the prompt is {len(p)} tokens but {both}, which leaves no room for a reply: "
+                                f"shorten it to at most {max_len - 1} tokens",
                            param=prompt_param, code="context_length_exceeded")
         if asked is not None and len(p) + asked > max_len:
-            raise ApiError(400, f"the prompt is {len(p)} tokens and {param}={asked}, more than the context of "
-                                f"{max_len} tokens: ask for at most {max_len - len(p)} tokens",
+            raise ApiError(400, f"the prompt is {len(p)} tokens and {param}={asked}, more than {both}: ask for at "
+                                f"most {max_len - len(p)} tokens",
                            param=param, code="context_length_exceeded")
     return [asked or min(default or max_len, max_len - len(p)) for p in prompts]
 
@@ -175,9 +178,9 @@ def openai_prompts(body, chat, tokenizer, vocab_size):
     return prompts
 
 
-def parse_openai(body, chat, tokenizer, max_len, vocab_size, max_sequences):
+def parse_openai(body, chat, tokenizer, limits, vocab_size, max_sequences):
     """A chat or completions request -> Request(prompts, n, seed, stop, max_tokens per prompt, sampling,
-    stream, include_usage)."""
+    stream, include_usage). limits: (context, tokens the KV cache's budget holds)."""
     refuse_unsupported(body, OPENAI_UNSUPPORTED)
     prompts = openai_prompts(body, chat, tokenizer, vocab_size)
     if chat:
@@ -200,7 +203,7 @@ def parse_openai(body, chat, tokenizer, max_len, vocab_size, max_sequences):
                             f"at most {max_sequences}", param="n")
     return SimpleNamespace(
         prompts=prompts, n=n, seed=seed, stop=stop_strings(body, "stop", MAX_STOP),
-        max_tokens=budgets(prompts, asked, None if chat else 16, max_len, name, "messages" if chat else "prompt"),
+        max_tokens=budgets(prompts, asked, None if chat else 16, limits, name, "messages" if chat else "prompt"),
         sampling={**sampling(body, vocab_size), "top_logprobs": top_logprobs}, stream=stream,
         include_usage=flag(stream_options or {}, "include_usage"))
 
@@ -248,7 +251,7 @@ def usage_json(prompts, choices):
 # Anthropic Messages
 
 
-def parse_anthropic(body, tokenizer, max_len, vocab_size):
+def parse_anthropic(body, tokenizer, limits, vocab_size):
     """A Messages request -> the same Request as parse_openai's (one prompt, n=1). A final assistant message is
     a prefill: the reply continues it. temperature/top_p/top_k come from the body (the official client sends them
     with extra_body), as do our extras (min_p, the penalties, seed)."""
@@ -274,7 +277,7 @@ def parse_anthropic(body, tokenizer, max_len, vocab_size):
     return SimpleNamespace(
         prompts=[prompt], n=1, seed=number(body, "seed", None, -(1 << 63), (1 << 63) - 1, True),
         stop=stop_strings(body, "stop_sequences", MAX_STOP_SEQUENCES),
-        max_tokens=budgets([prompt], asked, None, max_len, "max_tokens", "messages"),
+        max_tokens=budgets([prompt], asked, None, limits, "max_tokens", "messages"),
         sampling={**sampling(body, vocab_size, max_temperature=1.0), "top_logprobs": None},
         stream=flag(body, "stream"), include_usage=False)
 

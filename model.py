@@ -1,6 +1,6 @@
 """
 The transformer: GQA or MLA attention, RoPE (rope.py: its tables and published scalings), RMSNorm, SwiGLU, a
-preallocated KV cache with per-row positions, and loading/saving Hugging Face style directories (config.json +
+paged KV cache (kv_cache.py) with per-row positions, and loading/saving Hugging Face style directories (config.json +
 model.safetensors).
 
 Parameter names are Hugging Face's (model.layers.0.self_attn.q_proj.weight, ...), so a Llama, Qwen2,
@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kv_cache import CacheIndex, KVCache  # noqa: F401 (KVCache: model.KVCache)
 from rope import ROPE_SCALINGS, apply_rope, mla_softmax_scale, rope_scaling_problems, rope_tables
 
 # -----------------------------------------------------------------------------
@@ -138,10 +139,10 @@ class Attention(nn.Module):
         if index is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            k_buf, v_buf = kv  # (B, n_kv, max_len, hd)
-            k_buf[index.row_idx, :, index.pos_idx] = index.new_entries(k.transpose(1, 2)).to(k_buf.dtype)
-            v_buf[index.row_idx, :, index.pos_idx] = index.new_entries(v.transpose(1, 2)).to(v_buf.dtype)
-            k, v = index.read(k_buf), index.read(v_buf)
+            k_pool, v_pool = kv  # (slots, n_kv, hd) each
+            index.write(k_pool, k.transpose(1, 2))
+            index.write(v_pool, v.transpose(1, 2))
+            k, v = index.read(k_pool), index.read(v_pool)  # (b, n_kv, L, hd)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=index.mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         if hasattr(self, "gate_proj"):
@@ -192,10 +193,9 @@ class MLAttention(nn.Module):
             # like multi-query attention with one (r + rope)-wide key and an r-wide value
             w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, r)
             w_k, w_v = w[:, : self.nope_dim], w[:, self.nope_dim :]  # (H, nope, r), (H, v, r)
-            buf = kv[0]  # (B, 1, max_len, r + rope)
-            entry = torch.cat([latent, k_rope[:, 0]], dim=-1)[:, :, None]  # (B, T, 1, r + rope)
-            buf[index.row_idx, :, index.pos_idx] = index.new_entries(entry).to(buf.dtype)
-            keys = index.read(buf)  # (b, 1, L, r + rope)
+            pool = kv[0]  # (slots, 1, r + rope)
+            index.write(pool, torch.cat([latent, k_rope[:, 0]], dim=-1)[:, :, None])  # (B, T, 1, r + rope)
+            keys = index.read(pool)  # (b, 1, L, r + rope)
             q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_k)
             y = F.scaled_dot_product_attention(
                 torch.cat([q_latent, q_rope], -1), keys, keys[..., :r], attn_mask=index.mask, scale=self.scale,
@@ -205,85 +205,7 @@ class MLAttention(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# the KV cache, and where one forward pass reads and writes it (the attention layers above use both)
-
-
-class KVCache:
-    """Preallocated for batch_size rows x max_len tokens, never grown; `lengths` (a host list) counts the tokens
-    of each row. GQA layers hold (k, v), each (B, n_kv_heads, max_len, head_dim); MLA layers hold one
-    (B, 1, max_len, kv_lora_rank + qk_rope_head_dim) tensor of latents and RoPE keys."""
-
-    def __init__(self, config, batch_size, max_len=None, device=None, dtype=torch.float32):
-        self.config, self.batch_size = config, batch_size
-        self.max_len = max_len or config.max_len
-        if self.max_len > config.max_len:
-            raise ValueError(f"KVCache max_len={self.max_len} exceeds the model's max_len={config.max_len}")
-        if config.attn == "mla":
-            shape = (batch_size, 1, self.max_len, config.kv_lora_rank + config.qk_rope_head_dim)
-            self.layers = [(torch.zeros(shape, device=device, dtype=dtype),) for _ in range(config.n_layers)]
-        else:
-            shape = (batch_size, config.n_kv_heads, self.max_len, config.head_dim)
-            self.layers = [
-                (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-                for _ in range(config.n_layers)
-            ]
-        self.lengths = [0] * batch_size
-
-    def reset(self, rows=None, length=0):
-        for r in range(self.batch_size) if rows is None else rows:
-            self.lengths[r] = length
-
-    def bytes_per_token(self):
-        return sum(t[0, ..., 0, :].numel() * t.element_size() for layer in self.layers for t in layer)
-
-
-class CacheIndex:
-    """Where one forward pass writes its new keys and values into the KV cache, and which cached keys each of its
-    tokens attends to: worked out once per forward on the host from the cache's lengths, copied to the device in
-    one transfer, shared by all layers. rows: cache rows of the batch (None: all, in order, which slices instead
-    of gathering); n_new: valid tokens per row of a right-padded batch (None: all seq_len). mask: always build
-    the attention mask (a compiled step wants one graph), else only where a row needs one."""
-
-    def __init__(self, cache, seq_len, rows=None, n_new=None, device=None, mask=False):
-        self.full = rows is None
-        rows = list(range(cache.batch_size)) if rows is None else [int(r) for r in rows]
-        start = [cache.lengths[r] for r in rows]
-        n_new = [seq_len] * len(rows) if n_new is None else [int(n) for n in n_new]
-        self.ends = [s + n for s, n in zip(start, n_new)]
-        self.rows, self.length = rows, max(self.ends)  # keys to attend to: 0 .. length-1
-        if self.length > cache.max_len:
-            raise ValueError(f"KV cache overflow: a row would reach {self.length} tokens, "
-                             f"the cache holds {cache.max_len}")
-        positions = [s + t for s in start for t in range(seq_len)]
-        valid = [(i, r, s + t) for i, (r, s, n) in enumerate(zip(rows, start, n_new)) for t in range(n)]
-        ragged = len(valid) < len(positions)
-        flat = [i * seq_len + p - start[i] for i, _, p in valid] if ragged else []
-        last = [i * seq_len + n - 1 for i, n in enumerate(n_new)] if ragged else []
-        host = [positions, [r for _, r, _ in valid], [p for _, _, p in valid], rows, flat, last]
-        packed = torch.tensor(sum(host, []), dtype=torch.long).to(device)  # one host-to-device copy
-        self.positions, self.row_idx, self.pos_idx, self.rows_t, flat, last = packed.split([len(h) for h in host])
-        self.positions = self.positions.view(len(rows), seq_len)  # (b, T)
-        # a right-padded batch: the valid tokens' places in the flattened (b * T) batch, and each row's last one
-        self.flat, self.last = (flat, last) if ragged else (None, None)
-        self.mask = None
-        if mask or seq_len > 1 or min(self.ends) != self.length:  # else each row sees every key: no mask
-            keys = torch.arange(self.length, device=device)
-            self.mask = (keys[None, None, :] <= self.positions[:, :, None])[:, None]  # (b, 1, T, length)
-
-    def new_entries(self, x):
-        # x (b, T, ...) -> (n, ...) the entries of valid tokens, in row_idx/pos_idx order
-        x = x.reshape(-1, *x.shape[2:])
-        return x if self.flat is None else x.index_select(0, self.flat)
-
-    def read(self, buf):
-        # buf (B, heads, max_len, width) -> the rows of this pass, keys 0 .. length-1 (the mask's last dim, which
-        # a compiled step takes as a dynamic size)
-        length = self.length if self.mask is None else self.mask.shape[3]
-        return buf[:, :, :length] if self.full else buf[self.rows_t, :, :length]
-
-    def advance(self, cache):
-        for r, end in zip(self.rows, self.ends):
-            cache.lengths[r] = end
+# weight-only int8 (the KV cache and the attention mask live in kv_cache.py: the layers above read and write it)
 
 
 class Int8Linear(nn.Module):

@@ -1,5 +1,5 @@
 """
-Generation: the sampler, the engine (continuous batching over a preallocated KV cache: the one decode path),
+Generation: the sampler, the engine (continuous batching over a paged KV cache: the one decode path),
 generate() on top of it, streamed text, exact-answer evaluation, and the command line.
 
     python sample.py --model=out/final --prompt="Once upon a time"
@@ -27,7 +27,8 @@ import regex
 import torch
 
 from lora import merge_adapter
-from model import CacheIndex, KVCache, Transformer, quantize_int8
+from kv_cache import BLOCK, KVCache, budget_blocks, budget_text
+from model import CacheIndex, Transformer, quantize_int8
 from settings import DTYPES, load_settings, pick_device
 from tokenizer import Tokenizer
 
@@ -53,6 +54,8 @@ DEFAULTS = dict(
     compile=True,  # decode steps through torch.compile (the first ones compile it: seconds); false = eager
     eval="",  # TASK.jsonl: greedy generation over {"messages"|"prompt", "answer"} records, prints accuracy
     batch_size=32,  # rows per generate() call with --eval
+    kv_memory="50%",  # KV cache budget: GB (like 8), or a share of the memory left after the weights (like 50%);
+    # taken as tokens are written on a CPU, up front on a GPU; rows that do not fit together wait their turn
 )
 
 # -----------------------------------------------------------------------------
@@ -162,7 +165,7 @@ def adjust_logits(logits, seqs):
 
 
 # -----------------------------------------------------------------------------
-# the engine: sequences in the rows of one preallocated KV cache, continuous batching
+# the engine: sequences in the rows of one paged KV cache, continuous batching
 
 
 class Sequence:
@@ -189,7 +192,8 @@ class Sequence:
         self.top_logprobs = top_logprobs  # k: the model's own log-probs of the token and the k most likely ones
         self.on_token = on_token
         self.tokens, self.logprobs = [], []  # generated token ids (a stop token included) and their log-probs
-        self.slot, self.prefilled = None, 0  # the KV cache row, and how many prompt tokens are in it
+        self.slot, self.prefilled = None, 0  # the KV cache row, and how many tokens of `fill` are in it
+        self.fill = self.prompt  # what to prefill: the prompt, plus the tokens generated before a preemption
         self.reused = 0  # prompt tokens whose keys and values were already in the row (prefix reuse)
         self.finish, self.cancelled = None, False  # finish: "stop" | "length" | "error" once done
 
@@ -204,35 +208,47 @@ def compiled_run(cls):
 
 
 class Engine:
-    """Continuous batching over one KV cache of max_batch rows. Sequences wait in a FIFO queue; step() admits
-    them into free rows, runs the model once (a prefill chunk for rows still reading their prompt, one decode
-    token for the others), samples every row with its own settings and emits the tokens. A finished row is
-    free for the next sequence at the next step, and keeps its keys and values: a sequence whose prompt starts
-    with a free row's tokens takes that row and prefills only the rest (prefix reuse: a chat's next turn).
-    add() may be called from other threads (serve.py's). compile: decode steps run through torch.compile
-    (one graph whatever the batch and length; the first steps compile it), prefill stays eager."""
+    """Continuous batching over one paged KV cache (kv_cache.py) of max_batch rows. Sequences wait in a FIFO queue;
+    step() admits them into free rows while the cache has blocks for their prompts, runs the model once (a prefill
+    chunk for rows still reading their prompt, one decode token for the others), samples every row with its own
+    settings and emits the tokens. Blocks are handed out as tokens are written; when none are left, free rows'
+    cached prefixes go first, then the newest running sequence is preempted: re-queued first in line and
+    recomputed later. A finished row is free for the next sequence at the next step, and keeps its keys and
+    values: a sequence whose prompt starts with a free row's tokens takes that row and prefills only the rest
+    (prefix reuse: a chat's next turn). add() may be called from other threads (serve.py's). compile: decode steps
+    run through torch.compile (one graph whatever the batch and length; the first steps compile it), prefill stays
+    eager. kv_memory: the cache's budget, GB or a share of the memory left ("50%": see kv_cache.kv_budget_bytes);
+    a row holds at most min(max_len, the tokens the budget holds)."""
 
     def __init__(self, model, max_batch, max_len=None, prefill_chunk=256, stop_ids=(), vocab_size=None,
-                 compile=False):
+                 compile=False, kv_memory="50%"):
         self.model, self.max_batch, self.prefill_chunk = model.eval(), max_batch, prefill_chunk
         self.stop_ids = {int(i) for i in stop_ids}
         self.vocab_size = vocab_size  # the tokenizer's: ids past it (padded embedding rows) have no text
         weight = model.embed_tokens.weight  # the activations' dtype (an int8 model computes in bfloat16)
-        self.device, self.max_len = weight.device, min(max_len or model.config.max_len, model.config.max_len)
+        self.device, self.context = weight.device, min(max_len or model.config.max_len, model.config.max_len)
+        self.kv_bytes, n_blocks = budget_blocks(kv_memory, model.config, weight.dtype, self.device, max_batch,
+                                                self.context)
+        self.kv_tokens = n_blocks * BLOCK  # what the budget holds, all rows together
+        self.max_len = min(self.context, self.kv_tokens)  # one row's longest prompt + reply
         with torch.inference_mode():  # the compiled step writes into it
-            self.cache = KVCache(model.config, max_batch, self.max_len, device=self.device, dtype=weight.dtype)
+            self.cache = KVCache(model.config, max_batch, self.max_len, self.device, weight.dtype, n_blocks)
         self.compiled, self.decode = compile, model.run
         if compile:  # every engine of a model (generate() makes one a call) shares its graphs
             self.decode = functools.partial(compiled_run(type(model)), model)
-            for tensor in (t for layer in self.cache.layers for t in layer):  # any cache size: the same graph
+            for tensor in (t for layer in self.cache.layers for t in layer):  # any pool size: the same graph
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
-                torch._dynamo.maybe_mark_dynamic(tensor, 2)
         self.free_slots = list(range(max_batch))  # least recently freed first
         self.cached = [[] for _ in range(max_batch)]  # the tokens whose keys and values each free row holds
-        self.waiting, self.running = deque(), []  # running: sequences holding a row, prefilling or decoding
+        self.waiting, self.running = deque(), []  # running: sequences holding a row, oldest first
+        self.preemptions = 0
         self.lock = threading.Lock()  # guards `waiting`
 
     def add(self, seqs):
+        for seq in seqs:
+            if len(seq.prompt) > self.max_len:
+                raise ValueError(f"a prompt of {len(seq.prompt)} tokens does not fit: the context is {self.context} "
+                                 f"tokens and the KV cache budget holds {self.kv_tokens}")
         with self.lock:
             self.waiting.extend(seqs)
 
@@ -250,6 +266,7 @@ class Engine:
     def step(self):
         try:
             self.admit()
+            self.make_room()
             batch, logits = self.forward()
             if batch:
                 tokens, logprobs = self.sample(batch, logits)
@@ -261,16 +278,22 @@ class Engine:
             raise
 
     def admit(self):
-        """Cancelled sequences leave; waiting ones take free rows, lowest first."""
+        """Cancelled sequences leave; waiting ones take free rows, lowest first, while the cache has blocks for
+        their whole prompt (counting those free rows hold): else they wait."""
         for seq in [s for s in self.running if s.cancelled]:
             self.leave(seq)
         with self.lock:
             while self.free_slots and self.waiting:
-                seq = self.waiting.popleft()
-                seq.slot, seq.reused = self.pick_slot(seq.prompt)
-                seq.prefilled = seq.reused
-                self.free_slots.remove(seq.slot)
-                self.cache.reset([seq.slot], seq.reused)
+                seq = self.waiting[0]
+                slot, reused = self.pick_slot(seq.fill)
+                spare = sum(len(self.cache.tables[s]) for s in self.free_slots if s != slot)
+                kept = -(-reused // BLOCK)
+                if -(-len(seq.fill) // BLOCK) - kept > len(self.cache.free) + spare:
+                    break
+                self.waiting.popleft()
+                seq.slot, seq.reused, seq.prefilled = slot, reused, reused
+                self.free_slots.remove(slot)
+                self.cache.reset([slot], reused)  # the blocks past the reused prefix go back to the pool
                 self.running.append(seq)
 
     def pick_slot(self, prompt):
@@ -283,37 +306,63 @@ class Engine:
                 best, best_n = slot, n
         return best, best_n
 
-    def rows(self, seqs):
-        # all rows in order: the cache slices instead of gathering
-        slots = [s.slot for s in seqs]
-        return None if slots == list(range(self.max_batch)) else slots
+    def make_room(self):
+        """Blocks for what this step writes, oldest sequence first: from the pool, then from free rows' cached
+        prefixes (least recently freed first), then by preempting the newest running sequence."""
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted for an older one
+                continue
+            new = min(len(seq.fill) - seq.prefilled, self.prefill_chunk) if seq.prefilled < len(seq.fill) else 1
+            while not self.cache.grow(seq.slot, self.cache.lengths[seq.slot] + new):
+                holder = next((s for s in self.free_slots if self.cache.tables[s]), None)
+                if holder is not None:
+                    self.cached[holder] = []
+                    self.cache.reset([holder])
+                    continue
+                newest = self.running[-1]
+                self.preempt(newest)
+                if newest is seq:
+                    break
+
+    def preempt(self, seq):
+        """The sequence gives its row and blocks back and waits first in line; when admitted again it prefills its
+        prompt and the tokens it generated (recomputed: none is emitted twice) and goes on from there."""
+        self.running.remove(seq)
+        self.cache.reset([seq.slot])
+        self.cached[seq.slot] = []
+        self.free_slots.append(seq.slot)
+        seq.fill, seq.slot, seq.prefilled, seq.reused = seq.prompt + seq.tokens, None, 0, 0
+        self.preemptions += 1
+        with self.lock:
+            self.waiting.appendleft(seq)
 
     def forward(self):
         """-> (sequences that get a token now, their logits (b, V)): one prefill chunk for every row still
         reading its prompt, right-padded into one call, then one decode token for every other row."""
-        prefilling = [s for s in self.running if s.prefilled < len(s.prompt)]
-        decoding = sorted((s for s in self.running if s.prefilled == len(s.prompt)), key=lambda s: s.slot)
+        prefilling = [s for s in self.running if s.prefilled < len(s.fill)]
+        decoding = sorted((s for s in self.running if s.prefilled == len(s.fill)), key=lambda s: s.slot)
         batch, logits = [], []
         if prefilling:
-            chunks = [s.prompt[s.prefilled:s.prefilled + self.prefill_chunk] for s in prefilling]
+            chunks = [s.fill[s.prefilled:s.prefilled + self.prefill_chunk] for s in prefilling]
             lengths = [len(c) for c in chunks]
             T = max(lengths)
             ids = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=self.device)  # (b, T)
             input_lengths = None if min(lengths) == T else torch.tensor(lengths, device=self.device)
-            out = self.model(ids, cache=self.cache, rows=self.rows(prefilling), input_lengths=input_lengths,
+            out = self.model(ids, cache=self.cache, rows=[s.slot for s in prefilling], input_lengths=input_lengths,
                              last_only=True)  # (b, 1, V)
             for i, seq in enumerate(prefilling):
                 seq.prefilled += lengths[i]
-                if seq.prefilled == len(seq.prompt):  # the prompt's last token predicts the first new one
+                if seq.prefilled == len(seq.fill):  # the prompt's last token predicts the first new one
                     batch.append(seq)
                     logits.append(out[i, 0])
         if decoding:
             ids = torch.tensor([[s.tokens[-1]] for s in decoding], device=self.device)  # (b, 1)
-            index = CacheIndex(self.cache, 1, self.rows(decoding), device=self.device, mask=self.compiled)
+            index = CacheIndex(self.cache, 1, [s.slot for s in decoding], device=self.device, mask=self.compiled)
             if self.compiled:  # one graph for every length and batch size (but 1)
-                for dim in (0, 3):
-                    torch._dynamo.maybe_mark_dynamic(index.mask, dim)
-                torch._dynamo.maybe_mark_dynamic(ids, 0)
+                for tensor, dims in ((index.mask, (0, 3)), (index.read_slots, (0, 1)), (index.slots, (0,)),
+                                     (index.positions, (0,)), (ids, (0,))):
+                    for dim in dims:
+                        torch._dynamo.maybe_mark_dynamic(tensor, dim)
             out = self.decode(ids, self.cache.layers, index)[:, -1]  # (b, V)
             index.advance(self.cache)
             if not batch:
@@ -399,7 +448,7 @@ class Engine:
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(), seed=None,
-             return_logprobs=False, on_token=None, vocab_size=None, compile=False, **sampling):
+             return_logprobs=False, on_token=None, vocab_size=None, compile=False, kv_memory="50%", **sampling):
     """Continue each prompt (a list of token ids; lengths may differ) by up to max_new_tokens tokens.
 
     All prompts go into one engine with a row each: one right-padded prefill, then one batched decode step
@@ -409,7 +458,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     distribution (see sample_tokens). on_token(row, token_id), when given, sees each token as it is sampled
     (streaming). vocab_size: the tokenizer's; ids at or past it (the padded embedding rows many models have)
     are never sampled, since they have no text. seed: one generator shared by the batch. compile: decode
-    steps through torch.compile (see Engine). sampling: Sequence's other settings (min_p, logit_bias,
+    steps through torch.compile (see Engine). kv_memory: the KV cache's budget (see Engine): rows that do not
+    fit together wait or are recomputed, with the same tokens. sampling: Sequence's other settings (min_p, logit_bias,
     presence_penalty, frequency_penalty, repetition_penalty)."""
     config, device = model.config, model.embed_tokens.weight.device
     prompts = [p.tolist() if isinstance(p, torch.Tensor) else list(p) for p in prompts]
@@ -431,7 +481,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
                      return_logprobs, on_token=callback(row), **sampling) for row, p in enumerate(prompts)]
     if any(s.max_tokens > 0 for s in seqs):
         max_len = min(config.max_len, max(len(p) for p in prompts) + max_new_tokens)
-        engine = Engine(model, len(prompts), max_len, max_len, stop_ids, vocab_size, compile)
+        engine = Engine(model, len(prompts), max_len, max_len, stop_ids, vocab_size, compile, kv_memory)
         engine.add([s for s in seqs if s.max_tokens > 0])
         while engine.has_work():
             engine.step()
@@ -566,7 +616,7 @@ def read_task(task_path, tokenizer):
     return prompts, answers
 
 
-def evaluate(model, tokenizer, task_path, batch_size=32, max_new_tokens=64, stop_ids=None):
+def evaluate(model, tokenizer, task_path, batch_size=32, max_new_tokens=64, stop_ids=None, kv_memory="50%"):
     """Fraction of a task file's records whose greedy completion holds the answer (answer_is_correct, the
     check GRPO's reward uses). Prompts are batched shortest first to waste little on padding."""
     prompts, answers = read_task(task_path, tokenizer)
@@ -580,7 +630,7 @@ def evaluate(model, tokenizer, task_path, batch_size=32, max_new_tokens=64, stop
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         outputs = generate(model, [prompts[i] for i in batch], max_new_tokens, temperature=0.0, stop_ids=stop_ids,
-                           vocab_size=tokenizer.vocab_size)
+                           vocab_size=tokenizer.vocab_size, kv_memory=kv_memory)
         for i, tokens in zip(batch, outputs):
             correct += answer_is_correct(tokenizer.decode(strip_stop(tokens, stop_ids)), answers[i])
     return correct / len(prompts)
@@ -596,8 +646,8 @@ def sampling_options(args):
         bias = {int(i): float(b) for i, _, b in (item.partition(":") for item in args.logit_bias.split(",") if item)}
     except ValueError:
         raise ValueError(f"--logit_bias={args.logit_bias!r}: expected ID:BIAS pairs like 0:-100,42:5") from None
-    return dict(compile=args.compile, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                presence_penalty=args.presence_penalty,
+    return dict(compile=args.compile, kv_memory=args.kv_memory, min_p=args.min_p,
+                repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                 frequency_penalty=args.frequency_penalty, logit_bias=bias)
 
 
@@ -652,8 +702,11 @@ def main(argv):
     model, tokenizer = load(args.model, device=device, dtype=dtype, adapter=args.adapter)
     stop_ids = stop_ids_for(args.model, tokenizer)
     seed = None if args.seed < 0 else args.seed
+    rows = args.batch_size if args.eval else args.num_samples
+    print(budget_text(args.kv_memory, *budget_blocks(args.kv_memory, model.config, model.embed_tokens.weight.dtype,
+                                                     device, rows, model.config.max_len), device), file=sys.stderr)
     if args.eval:
-        accuracy = evaluate(model, tokenizer, args.eval, args.batch_size, args.max_new_tokens, stop_ids)
+        accuracy = evaluate(model, tokenizer, args.eval, args.batch_size, args.max_new_tokens, stop_ids, args.kv_memory)
         print(f"{args.eval}: accuracy {accuracy:.4f}")
         return
     prompt = args.prompt

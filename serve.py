@@ -14,8 +14,8 @@ checks their requests and shapes their replies. How a request flows:
   handler thread  Host, Origin, key, Content-Type checks -> the JSON checked -> one Choice (a sample.Sequence + its
                   text) per choice -> EngineLoop.submit -> the engine's waiting queue (FIFO)
   engine thread   EngineLoop.run calls sample.Engine.step() while there is work: admit waiting sequences into free
-                  KV cache rows, a prefill chunk or a decode token for each row, sample each with its own settings;
-                  Choice.on_token puts the new text on its request's event queue
+                  KV cache rows while its blocks last (--kv_memory), a prefill chunk or a decode token for each row,
+                  sample each with its own settings; Choice.on_token puts the new text on its request's event queue
   handler thread  events -> one JSON response, or SSE events as they come; every 0.2 s it checks that the client
                   is still there, and cancels the request's sequences when it is not
 SIGTERM or SIGINT: stop accepting, answer waiting requests 503, give running ones --shutdown_timeout seconds, end
@@ -44,6 +44,7 @@ import torch
 
 from api import (ApiError, choice_json, logprobs_json, message_json, parse_anthropic, parse_json, parse_openai,
                  usage_json)
+from kv_cache import BLOCK, budget_text
 from sample import Engine, Sequence, TextStream, load, stop_ids_for
 from settings import load_settings, pick_device
 
@@ -52,10 +53,13 @@ DEFAULTS = dict(
     adapter="",  # a LoRA adapter directory (train.py --lora_rank, or peft's) trained on --model: merged in on load
     host="127.0.0.1",  # loopback only; --host=0.0.0.0 exposes the server to the network
     port=8000,
-    max_batch=8,  # rows decoded together = rows of the preallocated KV cache
+    max_batch=8,  # sequences decoded together (KV cache rows; their memory comes from --kv_memory)
     max_waiting=64,  # queued sequences; beyond this a request gets 503 + Retry-After
     prefill_chunk=256,  # prompt tokens a row prefills per iteration, so a long prompt never stalls the others
-    max_len=0,  # context = KV cache length per row (prompt + reply); 0 = the model's max_len
+    max_len=0,  # context of one sequence (prompt + reply); 0 = the model's max_len
+    kv_memory="50%",  # KV cache budget: GB (like 8), or a share of the memory left after the weights (like 50%);
+    # taken as tokens are written on a CPU, up front on a GPU; when full, new requests wait and the newest running
+    # one is preempted (recomputed later)
     api_key="",  # require "Authorization: Bearer KEY" or "x-api-key: KEY" on /v1/*, /stats, /metrics; $ASTRAI_API_KEY
     model_name="",  # the id in /v1/models; default: the model directory's name
     max_body_bytes=1 << 20,  # larger request bodies get 413
@@ -256,6 +260,8 @@ class EngineLoop:
             "tokens_generated": self.tokens_generated, "sequences_done": self.sequences_done,
             "tokens_per_s": round(self.tokens_generated / self.busy_seconds, 2) if self.busy_seconds else 0.0,
             "mean_time_to_first_token_s": round(self.ttft.sum / ttft_count, 4) if ttft_count else None,
+            "kv_cache_tokens": self.engine.kv_tokens, "kv_cache_tokens_free": len(self.engine.cache.free) * BLOCK,
+            "kv_cache_bytes_touched": self.engine.cache.bytes_touched(), "preemptions": self.engine.preemptions,
             "uptime_s": round(time.time() - self.started, 1),
         }
 
@@ -526,7 +532,8 @@ class Handler(Connection):
 
     def openai(self, body, chat):
         loop = self.server.loop
-        request = parse_openai(body, chat, loop.tokenizer, loop.engine.max_len, loop.engine.model.config.vocab_size,
+        limits = (loop.engine.context, loop.engine.kv_tokens)
+        request = parse_openai(body, chat, loop.tokenizer, limits, loop.engine.model.config.vocab_size,
                                loop.max_waiting)
         head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
                 "model": self.server.model_name}
@@ -581,7 +588,8 @@ class Handler(Connection):
 
     def messages(self, body):
         loop = self.server.loop
-        request = parse_anthropic(body, loop.tokenizer, loop.engine.max_len, loop.engine.model.config.vocab_size)
+        limits = (loop.engine.context, loop.engine.kv_tokens)
+        request = parse_anthropic(body, loop.tokenizer, limits, loop.engine.model.config.vocab_size)
         head = {"id": "msg_" + uuid.uuid4().hex, "model": self.server.model_name}
         respond = self.messages_stream if request.stream else self.messages_response
         self.generate(request, lambda choices, events: respond(head, len(request.prompts[0]), choices[0], events))
@@ -687,7 +695,12 @@ class Server(ThreadingHTTPServer):
             ("sequences_waiting", "gauge", "Sequences queued for a row.", [("", len(engine.waiting))]),
             ("kv_cache_rows_in_use", "gauge", "KV cache rows in use.",
              [("", engine.max_batch - len(engine.free_slots))]),
-            ("kv_cache_rows", "gauge", "KV cache rows (--max_batch).", [("", engine.max_batch)])]:
+            ("kv_cache_rows", "gauge", "KV cache rows (--max_batch).", [("", engine.max_batch)]),
+            ("kv_cache_tokens", "gauge", "Tokens the KV cache budget holds (--kv_memory).", [("", engine.kv_tokens)]),
+            ("kv_cache_tokens_free", "gauge", "Tokens of KV cache blocks no row holds.",
+             [("", len(engine.cache.free) * BLOCK)]),
+            ("preemptions_total", "counter", "Sequences preempted when the KV cache was full (recomputed later).",
+             [("", engine.preemptions)])]:
             lines += [f"# HELP astrai_{name} {about}", f"# TYPE astrai_{name} {kind}"]
             lines += [f"astrai_{name}{labels} {value}" for labels, value in samples]
         return "\n".join(lines) + "\n"
@@ -695,8 +708,7 @@ class Server(ThreadingHTTPServer):
 
 def warm_up(engine):
     """Decode a batch of one row, of two, then of every row: torch.compile's graphs for every batch size exist
-    before the first request (batch 1; a dynamic batch of gathered rows; all rows in order, which the cache slices
-    instead of gathering)."""
+    before the first request (batch 1, and a dynamic batch for any more rows)."""
     for rows in sorted({1, min(2, engine.max_batch), engine.max_batch}):
         engine.add([Sequence([0], 3) for _ in range(rows)])
         while engine.has_work():
@@ -746,8 +758,11 @@ def main(argv):
         model, tokenizer = load(args.model, device=device, dtype=dtype, adapter=args.adapter)  # adapter: merged in
     except (OSError, ValueError) as e:
         sys.exit(f"serve.py: {e}")
-    engine = Engine(model, args.max_batch, args.max_len, args.prefill_chunk, stop_ids_for(args.model, tokenizer),
-                    tokenizer.vocab_size, args.compile)
+    try:
+        engine = Engine(model, args.max_batch, args.max_len, args.prefill_chunk,
+                        stop_ids_for(args.model, tokenizer), tokenizer.vocab_size, args.compile, args.kv_memory)
+    except ValueError as e:
+        sys.exit(f"serve.py: {e}")
     if args.compile:
         print("compiling the decode step (--compile=false skips this)", file=sys.stderr, flush=True)
         warm_up(engine)
@@ -762,8 +777,8 @@ def main(argv):
         signal.signal(number, lambda *_: stop.set())
     threading.Thread(target=server.serve_forever, name="accept", daemon=True).start()
     print(f"serving {name} ({model.num_params() / 1e6:.1f}M params, {device} {dtype}, max_batch {args.max_batch}) "
-          f"on http://{args.host}:{server.server_address[1]}" + (" with an API key" if api_key else ""),
-          file=sys.stderr, flush=True)
+          f"on http://{args.host}:{server.server_address[1]}" + (" with an API key" if api_key else "") + "; " +
+          budget_text(args.kv_memory, engine.kv_bytes, engine.kv_tokens // BLOCK, device), file=sys.stderr, flush=True)
     stop.wait()
     print(f"shutting down: running requests get {args.shutdown_timeout:g} s", file=sys.stderr, flush=True)
     shut_down(server, loop, args.shutdown_timeout)
