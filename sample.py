@@ -26,8 +26,7 @@ from collections import deque
 import regex
 import torch
 
-from lora import merge_adapter
-from model import CacheIndex, KVCache, Transformer, quantize_int8
+from model import CacheIndex, KVCache, Transformer
 from settings import DTYPES, load_settings, pick_device
 from tokenizer import Tokenizer
 
@@ -479,11 +478,7 @@ def load(model_dir, device="cpu", dtype=None, adapter=""):
     dtype: a torch dtype or its name (float32, bfloat16, float16), or "int8" (weight-only int8, bfloat16
     activations: see model.Int8Linear); None keeps float32. adapter: a LoRA adapter directory (lora.py) trained
     on model_dir, merged into the weights (before any quantization): the base model's speed."""
-    int8 = dtype == "int8"
-    model = Transformer.from_pretrained(model_dir, device=device, dtype=None if int8 else DTYPES.get(dtype, dtype))
-    if adapter:
-        merge_adapter(model, adapter, model_dir)
-    model = quantize_int8(model).eval() if int8 else model.eval()
+    model = Transformer.from_pretrained(model_dir, device, DTYPES.get(dtype, dtype), adapter).eval()  # "int8" as is
     tokenizer = Tokenizer.load(model_dir)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
