@@ -6,9 +6,11 @@ model.safetensors; hf.py converts the config and reads the files).
 Parameter names are Hugging Face's (model.layers.0.self_attn.q_proj.weight, ...), so a Llama, Qwen2,
 Qwen3 or DeepseekV3 checkpoint loads without renaming, and ours load in transformers.
 """
+import ctypes
 import json
 import math
 import os
+import platform
 from dataclasses import dataclass, fields
 
 import torch
@@ -306,14 +308,18 @@ class Int8Linear(nn.Module):
 
 def int8_weights(weight, chunk_rows=1024):
     """weight (out, in), any float dtype -> int8 (out, in) and bfloat16 scales (out,), a scale per output channel.
-    Each int8 value rounds weight / scale by the bfloat16 scale the matmul multiplies back with. In row chunks, so
-    that no float32 copy of a whole weight exists (an int8 model loads within its own size)."""
+    Each int8 value rounds weight / scale by the bfloat16 scale the matmul multiplies back with. In row chunks
+    through one float32 scratch buffer, so that neither a float32 copy of the weight nor a trail of freed
+    temporaries between the loaded weights (the C allocator keeps those) adds to the memory an int8 load takes."""
     q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scales = torch.empty(weight.shape[0], dtype=torch.bfloat16, device=weight.device)
+    scratch = torch.empty(min(chunk_rows, weight.shape[0]), weight.shape[1], device=weight.device)
     for i in range(0, weight.shape[0], chunk_rows):
-        w = weight[i:i + chunk_rows].float()
-        scales[i:i + chunk_rows] = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        q[i:i + chunk_rows] = (w / scales[i:i + chunk_rows, None].float()).round_().clamp_(-127, 127)
+        w = weight[i:i + chunk_rows]
+        low, high = torch.aminmax(w, dim=1)
+        scales[i:i + chunk_rows] = torch.maximum(-low, high).float().clamp_(min=1e-12) / 127
+        out = torch.div(w, scales[i:i + chunk_rows, None].float(), out=scratch[:len(w)])
+        q[i:i + chunk_rows] = out.round_().clamp_(-127, 127)
     return q, scales
 
 
@@ -627,6 +633,7 @@ class Transformer(nn.Module):
             if int8 and config.tie_weight and key == "embed_tokens.weight":  # the head quantized, the embedding not
                 place(model, "lm_head.weight", tensor, device, dtype)
             del tensor  # the source (a converted copy's file pages) goes before the next one is read
+            release_freed_memory()
         if config.tie_weight and not int8:
             model.lm_head.weight = model.embed_tokens.weight
         model.init_rope(device)
@@ -650,6 +657,17 @@ class Transformer(nn.Module):
         dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(config_to_hf(self.config, dtype, token_ids), f, indent=2)
+
+
+def release_freed_memory():
+    """Hand memory freed on the C heap back to the system. glibc keeps it, and the temporaries of converting or
+    quantizing one weight would otherwise stay resident between the weights loaded after it (tens of MB for an
+    int8 load). A no-op where the C library is not glibc."""
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+_libc = ctypes.CDLL("libc.so.6") if platform.libc_ver()[0] == "glibc" else None
 
 
 def place(model, key, tensor, device, dtype):
