@@ -177,7 +177,7 @@ def train_step_in_child(impl, spec, steps, threads, queue):
     else:
         import transformers
 
-        from model import config_to_hf
+        from hf import config_to_hf
 
         hf = config_to_hf(config)
         hf_config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)

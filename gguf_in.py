@@ -6,16 +6,18 @@ MODELDIR is taken, a .gguf file is too: model.py and tokenizer.py hand such path
     model = Transformer.from_pretrained("smollm2-135m-q4_k_m.gguf")   # read_model(): config + weights
     tokenizer = Tokenizer.load("smollm2-135m-q4_k_m.gguf")            # read_tokenizer(): vocab, merges, template
 
-What is read: the architectures model.py runs (llama, qwen2, qwen3; deepseek2 with dense layers); tensors of types F32, F16, BF16 (converted
-as they are) and every quantized type the `gguf` package dequantizes (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K,
-...: llama.cpp's own dequantization, none written here), into the requested dtype one tensor at a time; llama's
-Q/K rows put back from llama.cpp's adjacent-pair RoPE order to Hugging Face's; RoPE scaling (linear and yarn from
-the metadata, llama3 from the rope_freqs tensor). The tokenizer: tokenizer.ggml.tokens / merges / token_type
-rebuilt as a Hugging Face tokenizer.json, the pre-tokenizer name (tokenizer.ggml.pre) mapped to its split rules,
-control tokens as special added tokens, user-defined ones as plain added tokens, bos/eos and the chat template.
+What is read: the architectures model.py runs (llama, qwen2, qwen3; deepseek2 with dense layers); tensors of types
+F32, F16, BF16 (converted as they are) and every quantized type the `gguf` package dequantizes (Q8_0, Q4_0, Q4_1,
+Q5_0, Q5_1, Q2_K..Q6_K, ...: llama.cpp's own dequantization, none written here), into the requested dtype one
+tensor at a time, in blocks of rows; llama's Q/K rows put back from llama.cpp's adjacent-pair RoPE order to Hugging
+Face's; RoPE scaling (linear and yarn from the metadata, llama3 from the rope_freqs tensor). The tokenizer:
+tokenizer.ggml.tokens / merges / token_type rebuilt as a Hugging Face tokenizer.json, the pre-tokenizer name
+(tokenizer.ggml.pre) mapped to its split rules, control tokens as special added tokens, user-defined ones as plain
+added tokens, bos/eos and the chat template.
 """
 import functools
 import math
+import mmap
 import os
 import types
 
@@ -178,7 +180,9 @@ def model_config(metadata, tensors, path):
                      attention_bias="blk.0.attn_q.bias" in tensors, use_qk_norm=arch == "qwen3")
     theta = _float(get("rope.freq_base", 10000.0))
     freqs = tensors.get("rope_freqs.weight")
-    freqs = None if freqs is None else torch.from_numpy(_dequantize(freqs, path).copy())
+    if freqs is not None:  # one row of divisors
+        freqs = _dequantize(freqs.data.reshape(1, -1), freqs.tensor_type, path, freqs.name)[0]
+        freqs = torch.from_numpy(np.array(freqs))
     scaling = rope_scaling(metadata, arch, freqs, rope_dim, theta)
     return ModelConfig(vocab_size=int(tensors["token_embd.weight"].shape[1]), dim=dim, n_layers=get("block_count"),
                        n_heads=n_heads, dim_ffn=get("feed_forward_length"), rope_theta=theta, rope_scaling=scaling,
@@ -191,31 +195,44 @@ def _float(value):
     return float(str(np.float32(value)))
 
 
-def _dequantize(tensor, path):
-    """float32 numpy array in numpy's (row-major) shape: F32/F16 as they are, the rest by gguf's dequantize."""
+def _dequantize(rows, kind, path, name):
+    """float32 numpy rows (n, columns) of a tensor's rows as stored (n, items or bytes per row): F32/F16 as they are,
+    the rest by gguf's dequantize."""
     import gguf
 
-    kind = tensor.tensor_type
     try:
-        array = gguf.dequantize(tensor.data, kind)
+        return gguf.dequantize(rows, kind).reshape(len(rows), -1)
     except NotImplementedError:
-        raise ValueError(f"{path}: tensor {tensor.name} has type {kind.name}, which gguf cannot dequantize") from None
-    return array.reshape(tuple(reversed([int(n) for n in tensor.shape])))
+        raise ValueError(f"{path}: tensor {name} has type {kind.name}, which gguf cannot dequantize") from None
 
 
-def _tensor(tensor, dtype, path):
-    """One tensor in dtype, never a view of the file. BF16 is reinterpreted, not widened through float32."""
+def _tensor(reader, tensor, dtype, path, chunk_rows=1024):
+    """One tensor in dtype, never a view of the file, dequantized chunk_rows rows at a time: no float32 copy of a
+    whole tensor exists beside it. BF16 is reinterpreted, not widened through float32."""
     import gguf
 
-    if tensor.tensor_type == gguf.GGMLQuantizationType.BF16:
-        shape = tuple(reversed([int(n) for n in tensor.shape]))
-        weight = torch.from_numpy(tensor.data.view(np.int16).reshape(shape).copy()).view(torch.bfloat16).to(dtype)
-    else:
-        array = _dequantize(tensor, path)  # F32: a view of the memory-mapped file, so copied
-        weight = torch.from_numpy(array if array.flags.writeable else array.copy()).to(dtype)
+    shape = tuple(reversed([int(n) for n in tensor.shape]))
+    weight = torch.empty(shape, dtype=dtype)
+    out, stored = weight.view(-1, shape[-1]), tensor.data.reshape(-1, tensor.data.shape[-1])  # (rows, columns)
+    for i in range(0, len(out), chunk_rows):
+        rows = stored[i:i + chunk_rows]
+        if tensor.tensor_type == gguf.GGMLQuantizationType.BF16:
+            out[i:i + chunk_rows] = torch.from_numpy(rows.view(np.int16).copy()).view(torch.bfloat16)
+        else:
+            out[i:i + chunk_rows] = torch.from_numpy(np.array(_dequantize(rows, tensor.tensor_type, path, tensor.name)))
+    release_pages(reader, tensor)
     if not torch.isfinite(weight.sum()):  # NaN and inf carry through a sum: 20x cheaper than isfinite per number
         raise ValueError(f"{path}: tensor {tensor.name} holds NaN or infinite values: the file is corrupt")
     return weight
+
+
+def release_pages(reader, tensor):
+    """Drop a tensor's pages of the memory-mapped file from this process (they stay in the page cache): the reader
+    stays open for the tokenizer, and every page read would otherwise count in the process's memory."""
+    memory_map = reader.data.base  # np.memmap's mmap.mmap
+    if hasattr(mmap, "MADV_DONTNEED") and isinstance(memory_map, mmap.mmap):
+        start = tensor.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+        memory_map.madvise(mmap.MADV_DONTNEED, start, tensor.data_offset + tensor.n_bytes - start)
 
 
 def unpair_rope_rows(w, n_heads, rope_dim):
@@ -238,7 +255,10 @@ def unpaired(weight, inner, arch, c):
 
 
 def read_model(path, dtype=None):
-    """(ModelConfig, {parameter name: tensor in dtype}) of a .gguf file, for Transformer.from_pretrained."""
+    """(ModelConfig, [(parameter name, shape, read)]) of a .gguf file, for Transformer.from_tensors: read() gives one
+    tensor in dtype (default float32), nothing being read before."""
+    import gguf
+
     from export import GLOBAL_NAMES, LAYER_NAMES
 
     reader, metadata = open_gguf(path)
@@ -249,31 +269,45 @@ def read_model(path, dtype=None):
     names = {**LAYER_NAMES, **GLOBAL_NAMES, "self_attn.kv_b_proj": "attn_kv_b"}  # ours -> llama.cpp's
     ours = {theirs: name for name, theirs in names.items()}
     arch, dtype = metadata["general.architecture"], dtype or torch.float32
-    state, absorbed, unknown = {}, {}, []
+    entries, absorbed, unknown = [], {}, []
     for name, tensor in tensors.items():
         if name == "rope_freqs.weight":
             continue  # read into the config's rope_scaling
+        if tensor.tensor_type != gguf.GGMLQuantizationType.BF16:  # one row tried: a type gguf lacks fails now
+            _dequantize(tensor.data.reshape(-1, tensor.data.shape[-1])[:1], tensor.tensor_type, path, name)
         parts = name.split(".")
         if parts[0] == "blk" and len(parts) == 4 and parts[2] in ("attn_k_b", "attn_v_b"):
-            absorbed[parts[1], parts[2]] = _tensor(tensor, dtype, path)  # MLA's kv_b_proj in llama.cpp's two parts
+            absorbed[parts[1], parts[2]] = tensor  # MLA's kv_b_proj in llama.cpp's two parts
             continue
         inner = ours.get(parts[2] if parts[0] == "blk" and len(parts) == 4 else parts[0])
         if inner is None or parts[0] != "blk" and len(parts) != 2:
             unknown.append(name)
             continue
         key = f"layers.{parts[1]}.{inner}.{parts[3]}" if parts[0] == "blk" else f"{inner}.{parts[1]}"
-        state[key] = unpaired(_tensor(tensor, dtype, path), inner, arch, config)
-    for (block, part), weight in absorbed.items():
-        if part == "attn_k_b":  # (H, r, nope) and (H, v, r) -> (H * (nope + v), r)
+        read = functools.partial(_read_unpaired, reader, tensor, dtype, path, inner, arch, config)
+        entries.append((key, tuple(reversed([int(n) for n in tensor.shape])), read))
+    for (block, part), k_b in absorbed.items():
+        if part == "attn_k_b":
             v_b = absorbed.get((block, "attn_v_b"))
             if v_b is None:
                 raise ValueError(f"{path}: blk.{block}.attn_k_b.weight without blk.{block}.attn_v_b.weight")
-            kv = torch.cat([weight.transpose(1, 2), v_b], 1)
-            state[f"layers.{block}.self_attn.kv_b_proj.weight"] = kv.reshape(-1, config.kv_lora_rank)
+            shape = (config.n_heads * (config.qk_nope_head_dim + config.v_head_dim), config.kv_lora_rank)
+            read = functools.partial(_read_kv_b, reader, k_b, v_b, dtype, path, config.kv_lora_rank)
+            entries.append((f"layers.{block}.self_attn.kv_b_proj.weight", shape, read))
     if unknown:
         raise ValueError(f"{path}: tensors this model cannot hold: {', '.join(unknown[:6])}"
                          f"{' ...' if len(unknown) > 6 else ''}")
-    return config, state
+    return config, entries
+
+
+def _read_unpaired(reader, tensor, dtype, path, inner, arch, config):
+    return unpaired(_tensor(reader, tensor, dtype, path), inner, arch, config)
+
+
+def _read_kv_b(reader, k_b, v_b, dtype, path, kv_lora_rank):
+    """kv_b_proj from llama.cpp's k_b (H, r, nope) and v_b (H, v, r): (H * (nope + v), r)."""
+    k_b, v_b = _tensor(reader, k_b, dtype, path), _tensor(reader, v_b, dtype, path)
+    return torch.cat([k_b.transpose(1, 2), v_b], 1).reshape(-1, kv_lora_rank)
 
 
 # -----------------------------------------------------------------------------

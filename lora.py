@@ -338,17 +338,23 @@ def merged_weights(weights, adapter, scaling, where="adapter", tokens=()):
         merged["embed_tokens.weight"] = embedding.index_copy(0, rows, adapter[TOKEN_ROWS].to(embedding))
     for name in sorted({k.rsplit(".", 2)[0] for k in adapter if k != TOKEN_ROWS}):
         w, a, b = weights.get(name + ".weight"), adapter[name + ".lora_A.weight"], adapter[name + ".lora_B.weight"]
-        if w is None or w.shape != (b.shape[0], a.shape[1]):
-            found = "no such layer" if w is None else f"weight {tuple(w.shape)}"
-            raise ValueError(f"{where}: {name} is {tuple(b.shape[0:1] + a.shape[1:])} in the adapter; the model has "
-                             f"{found}")
+        check_layer(name, None if w is None else w.shape, a, b, where)
         merged[name + ".weight"] = (w.double() + scaling * (b.double() @ a.double())).to(w.dtype)
     return merged
 
 
+def check_layer(name, shape, a, b, where):
+    """An adapter layer's lora_A and lora_B against the model's weight shape there (None: no such layer)."""
+    if shape is None or tuple(shape) != (b.shape[0], a.shape[1]):
+        found = "no such layer" if shape is None else f"weight {tuple(shape)}"
+        raise ValueError(f"{where}: {name} is {tuple(b.shape[0:1] + a.shape[1:])} in the adapter; the model has "
+                         f"{found}")
+
+
 def merge_adapter(model, adapter_dir, base_dir=None):
-    """sample.py's and serve.py's --adapter: merge an adapter directory into the model's weights, so it runs at
-    the base model's speed. base_dir: the base MODELDIR, checked against the adapter's base_model.json."""
+    """Merge an adapter directory into a loaded model's weights, so it runs at the base model's speed. base_dir: the
+    base MODELDIR, checked against the adapter's base_model.json. (sample.py's and serve.py's --adapter merge as the
+    model loads: merging.)"""
     if base_dir:
         check_base(adapter_dir, base_dir)
     config, adapter, scaling = read_adapter(adapter_dir)
@@ -357,6 +363,31 @@ def merge_adapter(model, adapter_dir, base_dir=None):
                                            config["trainable_token_indices"]).items():
             model.get_parameter(name).copy_(weight)
     return model
+
+
+def merging(adapter_dir, base_dir, shapes):
+    """merge(name, weight) -> the weight with the adapter merged in (float32 at least), for
+    Transformer.from_pretrained's adapter=: each weight merged as it loads, before any quantization. shapes: {name:
+    shape} of the model's weights, which the adapter is checked against first; base_dir as merge_adapter's."""
+    check_base(adapter_dir, base_dir)
+    config, adapter, scaling = read_adapter(adapter_dir)
+    tokens = config["trainable_token_indices"]
+    layers = {k.rsplit(".", 2)[0] for k in adapter if k != TOKEN_ROWS}
+    for name in sorted(layers):
+        check_layer(name, shapes.get(name + ".weight"), adapter[name + ".lora_A.weight"],
+                    adapter[name + ".lora_B.weight"], adapter_dir)
+
+    def merge(name, weight):
+        layer = name.removesuffix(".weight")
+        if layer not in layers and not (tokens and name == "embed_tokens.weight"):
+            return weight
+        part = {k: v for k, v in adapter.items() if k.startswith(layer + ".lora_") or k == TOKEN_ROWS}
+        # float32 at least: a bfloat16 file loaded as float32 keeps the merge's precision, as merge_adapter would
+        weight = weight.to(torch.promote_types(weight.dtype, torch.float32))
+        row_ids = tokens if layer == "embed_tokens" else ()
+        return merged_weights({name: weight}, part, scaling, adapter_dir, row_ids)[name]
+
+    return merge
 
 
 # -----------------------------------------------------------------------------

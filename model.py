@@ -1,22 +1,25 @@
 """
 The transformer: GQA or MLA attention, RoPE (rope.py: its tables and published scalings), RMSNorm, SwiGLU, a
-paged KV cache (kv_cache.py) with per-row positions, and loading/saving Hugging Face style directories (config.json +
-model.safetensors).
+paged KV cache (kv_cache.py) with per-row positions, and loading/saving Hugging Face style directories
+(config.json + model.safetensors; hf.py converts the config and reads the files).
 
 Parameter names are Hugging Face's (model.layers.0.self_attn.q_proj.weight, ...), so a Llama, Qwen2,
 Qwen3 or DeepseekV3 checkpoint loads without renaming, and ours load in transformers.
 """
+import ctypes
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+import platform
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hf import config_from_hf, config_to_hf, safetensors_tensors
 from kv_cache import CacheIndex, KVCache  # noqa: F401 (KVCache: model.KVCache)
-from rope import ROPE_SCALINGS, apply_rope, mla_softmax_scale, rope_scaling_problems, rope_tables
+from rope import apply_rope, deinterleave_rope, mla_softmax_scale, rope_scaling_problems, rope_tables
 
 # -----------------------------------------------------------------------------
 # config
@@ -214,10 +217,9 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear):
         super().__init__()
-        w = linear.weight.detach().float()
-        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.register_buffer("weight", (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scales.to(torch.bfloat16))
+        weight, scales = int8_weights(linear.weight.detach())
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(torch.bfloat16))
 
     def forward(self, x):
@@ -226,9 +228,27 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def int8_weights(weight, chunk_rows=1024):
+    """weight (out, in), any float dtype -> int8 (out, in) and bfloat16 scales (out,), a scale per output channel.
+    Each int8 value rounds weight / scale by the bfloat16 scale the matmul multiplies back with. In row chunks
+    through one float32 scratch buffer, so that neither a float32 copy of the weight nor a trail of freed
+    temporaries between the loaded weights (the C allocator keeps those) adds to the memory an int8 load takes."""
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=torch.bfloat16, device=weight.device)
+    scratch = torch.empty(min(chunk_rows, weight.shape[0]), weight.shape[1], device=weight.device)
+    for i in range(0, weight.shape[0], chunk_rows):
+        w = weight[i:i + chunk_rows]
+        low, high = torch.aminmax(w, dim=1)
+        scales[i:i + chunk_rows] = torch.maximum(-low, high).float().clamp_(min=1e-12) / 127
+        out = torch.div(w, scales[i:i + chunk_rows, None].float(), out=scratch[:len(w)])
+        q[i:i + chunk_rows] = out.round_().clamp_(-127, 127)
+    return q, scales
+
+
 def quantize_int8(model):
     """The model in bfloat16 with every projection and the output head as an Int8Linear (MLA's kv_b_proj stays:
-    its weight is read whole, absorbed into the query and output)."""
+    its weight is read whole, absorbed into the query and output). On a model on the meta device: the structure
+    that Transformer.from_pretrained(dtype="int8") fills tensor by tensor."""
     model.to(torch.bfloat16)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
@@ -464,14 +484,16 @@ class Transformer(nn.Module):
     # --- checkpoints ----------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None):
-        """Load a directory of config.json + model.safetensors (or sharded safetensors with an index):
-        ours, or Hugging Face Llama/Qwen2/Qwen3/DeepseekV3 (dense); or a .gguf file (gguf_in.py). Nothing is
-        unpickled."""
+    def from_pretrained(cls, path, device=None, dtype=None, adapter=""):
+        """Load a directory of config.json + model.safetensors (or sharded safetensors with an index): ours, or
+        Hugging Face Llama/Qwen2/Qwen3/DeepseekV3 (dense); or a .gguf file (gguf_in.py). Nothing is unpickled.
+        dtype: a torch dtype (default float32) or "int8" (quantize_int8's); adapter: a LoRA adapter directory
+        (lora.py) trained on this model, merged into each weight as it loads, before any quantization."""
         if str(path).endswith(".gguf"):
             from gguf_in import read_model  # only a GGUF reader needs the gguf package
 
-            return cls.from_state_dict(*read_model(str(path), dtype), path, device, dtype)
+            read = torch.bfloat16 if dtype == "int8" else dtype  # the dtype int8 is quantized from
+            return cls.from_tensors(*read_model(str(path), read), path, device, dtype, adapter)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: no such model directory")
         config_path = os.path.join(path, "config.json")
@@ -484,35 +506,57 @@ class Transformer(nn.Module):
         except json.JSONDecodeError as e:
             raise ValueError(f"{config_path}: not valid JSON ({e})") from None
         config, rope_interleave = config_from_hf(hf, config_path)
-        state = load_safetensors_dir(path)
+        tensors = safetensors_tensors(path)
         if rope_interleave:
-            deinterleave_rope_weights(state, config)
-        return cls.from_state_dict(config, state, path, device, dtype)
+            tensors = [(k, shape, lambda k=k, read=read: deinterleave_rope(k, read(), config))
+                       for k, shape, read in tensors]
+        return cls.from_tensors(config, tensors, path, device, dtype, adapter)
 
     @classmethod
     def from_state_dict(cls, config, state, where, device=None, dtype=None):
-        """A model from a config and its weights by Hugging Face name, names and shapes checked first."""
-        if config.tie_weight:
-            state.pop("lm_head.weight", None)
+        """A model from a config and its weights by Hugging Face name (see from_tensors)."""
+        return cls.from_tensors(config, [(k, v.shape, lambda v=v: v) for k, v in state.items()], where, device, dtype)
+
+    @classmethod
+    def from_tensors(cls, config, tensors, where, device=None, dtype=None, adapter=""):
+        """A model from a config and [(Hugging Face name, shape, read)], names and shapes checked first. The model
+        is built on the meta device; each read() tensor is then converted (or quantized, for int8) into place and
+        dropped before the next is read: loading takes the final weights plus one tensor, never a float32 copy."""
+        if not (dtype in (None, "int8") or isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"{where}: dtype={dtype!r}: expected a floating torch dtype or 'int8'")
         with torch.device("meta"):
             model = cls(config)
-        expected = {k: v.shape for k, v in model.state_dict().items()
-                    if not (config.tie_weight and k == "lm_head.weight")}
-        state = {k.removeprefix("model."): v for k, v in state.items()}
-        problems = [f"missing {k}" for k in expected if k not in state]
-        problems += [f"unexpected {k}" for k in state if k not in expected]
-        problems += [
-            f"{k}: shape {tuple(v.shape)} in the file, {tuple(expected[k])} from the config"
-            for k, v in state.items()
-            if k in expected and v.shape != expected[k]
-        ]
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        tensors = [(k.removeprefix("model."), shape, read) for k, shape, read in tensors]
+        if config.tie_weight:  # the head is the embedding (a file may hold both)
+            tensors = [t for t in tensors if t[0] != "lm_head.weight"]
+            expected.pop("lm_head.weight")
+        names = {k for k, _, _ in tensors}
+        problems = [f"missing {k}" for k in expected if k not in names]
+        problems += [f"unexpected {k}" for k in names if k not in expected]
+        problems += [f"{k}: shape {tuple(shape)} in the file, {tuple(expected[k])} from the config"
+                     for k, shape, _ in tensors if k in expected and tuple(shape) != tuple(expected[k])]
         if problems:
             shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} problems)" if len(problems) > 8 else "")
             raise ValueError(f"{where}: weights do not match its config: {shown}")
-        dtype = dtype or torch.float32
-        state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
-        model.load_state_dict(state, strict=False, assign=True)
-        if config.tie_weight:
+        if adapter:
+            from lora import merging
+
+            merge = merging(adapter, where, expected)
+        int8 = dtype == "int8"
+        if int8:
+            quantize_int8(model)
+        dtype = torch.bfloat16 if int8 else dtype or torch.float32
+        for key, _, read in tensors:
+            tensor = read()
+            if adapter:
+                tensor = merge(key, tensor)
+            place(model, key, tensor, device, dtype)
+            if int8 and config.tie_weight and key == "embed_tokens.weight":  # the head quantized, the embedding not
+                place(model, "lm_head.weight", tensor, device, dtype)
+            del tensor  # the source (a converted copy's file pages) goes before the next one is read
+            release_freed_memory()
+        if config.tie_weight and not int8:
             model.lm_head.weight = model.embed_tokens.weight
         model.init_rope(device)
         return model
@@ -537,152 +581,26 @@ class Transformer(nn.Module):
             json.dump(config_to_hf(self.config, dtype, token_ids), f, indent=2)
 
 
-# -----------------------------------------------------------------------------
-# Hugging Face config and weight conversion
-
-SUPPORTED = ("LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, DeepseekV3ForCausalLM (dense layers) "
-             "or this project's own")
-
-
-def config_to_hf(c, dtype="float32", token_ids=None):
-    """config.json for transformers. Our own fields go under "astrai" so nothing is lost on the way back."""
-    hf = {
-        "vocab_size": c.vocab_size, "hidden_size": c.dim, "intermediate_size": c.dim_ffn,
-        "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
-        "head_dim": c.head_dim, "hidden_act": "silu", "max_position_embeddings": c.max_len,
-        "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta, **(c.rope_scaling or {})},
-        "tie_word_embeddings": c.tie_weight, "attention_bias": False, "dtype": dtype,
-        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **(token_ids or {}),
-    }
-    if c.use_gated_attention:
-        hf.update(model_type="astrai", architectures=["AstrAIForCausalLM"],
-                  note="gated attention (use_gated_attention) has no transformers architecture: load with model.py")
-    elif c.attn == "mla":
-        hf.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"],
-                  q_lora_rank=c.q_lora_rank or None, kv_lora_rank=c.kv_lora_rank,
-                  qk_nope_head_dim=c.qk_nope_head_dim, qk_rope_head_dim=c.qk_rope_head_dim,
-                  v_head_dim=c.v_head_dim, num_key_value_heads=c.n_heads, head_dim=c.qk_rope_head_dim,
-                  first_k_dense_replace=c.n_layers, moe_intermediate_size=c.dim_ffn, rope_interleave=False)
-    elif c.use_qk_norm and not c.attention_bias:
-        hf.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"])
-    elif c.use_qk_norm:
-        hf.update(model_type="astrai", architectures=["AstrAIForCausalLM"],
-                  note="q/k biases together with qk-norm have no transformers architecture: load with model.py")
-    elif c.attention_bias:
-        hf.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"])
-        del hf["attention_bias"]
-    else:
-        hf.update(model_type="llama", architectures=["LlamaForCausalLM"], mlp_bias=False)
-    hf["astrai"] = asdict(c)
-    return hf
+def release_freed_memory():
+    """Hand memory freed on the C heap back to the system. glibc keeps it, and the temporaries of converting or
+    quantizing one weight would otherwise stay resident between the weights loaded after it (tens of MB for an
+    int8 load). A no-op where the C library is not glibc."""
+    if _libc is not None:
+        _libc.malloc_trim(0)
 
 
-def config_from_hf(hf, where):
-    """ModelConfig from a config.json dict; returns (config, rope_interleave)."""
-    if "astrai" in hf:
-        return ModelConfig.from_dict(hf["astrai"], where), False
-    model_type = hf.get("model_type")
-    if model_type not in ("llama", "qwen2", "qwen3", "deepseek_v3"):
-        arch = hf.get("architectures") or model_type
-        raise ValueError(f"{where}: unsupported architecture {arch!r}; supported: {SUPPORTED}")
-
-    def need(cond, what):
-        if not cond:
-            raise ValueError(f"{where}: {model_type} with {what} is not supported")
-
-    need(hf.get("hidden_act", "silu") == "silu", f"hidden_act={hf.get('hidden_act')!r} (only silu)")
-    rope, rope_scaling = rope_from_hf(hf)
-    need(rope.get("rope_type") in ("default", *ROPE_SCALINGS), f"RoPE scaling type {rope.get('rope_type')!r} "
-         f"in {rope} (supported: default, {', '.join(ROPE_SCALINGS)})")
-    need(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) == 1.0, "partial_rotary_factor")
-    need(not hf.get("mlp_bias"), "mlp_bias")
-    need(not hf.get("use_sliding_window"), "sliding window attention")
-    n_heads = hf["num_attention_heads"]
-    c = dict(
-        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-        dim_ffn=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), rope_scaling=rope_scaling,
-        max_len=hf.get("max_position_embeddings", 2048), tie_weight=bool(hf.get("tie_word_embeddings", False)),
-    )
-    if model_type == "llama":
-        need(not hf.get("attention_bias"), "attention_bias (biases on o_proj too)")
-    elif model_type == "qwen2":
-        c["attention_bias"] = True
-    elif model_type == "qwen3":
-        need(not hf.get("attention_bias"), "attention_bias (biases on o_proj too)")
-        c["use_qk_norm"] = True
-    else:
-        need(not hf.get("attention_bias"), "attention_bias")
-        n_routed = hf.get("n_routed_experts") or 0
-        if n_routed and hf.get("first_k_dense_replace", 0) < hf["num_hidden_layers"]:
-            raise ValueError(
-                f"{where}: MoE is not supported: layers {hf.get('first_k_dense_replace', 0)}.. are mixture-of-experts "
-                f"(first_k_dense_replace={hf.get('first_k_dense_replace')}, n_routed_experts={n_routed}); "
-                "only dense layers load"
-            )
-        c.update(attn="mla", n_kv_heads=n_heads, head_dim=0, q_lora_rank=hf.get("q_lora_rank") or 0,
-                 kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
-                 qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"])
-    try:
-        return ModelConfig(**c), model_type == "deepseek_v3" and bool(hf.get("rope_interleave", True))
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+_libc = ctypes.CDLL("libc.so.6") if platform.libc_ver()[0] == "glibc" else None
 
 
-def rope_from_hf(hf):
-    """config.json's RoPE dict, and the rope_scaling it gives ModelConfig (None unscaled), read as transformers reads
-    it: rope_scaling before rope_parameters, "type" for "rope_type", a missing original_max_position_embeddings
-    from the top level or max_position_embeddings (its standardize_rope_params)."""
-    rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
-    rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
-    if rope["rope_type"] not in ROPE_SCALINGS:
-        return rope, None
-    scaling = {k: v for k, v in rope.items() if k not in ("type", "rope_theta", "partial_rotary_factor")}
-    if rope["rope_type"] in ("llama3", "yarn"):
-        original = hf.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
-        scaling["original_max_position_embeddings"] = original or hf.get("max_position_embeddings", 2048)
-    return rope, scaling
-
-
-def deinterleave_rope_weights(state, c):
-    """DeepseekV3's rope_interleave=True rotates (x0, x1), (x2, x3), ... pairs; permuting the rows that
-    produce the RoPE part of q and k to (x0, x2, ..., x1, x3, ...) gives the same attention under rotate_half."""
-    perm = torch.cat([torch.arange(0, c.qk_rope_head_dim, 2), torch.arange(1, c.qk_rope_head_dim, 2)])
-    nope, rope = c.qk_nope_head_dim, c.qk_rope_head_dim
-    for i in range(c.n_layers):
-        p = f"model.layers.{i}.self_attn."
-        qk = p + ("q_b_proj.weight" if c.q_lora_rank else "q_proj.weight")
-        if qk in state:
-            w = state[qk].view(c.n_heads, nope + rope, -1)
-            state[qk] = torch.cat([w[:, :nope], w[:, nope:][:, perm]], dim=1).reshape(c.n_heads * (nope + rope), -1)
-        kv = p + "kv_a_proj_with_mqa.weight"
-        if kv in state:
-            w = state[kv]
-            state[kv] = torch.cat([w[: c.kv_lora_rank], w[c.kv_lora_rank :][perm]], dim=0)
-
-
-def load_safetensors_dir(path):
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
-    state = {}
-    for name in files:
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            others = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
-            hint = f" (found {others}: pickled weights are not loaded; convert them to safetensors)" if others else ""
-            raise FileNotFoundError(f"{file}: missing{hint}")
-        try:
-            state.update(load_file(file))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{file}: cannot read safetensors ({e}); the file is truncated or corrupt") from None
-    return state
+def place(model, key, tensor, device, dtype):
+    """Put a loaded tensor in the model (on the meta device until then) as `key`, in dtype (integer tensors as they
+    are), or quantized where the model has an Int8Linear. A tensor already in dtype on the device is kept, not
+    copied."""
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    if isinstance(module, Int8Linear) and attr == "weight":
+        module.weight, module.scales = (t.to(device) for t in int8_weights(tensor))
+        return
+    old = getattr(module, attr)
+    new = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+    setattr(module, attr, nn.Parameter(new, old.requires_grad) if isinstance(old, nn.Parameter) else new)

@@ -109,3 +109,17 @@ def mla_softmax_scale(c):
     if s.get("mscale_all_dim"):
         scale *= yarn_mscale(s["factor"], s["mscale_all_dim"]) ** 2
     return scale
+
+
+def deinterleave_rope(name, w, c):
+    """A weight with DeepseekV3's rope_interleave=True rows put in rotate_half's order: it rotates (x0, x1),
+    (x2, x3), ... pairs; permuting the rows that produce the RoPE part of q and k to (x0, x2, ..., x1, x3, ...)
+    gives the same attention under rotate_half."""
+    perm = torch.cat([torch.arange(0, c.qk_rope_head_dim, 2), torch.arange(1, c.qk_rope_head_dim, 2)])
+    nope, rope = c.qk_nope_head_dim, c.qk_rope_head_dim
+    if name.endswith(("self_attn.q_b_proj.weight", "self_attn.q_proj.weight")):
+        w = w.view(c.n_heads, nope + rope, -1)
+        return torch.cat([w[:, :nope], w[:, nope:][:, perm]], dim=1).reshape(c.n_heads * (nope + rope), -1)
+    if name.endswith("self_attn.kv_a_proj_with_mqa.weight"):
+        return torch.cat([w[: c.kv_lora_rank], w[c.kv_lora_rank :][perm]], dim=0)
+    return w

@@ -26,9 +26,8 @@ from collections import deque
 import regex
 import torch
 
-from lora import merge_adapter
 from kv_cache import BLOCK, KVCache, budget_blocks, budget_text
-from model import CacheIndex, Transformer, quantize_int8
+from model import CacheIndex, Transformer
 from settings import DTYPES, load_settings, pick_device
 from tokenizer import Tokenizer
 
@@ -51,7 +50,7 @@ DEFAULTS = dict(
     device="auto",  # auto = cuda when available, else cpu
     dtype="auto",  # auto = bfloat16 where the GPU or CPU has it natively, else float32; or float32, bfloat16,
     # float16, int8 (weight-only int8 with bfloat16 activations)
-    compile=True,  # decode steps through torch.compile (the first ones compile it: seconds); false = eager
+    compile="auto",  # decode steps through torch.compile: true, false, or auto = where it pays (compile_setting)
     eval="",  # TASK.jsonl: greedy generation over {"messages"|"prompt", "answer"} records, prints accuracy
     batch_size=32,  # rows per generate() call with --eval
     kv_memory="50%",  # KV cache budget: GB (like 8), or a share of the memory left after the weights (like 50%);
@@ -196,6 +195,44 @@ class Sequence:
         self.fill = self.prompt  # what to prefill: the prompt, plus the tokens generated before a preemption
         self.reused = 0  # prompt tokens whose keys and values were already in the row (prefix reuse)
         self.finish, self.cancelled = None, False  # finish: "stop" | "length" | "error" once done
+
+
+# decode steps after which compiling pays on a CPU, measured on configs/tiny.py's shape with one thread: compiling
+# took 17 s, and saved 0.44 ms a step for 1 row, 0.68 ms for 8 (eager 1.18 / 1.86 ms, compiled 0.74 / 1.18 ms):
+# 17 s / 0.68 ms = 25,000 steps. A server (serve.py) gets there; one sample.py call rarely does.
+COMPILE_BREAK_EVEN_STEPS = 25_000
+
+
+def compile_setting(setting, decode_steps, where="sample.py"):
+    """--compile's value -> whether to compile the decode step: "true" or "false" as said, "auto" when the call
+    decodes at least COMPILE_BREAK_EVEN_STEPS steps. Compiling needs a C++ compiler (torch.compile's generated code,
+    on a GPU too for its C++ wrapper): without a working one, eager, said in one line on stderr."""
+    choice = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False, "auto": "auto"}.get(
+        str(setting).lower())
+    if choice is None:
+        raise ValueError(f"--compile={setting!r}: expected auto, true or false")
+    if choice == "auto":
+        choice = decode_steps >= COMPILE_BREAK_EVEN_STEPS
+    if choice and cpp_compiler() is None:
+        from torch._inductor import config
+
+        print(f"{where}: no working C++ compiler for torch.compile (tried {config.cpp.cxx}): decoding eager",
+              file=sys.stderr, flush=True)
+        return False
+    return choice
+
+
+@functools.cache
+def cpp_compiler():
+    """The C++ compiler torch.compile would use (torch's own search: each name of its cpp.cxx setting run with
+    --version), or None."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        return get_cpp_compiler()
+    except (InvalidCxxCompiler, OSError):
+        return None
 
 
 @functools.cache
@@ -529,11 +566,7 @@ def load(model_dir, device="cpu", dtype=None, adapter=""):
     dtype: a torch dtype or its name (float32, bfloat16, float16), or "int8" (weight-only int8, bfloat16
     activations: see model.Int8Linear); None keeps float32. adapter: a LoRA adapter directory (lora.py) trained
     on model_dir, merged into the weights (before any quantization): the base model's speed."""
-    int8 = dtype == "int8"
-    model = Transformer.from_pretrained(model_dir, device=device, dtype=None if int8 else DTYPES.get(dtype, dtype))
-    if adapter:
-        merge_adapter(model, adapter, model_dir)
-    model = quantize_int8(model).eval() if int8 else model.eval()
+    model = Transformer.from_pretrained(model_dir, device, DTYPES.get(dtype, dtype), adapter).eval()  # "int8" as is
     tokenizer = Tokenizer.load(model_dir)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
@@ -699,6 +732,7 @@ def main(argv):
         sys.exit("sample.py: --model=MODELDIR|FILE.gguf is required (a directory with config.json, model.safetensors, "
                  "tokenizer, or a .gguf file)")
     device, dtype = pick_device(args.device, args.dtype, inference=True)
+    args.compile = compile_setting(args.compile, args.max_new_tokens)  # one generate() call's decode steps at most
     model, tokenizer = load(args.model, device=device, dtype=dtype, adapter=args.adapter)
     stop_ids = stop_ids_for(args.model, tokenizer)
     seed = None if args.seed < 0 else args.seed

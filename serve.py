@@ -45,7 +45,7 @@ import torch
 from api import (ApiError, choice_json, logprobs_json, message_json, parse_anthropic, parse_json, parse_openai,
                  usage_json)
 from kv_cache import BLOCK, budget_text
-from sample import Engine, Sequence, TextStream, load, stop_ids_for
+from sample import Engine, Sequence, TextStream, compile_setting, load, stop_ids_for
 from settings import load_settings, pick_device
 
 DEFAULTS = dict(
@@ -72,7 +72,8 @@ DEFAULTS = dict(
     device="auto",  # auto = cuda when available, else cpu
     dtype="auto",  # auto = bfloat16 where the GPU or CPU has it natively, else float32; or float32, bfloat16,
     # float16, int8 (weight-only int8 with bfloat16 activations)
-    compile=True,  # decode steps through torch.compile (compiled at startup: seconds to a minute); false = eager
+    compile="auto",  # decode steps through torch.compile, compiled at startup (seconds to a minute): true, false,
+    # or auto = true: a server decodes past the steps where it pays (sample.COMPILE_BREAK_EVEN_STEPS)
 )
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
 ROUTES = {"/": "GET", "/health": "GET", "/stats": "GET", "/metrics": "GET", "/v1/models": "GET",
@@ -755,6 +756,7 @@ def main(argv):
             sys.exit(f"serve.py: --{key}={args[key]} must be at least 1")
     device, dtype = pick_device(args.device, args.dtype, inference=True)
     try:
+        args.compile = compile_setting(args.compile, math.inf, "serve.py")
         model, tokenizer = load(args.model, device=device, dtype=dtype, adapter=args.adapter)  # adapter: merged in
     except (OSError, ValueError) as e:
         sys.exit(f"serve.py: {e}")

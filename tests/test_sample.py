@@ -264,15 +264,41 @@ def run_cli(*args):
 def test_cli_prompt_prints_the_greedy_completion(tiny_model_dir):
     from sample import load, stop_ids_for
 
-    # compiled (the default) in float32 against the eager generate()
+    # compiled in float32 against the eager generate()
     result = run_cli(f"--model={tiny_model_dir}", "--prompt", "hi", "--max_new_tokens", "5", "--temperature=0",
-                     "--dtype=float32")
+                     "--dtype=float32", "--compile=true")
     assert result.returncode == 0, result.stderr
     model, tokenizer = load(tiny_model_dir)
     stops = stop_ids_for(tiny_model_dir, tokenizer)
     new = generate(model, [tokenizer.encode("hi")], 5, temperature=0.0, stop_ids=stops)[0]
     expected = tokenizer.decode([t for t in new if t not in stops])
     assert result.stdout == expected + "\n"
+
+
+def test_compile_auto_where_it_pays_and_eager_without_a_compiler(monkeypatch, capsys):
+    """--compile=auto compiles from the measured break-even on (a server always gets there); true and false are
+    obeyed; without a working C++ compiler (torch's own search finds none) it decodes eager and says so once."""
+    import torch._inductor.config
+
+    from sample import COMPILE_BREAK_EVEN_STEPS, compile_setting, cpp_compiler
+
+    cpp_compiler.cache_clear()
+    assert cpp_compiler() is not None  # the test machine has one: g++
+    assert compile_setting("auto", 256) is False and compile_setting("auto", COMPILE_BREAK_EVEN_STEPS) is True
+    assert compile_setting("true", 1) is True and compile_setting("false", 10**9) is False
+    assert compile_setting("auto", float("inf"), "serve.py") is True
+    with pytest.raises(ValueError, match="--compile='maybe'"):
+        compile_setting("maybe", 1)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("no-such-c++",))
+    cpp_compiler.cache_clear()
+    try:
+        assert compile_setting("true", 1) is False
+        assert capsys.readouterr().err == ("sample.py: no working C++ compiler for torch.compile (tried "
+                                           "('no-such-c++',)): decoding eager\n")
+        assert compile_setting("auto", 256) is False and capsys.readouterr().err == ""  # eager anyway: nothing said
+    finally:
+        cpp_compiler.cache_clear()
 
 
 def test_cli_samples_chat_prompt_file_and_errors(tiny_model_dir, tmp_path, capsys, monkeypatch):

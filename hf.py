@@ -1,0 +1,159 @@
+"""
+Hugging Face model directories: config.json to and from a ModelConfig (transformers reads what save_pretrained
+writes; a Llama, Qwen2, Qwen3 or DeepseekV3 config.json reads back), and the safetensors files, read one tensor
+at a time (Transformer.from_pretrained fills the model from them).
+"""
+import functools
+import json
+import os
+from dataclasses import asdict
+
+from safetensors import SafetensorError, safe_open
+
+from rope import ROPE_SCALINGS
+
+# -----------------------------------------------------------------------------
+# config.json
+
+SUPPORTED = ("LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, DeepseekV3ForCausalLM (dense layers) "
+             "or this project's own")
+
+
+def config_to_hf(c, dtype="float32", token_ids=None):
+    """config.json for transformers. Our own fields go under "astrai" so nothing is lost on the way back."""
+    hf = {
+        "vocab_size": c.vocab_size, "hidden_size": c.dim, "intermediate_size": c.dim_ffn,
+        "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
+        "head_dim": c.head_dim, "hidden_act": "silu", "max_position_embeddings": c.max_len,
+        "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta, **(c.rope_scaling or {})},
+        "tie_word_embeddings": c.tie_weight, "attention_bias": False, "dtype": dtype,
+        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **(token_ids or {}),
+    }
+    if c.use_gated_attention:
+        hf.update(model_type="astrai", architectures=["AstrAIForCausalLM"],
+                  note="gated attention (use_gated_attention) has no transformers architecture: load with model.py")
+    elif c.attn == "mla":
+        hf.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"],
+                  q_lora_rank=c.q_lora_rank or None, kv_lora_rank=c.kv_lora_rank,
+                  qk_nope_head_dim=c.qk_nope_head_dim, qk_rope_head_dim=c.qk_rope_head_dim,
+                  v_head_dim=c.v_head_dim, num_key_value_heads=c.n_heads, head_dim=c.qk_rope_head_dim,
+                  first_k_dense_replace=c.n_layers, moe_intermediate_size=c.dim_ffn, rope_interleave=False)
+    elif c.use_qk_norm and not c.attention_bias:
+        hf.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"])
+    elif c.use_qk_norm:
+        hf.update(model_type="astrai", architectures=["AstrAIForCausalLM"],
+                  note="q/k biases together with qk-norm have no transformers architecture: load with model.py")
+    elif c.attention_bias:
+        hf.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"])
+        del hf["attention_bias"]
+    else:
+        hf.update(model_type="llama", architectures=["LlamaForCausalLM"], mlp_bias=False)
+    hf["astrai"] = asdict(c)
+    return hf
+
+
+def config_from_hf(hf, where):
+    """ModelConfig from a config.json dict; returns (config, rope_interleave)."""
+    from model import ModelConfig  # model.py imports this file: the class is there once both are loaded
+
+    if "astrai" in hf:
+        return ModelConfig.from_dict(hf["astrai"], where), False
+    model_type = hf.get("model_type")
+    if model_type not in ("llama", "qwen2", "qwen3", "deepseek_v3"):
+        arch = hf.get("architectures") or model_type
+        raise ValueError(f"{where}: unsupported architecture {arch!r}; supported: {SUPPORTED}")
+
+    def need(cond, what):
+        if not cond:
+            raise ValueError(f"{where}: {model_type} with {what} is not supported")
+
+    need(hf.get("hidden_act", "silu") == "silu", f"hidden_act={hf.get('hidden_act')!r} (only silu)")
+    rope, rope_scaling = rope_from_hf(hf)
+    need(rope.get("rope_type") in ("default", *ROPE_SCALINGS), f"RoPE scaling type {rope.get('rope_type')!r} "
+         f"in {rope} (supported: default, {', '.join(ROPE_SCALINGS)})")
+    need(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) == 1.0, "partial_rotary_factor")
+    need(not hf.get("mlp_bias"), "mlp_bias")
+    need(not hf.get("use_sliding_window"), "sliding window attention")
+    n_heads = hf["num_attention_heads"]
+    c = dict(
+        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+        dim_ffn=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), rope_scaling=rope_scaling,
+        max_len=hf.get("max_position_embeddings", 2048), tie_weight=bool(hf.get("tie_word_embeddings", False)),
+    )
+    if model_type == "llama":
+        need(not hf.get("attention_bias"), "attention_bias (biases on o_proj too)")
+    elif model_type == "qwen2":
+        c["attention_bias"] = True
+    elif model_type == "qwen3":
+        need(not hf.get("attention_bias"), "attention_bias (biases on o_proj too)")
+        c["use_qk_norm"] = True
+    else:
+        need(not hf.get("attention_bias"), "attention_bias")
+        n_routed = hf.get("n_routed_experts") or 0
+        if n_routed and hf.get("first_k_dense_replace", 0) < hf["num_hidden_layers"]:
+            raise ValueError(
+                f"{where}: MoE is not supported: layers {hf.get('first_k_dense_replace', 0)}.. are mixture-of-experts "
+                f"(first_k_dense_replace={hf.get('first_k_dense_replace')}, n_routed_experts={n_routed}); "
+                "only dense layers load"
+            )
+        c.update(attn="mla", n_kv_heads=n_heads, head_dim=0, q_lora_rank=hf.get("q_lora_rank") or 0,
+                 kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
+                 qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"])
+    try:
+        return ModelConfig(**c), model_type == "deepseek_v3" and bool(hf.get("rope_interleave", True))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def rope_from_hf(hf):
+    """config.json's RoPE dict, and the rope_scaling it gives ModelConfig (None unscaled), read as transformers reads
+    it: rope_scaling before rope_parameters, "type" for "rope_type", a missing original_max_position_embeddings
+    from the top level or max_position_embeddings (its standardize_rope_params)."""
+    rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
+    if rope["rope_type"] not in ROPE_SCALINGS:
+        return rope, None
+    scaling = {k: v for k, v in rope.items() if k not in ("type", "rope_theta", "partial_rotary_factor")}
+    if rope["rope_type"] in ("llama3", "yarn"):
+        original = hf.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
+        scaling["original_max_position_embeddings"] = original or hf.get("max_position_embeddings", 2048)
+    return rope, scaling
+
+
+# -----------------------------------------------------------------------------
+# the weights
+
+
+def safetensors_tensors(path):
+    """[(name, shape, read)] of a model directory's safetensors files; read() gives one tensor as stored, memory-
+    mapped. Each read maps its file afresh: the pages of a tensor converted on load leave memory with the tensor,
+    and a tensor kept as it is stays the file's pages (read from disk as used, shared with other processes)."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    tensors = []
+    for name in files:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            others = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
+            hint = f" (found {others}: pickled weights are not loaded; convert them to safetensors)" if others else ""
+            raise FileNotFoundError(f"{file}: missing{hint}")
+        try:
+            with safe_open(file, framework="pt") as f:
+                tensors += [(k, f.get_slice(k).get_shape(), functools.partial(read_safetensor, file, k))
+                            for k in f.keys()]
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{file}: cannot read safetensors ({e}); the file is truncated or corrupt") from None
+    return tensors
+
+
+def read_safetensor(file, name):
+    with safe_open(file, framework="pt") as f:
+        return f.get_tensor(name)
