@@ -21,7 +21,7 @@ DEFAULTS = dict(
     presets="configs/tiny.py,configs/bench82m.py",  # model shapes for the decode and serve sections
     dtypes="auto",  # decode/serve: float32,bfloat16,int8; auto = float32 and int8, bfloat16 too where native
     batches="1,8,16",  # decode batch sizes
-    compile=True,  # ours with the compiled decode step (sample.py's and serve.py's default); false = eager
+    compile=True,  # ours with the compiled decode step (serve.py's default, --compile=auto); false = eager
     llamacpp="",  # DIR of a llama.cpp source tree with build/bin (../shared/tools/build-llamacpp prints one)
     # train section: model shapes, each a preset with optional :key=value overrides of its config, batch_size
     # or block_size; the 1B preset at 2 of its 24 layers keeps a CPU step to seconds (per-layer cost is the same)
