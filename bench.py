@@ -2,7 +2,8 @@
 Benchmarks, side by side with Hugging Face transformers (when installed) in one run, reported as ratios.
 
     python bench.py                       # everything
-    python bench.py --only=train,decode   # some sections: train, train_memory, decode, serve, prepare, gguf_load
+    python bench.py --only=train,decode   # some sections: train, train_memory, decode, serve, prepare, gguf_load,
+                                          # hardware (not in the default run: minutes per model shape)
     python bench.py --only=decode,serve --llamacpp=$(../shared/tools/build-llamacpp)   # llama.cpp rows too
 
 Speed claims live here, never in timed unit tests.
@@ -40,6 +41,8 @@ DEFAULTS = dict(
     memory_shape="configs/astrai_1b.py:n_layers=2:batch_size=1:block_size=2048",
     memory_steps=2,  # timed steps after one warmup step
     gguf_preset="configs/smollm2_135m.py",  # gguf_load: the model shape quantized to Q4_K_M (needs --llamacpp)
+    hardware_presets="configs/smollm2_135m.py,configs/qwen3_0_6b.py,configs/llama3_2_1b.py",  # hardware: shapes
+    hardware_dtypes="float32,bfloat16,int8",  # hardware: dtypes measured for each shape
     threads=0,  # torch threads, 0 = torch's default
     seed=0,
     prepare_mb=32,  # prepare: MB of generated English/Chinese text
@@ -293,6 +296,52 @@ def bench_gguf_load(args):
     rows.append(["ours/theirs", "", f"{ours['seconds'] / theirs['seconds']:.2f}x", "",
                  f"{ours['peak'] / theirs['peak']:.2f}x"])
     table(rows, ["impl", "params", "load s", "RSS before GiB", "peak GiB"])
+
+
+# -----------------------------------------------------------------------------
+# hardware: what each published model shape needs and decodes at, per dtype
+
+
+def hardware_in_child(dtype, spec, tokens, threads, queue):
+    """In a fresh process: a random model of the preset in dtype, the resident memory it added, and its greedy
+    decode tokens/s at batch 1 after a 32-token prompt (eager, sample.py's default)."""
+    from kv_cache import BLOCK, KVCache
+    from model import quantize_int8, release_freed_memory
+    from sample import generate
+
+    if threads:
+        torch.set_num_threads(threads)
+    config = ModelConfig.from_file(spec)
+    before = memory_status("VmRSS")
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    model = quantize_int8(model) if dtype == "int8" else model.to(DTYPES[dtype])
+    release_freed_memory()  # the float32 weights it was made from
+    weights = memory_status("VmRSS") - before
+    prompt, seconds = list(range(32)), float("inf")
+    for _ in range(2):  # the first call warms the allocator and the kernels up
+        t0 = time.perf_counter()
+        generate(model, [prompt], tokens, temperature=0.0)
+        seconds = min(seconds, time.perf_counter() - t0)
+    kv = KVCache.block_bytes(config, model.embed_tokens.weight.dtype) / BLOCK  # bytes per token of context
+    queue.put({"weights": weights, "kv": kv, "tokens_per_s": tokens / seconds})
+
+
+def bench_hardware(args):
+    print(f"== hardware: random models of published shapes; weights = the resident memory the model added, KV = the "
+          f"cache for 2k, 8k and 32k tokens of context (kv_cache.py's bytes per token); decode = greedy tokens/s at "
+          f"batch 1 after a 32-token prompt, {args.decode_tokens} new tokens, eager, {torch.get_num_threads()} "
+          "threads; each in a fresh process")
+    rows = []
+    for spec in args.hardware_presets.split(","):
+        results = in_children(hardware_in_child, args.hardware_dtypes.split(","), spec, args.decode_tokens,
+                              args.threads)
+        if results is None:
+            return
+        for dtype, r in results.items():
+            rows.append([spec, dtype, f"{r['weights'] / 2**30:.2f}",
+                         *[f"{r['kv'] * n / 2**30:.2f}" for n in (2048, 8192, 32768)], f"{r['tokens_per_s']:.1f}"])
+    table(rows, ["preset", "dtype", "weights GiB", "KV 2k GiB", "KV 8k GiB", "KV 32k GiB", "decode tok/s"])
 
 
 # -----------------------------------------------------------------------------
@@ -653,7 +702,8 @@ if __name__ == "__main__":
     if args.threads:
         torch.set_num_threads(args.threads)
     sections = {"train": bench_train, "train_memory": bench_train_memory, "decode": bench_decode,
-                "serve": bench_serve, "prepare": bench_prepare, "gguf_load": bench_gguf_load}
+                "serve": bench_serve, "prepare": bench_prepare, "gguf_load": bench_gguf_load,
+                "hardware": bench_hardware}
     for name in args.only.split(","):
         if name not in sections:
             sys.exit(f"bench.py: unknown section {name!r}; choose from {', '.join(sections)}")
