@@ -3,7 +3,7 @@ Benchmarks, side by side with Hugging Face transformers (when installed) in one 
 
     python bench.py                       # everything
     python bench.py --only=train,decode   # some sections: train, train_memory, decode, serve, prepare, gguf_load,
-                                          # hardware (not in the default run: minutes per model shape)
+                                          # hardware, serve_memory (not in the default run: minutes each)
     python bench.py --only=decode,serve --llamacpp=$(../shared/tools/build-llamacpp)   # llama.cpp rows too
 
 Speed claims live here, never in timed unit tests.
@@ -43,6 +43,8 @@ DEFAULTS = dict(
     gguf_preset="configs/smollm2_135m.py",  # gguf_load: the model shape quantized to Q4_K_M (needs --llamacpp)
     hardware_presets="configs/smollm2_135m.py,configs/qwen3_0_6b.py,configs/llama3_2_1b.py",  # hardware: shapes
     hardware_dtypes="float32,bfloat16,int8",  # hardware: dtypes measured for each shape
+    serve_memory_preset="configs/qwen3_0_6b.py",  # serve_memory: the model shape both servers hold
+    memory_prompt_len=2000,  # serve_memory: tokens of each of the 16 clients' prompts
     threads=0,  # torch threads, 0 = torch's default
     seed=0,
     prepare_mb=32,  # prepare: MB of generated English/Chinese text
@@ -518,8 +520,9 @@ def served(model, tokenizer, prompts, n_tokens, clients, compile):
         loop.stop()
 
 
-def llama_served(llamacpp, gguf, prompts, n_tokens, clients, threads):
-    """llama-server's output tokens/s (16 slots, -np 16) for the same greedy completions of the same token ids."""
+def llama_served(llamacpp, gguf, prompts, n_tokens, clients, threads, rss=None):
+    """llama-server's output tokens/s (16 slots, -np 16) for the same greedy completions of the same token ids;
+    rss, a dict, gets the server's peak RSS as "peak"."""
     import os
     import socket
     import subprocess
@@ -540,11 +543,68 @@ def llama_served(llamacpp, gguf, prompts, n_tokens, clients, threads):
             except OSError:
                 time.sleep(0.1)
         body = {"n_predict": n_tokens, "temperature": 0, "ignore_eos": True, "cache_prompt": False}
-        return clients_throughput(port, prompts, clients, "/completion", lambda p: {**body, "prompt": p},
-                                  lambda reply: reply["tokens_predicted"])
+        speed = clients_throughput(port, prompts, clients, "/completion", lambda p: {**body, "prompt": p},
+                                   lambda reply: reply["tokens_predicted"])
+        if rss is not None:
+            rss["peak"] = peak_rss(server.pid)
+        return speed
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def peak_rss(pid):
+    """VmHWM of another process (Linux), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def bench_serve_memory(args):
+    """serve.py as a user starts it (its defaults but --max_batch=16) and llama-server (-np 16, its context split
+    over the slots as its docs say) on the same bfloat16 weights, 16 clients at once with prompts of
+    --memory_prompt_len tokens: each server process's peak RSS."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import tempfile
+
+    server_bin = os.path.join(args.llamacpp, "build", "bin", "llama-server")
+    model, tokenizer = bench_model(args.serve_memory_preset, args.seed)
+    n, new = args.memory_prompt_len, 16
+    prompts = [torch.randint(0, tokenizer.vocab_size, (n,), generator=torch.Generator().manual_seed(i)).tolist()
+               for i in range(16)]
+    print(f"== serve_memory: {args.serve_memory_preset} (random weights, bfloat16), 16 clients at once, prompts of "
+          f"{n} tokens, {new} new tokens each; peak = the server process's peak RSS")
+    rows = []
+    with tempfile.TemporaryDirectory() as directory:
+        model_dir = os.path.join(directory, "model")
+        model.to(torch.bfloat16).save_pretrained(model_dir)
+        tokenizer.save(model_dir)
+        gguf = gguf_file(model, tokenizer, "bfloat16", directory) if os.path.isfile(server_bin) else None
+        del model
+        p = subprocess.Popen([sys.executable, "serve.py", f"--model={model_dir}", "--port=0", "--max_batch=16"],
+                             stderr=subprocess.PIPE, text=True)
+        try:
+            found = None
+            while found is None and (line := p.stderr.readline()):
+                found = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+            t0 = time.perf_counter()
+            clients_throughput(int(found.group(1)), prompts, 16, "/v1/completions",
+                               lambda q: {"prompt": q, "max_tokens": new, "temperature": 0},
+                               lambda reply: reply["usage"]["completion_tokens"])
+            rows.append(["serve.py", f"{peak_rss(p.pid) / 2**30:.2f}", f"{time.perf_counter() - t0:.0f}"])
+        finally:
+            p.terminate()
+            p.wait(timeout=30)
+        if gguf:
+            rss = {}
+            t0 = time.perf_counter()
+            llama_served(args.llamacpp, gguf, prompts, new, 16, args.threads or os.cpu_count(), rss)
+            rows.append(["llama-server", f"{rss['peak'] / 2**30:.2f}", f"{time.perf_counter() - t0:.0f}"])
+    if len(rows) == 2:
+        rows.append(["ours/theirs", f"{float(rows[0][1]) / float(rows[1][1]):.2f}x", ""])
+    table(rows, ["server", "peak RSS GiB", "seconds"])
 
 
 def second_turn(model, history, n_tokens=8):
@@ -703,7 +763,7 @@ if __name__ == "__main__":
         torch.set_num_threads(args.threads)
     sections = {"train": bench_train, "train_memory": bench_train_memory, "decode": bench_decode,
                 "serve": bench_serve, "prepare": bench_prepare, "gguf_load": bench_gguf_load,
-                "hardware": bench_hardware}
+                "hardware": bench_hardware, "serve_memory": bench_serve_memory}
     for name in args.only.split(","):
         if name not in sections:
             sys.exit(f"bench.py: unknown section {name!r}; choose from {', '.join(sections)}")
