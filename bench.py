@@ -4,7 +4,7 @@ Benchmarks, side by side with Hugging Face transformers (when installed) in one 
     python bench.py                       # everything
     python bench.py --only=train,decode   # some sections: train, train_memory, decode, serve, prepare, gguf_load,
                                           # hardware, serve_memory (not in the default run: minutes each)
-    python bench.py --only=decode,serve --llamacpp=$(../shared/tools/build-llamacpp)   # llama.cpp rows too
+    python bench.py --only=decode,serve --llamacpp=DIR   # llama.cpp rows too (DIR: README, Benchmarks)
 
 Speed claims live here, never in timed unit tests.
 """
@@ -23,7 +23,7 @@ DEFAULTS = dict(
     dtypes="auto",  # decode/serve: float32,bfloat16,int8; auto = float32 and int8, bfloat16 too where native
     batches="1,8,16",  # decode batch sizes
     compile=True,  # ours with the compiled decode step (serve.py's default, --compile=auto); false = eager
-    llamacpp="",  # DIR of a llama.cpp source tree with build/bin (../shared/tools/build-llamacpp prints one)
+    llamacpp="",  # DIR of a llama.cpp source tree with its tools built in build/bin (README: Benchmarks)
     # train section: model shapes, each a preset with optional :key=value overrides of its config, batch_size
     # or block_size; the 1B preset at 2 of its 24 layers keeps a CPU step to seconds (per-layer cost is the same)
     train_shapes="configs/tiny.py,configs/astrai_1b.py:n_layers=2:batch_size=1,"

