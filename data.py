@@ -277,7 +277,8 @@ def _encoded_batches(batches, workers, start_args):
         yield from map(_encode_batch, batches)
         return
     # fork: the workers inherit the loaded tokenizer and need not import torch again
-    with multiprocessing.get_context("fork").Pool(workers, _start_worker, start_args) as pool:
+    pool = multiprocessing.get_context("fork").Pool(workers, _start_worker, start_args)
+    try:
         pending = collections.deque()
         for batch in batches:
             pending.append(pool.apply_async(_encode_batch, (batch,)))
@@ -285,6 +286,9 @@ def _encoded_batches(batches, workers, start_args):
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+    finally:  # on an error too: the few batches in flight finish, then the workers exit. Pool.terminate() (what
+        pool.close()  # `with Pool` does) can deadlock joining its task thread when it kills workers mid-task
+        pool.join()
 
 
 def _first_record(batches):
