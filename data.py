@@ -286,6 +286,9 @@ def _encoded_batches(batches, workers, start_args):
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+    except KeyboardInterrupt:  # the workers got it too: their batches will never finish
+        pool.terminate()
+        raise
     finally:  # on an error too: the few batches in flight finish, then the workers exit. Pool.terminate() (what
         pool.close()  # `with Pool` does) can deadlock joining its task thread when it kills workers mid-task
         pool.join()
