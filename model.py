@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hf import config_from_hf, config_to_hf, safetensors_tensors
-from kv_cache import CacheIndex, KVCache  # noqa: F401 (KVCache: model.KVCache)
+from kv_cache import CacheIndex
 from rope import apply_rope, deinterleave_rope, mla_softmax_scale, rope_scaling_problems, rope_tables
 
 # -----------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import randomize
 
-from model import KVCache, ModelConfig, Transformer
+from kv_cache import KVCache
+from model import ModelConfig, Transformer
 
 transformers = pytest.importorskip("transformers")
 
