@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from model import ModelConfig, Transformer
+from model import CrossEntropy, ModelConfig, Transformer
 from settings import DTYPES, load_settings
 from train import measure_peak_flops
 
@@ -178,7 +178,7 @@ def train_step_in_child(impl, spec, steps, threads, queue):
         targets[:, -1] = -100
 
         def step():  # what strategies.NextToken does: the chunked cross-entropy, a mean over scored tokens
-            (model(x, targets=targets, label_smoothing=0.0) / (targets != -100).sum()).backward()
+            (model(x, CrossEntropy(targets)) / (targets != -100).sum()).backward()
     else:
         import transformers
 

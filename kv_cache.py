@@ -1,7 +1,7 @@
 """
 The paged KV cache: a pool of fixed-size blocks handed out as tokens are written, a block table per row, and where
-one forward pass writes its new keys and values and which cached keys each of its tokens attends to (the attention
-mask). model.py's attention layers read and write it; sample.Engine decides which rows get blocks.
+one forward pass writes its new keys and values and where its tokens stand (model.attention_mask makes the attention
+mask of that). model.py's attention layers read and write it; sample.Engine decides which rows get blocks.
 
     budget = kv_budget_bytes("50%", device)                # --kv_memory: GB, or a share of the memory left
     cache = KVCache(config, batch_size=8, n_blocks=budget // KVCache.block_bytes(config, dtype))
@@ -136,14 +136,15 @@ class KVCache:
 
 
 class CacheIndex:
-    """Where one forward pass writes its new keys and values into the KV cache, and which cached keys each of its
-    tokens attends to: worked out once per forward on the host from the cache's lengths and block tables, copied to
-    the device in one transfer, shared by all layers. Grows the rows' blocks for the new tokens (ValueError when
-    the pool is out of them). rows: cache rows of the batch (None: all, in order); n_new: valid tokens per row of a
-    right-padded batch (None: all seq_len). mask: always build the attention mask (a compiled step wants one
-    graph), else only where a row needs one."""
+    """Where one forward pass writes its new keys and values into the KV cache, and where its tokens and each row's
+    cached keys stand (their positions, from which model.attention_mask decides who sees whom): worked out once per
+    forward on the host from the cache's lengths and block tables, copied to the device in one transfer, shared by
+    all layers. Grows the rows' blocks for the new tokens (ValueError when the pool is out of them). rows: cache rows
+    of the batch (None: all, in order); n_new: valid tokens per row of a right-padded batch (None: all seq_len).
+    aligned: one new token per row and every row `length` tokens long (no row sees a key past its end); never for
+    a compiled step (always_mask), which wants one graph whatever the lengths."""
 
-    def __init__(self, cache, seq_len, rows=None, n_new=None, device=None, mask=False):
+    def __init__(self, cache, seq_len, rows=None, n_new=None, device=None, always_mask=False):
         rows = list(range(cache.batch_size)) if rows is None else [int(r) for r in rows]
         start = [cache.lengths[r] for r in rows]
         n_new = [seq_len] * len(rows) if n_new is None else [int(n) for n in n_new]
@@ -173,10 +174,7 @@ class CacheIndex:
         self.read_slots = (tables.view(len(rows), n_blocks, 1) * BLOCK + offsets).view(len(rows), -1)  # (b, length)
         # a right-padded batch: the valid tokens' places in the flattened (b * T) batch, and each row's last one
         self.flat, self.last = (flat, last) if ragged else (None, None)
-        self.mask = None
-        if mask or seq_len > 1 or min(self.ends) != self.length:  # else each row sees every key: no mask
-            keys = torch.arange(self.length, device=device)
-            self.mask = (keys[None, None, :] <= self.positions[:, :, None])[:, None]  # (b, 1, T, length)
+        self.aligned = not always_mask and seq_len == 1 and min(self.ends) == self.length
 
     def new_entries(self, x):
         # x (b, T, ...) -> (n, ...) the entries of valid tokens, in `slots` order

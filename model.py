@@ -1,10 +1,17 @@
 """
-The transformer: GQA or MLA attention, RoPE (rope.py: its tables and published scalings), RMSNorm, SwiGLU, a
-paged KV cache (kv_cache.py) with per-row positions, and loading/saving Hugging Face style directories
-(config.json + model.safetensors; hf.py converts the config and reads the files).
+The transformer: GQA or MLA attention, RoPE, RMSNorm, SwiGLU, the one attention-mask rule, a forward pass per
+purpose (logits, per-token log-probs, the training loss) over one shared body, and loading/saving Hugging Face
+style directories (config.json + model.safetensors).
 
-Parameter names are Hugging Face's (model.layers.0.self_attn.q_proj.weight, ...), so a Llama, Qwen2,
-Qwen3 or DeepseekV3 checkpoint loads without renaming, and ours load in transformers.
+    model = Transformer(ModelConfig(dim=256, n_layers=4))
+    logits = model(ids)                                               # (B, T, vocab_size)
+    logprobs = model(ids, output=TokenLogprobs(targets))              # (B, T): DPO, GRPO
+    loss = model(ids, output=CrossEntropy(targets)) / n_scored        # pretraining, SFT
+
+This file runs on its own (torch only). Other files are imported where a feature needs them: kv_cache.py for
+cached decoding, rope.py for a scaled RoPE, hf.py and safetensors for checkpoints, lora.py for an adapter,
+gguf_in.py for a .gguf file. Parameter names are Hugging Face's (model.layers.0.self_attn.q_proj.weight, ...), so
+a Llama, Qwen2, Qwen3 or DeepseekV3 checkpoint loads without renaming, and ours load in transformers.
 """
 import ctypes
 import json
@@ -16,10 +23,6 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from hf import config_from_hf, config_to_hf, safetensors_tensors
-from kv_cache import CacheIndex
-from rope import apply_rope, deinterleave_rope, mla_softmax_scale, rope_scaling_problems, rope_tables
 
 # -----------------------------------------------------------------------------
 # config
@@ -63,7 +66,10 @@ class ModelConfig:
             problems.append(f"the RoPE dimension {rope_dim} must be even")
         if self.attn == "mla" and (self.attention_bias or self.use_qk_norm or self.use_gated_attention):
             problems.append("attention_bias, use_qk_norm and use_gated_attention apply to attn='gqa' only")
-        problems += rope_scaling_problems(self.rope_scaling)
+        if self.rope_scaling is not None:
+            from rope import rope_scaling_problems
+
+            problems += rope_scaling_problems(self.rope_scaling)
         if problems:
             raise ValueError("ModelConfig: " + "; ".join(problems))
 
@@ -112,6 +118,45 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def rope_tables(c, rope_dim, device=None):
+    """cos and sin (max_len, rope_dim) for positions 0 .. max_len - 1, in apply_rope's layout: the sign of
+    rotate_half folded into sin's first half. A scaled RoPE's frequencies (linear, llama3, yarn) come from rope.py."""
+    if c.rope_scaling is None:
+        exponents = torch.arange(0, rope_dim, 2, dtype=torch.int64, device=device).float() / rope_dim
+        inv_freq, attention_factor = 1.0 / c.rope_theta ** exponents, 1.0
+    else:
+        from rope import rope_frequencies
+
+        inv_freq, attention_factor = rope_frequencies(c, rope_dim, device)
+    freqs = torch.outer(torch.arange(c.max_len, device=device).float(), inv_freq)
+    cos, sin = freqs.cos() * attention_factor, freqs.sin() * attention_factor
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """Hugging Face's rotate_half convention, x * cos + cat(-x2, x1) * sin, as x * cos + roll(x) * sin with
+    the sign folded into sin's first half (rope_tables): 3 kernels instead of 6. x (B, nh, T, d);
+    cos/sin (T, d) or (B, 1, T, d)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
+
+
+def attention_mask(config, query_positions=None, n_keys=0, aligned=False):
+    """Which keys each query attends to: the one place that decides it, for training, cached prefill and decode,
+    ragged batches and the compiled step. Returns keyword arguments for F.scaled_dot_product_attention.
+    Key j of a row is its token at position j; the query at position p sees it when j <= p (causal).
+      no cache (query_positions None): queries and keys are the same tokens, positions 0 .. T - 1: SDPA's is_causal.
+      a KV cache: query_positions (b, T) against each row's n_keys gathered keys (keys past a row's end lie past
+        every query of the row); aligned: one new token per row, each row holding exactly n_keys tokens, so that
+        causality alone hides nothing: no mask.
+    A rule added here (a window, document boundaries) must also be honoured in the two shortcuts above."""
+    if query_positions is None:
+        return {"is_causal": True}
+    if aligned:
+        return {}
+    keys = torch.arange(n_keys, device=query_positions.device)
+    return {"attn_mask": (keys <= query_positions[:, :, None])[:, None]}  # (b, 1, T, n_keys)
+
+
 class Attention(nn.Module):
     """Grouped-query attention, optionally with q/k RMSNorm (Qwen3) and a sigmoid output gate."""
 
@@ -127,9 +172,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(c.head_dim, c.norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.norm_eps)
         if c.use_gated_attention:
-            self.gate_proj = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=False)
+            self.output_gate = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=False)
 
-    def forward(self, x, cos, sin, index=None, kv=None):
+    def forward(self, x, cos, sin, mask, index=None, kv=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -138,18 +183,15 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        gqa = self.n_kv_heads != self.n_heads
-        if index is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
+        if index is not None:
             k_pool, v_pool = kv  # (slots, n_kv, hd) each
             index.write(k_pool, k.transpose(1, 2))
             index.write(v_pool, v.transpose(1, 2))
             k, v = index.read(k_pool), index.read(v_pool)  # (b, n_kv, L, hd)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=index.mask, enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(q, k, v, **mask, enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        if hasattr(self, "gate_proj"):
-            y = y * torch.sigmoid(self.gate_proj(x))
+        if hasattr(self, "output_gate"):
+            y = y * torch.sigmoid(self.output_gate(x))
         return self.o_proj(y)
 
 
@@ -173,9 +215,13 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.norm_eps)
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, c.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(c.n_heads * self.v_dim, c.dim, bias=False)
-        self.scale = mla_softmax_scale(c)
+        self.scale = (self.nope_dim + self.rope_dim) ** -0.5
+        if c.rope_scaling is not None:  # YaRN may sharpen every dimension
+            from rope import mla_softmax_scale
 
-    def forward(self, x, cos, sin, index=None, kv=None):
+            self.scale = mla_softmax_scale(c)
+
+    def forward(self, x, cos, sin, mask, index=None, kv=None):
         B, T, _ = x.shape
         H, r = self.n_heads, self.kv_lora_rank
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_a_proj") else self.q_proj(x)
@@ -190,7 +236,7 @@ class MLAttention(nn.Module):
             kv = self.kv_b_proj(latent).view(B, T, H, self.nope_dim + self.v_dim).transpose(1, 2)
             k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
             k = torch.cat([k_nope, k_rope.expand(-1, H, -1, -1)], dim=-1)
-            y = F.scaled_dot_product_attention(torch.cat([q_nope, q_rope], -1), k, v, is_causal=True, scale=self.scale)
+            y = F.scaled_dot_product_attention(torch.cat([q_nope, q_rope], -1), k, v, **mask, scale=self.scale)
         else:
             # decoding: absorb kv_b_proj into the query and the output, attend over the cached latent
             # like multi-query attention with one (r + rope)-wide key and an r-wide value
@@ -201,7 +247,7 @@ class MLAttention(nn.Module):
             keys = index.read(pool)  # (b, 1, L, r + rope)
             q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_k)
             y = F.scaled_dot_product_attention(
-                torch.cat([q_latent, q_rope], -1), keys, keys[..., :r], attn_mask=index.mask, scale=self.scale,
+                torch.cat([q_latent, q_rope], -1), keys, keys[..., :r], **mask, scale=self.scale,
                 enable_gqa=True)  # (B, H, T, r)
             y = torch.einsum("bhtr,hvr->bhtv", y, w_v)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.v_dim))
@@ -345,6 +391,70 @@ def head_chunk_rows(vocab_size):
 
 
 # -----------------------------------------------------------------------------
+# what a forward pass gives: forward(ids, output=...) hands the last hidden states (B, T, dim) to one of these
+
+
+class Logits:
+    """float32 logits (B, T, vocab_size); last_only: (B, 1, vocab_size) at each row's last valid token only, the
+    one that predicts the next token (a prefill then skips the output head everywhere else)."""
+
+    def __init__(self, last_only=False):
+        self.last_only = last_only
+
+    def __call__(self, model, hidden, index):
+        if self.last_only and (index is None or index.last is None):
+            hidden = hidden[:, -1:]
+        elif self.last_only:  # a right-padded batch: each row's last valid token
+            hidden = hidden.flatten(0, 1).index_select(0, index.last)[:, None]
+        return model.lm_head(model.norm(hidden)).float()
+
+
+class TokenLogprobs:
+    """log p(target) (B, T) under softmax(logits / temperature), 0 where the target is -100 (not scored): DPO's and
+    GRPO's per-token log-probs, the output head in row chunks, never (B, T, vocab_size) logits."""
+
+    def __init__(self, targets, temperature=1.0):
+        self.targets, self.temperature = targets, temperature
+
+    def __call__(self, model, hidden, index):
+        hidden, targets = model.norm(hidden).flatten(0, 1), self.targets.flatten()
+        weight = head_weight(model)
+        if weight is None:  # an adapted head (LoRA on lm_head): full logits, through its forward
+            logprobs = (model.lm_head(hidden).float() / self.temperature).log_softmax(-1)
+            picked = logprobs.gather(-1, targets.clamp(min=0)[:, None])[:, 0] * (targets != -100)
+        else:
+            picked = ChunkedTargetLogprobs.apply(hidden, weight, targets, self.temperature,
+                                                 head_chunk_rows(model.config.vocab_size))
+        return picked.view(self.targets.shape)
+
+
+class CrossEntropy:
+    """The summed next-token cross-entropy of the scored targets (-100: not scored) with F.cross_entropy's label
+    smoothing, a scalar (divide by the scored tokens for the mean): the pretraining and SFT loss, in row chunks."""
+
+    def __init__(self, targets, label_smoothing=0.0):
+        self.targets, self.label_smoothing = targets, label_smoothing
+
+    def __call__(self, model, hidden, index):
+        hidden, targets = model.norm(hidden).flatten(0, 1), self.targets.flatten()
+        weight = head_weight(model)
+        if weight is None:
+            return F.cross_entropy(model.lm_head(hidden).float(), targets, reduction="sum",
+                                   label_smoothing=self.label_smoothing)
+        return ChunkedCrossEntropy.apply(hidden, weight, targets, self.label_smoothing,
+                                         head_chunk_rows(model.config.vocab_size))
+
+
+def head_weight(model):
+    """The output head's weight for the chunked head: a plain head's, or the one a head with trained token rows gives
+    (lora.py's TokenHead); None for an adapted head (LoRA on lm_head), which only its forward computes."""
+    head = model.lm_head
+    if hasattr(head, "head_weight"):
+        return head.head_weight()
+    return head.weight if type(head) is nn.Linear else None
+
+
+# -----------------------------------------------------------------------------
 # the model
 
 
@@ -356,8 +466,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, index=None, kv=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, index, kv)
+    def forward(self, x, cos, sin, mask, index=None, kv=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, index, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -391,76 +501,51 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, input_ids, cache=None, rows=None, input_lengths=None, last_only=False, targets=None,
-                temperature=1.0, label_smoothing=None):
-        """input_ids (B, T) -> float32 logits (B, T, vocab_size). Without a cache: causal attention over
-        input_ids. With a cache: input_ids are appended to cache rows `rows` (default all) at each row's own
-        length; input_lengths (B,) counts the valid tokens of a right-padded batch. last_only: logits
-        (B, 1, vocab_size) at each row's last valid token only, the one that predicts the next token (a
-        prefill then skips the output head everywhere else). Training (no cache), the output head runs in row
-        chunks and full-vocabulary logits never exist: with targets (B, T), -100 where nothing is scored,
-        log p(target) (B, T) under softmax(logits / temperature), 0 where not scored; with label_smoothing (a
-        float) too, the summed cross-entropy of the scored targets at temperature 1 instead (a scalar)."""
+    def forward(self, input_ids, output=None, cache=None, rows=None, input_lengths=None):
+        """input_ids (B, T) -> what `output` makes of the last hidden states: Logits() (the default), TokenLogprobs or
+        CrossEntropy (below). Without a cache: causal attention over input_ids. With a cache (kv_cache.KVCache):
+        input_ids are appended to cache rows `rows` (default all) at each row's own length; input_lengths (B,)
+        counts the valid tokens of a right-padded batch."""
+        output = output or Logits()
         B, T = input_ids.shape
         if cache is None:
             if T > self.config.max_len:
                 raise ValueError(f"sequence of {T} tokens is longer than max_len={self.config.max_len}")
-            return self.run(input_ids, None, None, last_only, (targets, temperature, label_smoothing))
+            return output(self, self.hidden_states(input_ids), None)
+        from kv_cache import CacheIndex  # only cached decoding needs the cache
+
         if rows is None and B != cache.batch_size:
             rows = range(B)
         n_new = None if input_lengths is None else torch.as_tensor(input_lengths).tolist()
         index = CacheIndex(cache, T, rows, n_new, input_ids.device)
-        logits = self.run(input_ids, cache.layers, index, last_only)
+        result = output(self, self.hidden_states(input_ids, cache.layers, index), index)
         index.advance(cache)
-        return logits
+        return result
 
-    def run(self, input_ids, cache_layers, index, last_only=False, scoring=(None, 1.0, None)):
-        """The forward pass proper, over a cache's layers at the places `index` says (or none: training):
-        what sample.Engine compiles for its decode step. scoring: forward's (targets, temperature,
-        label_smoothing)."""
+    def hidden_states(self, input_ids, cache_layers=None, index=None):
+        """The body every purpose shares: input_ids (B, T) -> the last block's output (B, T, dim), before the final
+        norm, over a cache's layers at the places `index` (kv_cache.CacheIndex) says, or none (training)."""
         B, T = input_ids.shape
         if index is None:
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+            mask = attention_mask(self.config)
         else:
             positions = index.positions.clamp(max=self.config.max_len - 1)  # padding may run past the end
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, d)
+            mask = attention_mask(self.config, index.positions, index.read_slots.shape[1], index.aligned)
         x = self.embed_tokens(input_ids)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for i, layer in enumerate(self.layers):
             kv = None if index is None else cache_layers[i]
             if self.grad_checkpointing and self.training and index is None:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, index, kv)
-        if last_only:
-            if index is None or index.flat is None:
-                x = x[:, -1:]
-            else:  # each row's last valid token
-                x = x.reshape(B * T, -1).index_select(0, index.last)[:, None]
-        if scoring[0] is not None:
-            return self.score(self.norm(x), *scoring)
-        return self.lm_head(self.norm(x)).float()
+                x = layer(x, cos, sin, mask, index, kv)
+        return x
 
-    def score(self, hidden, targets, temperature, label_smoothing):
-        """hidden (B, T, dim) after the final norm -> forward's log-probs or summed cross-entropy."""
-        B, T = targets.shape
-        chunk = head_chunk_rows(self.config.vocab_size)
-        # the chunked head multiplies a plain head's weight, or the one a head with trained token rows gives (lora.py's
-        # TokenHead); an adapted head (LoRA on lm_head) gives full logits, via its forward
-        head = self.lm_head
-        weight = head.weight if type(head) is nn.Linear else None
-        if hasattr(head, "head_weight"):
-            weight = head.head_weight()
-        if weight is None:
-            logits = self.lm_head(hidden).float().flatten(0, 1) / temperature
-            if label_smoothing is not None:
-                return F.cross_entropy(logits, targets.flatten(), reduction="sum", label_smoothing=label_smoothing)
-            logprobs = logits.log_softmax(-1).gather(-1, targets.flatten().clamp(min=0)[:, None])[:, 0]
-            return (logprobs * (targets.flatten() != -100)).view(B, T)
-        if label_smoothing is not None:
-            return ChunkedCrossEntropy.apply(hidden.flatten(0, 1), weight, targets.flatten(), label_smoothing, chunk)
-        return ChunkedTargetLogprobs.apply(hidden.flatten(0, 1), weight, targets.flatten(), temperature,
-                                           chunk).view(B, T)
+    def run(self, input_ids, cache_layers, index):
+        """Logits (B, T, vocab_size) over a cache's layers: the decode step sample.Engine compiles."""
+        return Logits()(self, self.hidden_states(input_ids, cache_layers, index), index)
 
     # --- sizes --------------------------------------------------------------
 
@@ -505,9 +590,13 @@ class Transformer(nn.Module):
                 hf = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+        from hf import config_from_hf, safetensors_tensors
+
         config, rope_interleave = config_from_hf(hf, config_path)
         tensors = safetensors_tensors(path)
         if rope_interleave:
+            from rope import deinterleave_rope
+
             tensors = [(k, shape, lambda k=k, read=read: deinterleave_rope(k, read(), config))
                        for k, shape, read in tensors]
         return cls.from_tensors(config, tensors, path, device, dtype, adapter)
@@ -568,6 +657,8 @@ class Transformer(nn.Module):
         are written as null when not given, since transformers would otherwise assume Llama's 1 and 2.
         Writes into `path` directly; callers wanting atomicity write a temp dir and rename."""
         from safetensors.torch import save_file
+
+        from hf import config_to_hf
 
         os.makedirs(path, exist_ok=True)
         state = {}

@@ -1,10 +1,11 @@
 """
-Rotary position embedding: the rotation, its cos/sin tables, and the published ways of stretching it past the
-context a model was trained on (linear, Llama 3.1's llama3, YaRN), computed as transformers computes them.
+Rotary position embedding, scaled: the published ways of stretching it past the context a model was trained on
+(linear, Llama 3.1's llama3, YaRN), computed as transformers computes them.
 
 A scaling is a ModelConfig's `rope_scaling`: None, or a dict the way Hugging Face writes it in config.json's
 `rope_parameters` (older files: `rope_scaling`), e.g. {"rope_type": "yarn", "factor": 4.0,
-"original_max_position_embeddings": 32768}. Training, the cached decode and the compiled decode step all read the
+"original_max_position_embeddings": 32768}. model.rope_tables takes a scaled model's frequencies from here (an
+unscaled one needs nothing of this file); training, the cached decode and the compiled decode step all read those
 tables, so all follow it.
 """
 import math
@@ -84,22 +85,6 @@ def rope_frequencies(c, rope_dim, device=None):
     ramp = ((torch.arange(rope_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1).to(device)
     kept = 1 - ramp
     return 1.0 / (factor * pos_freqs) * (1 - kept) + inv_freq * kept, float(attention_factor)
-
-
-def rope_tables(c, rope_dim, device=None):
-    """cos and sin (max_len, rope_dim) for positions 0 .. max_len - 1, in apply_rope's layout: the sign of
-    rotate_half folded into sin's first half."""
-    inv_freq, attention_factor = rope_frequencies(c, rope_dim, device)
-    freqs = torch.outer(torch.arange(c.max_len, device=device).float(), inv_freq)
-    cos, sin = freqs.cos() * attention_factor, freqs.sin() * attention_factor
-    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
-
-
-def apply_rope(x, cos, sin):
-    """Hugging Face's rotate_half convention, x * cos + cat(-x2, x1) * sin, as x * cos + roll(x) * sin with
-    the sign folded into sin's first half (rope_tables): 3 kernels instead of 6. x (B, nh, T, d);
-    cos/sin (T, d) or (B, 1, T, d)."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
 def mla_softmax_scale(c):

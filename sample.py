@@ -26,8 +26,8 @@ from collections import deque
 import regex
 import torch
 
-from kv_cache import BLOCK, KVCache, budget_blocks, budget_text
-from model import CacheIndex, Transformer
+from kv_cache import BLOCK, CacheIndex, KVCache, budget_blocks, budget_text
+from model import Logits, Transformer
 from settings import DTYPES, load_settings, pick_device
 from tokenizer import Tokenizer
 
@@ -385,8 +385,8 @@ class Engine:
             T = max(lengths)
             ids = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=self.device)  # (b, T)
             input_lengths = None if min(lengths) == T else torch.tensor(lengths, device=self.device)
-            out = self.model(ids, cache=self.cache, rows=[s.slot for s in prefilling], input_lengths=input_lengths,
-                             last_only=True)  # (b, 1, V)
+            out = self.model(ids, Logits(last_only=True), self.cache, [s.slot for s in prefilling],
+                             input_lengths)  # (b, 1, V)
             for i, seq in enumerate(prefilling):
                 seq.prefilled += lengths[i]
                 if seq.prefilled == len(seq.fill):  # the prompt's last token predicts the first new one
@@ -394,10 +394,11 @@ class Engine:
                     logits.append(out[i, 0])
         if decoding:
             ids = torch.tensor([[s.tokens[-1]] for s in decoding], device=self.device)  # (b, 1)
-            index = CacheIndex(self.cache, 1, [s.slot for s in decoding], device=self.device, mask=self.compiled)
+            index = CacheIndex(self.cache, 1, [s.slot for s in decoding], device=self.device,
+                               always_mask=self.compiled)
             if self.compiled:  # one graph for every length and batch size (but 1)
-                for tensor, dims in ((index.mask, (0, 3)), (index.read_slots, (0, 1)), (index.slots, (0,)),
-                                     (index.positions, (0,)), (ids, (0,))):
+                for tensor, dims in ((index.read_slots, (0, 1)), (index.slots, (0,)), (index.positions, (0,)),
+                                     (ids, (0,))):
                     for dim in dims:
                         torch._dynamo.maybe_mark_dynamic(tensor, dim)
             out = self.decode(ids, self.cache.layers, index)[:, -1]  # (b, V)

@@ -21,8 +21,9 @@ every strategy the same way. The interface (Strategy below has the defaults):
                                        of the step, whatever the batch split; None: the micro-batch's own mean.
                                        metrics: floats for the log ("tokens", when present, is the token count
                                        behind tokens/s). `model` may be DDP-wrapped: each loss() calls it once, so
-                                       gradients sync once. model(ids, targets=...) gives per-token log-probs
-                                       without full-vocabulary logits (model.py's chunked head).
+                                       gradients sync once. model(ids, TokenLogprobs(targets)) gives per-token
+                                       log-probs and model(ids, CrossEntropy(targets)) the summed loss, without
+                                       full-vocabulary logits (model.py's chunked head).
     state_dict() / load_state_dict(states)
                                        what a checkpoint needs of each process beyond the weights (GRPO's cached
                                        rollouts); load_state_dict gets every saved process's, in rank order, so a
@@ -49,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from lora import BaseModel
+from model import CrossEntropy, TokenLogprobs
 from sample import answer_is_correct, generate, strip_stop
 
 
@@ -98,7 +100,7 @@ class NextToken(Strategy):
 
     def loss(self, model, batch, step, micro_step=0, evaluating=False, totals=None):
         totals = totals or self.normalizers(batch)
-        loss = model(batch["input_ids"], targets=batch["targets"], label_smoothing=self.cfg.label_smoothing)  # summed
+        loss = model(batch["input_ids"], CrossEntropy(batch["targets"], self.cfg.label_smoothing))  # summed
         return loss / max(1, totals["tokens"]), {}
 
 
@@ -156,10 +158,10 @@ class DPO(Strategy):
         B = batch["chosen_ids"].size(0)
         ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])  # (2B, T): one forward for both sides
         targets = torch.cat([batch["chosen_targets"], batch["rejected_targets"]])
-        token_logprobs = model(ids, targets=targets)  # (2B, T)
+        token_logprobs = model(ids, TokenLogprobs(targets))  # (2B, T)
         policy = token_logprobs.sum(-1)  # (2B,)
         with torch.no_grad():
-            ref = self.ref_model(ids, targets=targets).sum(-1)
+            ref = self.ref_model(ids, TokenLogprobs(targets)).sum(-1)
         losses, margins = dpo_loss(policy[:B], policy[B:], ref[:B], ref[B:], self.beta)
         loss = losses.sum() / totals["pairs"]
         metrics = {
@@ -385,7 +387,7 @@ class GRPO(Strategy):
         rollout = self.rollouts[micro_step]
 
         mask = (rollout["targets"] != -100).float()
-        logprobs = model(rollout["input_ids"], targets=rollout["targets"], temperature=cfg.rollout_temperature)
+        logprobs = model(rollout["input_ids"], TokenLogprobs(rollout["targets"], cfg.rollout_temperature))
         if rollout["old_logprobs"] is None:
             rollout["old_logprobs"] = logprobs.detach()
         loss, kl, clipped = grpo_loss(logprobs, rollout["old_logprobs"], self.reference_logprobs(rollout),
@@ -404,16 +406,14 @@ class GRPO(Strategy):
     @torch.no_grad()
     def reference_logprobs(self, rollout):
         """Each step anew, not cached with the rollout: the reference may have been re-synced since."""
-        return self.ref_model(rollout["input_ids"], targets=rollout["targets"],
-                              temperature=self.cfg.rollout_temperature)
+        return self.ref_model(rollout["input_ids"], TokenLogprobs(rollout["targets"], self.cfg.rollout_temperature))
 
     @torch.no_grad()
     def val_loss(self, model, batch, step):
         if "responses" in batch:
             rollout = self.rollout(batch, step, 0)
             mask = (rollout["targets"] != -100).float()
-            logprobs = model(rollout["input_ids"], targets=rollout["targets"],
-                             temperature=self.cfg.rollout_temperature)
+            logprobs = model(rollout["input_ids"], TokenLogprobs(rollout["targets"], self.cfg.rollout_temperature))
             loss, _, _ = grpo_loss(logprobs, logprobs, self.reference_logprobs(rollout), rollout["advantages"], mask,
                                    self.cfg.clip_eps, self.cfg.kl_coef)
             return loss, {}

@@ -13,7 +13,7 @@ from conftest import TEXT, randomize
 from safetensors.torch import load_file
 
 import lora
-from model import ModelConfig, Transformer
+from model import ModelConfig, TokenLogprobs, Transformer
 from settings import Settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,7 +97,7 @@ def test_peft_loads_our_adapter(tmp_path_factory, tmp_path, arch, targets, token
         targets = x.roll(-1, 1)  # the training head (chunked; TokenHead.head_weight) scores the trained rows too
         targets[:, :len(tokens)] = torch.tensor(tokens)
         picked = expected.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
-        assert (ours(x, targets=targets) - picked).abs().max().item() < 1e-4
+        assert (ours(x, TokenLogprobs(targets)) - picked).abs().max().item() < 1e-4
         # merged == unmerged, in float64: in float32 each differs from the exact result by rounding (~5e-6 here)
         merged = lora.merge_adapter(Transformer.from_pretrained(base).double(), str(tmp_path), base)
         assert (merged(x) - ours.double()(x)).abs().max().item() < 1e-5

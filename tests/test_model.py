@@ -10,7 +10,7 @@ import torch
 from conftest import randomize
 
 from kv_cache import KVCache
-from model import ModelConfig, Transformer
+from model import Logits, ModelConfig, Transformer
 
 transformers = pytest.importorskip("transformers")
 
@@ -169,7 +169,7 @@ def test_last_only_prefill_and_aligned_decode(kw):
         for lengths in ([4, 4, 4], [4, 7, 2]):  # aligned rows, then ragged ones
             cache = KVCache(model.config, batch_size=3, max_len=16)
             x = torch.stack(seqs)[:, : max(lengths)]
-            logits = model(x, cache=cache, input_lengths=torch.tensor(lengths), last_only=True)
+            logits = model(x, Logits(last_only=True), cache, input_lengths=torch.tensor(lengths))
             assert logits.shape == (3, 1, 97)
             for r, n in enumerate(lengths):
                 assert (logits[r, 0] - full[r][n - 1]).abs().max().item() < TOL
@@ -178,7 +178,7 @@ def test_last_only_prefill_and_aligned_decode(kw):
                 logits = model(x, cache=cache)
                 for r, n in enumerate(lengths):
                     assert (logits[r, 0] - full[r][n + step]).abs().max().item() < TOL, f"lengths {lengths} step {step}"
-        assert (model(torch.stack(seqs), last_only=True)[:, 0] - torch.stack(full)[:, -1]).abs().max().item() < TOL
+        assert (model(torch.stack(seqs), Logits(last_only=True))[:, 0] - torch.stack(full)[:, -1]).abs().max().item() < TOL
 
 
 def test_kv_cache_decode_all_rows_and_overflow():

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import strategies
-from model import ChunkedCrossEntropy, ChunkedTargetLogprobs, ModelConfig, Transformer
+from model import ChunkedCrossEntropy, ChunkedTargetLogprobs, CrossEntropy, ModelConfig, TokenLogprobs, Transformer
 from settings import Settings
 from strategies import clipped_policy_loss, dpo_loss, group_advantages, grpo_loss, k3_kl
 from data import load_dataset
@@ -46,7 +46,7 @@ def test_masked_cross_entropy_by_hand():
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_chunked_head_equals_full_logits(temperature, monkeypatch):
-    # model(ids, targets=...) runs the head 5 rows at a time; the reference is the full logits' log_softmax.
+    # model(ids, TokenLogprobs(targets)) runs the head 5 rows at a time; the reference is the full logits' log_softmax.
     # Log-probs and gradients of every weight agree, for a loss that weighs each token's log-prob differently
     monkeypatch.setattr("model.head_chunk_rows", lambda vocab_size: 5)
     model = tiny_model(50)
@@ -61,7 +61,7 @@ def test_chunked_head_equals_full_logits(temperature, monkeypatch):
         loss.backward()
         return {k: p.grad.clone() for k, p in model.named_parameters()}
 
-    chunked = (weights * model(ids, targets=targets, temperature=temperature)).sum()
+    chunked = (weights * model(ids, TokenLogprobs(targets, temperature))).sum()
     log_probs = torch.log_softmax(model(ids) / temperature, -1)  # (3, 11, 50)
     full = (weights * log_probs.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * (targets != -100)).sum()
     assert chunked.item() == pytest.approx(full.item(), abs=1e-5)
@@ -70,7 +70,7 @@ def test_chunked_head_equals_full_logits(temperature, monkeypatch):
 
     # the summed cross-entropy (sft's loss, gradients computed in the forward pass) is F.cross_entropy's
     for smoothing in (0.0, 0.1):
-        chunked = model(ids, targets=targets, label_smoothing=smoothing) * 0.37
+        chunked = model(ids, CrossEntropy(targets, smoothing)) * 0.37
         full = F.cross_entropy(model(ids).view(-1, 50), targets.view(-1), reduction="sum",
                                label_smoothing=smoothing) * 0.37
         assert chunked.item() == pytest.approx(full.item(), abs=1e-5)
@@ -383,7 +383,7 @@ def test_fsdp_shards_the_reference_and_keeps_it_sharded_after_its_forward(tmp_pa
     script.write_text(f"""import sys, torch, torch.distributed as dist
 sys.path.insert(0, {ROOT!r})
 from types import SimpleNamespace
-from model import ModelConfig, Transformer
+from model import ModelConfig, TokenLogprobs, Transformer
 from settings import Settings
 from strategies import frozen_copy
 from train import DEFAULTS, wrap_model
@@ -393,7 +393,7 @@ reference = frozen_copy(model)
 wrap_model(model, Settings(DEFAULTS, parallel="fsdp"), SimpleNamespace(distributed=True, device_type="cpu"), reference)
 ids = torch.randint(0, 64, (2, 8))
 with torch.no_grad():
-    reference(ids, targets=ids)
+    reference(ids, TokenLogprobs(ids))
 rows = {{tuple(p.to_local().shape) for p in reference.parameters() if p.dim() == 2 and p.size(0) == 64}}
 sys.stdout.write(f"local rows {{rows}}\\n")  # one write: the two processes' lines never interleave
 dist.destroy_process_group()
