@@ -22,6 +22,7 @@ import sys
 
 import torch
 
+from hf import architecture as hf_architecture
 from model import Transformer
 from rope import mla_softmax_scale, rope_frequencies, yarn_mscale
 from settings import load_settings
@@ -50,12 +51,8 @@ GLOBAL_NAMES = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": 
 
 
 def architecture(c):
-    """llama.cpp's architecture for a ModelConfig, or a ValueError saying why there is none."""
-    if c.use_gated_attention:
-        raise ValueError("gated attention (use_gated_attention) has no llama.cpp architecture")
-    if c.use_qk_norm and c.attention_bias:
-        raise ValueError("q/k biases together with qk-norm have no llama.cpp architecture")
-    return "deepseek2" if c.attn == "mla" else "qwen3" if c.use_qk_norm else "qwen2" if c.attention_bias else "llama"
+    """llama.cpp's architecture for a ModelConfig (hf.architecture's table), or a ValueError naming what it lacks."""
+    return hf_architecture(c)[2]
 
 
 def pair_rope_rows(w, n_heads, rope_dim):

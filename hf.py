@@ -6,7 +6,7 @@ at a time (Transformer.from_pretrained fills the model from them).
 import functools
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 from safetensors import SafetensorError, safe_open
 
@@ -18,9 +18,41 @@ from rope import ROPE_SCALINGS
 SUPPORTED = ("LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, DeepseekV3ForCausalLM (dense layers) "
              "or this project's own")
 
+# -----------------------------------------------------------------------------
+# which published architecture expresses a ModelConfig: the one place for Hugging Face (config_to_hf) and llama.cpp
+# (export.py). Every architecture expresses COMMON; each also the fields listed with it. Any other field at a value
+# other than its default (a new field, gated attention) rules an architecture out, naming the field: the model is
+# then saved as this project's own and export.py refuses it, never saved as a plain Llama that runs differently.
+
+COMMON = {"vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "dim_ffn", "norm_eps", "rope_theta",
+          "rope_scaling", "max_len", "tie_weight"}
+MLA = {"attn", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"}
+ARCHITECTURES = [  # (HF model_type, HF class, llama.cpp architecture, when it applies, the fields it expresses)
+    ("deepseek_v3", "DeepseekV3ForCausalLM", "deepseek2", lambda c: c.attn == "mla", MLA),
+    ("qwen3", "Qwen3ForCausalLM", "qwen3", lambda c: c.use_qk_norm, {"use_qk_norm"} | MLA - {"attn"}),
+    ("qwen2", "Qwen2ForCausalLM", "qwen2", lambda c: c.attention_bias, {"attention_bias"} | MLA - {"attn"}),
+    ("llama", "LlamaForCausalLM", "llama", lambda c: True, MLA - {"attn"}),  # MLA's sizes are unused under GQA
+]
+
+
+def architecture(c):
+    """-> (HF model_type, HF class, llama.cpp architecture) expressing every field of ModelConfig c, or a ValueError
+    naming the fields no published architecture expresses."""
+    from model import ModelConfig
+
+    name, hf_class, gguf, _, expressed = next(a for a in ARCHITECTURES if a[3](c))
+    lost = [f"{f.name}={getattr(c, f.name)!r}" for f in fields(ModelConfig)
+            if f.name not in COMMON | expressed and getattr(c, f.name) != f.default]
+    if lost:
+        raise ValueError(f"{', '.join(lost)}: no published architecture has this ({hf_class} and llama.cpp's "
+                         f"{gguf} would run the model without it)")
+    return name, hf_class, gguf
+
 
 def config_to_hf(c, dtype="float32", token_ids=None):
-    """config.json for transformers. Our own fields go under "astrai" so nothing is lost on the way back."""
+    """config.json for transformers, as the architecture that expresses every field (see architecture), or as this
+    project's own ("astrai", which transformers refuses to load) with a note naming what none expresses. Our own
+    fields go under "astrai" so nothing is lost on the way back."""
     hf = {
         "vocab_size": c.vocab_size, "hidden_size": c.dim, "intermediate_size": c.dim_ffn,
         "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
@@ -30,25 +62,21 @@ def config_to_hf(c, dtype="float32", token_ids=None):
         "tie_word_embeddings": c.tie_weight, "attention_bias": False, "dtype": dtype,
         "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **(token_ids or {}),
     }
-    if c.use_gated_attention:
-        hf.update(model_type="astrai", architectures=["AstrAIForCausalLM"],
-                  note="gated attention (use_gated_attention) has no transformers architecture: load with model.py")
-    elif c.attn == "mla":
-        hf.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"],
-                  q_lora_rank=c.q_lora_rank or None, kv_lora_rank=c.kv_lora_rank,
+    try:
+        name, hf_class, _ = architecture(c)
+    except ValueError as e:
+        name, hf_class = "astrai", "AstrAIForCausalLM"
+        hf["note"] = f"{e}: load with model.py"
+    hf.update(model_type=name, architectures=[hf_class])
+    if name == "deepseek_v3":
+        hf.update(q_lora_rank=c.q_lora_rank or None, kv_lora_rank=c.kv_lora_rank,
                   qk_nope_head_dim=c.qk_nope_head_dim, qk_rope_head_dim=c.qk_rope_head_dim,
                   v_head_dim=c.v_head_dim, num_key_value_heads=c.n_heads, head_dim=c.qk_rope_head_dim,
                   first_k_dense_replace=c.n_layers, moe_intermediate_size=c.dim_ffn, rope_interleave=False)
-    elif c.use_qk_norm and not c.attention_bias:
-        hf.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"])
-    elif c.use_qk_norm:
-        hf.update(model_type="astrai", architectures=["AstrAIForCausalLM"],
-                  note="q/k biases together with qk-norm have no transformers architecture: load with model.py")
-    elif c.attention_bias:
-        hf.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"])
-        del hf["attention_bias"]
-    else:
-        hf.update(model_type="llama", architectures=["LlamaForCausalLM"], mlp_bias=False)
+    elif name == "qwen2":
+        del hf["attention_bias"]  # Qwen2's q/k/v biases are not a setting
+    elif name == "llama":
+        hf["mlp_bias"] = False
     hf["astrai"] = asdict(c)
     return hf
 

@@ -103,7 +103,7 @@ def test_gated_attention_is_marked_not_hf(tmp_path):
     ours = Transformer(tiny(use_gated_attention=True, n_kv_heads=2))
     ours.save_pretrained(tmp_path)
     config = json.load(open(tmp_path / "config.json"))
-    assert config["model_type"] == "astrai" and "gated attention" in config["note"]
+    assert config["model_type"] == "astrai" and "use_gated_attention=True: no published architecture" in config["note"]
     with pytest.raises(Exception):
         transformers.AutoConfig.from_pretrained(tmp_path)
     again = Transformer.from_pretrained(tmp_path)
