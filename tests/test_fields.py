@@ -84,14 +84,16 @@ def test_cached_decode_and_training_heads_equal_a_full_recompute(field, i):
         cache = KVCache(model.config, batch_size=2, max_len=48)
         ids = torch.tensor([s + [0] * (max(lengths) - len(s)) for s in seqs])
         logits = model(ids, Logits(last_only=True), cache, input_lengths=lengths)[:, 0]
-        for step in range(30):  # past YARN's original context of 16
-            for r, seq in enumerate(seqs):
-                full = model(torch.tensor([seq]))[0, -1]
-                assert (logits[r] - full).abs().max().item() < TOL, (field, lengths, step, r)
+        steps = []
+        for _ in range(30):  # past YARN's original context of 16
+            steps.append(logits)
             new = logits.argmax(-1)
             for r in range(2):
                 seqs[r].append(int(new[r]))
             logits = model(new[:, None], cache=cache)[:, 0]
+        for r, (seq, n) in enumerate(zip(seqs, lengths)):  # causal: a prefix's logits are the full sequence's
+            full = model(torch.tensor([seq]))[0, n - 1:-1]
+            assert (torch.stack([step[r] for step in steps]) - full).abs().max().item() < TOL, (field, lengths, r)
     # the training heads: per-token log-probs and the summed loss from the same body
     ids = torch.randint(0, V, (2, 20), generator=g)
     targets = ids.roll(-1, 1)

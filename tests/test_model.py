@@ -11,6 +11,7 @@ from conftest import randomize
 
 from kv_cache import KVCache
 from model import Logits, ModelConfig, Transformer
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 transformers = pytest.importorskip("transformers")
 
@@ -402,3 +403,24 @@ def test_rope_scaling_in_presets(tmp_path):
     with pytest.raises(SystemExit, match="rope_scaling = 'linear' should be None or a dict"):
         preset.write_text("rope_scaling = 'linear'\n")
         ModelConfig.from_file(str(preset))
+
+
+def test_model_py_runs_alone(tmp_path):
+    """model.py copied into an empty directory: a model trains (the chunked loss and its gradients) and gives logits
+    with nothing but torch; rope.py, kv_cache.py and hf.py are imported only by the features that need them."""
+    import shutil
+
+    shutil.copy(os.path.join(ROOT, "model.py"), tmp_path)
+    script = """import sys, torch
+sys.path = [p for p in sys.path if p != %r]
+from model import CrossEntropy, ModelConfig, TokenLogprobs, Transformer
+model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, dim_ffn=64, max_len=16))
+ids = torch.randint(0, 50, (2, 16))
+loss = model(ids, CrossEntropy(ids)) / ids.numel()
+loss.backward()
+assert model(ids).shape == (2, 16, 50) and model(ids, TokenLogprobs(ids)).shape == (2, 16)
+print("modules", sorted(m for m in sys.modules if m in ('rope', 'kv_cache', 'hf', 'settings', 'lora', 'tokenizer')))
+""" % ROOT
+    p = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "modules []" in p.stdout
