@@ -140,16 +140,15 @@ def apply_rope(x, cos, sin):
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
-def attention_mask(config, query_positions=None, n_keys=0, aligned=False):
+def attention_mask(config, query_positions, n_keys, cached=True, aligned=False):
     """Which keys each query attends to: the one place that decides it, for training, cached prefill and decode,
     ragged batches and the compiled step. Returns keyword arguments for F.scaled_dot_product_attention.
-    Key j of a row is its token at position j; the query at position p sees it when j <= p (causal).
-      no cache (query_positions None): queries and keys are the same tokens, positions 0 .. T - 1: SDPA's is_causal.
-      a KV cache: query_positions (b, T) against each row's n_keys gathered keys (keys past a row's end lie past
-        every query of the row); aligned: one new token per row, each row holding exactly n_keys tokens, so that
-        causality alone hides nothing: no mask.
-    A rule added here (a window, document boundaries) must also be honoured in the two shortcuts above."""
-    if query_positions is None:
+    query_positions (b, T): each new token's position in its row; key j of a row (0 .. n_keys - 1) is its token at
+    position j, and the query at position p sees it when j <= p (causal). Keys past a row's end lie past all its
+    queries. Two shortcuts where causality is the only rule: not cached (training: the queries are the keys,
+    positions 0 .. T - 1) is SDPA's own is_causal; aligned (one new token per row, each row exactly n_keys long)
+    hides nothing, so no mask. A rule added here (a window, document boundaries) must also bypass those two."""
+    if not cached:
         return {"is_causal": True}
     if aligned:
         return {}
@@ -528,11 +527,11 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         if index is None:
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-            mask = attention_mask(self.config)
+            mask = attention_mask(self.config, torch.arange(T, device=input_ids.device)[None], T, cached=False)
         else:
             positions = index.positions.clamp(max=self.config.max_len - 1)  # padding may run past the end
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, d)
-            mask = attention_mask(self.config, index.positions, index.read_slots.shape[1], index.aligned)
+            mask = attention_mask(self.config, index.positions, index.read_slots.shape[1], aligned=index.aligned)
         x = self.embed_tokens(input_ids)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for i, layer in enumerate(self.layers):
