@@ -7,6 +7,8 @@ import json
 import math
 from types import SimpleNamespace
 
+from sample import SamplingParams
+
 MAX_N = 16  # choices per request
 MAX_STOP = 4  # stop strings per request, as OpenAI; Anthropic's stop_sequences: MAX_STOP_SEQUENCES
 MAX_STOP_SEQUENCES = 16
@@ -96,20 +98,24 @@ def stop_strings(body, name, limit):
 
 
 def sampling(body, vocab_size, max_temperature=2.0):
-    """sample.Sequence's sampling settings; beyond OpenAI's own: top_k, min_p and repetition_penalty (vLLM's)."""
+    """The request's sample.SamplingParams, each field within the API's limits; beyond OpenAI's own fields: top_k,
+    min_p and repetition_penalty (vLLM's). A field the APIs take is a line here."""
     bias = body.get("logit_bias") or {}
     if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS or not all(
             k.isascii() and k.isdigit() and len(k) < 10 and int(k) < vocab_size and not isinstance(v, bool)
             and isinstance(v, (int, float)) and -100 <= v <= 100 for k, v in bias.items()):
         raise ApiError(400, f"logit_bias must map up to {MAX_LOGIT_BIAS} token ids (strings, 0..{vocab_size - 1}) "
                             'to numbers from -100 to 100, like {"42": -100}', param="logit_bias")
-    return dict(temperature=number(body, "temperature", 1.0, 0, max_temperature),
-                top_p=number(body, "top_p", 1.0, 0, 1), min_p=number(body, "min_p", 0.0, 0, 1),
-                top_k=max(0, number(body, "top_k", 0, -1, 1 << 31, integer=True)),  # -1 (vLLM's "off") = 0
-                presence_penalty=number(body, "presence_penalty", 0.0, -2, 2),
-                frequency_penalty=number(body, "frequency_penalty", 0.0, -2, 2),
-                repetition_penalty=number(body, "repetition_penalty", 1.0, 0.01, 100),
-                logit_bias={int(k): float(v) for k, v in bias.items()})
+    try:
+        return SamplingParams(temperature=number(body, "temperature", 1.0, 0, max_temperature),
+                              top_p=number(body, "top_p", 1.0, 0, 1), min_p=number(body, "min_p", 0.0, 0, 1),
+                              top_k=max(0, number(body, "top_k", 0, -1, 1 << 31, integer=True)),  # -1: vLLM's "off"
+                              presence_penalty=number(body, "presence_penalty", 0.0, -2, 2),
+                              frequency_penalty=number(body, "frequency_penalty", 0.0, -2, 2),
+                              repetition_penalty=number(body, "repetition_penalty", 1.0, 0.01, 100),
+                              logit_bias={int(k): float(v) for k, v in bias.items()})
+    except ValueError as e:  # the object's own checks, should the limits above let a value through
+        raise ApiError(400, str(e)) from None
 
 
 def budgets(prompts, asked, default, limits, param, prompt_param):
@@ -179,8 +185,8 @@ def openai_prompts(body, chat, tokenizer, vocab_size):
 
 
 def parse_openai(body, chat, tokenizer, limits, vocab_size, max_sequences):
-    """A chat or completions request -> Request(prompts, n, seed, stop, max_tokens per prompt, sampling,
-    stream, include_usage). limits: (context, tokens the KV cache's budget holds)."""
+    """A chat or completions request -> Request(prompts, n, seed, stop, max_tokens per prompt, sampling (a
+    SamplingParams), top_logprobs, stream, include_usage). limits: (context, tokens the KV cache's budget holds)."""
     refuse_unsupported(body, OPENAI_UNSUPPORTED)
     prompts = openai_prompts(body, chat, tokenizer, vocab_size)
     if chat:
@@ -204,7 +210,7 @@ def parse_openai(body, chat, tokenizer, limits, vocab_size, max_sequences):
     return SimpleNamespace(
         prompts=prompts, n=n, seed=seed, stop=stop_strings(body, "stop", MAX_STOP),
         max_tokens=budgets(prompts, asked, None if chat else 16, limits, name, "messages" if chat else "prompt"),
-        sampling={**sampling(body, vocab_size), "top_logprobs": top_logprobs}, stream=stream,
+        sampling=sampling(body, vocab_size), top_logprobs=top_logprobs, stream=stream,
         include_usage=flag(stream_options or {}, "include_usage"))
 
 
@@ -213,8 +219,9 @@ def finite(logprob):
 
 
 def logprobs_json(chat, tokenizer, entries, offset=0):
-    """OpenAI's logprobs of (token, logprob, top) entries: chat's "content" list, or completions' columns, whose
-    text_offset counts the characters of the tokens before, from `offset` (a stream's running count)."""
+    """OpenAI's logprobs of (token, logprob, top) entries (sample.Sequence's logprobs entries): chat's "content"
+    list, or completions' columns, whose text_offset counts the characters of the tokens before, from `offset`
+    (a stream's running count)."""
     def token(i):
         return tokenizer.decode_bytes([i]).decode("utf-8", errors="replace")
 
@@ -278,7 +285,7 @@ def parse_anthropic(body, tokenizer, limits, vocab_size):
         prompts=[prompt], n=1, seed=number(body, "seed", None, -(1 << 63), (1 << 63) - 1, True),
         stop=stop_strings(body, "stop_sequences", MAX_STOP_SEQUENCES),
         max_tokens=budgets([prompt], asked, None, limits, "max_tokens", "messages"),
-        sampling={**sampling(body, vocab_size, max_temperature=1.0), "top_logprobs": None},
+        sampling=sampling(body, vocab_size, max_temperature=1.0), top_logprobs=None,
         stream=flag(body, "stream"), include_usage=False)
 
 

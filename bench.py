@@ -610,10 +610,10 @@ def bench_serve_memory(args):
 def second_turn(model, history, n_tokens=8):
     """Seconds to the first token of a chat's second turn whose prompt starts with `history` tokens a free row
     still holds, with prefix reuse and without (a fresh engine)."""
-    from sample import Engine, Sequence
+    from sample import Engine, SamplingParams, Sequence
 
     def first_token(engine, prompt):
-        seq = Sequence(prompt, n_tokens, temperature=0.0)
+        seq = Sequence(prompt, n_tokens, SamplingParams(temperature=0.0))
         t0 = time.perf_counter()
         engine.add([seq])
         while not seq.tokens:

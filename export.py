@@ -246,16 +246,14 @@ def export(model_dir, path, outtype="f16"):
 
 def export_hf(model_path, directory, outtype="bf16"):
     """Write a MODELDIR or .gguf file as a Hugging Face MODELDIR in outtype's dtype (via directory.tmp, renamed when
-    complete); its config.json lists every stop id (a .gguf file's eot and eom too)."""
-    from sample import stop_ids_for
-
+    complete); its config.json lists every stop id (Tokenizer.load's: a .gguf file's eot and eom too)."""
     dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}.get(outtype)
     if dtype is None:
         raise ValueError(f"--outtype={outtype!r}: a Hugging Face directory takes f32, f16 or bf16")
     if os.path.exists(directory) and os.listdir(directory):
         raise ValueError(f"--hf_dir={directory}: exists and is not empty; nothing is overwritten")
     model, tokenizer = Transformer.from_pretrained(model_path, dtype=dtype), Tokenizer.load(model_path)
-    token_ids = tokenizer.token_ids() | {"eos_token_id": stop_ids_for(model_path, tokenizer)}
+    token_ids = tokenizer.token_ids()  # eos_token_id: tokenizer.stop_ids
     tmp = os.path.normpath(directory) + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # what a killed run left
     model.save_pretrained(tmp, token_ids=token_ids)

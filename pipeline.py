@@ -160,10 +160,10 @@ def make_data(data):
 
 def answer_accuracy(model_dir, task):
     """What `python sample.py --model=MODEL_DIR --eval=TASK` prints: greedy exact-answer accuracy."""
-    from sample import evaluate, load, stop_ids_for
+    from sample import load, task_accuracy
 
     model, tokenizer = load(model_dir)
-    return evaluate(model, tokenizer, task, stop_ids=stop_ids_for(model_dir, tokenizer))
+    return task_accuracy(model, tokenizer, task)
 
 
 def preference_accuracy(policy_dir, reference_dir, pairs_path):

@@ -9,15 +9,17 @@ generate() on top of it, streamed text, exact-answer evaluation, and the command
     python sample.py --model=out/final --eval=task.jsonl           # greedy exact-answer accuracy
 
 Engine.step() is admit, forward, sample, emit; generate() is a loop over step() (GRPO rollouts and --eval
-call it), and serve.py runs the same engine in its own thread. sample_tokens() is the one sampler.
+call it), and serve.py runs the same engine in its own thread. sample_tokens() is the one sampler, SamplingParams
+the one object that carries its settings, from the command line or a request to the engine.
 A Hugging Face model directory (Llama, Qwen2, Qwen3, DeepseekV3-dense with tokenizer.json) works here
 exactly as one written by train.py.
 """
 import codecs
+import dataclasses
 import functools
 import json
 import math
-import os
+import numbers
 import sys
 import threading
 import unicodedata
@@ -28,8 +30,70 @@ import torch
 
 from kv_cache import BLOCK, CacheIndex, KVCache, budget_blocks, budget_text
 from model import Logits, Transformer
-from settings import DTYPES, load_settings, pick_device
-from tokenizer import Tokenizer
+# only model.py and what it imports: copied beside them, generate() works (load() and main() import the rest)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How a sequence picks its tokens: the one object that carries sampling settings. sample.py's command line has
+    an option per field (DEFAULTS takes them from here), serve.py's APIs build one per request (api.sampling),
+    a Sequence holds one, and the Engine's sampler reads it (adjust_logits, then sample_tokens).
+    A new setting is a field here (its type is checked; a range goes in __post_init__), its use in adjust_logits or
+    sample_tokens, and, where the APIs take it, a line in api.sampling."""
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # keep the k most likely tokens; 0 = all
+    top_p: float = 1.0  # nucleus: the smallest set of tokens whose probability reaches top_p; 1 = all
+    min_p: float = 0.0  # drop tokens less than min_p times as likely as the most likely one; 0 = off
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or reply (CTRL's rule); 1 = off
+    presence_penalty: float = 0.0  # subtracted once from the logit of each token already in the reply (OpenAI's)
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the reply (OpenAI's)
+    logit_bias: dict = dataclasses.field(default_factory=dict)  # {token id: bias} added to those tokens' logits;
+    # on the command line "ID:BIAS,ID:BIAS", e.g. "0:-100" never samples token 0
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value, kind = getattr(self, field.name), field.type
+            if kind in (int, float) and not is_number(value, numbers.Integral if kind is int else numbers.Real):
+                raise ValueError(f"{field.name}={value!r}: expected {'an integer' if kind is int else 'a number'}")
+            if kind in (int, float):
+                object.__setattr__(self, field.name, kind(value))
+        bias = self.logit_bias
+        if not isinstance(bias, dict) or not all(is_number(i, numbers.Integral) and i >= 0 and
+                                                 is_number(b, numbers.Real) for i, b in bias.items()):
+            raise ValueError(f"logit_bias={bias!r}: expected {{token id (an int >= 0): bias (a finite number)}}")
+        object.__setattr__(self, "logit_bias", {int(i): float(b) for i, b in bias.items()})
+        for ok, name, expected in [(self.temperature >= 0, "temperature", ">= 0 (0 = greedy)"),
+                                   (self.top_k >= 0, "top_k", ">= 0"), (0 <= self.top_p <= 1, "top_p", "in [0, 1]"),
+                                   (0 <= self.min_p <= 1, "min_p", "in [0, 1]"),
+                                   (self.repetition_penalty > 0, "repetition_penalty", "> 0 (1 = off)")]:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be {expected}")
+
+    @property
+    def adjusts_logits(self):  # whether adjust_logits changes anything
+        return bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0 or \
+            self.repetition_penalty != 1
+
+    def settings(self):
+        """The fields as command-line settings (sample.py's DEFAULTS): logit_bias as its "ID:BIAS,..." text."""
+        return dataclasses.asdict(self) | {"logit_bias": ",".join(f"{i}:{b:g}" for i, b in self.logit_bias.items())}
+
+    @classmethod
+    def from_settings(cls, args):
+        """The object from command-line settings (load_settings' over settings())."""
+        text = args["logit_bias"]
+        try:
+            bias = {int(i): float(b) for i, _, b in (item.partition(":") for item in text.split(",") if item)}
+        except ValueError:
+            raise ValueError(f"--logit_bias={text!r}: expected ID:BIAS pairs like 0:-100,42:5") from None
+        return cls(**{field.name: args[field.name] for field in dataclasses.fields(cls)} | {"logit_bias": bias})
+
+
+def is_number(value, kind):
+    """value is a finite number of that kind (numbers.Integral or numbers.Real): an int stands for a float, a bool
+    for neither."""
+    return isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+
 
 DEFAULTS = dict(
     model="",  # MODELDIR (config.json + model.safetensors + tokenizer files) or a .gguf file
@@ -38,14 +102,8 @@ DEFAULTS = dict(
     chat=False,  # wrap the prompt as a user message in the chat template; without --prompt: interactive chat
     num_samples=1,  # completions of the same prompt, generated as one batch
     max_new_tokens=256,
-    temperature=0.8,  # 0 = greedy
-    top_k=0,  # keep the k most likely tokens; 0 = all
-    top_p=0.95,  # nucleus: the smallest set of tokens whose probability reaches top_p; 1 = all
-    min_p=0.0,  # drop tokens less than min_p times as likely as the most likely one; 0 = off
-    repetition_penalty=1.0,  # > 1 discourages tokens already in the prompt or reply (CTRL's rule); 1 = off
-    presence_penalty=0.0,  # -2..2, subtracted once from the logit of each token already in the reply (OpenAI's)
-    frequency_penalty=0.0,  # -2..2, subtracted per occurrence in the reply (OpenAI's)
-    logit_bias="",  # "ID:BIAS,ID:BIAS" added to those tokens' logits, e.g. "0:-100" never samples token 0
+    # every SamplingParams field is an option (--temperature, --top_k, ..., --logit_bias); the CLI's own defaults:
+    **SamplingParams(temperature=0.8, top_p=0.95).settings(),
     seed=1337,  # -1: a different sample every run
     device="auto",  # auto = cuda when available, else cpu
     dtype="auto",  # auto = bfloat16 where the GPU or CPU has it natively, else float32; or float32, bfloat16,
@@ -62,9 +120,7 @@ DEFAULTS = dict(
 
 
 def per_row(values, batch, name):
-    """A setting given per row (list or tensor of length `batch`) or once for all rows -> a list."""
-    if isinstance(values, torch.Tensor):
-        values = values.tolist()
+    """A setting given per row (a list of length `batch`) or once for all rows -> a list."""
     if not isinstance(values, (list, tuple)):
         return [values] * batch
     if len(values) != batch:
@@ -72,10 +128,10 @@ def per_row(values, batch, name):
     return list(values)
 
 
-def sample_tokens(logits, temperature, top_k, top_p, generators=None, want_logprobs=True, min_p=0.0):
-    """Draw one token per row. logits (B, V) float32; temperature, top_k, top_p, min_p: per row (a list or tensor
-    of length B, or one value for all rows); generators: None, or B torch.Generators (or None entries) on
-    the logits' device, one per row so that each request's seed reproduces its own tokens.
+def sample_tokens(logits, params, generators=None, want_logprobs=True):
+    """Draw one token per row. logits (B, V) float32; params: a SamplingParams per row (a list of B), or one for all
+    rows, of which this reads temperature, top_k, top_p and min_p; generators: None, or B torch.Generators (or None
+    entries) on the logits' device, one per row so that each request's seed reproduces its own tokens.
 
     Temperature below 1e-5 is greedy (a near-zero one would round to 0 in float32 and divide by it). Otherwise:
     divide by the temperature, keep the top_k most likely tokens (0 = all), then the smallest set whose
@@ -85,15 +141,10 @@ def sample_tokens(logits, temperature, top_k, top_p, generators=None, want_logpr
     (greedy rows: log-softmax of the logits given), or None for the log-probs when not want_logprobs."""
     B, V = logits.shape
     device = logits.device
-    temperature = per_row(temperature, B, "temperature")
-    top_k = per_row(top_k, B, "top_k")
-    top_p = per_row(top_p, B, "top_p")
-    min_p = per_row(min_p, B, "min_p")
+    params = per_row(params, B, "params")
+    temperature, top_k = [p.temperature for p in params], [p.top_k for p in params]
+    top_p, min_p = [p.top_p for p in params], [p.min_p for p in params]
     generators = per_row(generators, B, "generators")
-    for i in range(B):
-        if temperature[i] < 0 or top_k[i] < 0 or not 0 <= top_p[i] <= 1 or not 0 <= min_p[i] <= 1:
-            raise ValueError(f"row {i}: temperature={temperature[i]} (>= 0), top_k={top_k[i]} (>= 0), "
-                             f"top_p={top_p[i]}, min_p={min_p[i]} (in [0, 1]) out of range")
     greedy = [t < 1e-5 for t in temperature]
     if all(greedy):
         tokens = logits.argmax(-1)
@@ -141,24 +192,25 @@ def sample_tokens(logits, temperature, top_k, top_p, generators=None, want_logpr
 
 
 def adjust_logits(logits, seqs):
-    """The logit bias and penalties of each row's sequence on logits (b, V), before temperature (vLLM's order):
-    add logit_bias; divide a positive logit of a token seen in the prompt or the reply by repetition_penalty and
-    multiply a negative one (CTRL's rule, as transformers' RepetitionPenaltyLogitsProcessor); subtract
-    OpenAI's c * frequency_penalty + (c > 0) * presence_penalty, c = the token's count in the reply so far.
+    """The logit bias and penalties of each row's sequence (its SamplingParams) on logits (b, V), before
+    temperature (vLLM's order): add logit_bias; divide a positive logit of a token seen in the prompt or the reply
+    by repetition_penalty and multiply a negative one (CTRL's rule, as transformers' RepetitionPenaltyLogitsProcessor);
+    subtract OpenAI's c * frequency_penalty + (c > 0) * presence_penalty, c = the token's count in the reply so far.
     Returns new logits. Each sequence keeps its counts on the logits' device (Engine.sample updates them)."""
     V, device = logits.shape[1], logits.device
     for s in seqs:
         if s.counts is None:  # its first token
             s.counts, s.seen = torch.zeros(V, device=device), torch.zeros(V, dtype=torch.bool, device=device)
             s.seen[torch.tensor(s.prompt + s.tokens, device=device)] = True
-            if s.logit_bias:
+            bias = s.params.logit_bias
+            if bias:
                 s.bias = torch.zeros(V, device=device)
-                s.bias[torch.tensor(list(s.logit_bias), device=device)] = torch.tensor(
-                    list(s.logit_bias.values()), dtype=torch.float32, device=device)
+                s.bias[torch.tensor(list(bias), device=device)] = torch.tensor(list(bias.values()),
+                                                                               dtype=torch.float32, device=device)
     logits = logits + torch.stack([torch.zeros_like(s.counts) if s.bias is None else s.bias for s in seqs])
     counts, seen = torch.stack([s.counts for s in seqs]), torch.stack([s.seen for s in seqs])  # (b, V)
-    penalty = torch.tensor([[s.repetition_penalty, s.frequency_penalty, s.presence_penalty] for s in seqs],
-                           device=device)  # (b, 3)
+    penalty = torch.tensor([[s.params.repetition_penalty, s.params.frequency_penalty, s.params.presence_penalty]
+                            for s in seqs], device=device)  # (b, 3)
     logits = torch.where(seen, torch.where(logits > 0, logits / penalty[:, :1], logits * penalty[:, :1]), logits)
     return logits - counts * penalty[:, 1:2] - (counts > 0) * penalty[:, 2:]
 
@@ -168,26 +220,19 @@ def adjust_logits(logits, seqs):
 
 
 class Sequence:
-    """One prompt's continuation: its sampling settings, its tokens so far, and where it stands in the engine.
-    on_token(seq, token, top), when given, is called after each token (seq.finish already says "stop" for a
-    stop token and "length" for the last one the budget allows; top is (token, logprob, [(id, logprob), ...])
-    when top_logprobs was asked for); returning True ends the sequence there with finish "stop".
-    Sampling: see sample_tokens (temperature, top_k, top_p, min_p) and adjust_logits (logit_bias {id: bias},
-    the penalties)."""
+    """One prompt's continuation: its SamplingParams, its tokens so far, and where it stands in the engine.
+    on_token(seq, token, logprobs_entry), when given, is called after each token (seq.finish already says "stop"
+    for a stop token and "length" for the last one the budget allows; logprobs_entry is (token, logprob,
+    [(id, logprob), ...]) when top_logprobs was asked for, else None); returning True ends the sequence there with
+    finish "stop". want_logprobs: keep each token's log-prob under the sampling distribution (GRPO's old ones)."""
 
-    def __init__(self, prompt, max_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None, logprobs=False,
-                 top_logprobs=None, on_token=None, min_p=0.0, logit_bias=None, presence_penalty=0.0,
-                 frequency_penalty=0.0, repetition_penalty=1.0):
-        if repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty={repetition_penalty} must be > 0 (1 = off)")
-        self.prompt, self.max_tokens = list(prompt), max_tokens
-        self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
-        self.min_p, self.logit_bias, self.repetition_penalty = min_p, logit_bias, repetition_penalty
-        self.presence_penalty, self.frequency_penalty = presence_penalty, frequency_penalty
-        self.adjusts_logits = bool(logit_bias) or presence_penalty != 0 or frequency_penalty != 0 or \
-            repetition_penalty != 1
+    def __init__(self, prompt, max_tokens, params=SamplingParams(), generator=None, want_logprobs=False,
+                 top_logprobs=None, on_token=None):
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params={params!r}: expected a SamplingParams")
+        self.prompt, self.max_tokens, self.params, self.generator = list(prompt), max_tokens, params, generator
         self.counts = self.seen = self.bias = None  # adjust_logits' state, on the device
-        self.want_logprobs = logprobs  # keep each token's log-prob under the sampling distribution (GRPO)
+        self.want_logprobs = want_logprobs
         self.top_logprobs = top_logprobs  # k: the model's own log-probs of the token and the k most likely ones
         self.on_token = on_token
         self.tokens, self.logprobs = [], []  # generated token ids (a stop token included) and their log-probs
@@ -286,6 +331,9 @@ class Engine:
             if len(seq.prompt) > self.max_len:
                 raise ValueError(f"a prompt of {len(seq.prompt)} tokens does not fit: the context is {self.context} "
                                  f"tokens and the KV cache budget holds {self.kv_tokens}")
+            if max(seq.params.logit_bias, default=-1) >= self.model.config.vocab_size:
+                raise ValueError(f"logit_bias names token {max(seq.params.logit_bias)}; the model's token ids are "
+                                 f"0..{self.model.config.vocab_size - 1}")
         with self.lock:
             self.waiting.extend(seqs)
 
@@ -413,15 +461,13 @@ class Engine:
         """-> tokens (b,) on the host, and per row its log-prob entry (or None)."""
         if self.vocab_size and logits.shape[1] > self.vocab_size:
             logits[:, self.vocab_size:] = float("-inf")  # padded embedding rows are no text
-        adjusted = [i for i, s in enumerate(batch) if s.adjusts_logits]
+        adjusted = [i for i, s in enumerate(batch) if s.params.adjusts_logits]
         scores = logits  # what is sampled from; top_logprobs stay the model's own
         if adjusted:
             scores = logits.clone()
             scores[adjusted] = adjust_logits(logits[adjusted], [batch[i] for i in adjusted])
         want = any(s.want_logprobs for s in batch)
-        tokens, logprobs = sample_tokens(scores, [s.temperature for s in batch], [s.top_k for s in batch],
-                                         [s.top_p for s in batch], [s.generator for s in batch], want,
-                                         [s.min_p for s in batch])
+        tokens, logprobs = sample_tokens(scores, [s.params for s in batch], [s.generator for s in batch], want)
         for i in adjusted:  # the reply's token counts, on the device: no sync
             batch[i].counts[tokens[i]] += 1
             batch[i].seen[tokens[i]] = True
@@ -447,7 +493,7 @@ class Engine:
 
     def emit(self, batch, tokens, entries):
         """Record each row's token; a row that hit a stop token, its budget or the context leaves."""
-        for seq, token, (logprob, top) in zip(batch, tokens, entries):
+        for seq, token, (logprob, logprobs_entry) in zip(batch, tokens, entries):
             seq.tokens.append(token)
             if seq.want_logprobs:
                 seq.logprobs.append(logprob)
@@ -455,7 +501,7 @@ class Engine:
                 seq.finish = "stop"
             elif len(seq.tokens) >= seq.max_tokens or len(seq.prompt) + len(seq.tokens) >= self.max_len:
                 seq.finish = "length"
-            if seq.on_token is not None and seq.on_token(seq, token, top):
+            if seq.on_token is not None and seq.on_token(seq, token, logprobs_entry):
                 seq.finish = "stop"
             if seq.finish is not None:
                 self.leave(seq)
@@ -485,8 +531,8 @@ class Engine:
 
 
 @torch.inference_mode()
-def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(), seed=None,
-             return_logprobs=False, on_token=None, vocab_size=None, compile=False, kv_memory="50%", **sampling):
+def generate(model, prompts, max_new_tokens, params=SamplingParams(), stop_ids=(), seed=None, return_logprobs=False,
+             on_token=None, vocab_size=None, compile=False, kv_memory="50%", **sampling):
     """Continue each prompt (a list of token ids; lengths may differ) by up to max_new_tokens tokens.
 
     All prompts go into one engine with a row each: one right-padded prefill, then one batched decode step
@@ -497,8 +543,11 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     (streaming). vocab_size: the tokenizer's; ids at or past it (the padded embedding rows many models have)
     are never sampled, since they have no text. seed: one generator shared by the batch. compile: decode
     steps through torch.compile (see Engine). kv_memory: the KV cache's budget (see Engine): rows that do not
-    fit together wait or are recomputed, with the same tokens. sampling: Sequence's other settings (min_p, logit_bias,
-    presence_penalty, frequency_penalty, repetition_penalty)."""
+    fit together wait or are recomputed, with the same tokens. params: the SamplingParams of every row; sampling:
+    SamplingParams fields by name, over params's (generate(model, prompts, n, temperature=0.0) is greedy)."""
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params={params!r}: expected a SamplingParams; one setting by name: temperature=...")
+    params = dataclasses.replace(params, **sampling)
     config, device = model.config, model.embed_tokens.weight.device
     prompts = [p.tolist() if isinstance(p, torch.Tensor) else list(p) for p in prompts]
     if max_new_tokens < 0:
@@ -513,10 +562,10 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
     def callback(row):
-        return None if on_token is None else lambda seq, token, top: on_token(row, token)
+        return None if on_token is None else lambda seq, token, logprobs_entry: on_token(row, token)
 
-    seqs = [Sequence(p, min(max_new_tokens, config.max_len - len(p)), temperature, top_k, top_p, generator,
-                     return_logprobs, on_token=callback(row), **sampling) for row, p in enumerate(prompts)]
+    seqs = [Sequence(p, min(max_new_tokens, config.max_len - len(p)), params, generator, return_logprobs,
+                     on_token=callback(row)) for row, p in enumerate(prompts)]
     if any(s.max_tokens > 0 for s in seqs):
         max_len = min(config.max_len, max(len(p) for p in prompts) + max_new_tokens)
         engine = Engine(model, len(prompts), max_len, max_len, stop_ids, vocab_size, compile, kv_memory)
@@ -566,34 +615,17 @@ def load(model_dir, device="cpu", dtype=None, adapter=""):
     """(model in eval mode, tokenizer) from a MODELDIR: ours or a Hugging Face one with tokenizer.json.
     dtype: a torch dtype or its name (float32, bfloat16, float16), or "int8" (weight-only int8, bfloat16
     activations: see model.Int8Linear); None keeps float32. adapter: a LoRA adapter directory (lora.py) trained
-    on model_dir, merged into the weights (before any quantization): the base model's speed."""
+    on model_dir, merged into the weights (before any quantization): the base model's speed. tokenizer.stop_ids
+    are every id the directory names as an end (Tokenizer.load)."""
+    from settings import DTYPES
+    from tokenizer import Tokenizer
+
     model = Transformer.from_pretrained(model_dir, device, DTYPES.get(dtype, dtype), adapter).eval()  # "int8" as is
     tokenizer = Tokenizer.load(model_dir)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
                          f"vocab_size={model.config.vocab_size}")
     return model, tokenizer
-
-
-def stop_ids_for(model_dir, tokenizer):
-    """The tokenizer's stop tokens plus the eos_token_id(s) of a Hugging Face config.json and
-    generation_config.json (an instruct model's end-of-turn token often lives only there), or a .gguf file's
-    eos, eot and eom token ids."""
-    ids = list(tokenizer.stop_ids)
-    if str(model_dir).endswith(".gguf"):
-        from gguf_in import stop_ids
-
-        return ids + [i for i in stop_ids(model_dir) if i not in ids]
-    for name in ("config.json", "generation_config.json"):
-        path = os.path.join(model_dir, name)
-        if not os.path.isfile(path):
-            continue
-        with open(path) as f:
-            eos = json.load(f).get("eos_token_id")
-        for i in eos if isinstance(eos, list) else [eos]:
-            if isinstance(i, int) and i not in ids:
-                ids.append(i)
-    return ids
 
 
 # -----------------------------------------------------------------------------
@@ -650,11 +682,12 @@ def read_task(task_path, tokenizer):
     return prompts, answers
 
 
-def evaluate(model, tokenizer, task_path, batch_size=32, max_new_tokens=64, stop_ids=None, kv_memory="50%"):
+def task_accuracy(model, tokenizer, task_path, batch_size=32, max_new_tokens=64, kv_memory="50%"):
     """Fraction of a task file's records whose greedy completion holds the answer (answer_is_correct, the
-    check GRPO's reward uses). Prompts are batched shortest first to waste little on padding."""
+    check GRPO's reward uses), stopping at tokenizer.stop_ids. Prompts are batched shortest first to waste little
+    on padding."""
     prompts, answers = read_task(task_path, tokenizer)
-    stop_ids = list(tokenizer.stop_ids if stop_ids is None else stop_ids)
+    stop_ids = tokenizer.stop_ids
     for i, p in enumerate(prompts):
         if len(p) >= model.config.max_len:
             raise ValueError(f"{task_path}: record {i + 1} has a {len(p)}-token prompt; the model's context is "
@@ -663,8 +696,8 @@ def evaluate(model, tokenizer, task_path, batch_size=32, max_new_tokens=64, stop
     correct = 0
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        outputs = generate(model, [prompts[i] for i in batch], max_new_tokens, temperature=0.0, stop_ids=stop_ids,
-                           vocab_size=tokenizer.vocab_size, kv_memory=kv_memory)
+        outputs = generate(model, [prompts[i] for i in batch], max_new_tokens, SamplingParams(temperature=0.0),
+                           stop_ids, vocab_size=tokenizer.vocab_size, kv_memory=kv_memory)
         for i, tokens in zip(batch, outputs):
             correct += answer_is_correct(tokenizer.decode(strip_stop(tokens, stop_ids)), answers[i])
     return correct / len(prompts)
@@ -674,32 +707,22 @@ def evaluate(model, tokenizer, task_path, batch_size=32, max_new_tokens=64, stop
 # command line
 
 
-def sampling_options(args):
-    """--compile, --min_p, the penalties and --logit_bias="ID:BIAS,..." as generate()'s keyword arguments."""
-    try:
-        bias = {int(i): float(b) for i, _, b in (item.partition(":") for item in args.logit_bias.split(",") if item)}
-    except ValueError:
-        raise ValueError(f"--logit_bias={args.logit_bias!r}: expected ID:BIAS pairs like 0:-100,42:5") from None
-    return dict(compile=args.compile, kv_memory=args.kv_memory, min_p=args.min_p,
-                repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-                frequency_penalty=args.frequency_penalty, logit_bias=bias)
-
-
-def stream_completion(model, tokenizer, prompt_ids, args, stop_ids, seed):
+def stream_completion(model, tokenizer, prompt_ids, args, params, seed):
     """Generate one completion, printing it as it comes; returns its tokens without the stop token."""
+    stop_ids = tokenizer.stop_ids
     stream = TextStream(tokenizer)
 
     def show(row, token):
         if token not in stop_ids:
             print(stream.push(token), end="", flush=True)
 
-    tokens = generate(model, [prompt_ids], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                      stop_ids, seed, on_token=show, vocab_size=tokenizer.vocab_size, **sampling_options(args))[0]
+    tokens = generate(model, [prompt_ids], args.max_new_tokens, params, stop_ids, seed, on_token=show,
+                      vocab_size=tokenizer.vocab_size, compile=args.compile, kv_memory=args.kv_memory)[0]
     print(stream.flush())
     return strip_stop(tokens, stop_ids)
 
 
-def chat_loop(model, tokenizer, args, stop_ids, seed):
+def chat_loop(model, tokenizer, args, params, seed):
     """Interactive chat that keeps the history; the oldest turns are dropped when the context fills up."""
     print("chat: type a message; /reset forgets the history; Ctrl-D or /exit quits")
     messages = []
@@ -720,28 +743,30 @@ def chat_loop(model, tokenizer, args, stop_ids, seed):
             messages = messages[2:] if len(messages) > 2 else messages[1:]  # a user turn and its reply
             ids, _ = tokenizer.render_chat(messages, add_generation_prompt=True)
         ids = list(ids)[-(model.config.max_len - 1):]  # a single message longer than the context
-        reply = stream_completion(model, tokenizer, ids, args, stop_ids, seed)
+        reply = stream_completion(model, tokenizer, ids, args, params, seed)
         messages.append({"role": "assistant", "content": tokenizer.decode(reply)})
         seed = None if seed is None else seed + 1
 
 
 def main(argv):
+    from settings import load_settings, pick_device
+
     if "-h" in argv or "--help" in argv:
         print(__doc__.strip() + "\n")  # load_settings then lists the options and exits
     args = load_settings(DEFAULTS, argv, "sample.py")
     if not args.model:
         sys.exit("sample.py: --model=MODELDIR|FILE.gguf is required (a directory with config.json, model.safetensors, "
                  "tokenizer, or a .gguf file)")
+    params = SamplingParams.from_settings(args)  # a bad value stops here, before the model loads
     device, dtype = pick_device(args.device, args.dtype, inference=True)
     args.compile = compile_setting(args.compile, args.max_new_tokens)  # one generate() call's decode steps at most
     model, tokenizer = load(args.model, device=device, dtype=dtype, adapter=args.adapter)
-    stop_ids = stop_ids_for(args.model, tokenizer)
     seed = None if args.seed < 0 else args.seed
     rows = args.batch_size if args.eval else args.num_samples
     print(budget_text(args.kv_memory, *budget_blocks(args.kv_memory, model.config, model.embed_tokens.weight.dtype,
                                                      device, rows, model.config.max_len), device), file=sys.stderr)
     if args.eval:
-        accuracy = evaluate(model, tokenizer, args.eval, args.batch_size, args.max_new_tokens, stop_ids, args.kv_memory)
+        accuracy = task_accuracy(model, tokenizer, args.eval, args.batch_size, args.max_new_tokens, args.kv_memory)
         print(f"{args.eval}: accuracy {accuracy:.4f}")
         return
     prompt = args.prompt
@@ -749,7 +774,7 @@ def main(argv):
         with open(prompt[len("FILE:"):], encoding="utf-8") as f:
             prompt = f.read()
     if args.chat and not prompt:
-        chat_loop(model, tokenizer, args, stop_ids, seed)
+        chat_loop(model, tokenizer, args, params, seed)
         return
     if args.chat:
         prompt_ids, _ = tokenizer.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
@@ -758,13 +783,12 @@ def main(argv):
             sys.exit("sample.py: this tokenizer has no <|endoftext|> to start a fresh document: give --prompt")
         prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
     if args.num_samples == 1:
-        stream_completion(model, tokenizer, list(prompt_ids), args, stop_ids, seed)
+        stream_completion(model, tokenizer, list(prompt_ids), args, params, seed)
         return
-    outputs = generate(model, [list(prompt_ids)] * args.num_samples, args.max_new_tokens, args.temperature,
-                       args.top_k, args.top_p, stop_ids, seed, vocab_size=tokenizer.vocab_size,
-                       **sampling_options(args))
+    outputs = generate(model, [list(prompt_ids)] * args.num_samples, args.max_new_tokens, params, tokenizer.stop_ids,
+                       seed, vocab_size=tokenizer.vocab_size, compile=args.compile, kv_memory=args.kv_memory)
     for tokens in outputs:
-        print(tokenizer.decode(strip_stop(tokens, stop_ids)))
+        print(tokenizer.decode(strip_stop(tokens, tokenizer.stop_ids)))
         print("---------------")
 
 

@@ -45,7 +45,7 @@ import torch
 from api import (ApiError, choice_json, logprobs_json, message_json, parse_anthropic, parse_json, parse_openai,
                  usage_json)
 from kv_cache import BLOCK, budget_text
-from sample import Engine, Sequence, TextStream, compile_setting, load, stop_ids_for
+from sample import Engine, Sequence, TextStream, compile_setting, load
 from settings import load_settings, pick_device
 
 DEFAULTS = dict(
@@ -123,24 +123,26 @@ def release_text(held, piece, stops):
 
 class Choice:
     """One choice of one request: the engine's Sequence, and the text sent for it. Its on_token (run on the
-    engine's thread) turns tokens into events on the request's queue: (index, text, logprob or None,
-    finish_reason or None); text is held back while it may be the start of a stop string."""
+    engine's thread) turns tokens into events on the request's queue: (index, text, logprobs entry or None,
+    finish_reason or None); text is held back while it may be the start of a stop string. params: the request's
+    sample.SamplingParams; top_logprobs: None, or how many alternatives each logprobs entry lists."""
 
-    def __init__(self, loop, index, events, prompt, max_tokens, stop=(), seed=None, **settings):
+    def __init__(self, loop, index, events, prompt, max_tokens, params, stop=(), seed=None, top_logprobs=None):
         self.loop, self.index, self.events, self.stop = loop, index, events, list(stop)
         generator = None if seed is None else torch.Generator(device=loop.engine.device).manual_seed(seed)
-        self.seq = Sequence(prompt, max_tokens, generator=generator, on_token=self.on_token, **settings)
+        self.seq = Sequence(prompt, max_tokens, params, generator, top_logprobs=top_logprobs, on_token=self.on_token)
         self.stream, self.held, self.stop_string = TextStream(loop.tokenizer), "", None
         self.submitted = self.last_token = time.perf_counter()  # time to first token counts from submission
 
-    def on_token(self, seq, token, logprob):
+    def on_token(self, seq, token, logprobs_entry):
+        """Sequence's callback: logprobs_entry is (token, logprob, [(id, logprob), ...]) or None (see Sequence)."""
         if token is None:  # the engine failed, or the server is shutting down
             self.events.put((self.index, "", None, "error"))
             return self.loop.count(self, seq, "error")
         try:
             hit = None
             if seq.finish == "stop":  # a stop token: counted, never shown
-                text, logprob = "", None
+                text, logprobs_entry = "", None
             else:
                 text, self.held, hit = release_text(self.held, self.stream.push(token), self.stop)
             if seq.finish is not None and hit is None:
@@ -152,7 +154,7 @@ class Choice:
             self.events.put((self.index, "", None, "error"))
             return True
         self.stop_string, finish = hit, "stop" if hit else seq.finish
-        self.events.put((self.index, text, logprob, finish))
+        self.events.put((self.index, text, logprobs_entry, finish))
         self.loop.count(self, seq, finish)
         return hit is not None
 
@@ -518,8 +520,9 @@ class Handler(Connection):
     def generate(self, request, respond):
         """Submit a parsed request's sequences, give their events to respond(choices, events), cancel what is left."""
         loop, events = self.server.loop, queue.Queue()
-        choices = [Choice(loop, p * request.n + j, events, prompt, request.max_tokens[p], request.stop,
-                          None if request.seed is None else (request.seed + j) % (1 << 63), **request.sampling)
+        choices = [Choice(loop, p * request.n + j, events, prompt, request.max_tokens[p], request.sampling,
+                          request.stop, None if request.seed is None else (request.seed + j) % (1 << 63),
+                          request.top_logprobs)
                    for p, prompt in enumerate(request.prompts) for j in range(request.n)]  # choice j: its own seed
         loop.submit(choices)
         try:
@@ -543,9 +546,9 @@ class Handler(Connection):
 
     def openai_response(self, head, chat, request, choices, events):
         text, entries, finish = [[] for _ in choices], [[] for _ in choices], [None] * len(choices)
-        for index, piece, logprob, reason in self.events(events, len(choices)):
+        for index, piece, entry, reason in self.events(events, len(choices)):
             text[index].append(piece)
-            entries[index] += [logprob] if logprob else []
+            entries[index] += [entry] if entry else []
             finish[index] = reason
         if "error" in finish:
             raise self.failure()
@@ -569,14 +572,14 @@ class Handler(Connection):
         if chat:  # the first delta of each choice carries the role
             send([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                    "finish_reason": None} for c in choices])
-        for index, text, logprob, reason in self.events(events, len(choices)):
+        for index, text, entry, reason in self.events(events, len(choices)):
             if reason == "error":
                 if not failed:
                     send([], error=self.failure().body()["error"])
                 failed = True
                 continue
-            if text or logprob:
-                logprobs = logprob and logprobs_json(chat, tokenizer, [logprob], offsets[index])
+            if text or entry:
+                logprobs = entry and logprobs_json(chat, tokenizer, [entry], offsets[index])
                 send([choice_json(chat, True, index, text, logprobs)])
                 offsets[index] += len(logprobs["tokens"][0]) if logprobs and not chat else 0
             if reason:
@@ -762,7 +765,7 @@ def main(argv):
         sys.exit(f"serve.py: {e}")
     try:
         engine = Engine(model, args.max_batch, args.max_len, args.prefill_chunk,
-                        stop_ids_for(args.model, tokenizer), tokenizer.vocab_size, args.compile, args.kv_memory)
+                        tokenizer.stop_ids, tokenizer.vocab_size, args.compile, args.kv_memory)
     except ValueError as e:
         sys.exit(f"serve.py: {e}")
     if args.compile:

@@ -51,7 +51,6 @@ import torch.nn.functional as F
 
 from lora import BaseModel
 from model import CrossEntropy, TokenLogprobs
-from sample import answer_is_correct, generate, strip_stop
 
 
 class Strategy:
@@ -222,6 +221,8 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps, 
 
 def exact_answer(prompt, completion, record):
     """1 when the completion's final answer equals the record's "answer" (the check sample.py --eval uses)."""
+    from sample import answer_is_correct
+
     return float(answer_is_correct(completion, str(record["answer"])))
 
 
@@ -307,7 +308,7 @@ class GRPO(Strategy):
             raise ValueError("; ".join(problems))
         self.reward_name = cfg.reward
         self.reward_fn = load_reward(self.reward_name)
-        self.stop_ids = list(tokenizer.stop_ids)
+        self.stop_ids = list(tokenizer.stop_ids)  # Tokenizer.load's: the model's generation_config ids too
         self.policy = model  # unwrapped: generate() runs on it, outside DDP
         self.ref_model = frozen_copy(model, cfg)
         self.rollouts = []  # one per micro-step of the step that made them
@@ -330,6 +331,8 @@ class GRPO(Strategy):
     @torch.no_grad()
     def rollout(self, batch, step, micro_step):
         """Completions, rewards and advantages for one micro-batch, with the log-probs the loss compares to."""
+        from sample import generate
+
         cfg, device = self.cfg, self.policy.lm_head.weight.device
         if "responses" in batch:  # offline: stored responses (each ends with <|im_end|>) and rewards
             prompts = [p for p, group in zip(batch["prompt_ids"], batch["responses"]) for _ in group]
@@ -363,6 +366,8 @@ class GRPO(Strategy):
         }
 
     def reward(self, prompt_ids, completion_ids, record):
+        from sample import strip_stop
+
         prompt = self.tokenizer.decode(prompt_ids)
         # a model's vocab may be larger than its tokenizer's: ids past the tokenizer have no text
         completion_ids = [t for t in strip_stop(completion_ids, self.stop_ids) if t < self.tokenizer.vocab_size]
@@ -410,6 +415,8 @@ class GRPO(Strategy):
 
     @torch.no_grad()
     def val_loss(self, model, batch, step):
+        from sample import generate
+
         if "responses" in batch:
             rollout = self.rollout(batch, step, 0)
             mask = (rollout["targets"] != -100).float()

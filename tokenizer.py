@@ -211,6 +211,28 @@ def _read_json(file):
         raise ValueError(f"{file}: not valid JSON ({e})") from None
 
 
+def model_stop_ids(path):
+    """The ids a model names as ends of generation: the eos_token_id(s) of the Hugging Face config.json and
+    generation_config.json in the directory `path` (an instruct model's end-of-turn token often lives only in the
+    latter), or a .gguf file's eos, eot and eom token ids."""
+    if str(path).endswith(".gguf"):
+        from gguf_in import stop_ids
+
+        return stop_ids(str(path))
+    ids = []
+    for name in ("config.json", "generation_config.json"):
+        file = os.path.join(path, name)
+        config = _read_json(file) if os.path.isfile(file) else {}
+        if not isinstance(config, dict):
+            raise ValueError(f"{file}: expected a JSON object")
+        eos = config.get("eos_token_id")
+        listed = [] if eos is None else eos if isinstance(eos, list) else [eos]
+        if not all(type(i) is int and i >= 0 for i in listed):
+            raise ValueError(f"{file}: eos_token_id={eos!r}: expected a token id or a list of token ids")
+        ids += listed
+    return ids
+
+
 @lru_cache(maxsize=16)
 def _compiled_template(template):
     """jinja2 set up as transformers' apply_chat_template sets it up: sandboxed, with its helpers."""
@@ -365,19 +387,27 @@ class Tokenizer:
     @classmethod
     def load(cls, directory: str) -> "Tokenizer":
         """tokenizer.json, with the tokenizer_config.json and chat_template.jinja beside it when there; or the
-        tokenizer inside a .gguf file (gguf_in.py)."""
+        tokenizer inside a .gguf file (gguf_in.py). stop_ids: the tokenizer's own end tokens, then every other id
+        the model there names as an end (model_stop_ids): the one list that sample.py, serve.py, export.py and GRPO's
+        rollouts stop at."""
         if str(directory).endswith(".gguf"):
             from gguf_in import read_tokenizer
 
-            return read_tokenizer(str(directory))
-        path = directory if os.path.isfile(directory) else os.path.join(directory, "tokenizer.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: not found; a tokenizer directory holds a Hugging Face tokenizer.json "
-                                    "(make one with: python data.py tokenizer --input=... --out=DIR)")
-        folder = os.path.dirname(path)
-        config, template = os.path.join(folder, "tokenizer_config.json"), os.path.join(folder, "chat_template.jinja")
-        return cls(_read_json(path), path, _read_json(config) if os.path.isfile(config) else None,
-                   pathlib.Path(template).read_text(encoding="utf-8") if os.path.isfile(template) else None)
+            tokenizer = read_tokenizer(str(directory))
+        else:
+            path = directory if os.path.isfile(directory) else os.path.join(directory, "tokenizer.json")
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path}: not found; a tokenizer directory holds a Hugging Face "
+                                        "tokenizer.json (make one with: python data.py tokenizer --input=... "
+                                        "--out=DIR)")
+            folder = os.path.dirname(path)
+            config = os.path.join(folder, "tokenizer_config.json")
+            template = os.path.join(folder, "chat_template.jinja")
+            tokenizer = cls(_read_json(path), path, _read_json(config) if os.path.isfile(config) else None,
+                            pathlib.Path(template).read_text(encoding="utf-8") if os.path.isfile(template) else None)
+            directory = folder
+        tokenizer.stop_ids += [i for i in model_stop_ids(directory) if i not in tokenizer.stop_ids]
+        return tokenizer
 
     def token_ids(self):
         """The special token ids a model's config.json names (Transformer.save_pretrained's token_ids)."""

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import TEXT, randomize  # noqa: E402
 from kv_cache import KVCache  # noqa: E402
 from model import CrossEntropy, Logits, ModelConfig, TokenLogprobs, Transformer  # noqa: E402
-from sample import Engine, Sequence, generate  # noqa: E402
+from sample import Engine, SamplingParams, Sequence, generate  # noqa: E402
 from tokenizer import train_tokenizer  # noqa: E402
 
 BASE = dict(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, dim_ffn=128, max_len=96, rope_theta=500.0)
@@ -112,11 +112,11 @@ def test_prefix_reuse_equals_a_full_recompute(field, i):
     model = model_for(field, i)
     prompt = torch.randint(0, model.config.vocab_size, (9,), generator=torch.Generator().manual_seed(i)).tolist()
     engine = Engine(model, max_batch=1, max_len=64, prefill_chunk=4, kv_memory="0.01")
-    first = Sequence(prompt, 8, temperature=0.0)
+    first = Sequence(prompt, 8, SamplingParams(temperature=0.0))
     engine.add([first])
     while engine.has_work():
         engine.step()
-    second = Sequence(prompt + first.tokens + [3, 4], 8, temperature=0.0)
+    second = Sequence(prompt + first.tokens + [3, 4], 8, SamplingParams(temperature=0.0))
     engine.add([second])
     while engine.has_work():
         engine.step()

@@ -13,7 +13,7 @@ from conftest import randomize
 
 from kv_cache import BLOCK, KVCache
 from model import ModelConfig, Transformer
-from sample import Engine, Sequence, generate
+from sample import Engine, SamplingParams, Sequence, generate
 
 SHAPES = {"gqa": dict(n_kv_heads=2),
           "mla": dict(attn="mla", n_kv_heads=4, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
@@ -60,7 +60,7 @@ def test_many_short_requests_share_a_small_budget(shape):
     expected = generate(model, asked, 10, temperature=0.0)  # a budget for every row's whole context
     engine = Engine(model, max_batch=8, kv_memory=kv_memory(model, 12 * BLOCK))
     assert engine.kv_tokens == 12 * BLOCK < 8 * 128 // 4  # a budget far below max_batch x max_len
-    seqs = [Sequence(p, 10, temperature=0.0) for p in asked]
+    seqs = [Sequence(p, 10, SamplingParams(temperature=0.0)) for p in asked]
     assert run(engine, seqs) >= 5  # they share it: several run at once (each needs 1-2 blocks)
     assert [s.tokens for s in seqs] == expected
     assert {s.finish for s in seqs} == {"length"}
@@ -77,7 +77,7 @@ def test_one_long_request_fits_two_do_not(shape):
     streamed = {0: [], 1: []}
     engine = Engine(model, max_batch=2, kv_memory=kv_memory(model, 128))
     assert engine.max_len == 128  # one request may use the model's whole context
-    seqs = [Sequence(p, n, temperature=0.0, on_token=lambda seq, t, top, i=i: streamed[i].append(t))
+    seqs = [Sequence(p, n, SamplingParams(temperature=0.0), on_token=lambda seq, t, entry, i=i: streamed[i].append(t))
             for i, (p, n) in enumerate([(a, 68), (b, 60)])]
     assert run(engine, seqs) == 2  # both ran together until the cache filled up
     assert engine.preemptions >= 1
@@ -89,7 +89,7 @@ def test_one_long_request_fits_two_do_not(shape):
     # a prompt that cannot start while another fills the cache waits for it: its first token comes after
     order = []
     long, short = prompts([100, 40], seed=2)
-    seqs = [Sequence(p, 20, temperature=0.0, on_token=lambda seq, t, top, i=i: order.append(i))
+    seqs = [Sequence(p, 20, SamplingParams(temperature=0.0), on_token=lambda seq, t, entry, i=i: order.append(i))
             for i, p in enumerate([long, short])]
     run(engine, seqs)
     assert order == [0] * 20 + [1] * 20
@@ -107,7 +107,7 @@ def test_memory_grows_as_tokens_are_written():
     before = vm_rss()
     engine = Engine(model, max_batch=16, kv_memory=0.25)
     assert engine.kv_bytes == 250_000_000 and engine.kv_tokens > 400_000
-    seqs = [Sequence(p, 20, temperature=0.0) for p in prompts([5, 9, 3, 7])]
+    seqs = [Sequence(p, 20, SamplingParams(temperature=0.0)) for p in prompts([5, 9, 3, 7])]
     run(engine, seqs)
     block_bytes = KVCache.block_bytes(model.config, torch.float32)
     assert engine.cache.bytes_touched() == 4 * 2 * block_bytes  # 4 rows of 25-29 tokens: two blocks each
@@ -128,7 +128,7 @@ def test_what_never_fits_is_refused_naming_both_numbers(shape):
     with pytest.raises(ValueError, match="kv_memory='lots': expected GB"):
         Engine(model, max_batch=4, kv_memory="lots")
     # a row stops at what the budget holds, with finish "length"
-    seq = Sequence([1] * 50, 40, temperature=0.0)
+    seq = Sequence([1] * 50, 40, SamplingParams(temperature=0.0))
     run(engine, [seq])
     assert (len(seq.tokens), seq.finish) == (14, "length")
 

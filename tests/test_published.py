@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import TEXT, randomize  # noqa: E402
 from model import Transformer  # noqa: E402
-from sample import generate, stop_ids_for, strip_stop  # noqa: E402
+from sample import generate, strip_stop  # noqa: E402
 from tokenizer import BYTE_TO_CHAR, Tokenizer  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -86,7 +86,7 @@ def kinds(published):
 def greedy_reply(model_path, messages, n=12):
     """generate()'s greedy reply, the reference every command's reply is checked against."""
     model, tokenizer = Transformer.from_pretrained(model_path).eval(), Tokenizer.load(model_path)
-    stop_ids = stop_ids_for(model_path, tokenizer)
+    stop_ids = tokenizer.stop_ids
     ids, _ = tokenizer.render_chat(messages, add_generation_prompt=True)
     tokens = generate(model, [ids], n, temperature=0.0, stop_ids=stop_ids)[0]
     return tokenizer.decode(strip_stop(tokens, stop_ids))
@@ -102,7 +102,7 @@ def test_loads_like_transformers(published):
     messages = [{"role": "user", "content": QUESTION}]
     assert ours.render_chat(messages, add_generation_prompt=True)[0] == \
         theirs.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
-    assert stop_ids_for(published["dir"], ours)[:2] == [2, 0]
+    assert ours.stop_ids[:2] == [2, 0]
     for kind in kinds(published)[1:]:  # the .gguf: the same ids, the same model
         assert Tokenizer.load(published[kind]).render_chat(messages)[0] == ours.render_chat(messages)[0]
         with torch.no_grad():

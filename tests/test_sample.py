@@ -13,7 +13,7 @@ import torch
 from conftest import randomize
 
 from model import ModelConfig, Transformer
-from sample import TextStream, generate, sample_tokens
+from sample import SamplingParams, TextStream, generate, sample_tokens
 
 transformers = pytest.importorskip("transformers")
 
@@ -162,7 +162,7 @@ def test_sample_tokens_logprobs_are_those_of_the_transformed_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0]])
     g = torch.Generator().manual_seed(0)
     # temperature 0.5, top-k 3: softmax of logits / 0.5 over tokens 0, 1, 2
-    tokens, lp = sample_tokens(logits.expand(300, -1), 0.5, 3, 1.0, [g] * 300)
+    tokens, lp = sample_tokens(logits.expand(300, -1), SamplingParams(temperature=0.5, top_k=3), [g] * 300)
     kept = [4.0, 2.0, 1.0]
     seen = set(tokens.tolist())
     for t, l in zip(tokens.tolist(), lp.tolist()):
@@ -171,11 +171,11 @@ def test_sample_tokens_logprobs_are_those_of_the_transformed_distribution():
     # top-p 0.7 on probabilities (0.5, 0.3, 0.15, 0.05): {0.5} < 0.7 <= {0.5, 0.3}, renormalised
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     for _ in range(30):
-        token, lp = sample_tokens(probs.log(), [1.0], [0], [0.7], [g])
+        token, lp = sample_tokens(probs.log(), [SamplingParams(top_p=0.7)], [g])
         assert token.item() in (0, 1)
         assert abs(lp.item() - math.log([0.625, 0.375][token.item()])) < 1e-6
     # temperature 2 with no cut: softmax(logits / 2)
-    token, lp = sample_tokens(logits, [2.0], [0], [1.0], [g])
+    token, lp = sample_tokens(logits, [SamplingParams(temperature=2.0)], [g])
     assert abs(lp.item() - torch.log_softmax(logits[0] / 2, -1)[token.item()].item()) < 1e-6
 
 
@@ -183,21 +183,21 @@ def test_sample_tokens_draws_follow_the_distribution():
     n = 20000
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     g = torch.Generator().manual_seed(1)
-    tokens, _ = sample_tokens(probs.log().expand(n, -1), 1.0, 0, 1.0, [g] * n)
+    tokens, _ = sample_tokens(probs.log().expand(n, -1), SamplingParams(), [g] * n)
     freq = torch.bincount(tokens, minlength=4).float() / n
     assert (freq - probs).abs().max().item() < 0.015
-    tokens, _ = sample_tokens(probs.log().expand(n, -1), 1.0, 0, 0.7, [g] * n)
+    tokens, _ = sample_tokens(probs.log().expand(n, -1), SamplingParams(top_p=0.7), [g] * n)
     freq = torch.bincount(tokens, minlength=4).float() / n
     assert (freq - torch.tensor([0.625, 0.375, 0, 0])).abs().max().item() < 0.015
 
 
 def test_sample_tokens_top_k_1_and_tiny_top_p_are_greedy():
     logits = torch.randn(16, 50, generator=torch.Generator().manual_seed(2)) * 3
-    greedy, greedy_lp = sample_tokens(logits, 0.0, 0, 1.0)
+    greedy, greedy_lp = sample_tokens(logits, SamplingParams(temperature=0.0))
     assert torch.equal(greedy, logits.argmax(-1))
     assert torch.allclose(greedy_lp, torch.log_softmax(logits, -1).max(-1).values)
     for top_k, top_p in ((1, 1.0), (0, 1e-6), (0, 0.0)):
-        tokens, lp = sample_tokens(logits, 1.3, top_k, top_p)
+        tokens, lp = sample_tokens(logits, SamplingParams(temperature=1.3, top_k=top_k, top_p=top_p))
         assert torch.equal(tokens, greedy)
         assert torch.equal(lp, torch.zeros(16))  # the one kept token has probability 1
 
@@ -207,22 +207,24 @@ def test_sample_tokens_settings_apply_per_row():
     gens = [torch.Generator().manual_seed(i) for i in range(4)]
     seen = [set() for _ in range(4)]
     for _ in range(60):
-        tokens, lp = sample_tokens(logits, [0.0, 1.0, 1.0, 1.0], [0, 1, 2, 0], [1.0, 1.0, 1.0, 0.5], gens)
+        rows = [SamplingParams(temperature=0.0), SamplingParams(top_k=1), SamplingParams(top_k=2),
+                SamplingParams(top_p=0.5)]
+        tokens, lp = sample_tokens(logits, rows, gens)
         for i, t in enumerate(tokens.tolist()):
             seen[i].add(t)
         assert abs(lp[0].item() - torch.log_softmax(logits[0], -1)[0].item()) < 1e-6  # greedy row: raw log-softmax
         assert lp[1].item() == 0.0
     assert seen[0] == {0} and seen[1] == {0} and seen[2] == {0, 1} and seen[3] == {0, 1}
-    with pytest.raises(ValueError, match="row 1"):
-        sample_tokens(logits, [0.0, -1.0, 1.0, 1.0], 0, 1.0)
-    with pytest.raises(ValueError, match="top_k has 2 values for 4 rows"):
-        sample_tokens(logits, 1.0, [1, 2], 1.0)
+    with pytest.raises(ValueError, match="temperature=-1.0"):
+        SamplingParams(temperature=-1.0)
+    with pytest.raises(ValueError, match="params has 2 values for 4 rows"):
+        sample_tokens(logits, [SamplingParams(), SamplingParams()])
 
 
 def test_sample_tokens_per_row_generators_reproduce_each_row():
     logits = torch.zeros(3, 1000)
-    a, _ = sample_tokens(logits, 1.0, 0, 1.0, [torch.Generator().manual_seed(s) for s in (1, 2, 3)])
-    b, _ = sample_tokens(logits, 1.0, 0, 1.0, [torch.Generator().manual_seed(s) for s in (1, 9, 3)])
+    a, _ = sample_tokens(logits, SamplingParams(), [torch.Generator().manual_seed(s) for s in (1, 2, 3)])
+    b, _ = sample_tokens(logits, SamplingParams(), [torch.Generator().manual_seed(s) for s in (1, 9, 3)])
     assert a[0] == b[0] and a[2] == b[2] and a[1] != b[1]
 
 
@@ -262,14 +264,14 @@ def run_cli(*args):
 
 
 def test_cli_prompt_prints_the_greedy_completion(tiny_model_dir):
-    from sample import load, stop_ids_for
+    from sample import load
 
     # compiled in float32 against the eager generate()
     result = run_cli(f"--model={tiny_model_dir}", "--prompt", "hi", "--max_new_tokens", "5", "--temperature=0",
                      "--dtype=float32", "--compile=true")
     assert result.returncode == 0, result.stderr
     model, tokenizer = load(tiny_model_dir)
-    stops = stop_ids_for(tiny_model_dir, tokenizer)
+    stops = tokenizer.stop_ids
     new = generate(model, [tokenizer.encode("hi")], 5, temperature=0.0, stop_ids=stops)[0]
     expected = tokenizer.decode([t for t in new if t not in stops])
     assert result.stdout == expected + "\n"
@@ -326,10 +328,10 @@ def test_cli_samples_chat_prompt_file_and_errors(tiny_model_dir, tmp_path, capsy
 
 
 def test_eval_accuracy(tiny_model_dir, tmp_path):
-    from sample import evaluate, load, stop_ids_for
+    from sample import load, task_accuracy
 
     model, tokenizer = load(tiny_model_dir)
-    stops = stop_ids_for(tiny_model_dir, tokenizer)
+    stops = tokenizer.stop_ids
     records = [{"messages": [{"role": "user", "content": "What is 7 + 8?"}]}, {"prompt": "23 + 45 ="},
                {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好"}]},
                {"prompt": "Numbers: 0 1 2"}]
@@ -343,20 +345,20 @@ def test_eval_accuracy(tiny_model_dir, tmp_path):
         assert n not in (0, 3) or any(c.isalnum() for c in record["answer"])
     task = tmp_path / "task.jsonl"
     task.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    assert evaluate(model, tokenizer, str(task), batch_size=3, max_new_tokens=12, stop_ids=stops) == 0.5
+    assert task_accuracy(model, tokenizer, str(task), batch_size=3, max_new_tokens=12) == 0.5
     result = run_cli(f"--model={tiny_model_dir}", f"--eval={task}", "--max_new_tokens=12", "--batch_size=2")
     assert result.returncode == 0, result.stderr
     assert "accuracy 0.5000" in result.stdout
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "hi", "answer": "1"}\n{"prompt": "no answer"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:2"):
-        evaluate(model, tokenizer, str(bad))
+        task_accuracy(model, tokenizer, str(bad))
 
 
 def test_padded_vocab_ids_are_never_sampled(tiny_model_dir, tmp_path):
     """A model whose embedding has rows past the tokenizer (as many HF models do) and that prefers them:
     generate(vocab_size=...) never emits them, and --eval decodes what it does emit."""
-    from sample import evaluate, load
+    from sample import load, task_accuracy
 
     model, tokenizer = load(tiny_model_dir)
     V = tokenizer.vocab_size
@@ -377,7 +379,7 @@ def test_padded_vocab_ids_are_never_sampled(tiny_model_dir, tmp_path):
         assert all(len(row) == 6 and all(t < V for t in row) for row in rows)
     task = tmp_path / "task.jsonl"
     task.write_text(json.dumps({"prompt": "7 + 8 =", "answer": "15"}) + "\n")
-    assert evaluate(padded, tokenizer, str(task), max_new_tokens=6) == 0.0
+    assert task_accuracy(padded, tokenizer, str(task), max_new_tokens=6) == 0.0
 
 
 def test_hugging_face_directory_works_like_ours(tiny_model_dir, tmp_path):
@@ -386,7 +388,6 @@ def test_hugging_face_directory_works_like_ours(tiny_model_dir, tmp_path):
     import shutil
 
     from tokenizer import Tokenizer
-    from sample import stop_ids_for
 
     tokenizer = Tokenizer.load(tiny_model_dir)
     hf = transformers.AutoModelForCausalLM.from_config(
@@ -402,7 +403,7 @@ def test_hugging_face_directory_works_like_ours(tiny_model_dir, tmp_path):
     hf.generation_config.eos_token_id = eos
     hf.generation_config.pad_token_id = tokenizer.eot_id
     hf.save_pretrained(tmp_path)
-    assert stop_ids_for(str(tmp_path), tokenizer) == tokenizer.stop_ids + [eos]
+    assert Tokenizer.load(str(tmp_path)).stop_ids == tokenizer.stop_ids + [eos]
     with torch.no_grad():  # transformers reads the eos from generation_config.json
         out = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).generate(
             torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=24)[0, len(prompt_ids) :].tolist()
@@ -413,14 +414,21 @@ def test_hugging_face_directory_works_like_ours(tiny_model_dir, tmp_path):
     assert result.stdout == expected + "\n"
 
 
-def test_stop_ids_for_reads_hf_configs(tiny_model_dir, tmp_path):
+def test_tokenizer_stop_ids_read_hf_configs(tiny_model_dir, tmp_path):
+    """Tokenizer.load adds the eos_token_id(s) of config.json and generation_config.json; a malformed one is an
+    error that names the file."""
+    import shutil
+
     from tokenizer import Tokenizer
-    from sample import stop_ids_for
 
     tokenizer = Tokenizer.load(tiny_model_dir)
+    shutil.copy(os.path.join(tiny_model_dir, "tokenizer.json"), tmp_path / "tokenizer.json")
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 5}))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, tokenizer.im_end_id]}))
-    assert stop_ids_for(str(tmp_path), tokenizer) == tokenizer.stop_ids + [5, 7]
+    assert Tokenizer.load(str(tmp_path)).stop_ids == tokenizer.stop_ids + [5, 7]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "7"}))
+    with pytest.raises(ValueError, match="generation_config.json: eos_token_id='7'"):
+        Tokenizer.load(str(tmp_path))
 
 
 # -----------------------------------------------------------------------------
@@ -457,21 +465,21 @@ def test_prefix_reuse_prefills_only_the_rest(tmp_path):
     _, ours = hf_and_ours(tmp_path, "qwen3_tied")
     first, extra = ragged_prompts((9, 5))
     engine = Engine(ours, max_batch=2, max_len=96, prefill_chunk=4)
-    a = Sequence(first, 12, temperature=0.0)
+    a = Sequence(first, 12, SamplingParams(temperature=0.0))
     engine.add([a])
     while engine.has_work():
         engine.step()
     second = first + a.tokens + extra
     fed_tokens = []
     ours.embed_tokens.register_forward_hook(lambda m, inputs, out: fed_tokens.append(inputs[0].shape[1]))
-    b = Sequence(second, 10, temperature=0.0)
+    b = Sequence(second, 10, SamplingParams(temperature=0.0))
     engine.add([b])
     while engine.has_work():
         engine.step()
     assert b.slot == a.slot and b.reused == len(first) + len(a.tokens) - 1  # a's last token never went in
     assert sum(fed_tokens[:2]) == len(second) - b.reused  # the prefill chunks: the rest of the prompt only
     assert b.tokens == generate(ours, [second], 10, temperature=0.0)[0]
-    c = Sequence(extra + first, 4, temperature=0.0)  # shares nothing with either row's start: no reuse
+    c = Sequence(extra + first, 4, SamplingParams(temperature=0.0))  # shares nothing with either row's start
     engine.add([c])
     while engine.has_work():
         engine.step()
@@ -514,3 +522,83 @@ def test_bfloat16_and_int8_follow_float32_greedy(tiny_model_dir, dtype, resoluti
         else:
             assert gaps[first] < resolution, f"{dtype} left float32's greedy path at a gap of {gaps[first]:.3f}"
     assert agree >= 2  # most prompts follow float32 all the way
+
+
+# -----------------------------------------------------------------------------
+# one source of stop ids; sample.py copied alone
+
+
+def test_generation_config_stop_ids_reach_sample_serve_and_grpo(tiny_model_dir, tmp_path, monkeypatch):
+    """A model directory whose generation_config.json lists an extra eos id: sample.py's generate() calls, the
+    server's engine and GRPO's rollouts (its tokenizer found by train.py from --init_from) all stop at it."""
+    import shutil
+
+    import sample
+    import serve
+    import strategies
+    from settings import Settings
+    from train import DEFAULTS as TRAIN_DEFAULTS, find_tokenizer
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    plain = sample.load(tiny_model_dir)[1].stop_ids
+    extra = next(i for i in range(5, 300) if i not in plain)
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [plain[0], extra]}))
+    assert sample.load(str(model_dir))[1].stop_ids == plain + [extra]
+
+    stops = []  # the stop_ids of each generate() call
+    real_generate = sample.generate
+    monkeypatch.setattr(sample, "generate", lambda *args, **kwargs: stops.append(list(
+        kwargs["stop_ids"] if "stop_ids" in kwargs else args[4])) or real_generate(*args, **kwargs))
+    sample.main([f"--model={model_dir}", "--prompt=Hello", "--max_new_tokens=2", "--compile=false"])
+    sample.main([f"--model={model_dir}", "--prompt=Hello", "--max_new_tokens=2", "--num_samples=2"])
+
+    class Built(Exception):
+        pass
+
+    def engine(model, max_batch, max_len, prefill_chunk, stop_ids, *args):
+        raise Built(list(stop_ids))
+
+    monkeypatch.setattr(serve, "Engine", engine)
+    with pytest.raises(Built) as built:
+        serve.main([f"--model={model_dir}", "--compile=false"])
+    stops.append(built.value.args[0])
+
+    cfg = Settings(TRAIN_DEFAULTS, strategy="grpo", init_from=str(model_dir), group_size=2, max_new_tokens=3)
+    tokenizer = find_tokenizer(cfg)
+    policy = sample.load(str(model_dir))[0].train()
+    grpo = strategies.GRPO(cfg, policy, tokenizer)
+    prompt = tokenizer.render_chat([{"role": "user", "content": "Hello"}], add_generation_prompt=True)[0]
+    grpo.rollout({"prompt_ids": [prompt], "answers": ["1"], "records": [{"answer": "1"}]}, 0, 0)
+    assert len(stops) == 4 and all(extra in s for s in stops), stops
+
+
+COPYABLE = ("model.py", "kv_cache.py", "rope.py", "hf.py", "sample.py")
+
+
+def test_sample_py_works_copied_beside_model_py_alone(tmp_path):
+    """`import sample` and generate() in a directory holding only model.py and what it imports: no tokenizer.py,
+    settings.py or lora.py. The greedy tokens are the ones generate() gives here."""
+    import shutil
+
+    for name in COPYABLE:
+        shutil.copy(os.path.join(HERE, name), tmp_path / name)
+    script = (
+        "import importlib.util, json, torch\n"
+        "import sample\n"
+        "from model import ModelConfig, Transformer\n"
+        "assert not any(importlib.util.find_spec(m) for m in ('tokenizer', 'settings', 'lora'))\n"
+        "torch.manual_seed(0)\n"
+        "model = Transformer(ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, dim_ffn=64,\n"
+        "                                max_len=64)).eval()\n"
+        "print(json.dumps(sample.generate(model, [[1, 2, 3], [4, 5]], 8, sample.SamplingParams(temperature=0.0),\n"
+        "                                 stop_ids=[96])))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, dim_ffn=64,
+                                    max_len=64)).eval()
+    expected = generate(model, [[1, 2, 3], [4, 5]], 8, SamplingParams(temperature=0.0), stop_ids=[96])
+    assert json.loads(result.stdout) == expected

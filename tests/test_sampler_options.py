@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
                                                     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
-from sample import generate, load, sample_tokens
+from sample import SamplingParams, generate, load, sample_tokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +33,8 @@ def test_min_p_and_the_chain_match_transformers(temperature, top_k, top_p, min_p
     logits = torch.randn(1, 200, generator=g) * 1.5
     reference = hf_warp(logits.clone(), temperature, top_k, top_p, min_p)[0]  # (V,)
     n = 400
-    tokens, logprobs = sample_tokens(logits.expand(n, -1), temperature, top_k, top_p, [g] * n, min_p=min_p)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    tokens, logprobs = sample_tokens(logits.expand(n, -1), params, [g] * n)
     assert torch.isfinite(reference[tokens]).all()  # never a token transformers cuts
     torch.testing.assert_close(logprobs, reference[tokens], atol=1e-5, rtol=0)
     kept = torch.isfinite(reference).sum().item()
@@ -45,12 +46,12 @@ def test_min_p_and_the_chain_match_transformers(temperature, top_k, top_p, min_p
 def test_near_zero_temperature_is_greedy():
     logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(1)) * 5
     for temperature in (1e-38, 1e-30, 1e-6):
-        tokens, logprobs = sample_tokens(logits, temperature, 0, 1.0)
+        tokens, logprobs = sample_tokens(logits, SamplingParams(temperature=temperature))
         assert tokens.tolist() == logits.argmax(-1).tolist()
         assert torch.isfinite(logprobs).all()
     # per row: a near-zero row stays greedy in a batch that samples
     g = [torch.Generator().manual_seed(i) for i in range(4)]
-    tokens, _ = sample_tokens(logits, [1e-37, 5.0, 1e-7, 5.0], 0, 1.0, g)
+    tokens, _ = sample_tokens(logits, [SamplingParams(temperature=t) for t in (1e-37, 5.0, 1e-7, 5.0)], g)
     assert tokens[[0, 2]].tolist() == logits[[0, 2]].argmax(-1).tolist()
 
 
@@ -112,3 +113,55 @@ def test_sample_cli_takes_the_options(tiny_model_dir):
     assert p.stdout.rstrip("\n") == tokenizer.decode([42] * 4)
     p = subprocess.run(base + ["--logit_bias=42"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "--logit_bias='42'" in p.stderr
+
+
+# -----------------------------------------------------------------------------
+# SamplingParams: every field reaches the command line and the engine
+
+# per field: (its --field text, the value that text gives, a value the object refuses). A new field needs a line
+# here, and the two tests below then check that the command line and the engine both see it.
+FIELDS = {
+    "temperature": ("0.3", 0.3, -1.0),
+    "top_k": ("2", 2, -1),
+    "top_p": ("0.5", 0.5, 1.5),
+    "min_p": ("0.3", 0.3, -0.1),
+    "repetition_penalty": ("1.5", 1.5, 0.0),
+    "presence_penalty": ("1", 1.0, float("inf")),
+    "frequency_penalty": ("1", 1.0, float("nan")),
+    "logit_bias": ("42:5,7:-100", {42: 5.0, 7: -100.0}, {-1: 5.0}),
+}
+
+
+def test_every_sampling_field_is_a_command_line_option(tiny_model_dir, monkeypatch):
+    """sample.py --FIELD=VALUE for each SamplingParams field: the SamplingParams that main() hands generate()
+    holds VALUE there and the command line's defaults elsewhere."""
+    import dataclasses
+
+    import sample
+
+    assert set(FIELDS) == {f.name for f in dataclasses.fields(SamplingParams)}, "a field without a line in FIELDS"
+    seen = []
+    monkeypatch.setattr(sample, "generate", lambda model, prompts, n, params, *args, **kwargs: seen.append(params)
+                        or [[] for _ in prompts])
+    defaults = SamplingParams(temperature=0.8, top_p=0.95)
+    for name, (text, value, _) in FIELDS.items():
+        sample.main([f"--model={tiny_model_dir}", "--prompt=Hello", f"--{name}={text}", "--max_new_tokens=2",
+                     "--compile=false", "--device=cpu", "--dtype=float32"])
+        assert seen.pop() == dataclasses.replace(defaults, **{name: value}), name
+    with pytest.raises(ValueError, match="top_p=1.5"):
+        sample.main([f"--model={tiny_model_dir}", "--top_p=1.5"])
+
+
+def test_every_sampling_field_reaches_the_engine(tiny_model_dir):
+    """A non-default value of each field changes the sampled tokens or their log-probs against the defaults (same
+    seed), and an out-of-range one is refused with an error that names the field."""
+    model, tokenizer = load(tiny_model_dir)
+    prompts = [tokenizer.encode("Numbers: 0 1 2 3"), tokenizer.encode("Hello, world! Hello")]
+    base = generate(model, prompts, 12, SamplingParams(), seed=3, return_logprobs=True)
+    for name, (_, value, bad) in FIELDS.items():
+        changed = generate(model, prompts, 12, SamplingParams(**{name: value}), seed=3, return_logprobs=True)
+        assert changed != base, f"{name}={value!r} changed nothing"
+        with pytest.raises(ValueError, match=name):
+            SamplingParams(**{name: bad})
+    with pytest.raises(ValueError, match="logit_bias names token 100000"):
+        generate(model, prompts, 2, SamplingParams(logit_bias={100000: 1.0}))

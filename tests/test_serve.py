@@ -18,7 +18,7 @@ import openai
 import pytest
 import torch
 
-from sample import Engine, generate, load, stop_ids_for
+from sample import Engine, SamplingParams, generate, load
 from serve import EngineLoop, make_server, release_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +31,7 @@ def start_server(model_dir, started=True, max_batch=8, max_waiting=64, prefill_c
     """A live server on a free port; stop_ids=(): a model that never stops (only max_tokens or a cancel end a reply).
     limits: make_server's keyword arguments (timeout, idle_timeout, max_connections, allowed_hosts, ...)."""
     model, tokenizer = load(model_dir)
-    stop_ids = stop_ids_for(model_dir, tokenizer) if stop_ids is None else list(stop_ids)
+    stop_ids = tokenizer.stop_ids if stop_ids is None else list(stop_ids)
     engine = Engine(model, max_batch, prefill_chunk=prefill_chunk, stop_ids=stop_ids, vocab_size=tokenizer.vocab_size)
     loop = EngineLoop(engine, tokenizer, max_waiting)
     if started:
@@ -75,7 +75,8 @@ def chat_ids(s, question):
 
 def reference(s, prompt_ids, max_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=(), **sampling):
     """What the server must answer: sample.generate on this prompt alone -> (text, completion_tokens, finish)."""
-    tokens = generate(s.model, [prompt_ids], max_tokens, temperature, top_k, top_p, s.stop_ids, seed, **sampling)[0]
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, **sampling)
+    tokens = generate(s.model, [prompt_ids], max_tokens, params, s.stop_ids, seed)[0]
     hit_stop_token = bool(tokens) and tokens[-1] in s.stop_ids
     text = s.tokenizer.decode(tokens[:-1] if hit_stop_token else tokens)
     hits = [text.find(x) for x in stop if x in text]
@@ -270,7 +271,7 @@ def test_logprobs_match_transformers(s, tiny_model_dir):
     r = s.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": question}],
                                          temperature=0, max_tokens=8, logprobs=True, top_logprobs=3)
     content = r.choices[0].logprobs.content
-    tokens = generate(s.model, [ids], 8, 0.0, stop_ids=s.stop_ids)[0]
+    tokens = generate(s.model, [ids], 8, temperature=0.0, stop_ids=s.stop_ids)[0]
     assert len(content) == len(tokens) == 8
     with torch.no_grad():
         ref = torch.log_softmax(hf(torch.tensor([ids + tokens])).logits[0, len(ids) - 1 : -1].float(), -1)  # (8, V)
@@ -508,7 +509,7 @@ def test_client_disconnect_cancels_the_row(tiny_model_dir):
             assert stats["tokens_generated"] - before < 60, stats  # stopped well before its 100 tokens
         # a client that half-closes its socket after sending (shutdown(SHUT_WR)) is still there: it gets it all
         ids = chat_ids(s, "Hi")
-        text = s.tokenizer.decode(generate(s.model, [ids], 100, 0.0)[0])
+        text = s.tokenizer.decode(generate(s.model, [ids], 100, temperature=0.0)[0])
         for stream in (True, False):
             sock = raw_chat(s.port, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 100,
                                      "stream": stream, "temperature": 0})
@@ -528,7 +529,7 @@ def test_client_disconnect_cancels_the_row(tiny_model_dir):
                 assert data["choices"][0]["message"]["content"] == text and data["usage"]["completion_tokens"] == 100
         r = s.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], temperature=0,
                                              max_tokens=5)
-        assert r.choices[0].message.content == s.tokenizer.decode(generate(s.model, [ids], 5, 0.0)[0])
+        assert r.choices[0].message.content == s.tokenizer.decode(generate(s.model, [ids], 5, temperature=0.0)[0])
     finally:
         stop_server(s)
 

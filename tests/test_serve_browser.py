@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sample import Engine, generate, load, stop_ids_for
+from sample import Engine, generate, load
 from serve import EngineLoop, make_server
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -49,7 +49,7 @@ def browser():
 def served(tiny_model_dir):
     """A server whose engine takes at least `pace[0]` seconds a step, so that the page visibly streams."""
     model, tokenizer = load(tiny_model_dir)
-    stop_ids = stop_ids_for(tiny_model_dir, tokenizer)
+    stop_ids = tokenizer.stop_ids
     engine = Engine(model, 4, stop_ids=stop_ids, vocab_size=tokenizer.vocab_size)
     loop = EngineLoop(engine, tokenizer).start()
     step, pace = engine.step, [0.005]

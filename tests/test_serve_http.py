@@ -314,8 +314,8 @@ def test_an_engine_failure_fails_only_its_request(tiny_model_dir):
         # a token the tokenizer cannot decode (a gap in an imported id table) fails only the request that drew it
         s.model.forward = forward
         other = reference(s, chat_ids(s, "What is 7 + 8?"), 20)
-        gap = next(t for t in generate(s.model, [chat_ids(s, "What is 7 + 8?")], 20, 0.0)[0]
-                   if t not in generate(s.model, [chat_ids(s, "Hi")], 40, 0.0)[0])
+        gap = next(t for t in generate(s.model, [chat_ids(s, "What is 7 + 8?")], 20, temperature=0.0)[0]
+                   if t not in generate(s.model, [chat_ids(s, "Hi")], 40, temperature=0.0)[0])
         decode_bytes = s.tokenizer.decode_bytes
         s.tokenizer.decode_bytes = lambda ids: (_ for _ in ()).throw(KeyError(gap)) if gap in ids else decode_bytes(ids)
         sock = raw_chat(s.port, short)
