@@ -23,6 +23,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def run_settings(strategy, **values):
+    """train.py's settings of a run with this strategy (its own defaults), with values set."""
+    return Settings({**DEFAULTS, **strategy.settings}, **values)
+
+
 def tiny_model(vocab_size, seed=0):
     torch.manual_seed(seed)
     return Transformer(ModelConfig(vocab_size=vocab_size, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, dim_ffn=64, max_len=64))
@@ -157,7 +162,7 @@ def test_sft_rows_do_not_see_each_other():
     tb[0, :3] = -100
     batch_ids = torch.cat([a, torch.cat([b, torch.zeros(1, 5, dtype=torch.long)], 1)])
     batch_targets = torch.cat([ta, torch.cat([tb, torch.full((1, 5), -100)], 1)])
-    sft = strategies.SFT(Settings(DEFAULTS), model, None)
+    sft = strategies.SFT(run_settings(strategies.SFT), model, None)
     with torch.no_grad():
         together, _ = sft.loss(model, {"input_ids": batch_ids, "targets": batch_targets}, 0)
         alone_a, _ = sft.loss(model, {"input_ids": a, "targets": ta}, 0)
@@ -189,7 +194,7 @@ def reply_logprob(model, ids, targets):
 
 def test_dpo_is_log_2_at_the_start_and_sums_reply_logprobs():
     model, batch = tiny_model(50), dpo_batch()
-    dpo = strategies.DPO(Settings(DEFAULTS, beta=0.1), model, None)
+    dpo = strategies.DPO(run_settings(strategies.DPO, beta=0.1), model, None)
     loss, metrics = dpo.loss(model, batch, 0)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)  # policy == reference
     assert metrics["margin"] == 0 and metrics["pref_accuracy"] == 0
@@ -208,7 +213,7 @@ def test_dpo_is_log_2_at_the_start_and_sums_reply_logprobs():
     assert not any(p.requires_grad for p in dpo.ref_model.parameters())
 
     # rpo_alpha adds the chosen replies' mean next-token loss; dpo_loss still shows the DPO part
-    rpo = strategies.DPO(Settings(DEFAULTS, beta=0.1, rpo_alpha=0.5), model, None)
+    rpo = strategies.DPO(run_settings(strategies.DPO, beta=0.1, rpo_alpha=0.5), model, None)
     with torch.no_grad():
         rpo_loss, rpo_metrics = rpo.loss(policy, batch, 0)
         chosen = [reply_logprob(policy, batch["chosen_ids"][i], batch["chosen_targets"][i]) for i in range(2)]
@@ -232,7 +237,7 @@ def grpo_setup(tokenizer_dir, tmp_path, monkeypatch, reward_source, **settings):
     tokenizer = Tokenizer.load(tokenizer_dir)
     model = tiny_model(tokenizer.vocab_size)
     reward = "toy_reward:reward" if reward_source else "exact_answer"
-    cfg = Settings(DEFAULTS, reward=reward, **settings)
+    cfg = run_settings(strategies.GRPO, reward=reward, **settings)
     prompts = [tokenizer.render_chat([{"role": "user", "content": q}], add_generation_prompt=True)[0]
                for q in ("Hello", "23 + 45", "fox", "你好")]
     batch = {"prompt_ids": prompts, "answers": [""] * 4, "records": [{}] * 4}
@@ -385,11 +390,11 @@ sys.path.insert(0, {ROOT!r})
 from types import SimpleNamespace
 from model import ModelConfig, Transformer
 from settings import Settings
-from strategies import frozen_copy
+from strategies import reference_model
 from train import DEFAULTS, wrap_model
 dist.init_process_group("gloo")
 model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, dim_ffn=64, max_len=32))
-reference = frozen_copy(model)
+reference = reference_model(model)
 wrap_model(model, Settings(DEFAULTS, parallel="fsdp"), SimpleNamespace(distributed=True, device_type="cpu"), reference)
 ids = torch.randint(0, 64, (2, 8))
 with torch.no_grad():
@@ -470,6 +475,6 @@ def test_bad_settings_stop_before_training(demo, tmp_path, monkeypatch):
         (dict(rollout_temperature=0.0), "rollout_temperature=0.0 must be > 0"),
     ]:
         with pytest.raises(ValueError, match=re.escape(expect)):
-            strategies.GRPO(Settings(DEFAULTS, **settings), model, tokenizer).check_data(dataset)
+            strategies.GRPO(run_settings(strategies.GRPO, **settings), model, tokenizer).check_data(dataset)
     with pytest.raises(ValueError, match="beta=0"):
-        strategies.DPO(Settings(DEFAULTS, beta=0.0), model, tokenizer)
+        strategies.DPO(run_settings(strategies.DPO, beta=0.0), model, tokenizer)
