@@ -458,6 +458,12 @@ def test_bad_settings_stop_before_training(demo, tmp_path, monkeypatch):
 
     fails("dpo", f"--data={demo}/sft.h5", expect=["stage 'sft'", "--stage=dpo"])
     fails("grpo", "--group_size=1", expect=["--strategy=grpo", "group_size=1"])
+    # a setting of another strategy, on the command line or in a config file: was silently ignored
+    fails("sft", f"--data={demo}/sft.h5", "--beta=0.2", expect=["--beta (from the command line) is a setting of dpo",
+                                                               "--strategy=sft has: label_smoothing"])
+    (tmp_path / "smooth.py").write_text("label_smoothing = 0.1\n")
+    fails("dpo", str(tmp_path / "smooth.py"), expect=[f"--label_smoothing (from {tmp_path / 'smooth.py'}) is a "
+                                                      "setting of seq and sft", "--strategy=dpo has: beta, rpo_alpha"])
 
     # the ValueErrors train.py turns into such messages, one per kind of mistake
     (tmp_path / "rewards.py").write_text("def wordy(prompt, completion, record):\n    return 'high'\n\n"
@@ -478,3 +484,39 @@ def test_bad_settings_stop_before_training(demo, tmp_path, monkeypatch):
             strategies.GRPO(run_settings(strategies.GRPO, **settings), model, tokenizer).check_data(dataset)
     with pytest.raises(ValueError, match="beta=0"):
         strategies.DPO(run_settings(strategies.DPO, beta=0.0), model, tokenizer)
+
+
+def test_each_strategy_has_its_own_settings_and_help_lists_them(demo, tmp_path):
+    # a new strategy registered beside the built-in ones, as a user would add one: its beta default is its own,
+    # not DPO's, its gamma is its own, and DPO's runs keep theirs
+    (tmp_path / "simpo_train.py").write_text(f"""import sys
+sys.path.insert(0, {ROOT!r})
+import strategies, train
+
+
+class SimPO(strategies.DPO):
+    \"\"\"SimPO-like (Meng et al. 2024): here DPO's loss; what is tested is where its settings come from.\"\"\"
+    settings = dict(beta=2.0, rpo_alpha=0.0, gamma=0.5)  # gamma: the target reward margin
+
+
+strategies.STRATEGIES["simpo"] = SimPO
+train.train(train.read_settings(sys.argv[1:]))
+""")
+
+    def saved_settings(strategy, *extra):
+        out = tmp_path / strategy
+        run(str(tmp_path / "simpo_train.py"), *train_args(demo, out, strategy, f"--data={demo}/dpo.h5", "--max_iters=1",
+                                                         *extra)[1:])
+        return json.loads((out / "ckpt-1" / "trainer_state.json").read_text())["config"]
+
+    simpo, dpo = saved_settings("simpo"), saved_settings("dpo")
+    assert (simpo["beta"], simpo["gamma"]) == (2.0, 0.5) and (dpo["beta"], "gamma" in dpo) == (0.1, False)
+    assert saved_settings("simpo", "--beta=3", "--gamma=1")["gamma"] == 1.0
+    p = run(str(tmp_path / "simpo_train.py"), *train_args(demo, tmp_path / "x", "dpo", "--gamma=1")[1:], check=False)
+    assert p.returncode != 0 and "--gamma (from the command line) is a setting of simpo" in p.stderr
+    assert "group_size" not in dpo and "label_smoothing" not in dpo  # only the chosen strategy's settings
+
+    help_text = run("train.py", "--help").stdout
+    for line in ("--strategy=dpo:\n  --beta=0.1\n  --rpo_alpha=0.0", "--strategy=sft:\n  --label_smoothing=0.0",
+                 "  --group_size=8", "  --max_iters=1000", "--dim", "--vocab_size"):
+        assert line in help_text, help_text
