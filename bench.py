@@ -19,14 +19,16 @@ from train import measure_peak_flops
 
 DEFAULTS = dict(
     only="train,decode,serve,prepare",  # comma-separated sections
-    presets="configs/tiny.py,configs/bench82m.py",  # model shapes for the decode and serve sections
+    # model shapes for the decode and serve sections, each a preset with optional :key=value overrides; the tiny
+    # preset takes its vocab from the tokenizer in train.py: here the demo tokenizer's 2,048
+    presets="configs/tiny.py:vocab_size=2048,configs/bench82m.py",
     dtypes="auto",  # decode/serve: float32,bfloat16,int8; auto = float32 and int8, bfloat16 too where native
     batches="1,8,16",  # decode batch sizes
     compile=True,  # ours with the compiled decode step (serve.py's default, --compile=auto); false = eager
     llamacpp="",  # DIR of a llama.cpp source tree with its tools built in build/bin (README: Benchmarks)
     # train section: model shapes, each a preset with optional :key=value overrides of its config, batch_size
     # or block_size; the 1B preset at 2 of its 24 layers keeps a CPU step to seconds (per-layer cost is the same)
-    train_shapes="configs/tiny.py,configs/astrai_1b.py:n_layers=2:batch_size=1,"
+    train_shapes="configs/tiny.py:vocab_size=2048,configs/astrai_1b.py:n_layers=2:batch_size=1,"
                  "configs/astrai_1b_mla.py:n_layers=2:batch_size=1",
     batch_size=8,
     block_size=256,
@@ -358,7 +360,7 @@ def bench_model(preset, seed):
     from tokenizer import train_tokenizer
 
     torch.manual_seed(seed)
-    config = ModelConfig.from_file(preset)
+    config = parse_shape(preset)[0]
     model = Transformer(config).eval()
     rng = random.Random(seed)
     words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(6000)]

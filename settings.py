@@ -69,8 +69,9 @@ def typed(key, value, default, where):
     return value
 
 
-def load_settings(defaults, argv, where="settings"):
-    """defaults <- config files (argv entries not starting with --) <- --key=value overrides -> Settings."""
+def load_settings(defaults, argv, where="settings", given=None):
+    """defaults <- config files (argv entries not starting with --) <- --key=value overrides -> Settings.
+    given: a dict that learns each key a config file or the command line set: key -> the file or "the command line"."""
     cfg, i = Settings(defaults), 0
     known = " ".join(f"--{k}" for k in defaults)
     while i < len(argv):
@@ -85,6 +86,8 @@ def load_settings(defaults, argv, where="settings"):
                 if key not in defaults:
                     raise SystemExit(f"{arg}: unknown setting {key!r}; known: {known}")
                 cfg[key] = typed(key, value, defaults[key], arg)
+                if given is not None:
+                    given[key] = arg
             continue
         key, has_value, value = arg[2:].partition("=")
         key = key.replace("-", "_")
@@ -99,6 +102,8 @@ def load_settings(defaults, argv, where="settings"):
             else:
                 raise SystemExit(f"option --{key} needs a value")
         cfg[key] = from_text(key, value, defaults[key], where)
+        if given is not None:
+            given[key] = "the command line"
     return cfg
 
 

@@ -3,10 +3,15 @@ The loss of each training strategy; `--strategy=NAME` picks a class from STRATEG
 every strategy the same way. The interface (Strategy below has the defaults):
 
     data_stage                         which `data.py prepare --stage` its .h5 must be
+    settings                           its own settings, {name: default} with a comment each: train.py adds the
+                                       chosen strategy's to its table (config files, --key=value, --help); a
+                                       setting of another strategy is an error. Strategies may share a name (and
+                                       its type), each with its own default; a subclass inherits its parent's
     __init__(cfg, model, tokenizer, rank=0, world_size=1)
-                                       cfg: train.py's settings; model: the unwrapped policy (e.g. to copy a
-                                       frozen reference); tokenizer: the one train.py found. Bad settings raise
-                                       ValueError, which train.py reports before training starts.
+                                       cfg: train.py's settings with this strategy's (cfg.beta); model: the
+                                       unwrapped policy (e.g. to make a reference_model); tokenizer: the one
+                                       train.py found. Bad settings raise ValueError, which train.py reports before
+                                       training starts.
     check_data(dataset)                called once on the train split before training (GRPO probes its reward)
     normalizers(batch) -> {name: count}
                                        what the loss is a mean over, counted in one micro-batch before any forward
@@ -49,7 +54,6 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from lora import BaseModel
 from model import CrossEntropy, TokenLogprobs
 
 
@@ -57,6 +61,7 @@ class Strategy:
     """The defaults of the interface above."""
 
     data_stage = "seq"
+    settings = {}  # {name: default}: none of its own
     ref_model = None  # a frozen reference; train.py shards it like the policy under FSDP when it is a module
 
     def __init__(self, cfg, model, tokenizer, rank=0, world_size=1):
@@ -94,6 +99,10 @@ class NextToken(Strategy):
     target outside assistant replies, and pads each conversation into its own row. The loss is the mean
     over every scored token of the step: a token of a short reply weighs what one of a long reply does."""
 
+    settings = dict(
+        label_smoothing=0.0,  # this share of each target's probability spread over the whole vocabulary (0 = off)
+    )
+
     def normalizers(self, batch):
         return {"tokens": scored_tokens(batch["targets"])}
 
@@ -111,10 +120,12 @@ class SFT(NextToken):
 # pieces shared by dpo and grpo
 
 
-def frozen_copy(model, cfg=None):
-    """The reference policy: a copy of the model as it is now, in eval mode, never trained. With LoRA
-    (cfg.lora_rank) the model itself with its adapters switched off: the same, without a second copy."""
+def reference_model(model, cfg=None):
+    """The reference policy: the model as it is now, in eval mode, never trained. A frozen copy; with LoRA
+    (cfg.lora_rank) the model itself wrapped with its adapters switched off: the same, without a second copy."""
     if cfg is not None and cfg.get("lora_rank"):
+        from lora import BaseModel
+
         return BaseModel(model)
     reference = copy.deepcopy(model).eval()
     reference.requires_grad_(False)
@@ -139,6 +150,10 @@ class DPO(Strategy):
     may lower the chosen replies' likelihood along with the rejected ones', which costs exact answers."""
 
     data_stage = "dpo"
+    settings = dict(
+        beta=0.1,  # strength of the implicit KL to the reference (smaller lets the policy drift further)
+        rpo_alpha=0.0,  # weight of the chosen replies' next-token loss added to DPO's (RPO; 0 = plain DPO)
+    )
 
     def __init__(self, cfg, model, tokenizer, rank=0, world_size=1):
         super().__init__(cfg, model, tokenizer, rank, world_size)
@@ -147,7 +162,7 @@ class DPO(Strategy):
         if cfg.rpo_alpha < 0:
             raise ValueError(f"rpo_alpha={cfg.rpo_alpha}: must be >= 0 (0 = plain DPO)")
         self.beta, self.rpo_alpha = cfg.beta, cfg.rpo_alpha
-        self.ref_model = frozen_copy(model, cfg)
+        self.ref_model = reference_model(model, cfg)
 
     def normalizers(self, batch):
         return {"pairs": batch["chosen_ids"].size(0), "chosen_tokens": scored_tokens(batch["chosen_targets"])}
@@ -285,6 +300,16 @@ class GRPO(Strategy):
     Resume is exact: a checkpoint holds each rank's cached rollouts and, once synced, the reference."""
 
     data_stage = "grpo"
+    settings = dict(
+        group_size=8,  # completions per prompt
+        ppo_epochs=2,  # updates per rollout
+        clip_eps=0.2,  # PPO ratio clip
+        kl_coef=0.04,  # weight of the k3 KL to the reference
+        sync_interval=0,  # copy the policy into the reference every N steps (0 = never)
+        reward="exact_answer",  # built-in name or module:function(prompt, completion, record) -> float
+        max_new_tokens=32,  # rollout length
+        rollout_temperature=1.0,  # sampling temperature of rollouts
+    )
 
     def __init__(self, cfg, model, tokenizer, rank=0, world_size=1):
         super().__init__(cfg, model, tokenizer, rank, world_size)
@@ -310,7 +335,7 @@ class GRPO(Strategy):
         self.reward_fn = load_reward(self.reward_name)
         self.stop_ids = list(tokenizer.stop_ids)  # Tokenizer.load's: the model's generation_config ids too
         self.policy = model  # unwrapped: generate() runs on it, outside DDP
-        self.ref_model = frozen_copy(model, cfg)
+        self.ref_model = reference_model(model, cfg)
         self.rollouts = []  # one per micro-step of the step that made them
         self.synced_at = 0
 

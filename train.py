@@ -5,8 +5,10 @@ The training loop: one CPU/GPU, or many with torchrun (DDP, or FSDP2 with --para
     python train.py configs/sft.py --init_from=out/demo/final --max_iters=200
     torchrun --nproc_per_node=4 train.py configs/pretrain.py
 
-Settings: the defaults below, then config files (plain Python assignments) in order, then --key=value
-overrides (settings.py). An unknown key or a value of the wrong type is an error that names it.
+Settings: the defaults below, the chosen strategy's own (its `settings` in strategies.py) and any ModelConfig field
+(model.py: --dim=64 changes the preset's), then config files (plain Python assignments) in order, then --key=value
+overrides (settings.py). An unknown key, a setting of another strategy or a value of the wrong type is an error that
+names it; `python train.py --help` lists them all.
 Writes OUT_DIR/metrics.jsonl, OUT_DIR/loss.svg, OUT_DIR/ckpt-STEP/ and OUT_DIR/final/ (README.md).
 """
 import json
@@ -18,6 +20,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import fields, replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -30,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from data import ResumableSampler, load_dataset
 from lora import TrainingAdapter
 from model import ModelConfig, Transformer
-from settings import load_settings, pick_device
+from settings import Settings, load_settings, pick_device
 from strategies import STRATEGIES
 from tokenizer import Tokenizer
 
@@ -44,7 +47,7 @@ DEFAULTS = dict(
     init_from="scratch",  # scratch | a MODELDIR or .gguf file (its config decides the architecture)
     model_config="configs/tiny.py",  # model preset, used with init_from=scratch only
     resume="",  # "auto": continue from the newest complete OUT_DIR/ckpt-*
-    strategy="seq",  # seq | sft | dpo | grpo (strategies.py)
+    strategy="seq",  # seq | sft | dpo | grpo (strategies.py; each has settings of its own, --help lists them)
     # schedule of work
     max_iters=1000,  # optimizer steps
     eval_interval=200,  # steps between val evaluations (0 = only at the end)
@@ -67,18 +70,6 @@ DEFAULTS = dict(
     beta1=0.9,
     beta2=0.95,
     grad_clip=1.0,  # 0 = off
-    label_smoothing=0.0,
-    # strategy settings (strategies.py)
-    beta=0.1,  # dpo: strength of the implicit KL to the reference
-    rpo_alpha=0.0,  # dpo: weight of the chosen replies' next-token loss added to DPO's (RPO; 0 = plain DPO)
-    group_size=8,  # grpo: completions per prompt
-    ppo_epochs=2,  # grpo: updates per rollout
-    clip_eps=0.2,  # grpo: PPO ratio clip
-    kl_coef=0.04,  # grpo: k3 KL to the reference
-    sync_interval=0,  # grpo: copy the policy into the reference every N steps (0 = never)
-    reward="exact_answer",  # grpo: built-in name or module:function(prompt, completion, record) -> float
-    max_new_tokens=32,  # grpo: rollout length
-    rollout_temperature=1.0,  # grpo: sampling temperature of rollouts
     # LoRA (lora.py): train low-rank adapters on a frozen --init_from model; checkpoints and final/ hold the adapter
     lora_rank=0,  # rank r of each adapter; 0 = train every weight
     lora_alpha=16.0,  # the update is scaled by lora_alpha / lora_rank
@@ -94,6 +85,43 @@ DEFAULTS = dict(
     parallel="ddp",  # ddp | fsdp (with torchrun)
     seed=1337,
 )
+# the model's fields (model.py): set in a config file or on the command line, each overrides the preset
+# (model_config) with init_from=scratch; with init_from=DIR, only one that changes no weight is allowed (build_model)
+MODEL_FIELDS = {f.name: f.default for f in fields(ModelConfig)}
+
+
+def read_settings(argv):
+    """train.py's settings from argv: DEFAULTS, the chosen strategy's own and the model fields set (only those). Two
+    passes: the first, over every table, finds --strategy (a config file may set it) and the keys set; the second
+    reads argv against the chosen strategy's table, so that its defaults are its own. A setting of another strategy
+    is an error naming the strategy; so is a name in two of train.py, the model and the strategies."""
+    tables = {"train.py": DEFAULTS, "the model": MODEL_FIELDS, **{n: s.settings for n, s in STRATEGIES.items()}}
+    owners = {}
+    for owner, table in tables.items():
+        for key, value in table.items():
+            owners.setdefault(key, {})[owner] = type(value).__name__
+    for key, who in owners.items():  # strategies may share a name (and its type); nothing else may
+        if len(who) > 1 and ({"train.py", "the model"} & set(who) or len(set(who.values())) > 1):
+            sys.exit(f"train.py: the setting {key!r} belongs to {who}: rename one")
+    if "-h" in argv or "--help" in argv:
+        print("python train.py [CONFIG.py ...] [--key=value ...]: defaults (train.py and strategies.py say why)")
+        for title, table in [("train.py", DEFAULTS)] + [(f"--strategy={n}", s.settings) for n, s in STRATEGIES.items()]:
+            print(f"{title}:\n" + ("\n".join(f"  --{k}={v!r}" for k, v in table.items()) or "  (none of its own)"))
+        print("model fields (model.py's ModelConfig; over the preset with init_from=scratch, else only those that "
+              "change no weight):\n  " + " ".join(f"--{k}" for k in MODEL_FIELDS))
+        raise SystemExit(0)
+    given = {}
+    strategy = load_settings({k: v for t in tables.values() for k, v in t.items()}, argv, "train.py", given).strategy
+    if strategy not in STRATEGIES:
+        sys.exit(f"train.py: unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    own = STRATEGIES[strategy].settings
+    for key, source in given.items():
+        if key not in {**own, **DEFAULTS, **MODEL_FIELDS}:
+            sys.exit(f"train.py: --{key} (from {source}) is a setting of {' and '.join(owners[key])}; "
+                     f"--strategy={strategy} has: {', '.join(own) or 'no settings of its own'}")
+    cfg = load_settings({**DEFAULTS, **own, **MODEL_FIELDS}, argv, "train.py")
+    return Settings({k: v for k, v in cfg.items() if k not in MODEL_FIELDS or k in given})
+
 
 # -----------------------------------------------------------------------------
 # setting up: processes, tokenizer, data, model
@@ -153,12 +181,63 @@ def load_data(cfg, stage, tokenizer):
     return train_data, val_data
 
 
+def scratch_config(preset, model_fields, tokenizer):
+    """The preset (a file of ModelConfig fields), then the model fields set in config files or on the command line.
+    vocab_size, when neither sets it, is the tokenizer's rounded up to a multiple of 64 (friendlier to matmuls)."""
+    in_preset = {}
+    values = {**load_settings(MODEL_FIELDS, [preset], preset, in_preset), **model_fields}
+    if "vocab_size" not in in_preset and "vocab_size" not in model_fields:
+        values["vocab_size"] = -(-tokenizer.vocab_size // 64) * 64
+    try:
+        return ModelConfig(**values)
+    except ValueError as e:
+        sys.exit(f"train.py: model_config={preset} with {model_fields}: {e}")
+
+
+def weight_layout(config):
+    """{name: (shape, a parameter of its own)} of a model of this config, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    own = {name for name, _ in model.named_parameters()}  # a tied head is not a parameter of its own
+    return {name: (tuple(t.shape), name in own) for name, t in model.state_dict().items()}
+
+
+def apply_model_fields(model, model_fields, where):
+    """A loaded model with the model fields set in config files or on the command line. One that would change a
+    weight's name or shape (dim, n_layers, vocab_size, tie_weight, ...) is an error naming it: the weights are what
+    they are. The others (max_len, rope_theta, rope_scaling, norm_eps) are applied: the model is rebuilt around the
+    same weight tensors, its RoPE tables and norms from the new config."""
+    changed = {k: v for k, v in model_fields.items() if getattr(model.config, k) != v}
+    if not changed:
+        return model
+    loaded, reshaping = weight_layout(model.config), []
+    for key, value in changed.items():
+        try:
+            reshaping += [key] if weight_layout(replace(model.config, **{key: value})) != loaded else []
+        except ValueError:  # an architecture the loaded config cannot take with this field alone
+            reshaping.append(key)
+    try:
+        config = replace(model.config, **changed)
+    except ValueError as e:
+        sys.exit(f"train.py: init_from={where} with {changed}: {e}")
+    if reshaping or weight_layout(config) != loaded:
+        shown = ", ".join(f"{k}={changed[k]!r} (the model has {getattr(model.config, k)!r})"
+                          for k in reshaping or changed)
+        sys.exit(f"train.py: init_from={where}: {shown} would change the shape of its weights; a model field that "
+                 "changes a weight applies to init_from=scratch only")
+    print0(f"init_from={where}: " + ", ".join(f"{k} {getattr(model.config, k)!r} -> {v!r}" for k, v in
+                                              changed.items()))
+    return Transformer.from_state_dict(config, model.state_dict(), where)
+
+
 def build_model(cfg, tokenizer, device):
-    """A new model from the preset (--init_from=scratch) or the weights of a MODELDIR, on the device."""
+    """A new model from the preset and the model fields set (--init_from=scratch), or the weights of a MODELDIR with
+    the model fields set that change no weight; on the device."""
+    model_fields = {k: cfg[k] for k in MODEL_FIELDS if k in cfg}
     if cfg.init_from == "scratch":
-        model = Transformer(ModelConfig.from_file(cfg.model_config))
+        model = Transformer(scratch_config(cfg.model_config, model_fields, tokenizer))
     else:
-        model = Transformer.from_pretrained(cfg.init_from)
+        model = apply_model_fields(Transformer.from_pretrained(cfg.init_from), model_fields, cfg.init_from)
     if model.config.vocab_size < tokenizer.vocab_size:
         sys.exit(f"train.py: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                  f"{model.config.vocab_size}; the model's vocab must be at least the tokenizer's")
@@ -426,6 +505,10 @@ def load_checkpoint(path, raw_model, optimizer, sampler, strategy, cfg, env, ada
         raise ValueError(f"{path} holds a LoRA adapter: resume with the --lora_rank it was trained with")
     else:
         saved = Transformer.from_pretrained(path)  # validates names and shapes against config.json
+        differ = [f"{k}={getattr(saved.config, k)!r} there, {getattr(raw_model.config, k)!r} in this run"
+                  for k in MODEL_FIELDS if getattr(saved.config, k) != getattr(raw_model.config, k)]
+        if differ:
+            raise ValueError(f"{path} holds another model ({'; '.join(differ)}): resume with its model settings")
         set_model_state_dict(raw_model, saved.state_dict(), options=StateDictOptions(full_state_dict=True))
     optim_state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
     set_optimizer_state_dict(raw_model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
@@ -448,7 +531,7 @@ def load_checkpoint(path, raw_model, optimizer, sampler, strategy, cfg, env, ada
 
 
 @torch.no_grad()
-def evaluate(model, strategy, val_data, cfg, env, step):
+def validate(model, strategy, val_data, cfg, env, step):
     """{"val_loss": ..., "val_" + each strategy metric (DPO's pref_accuracy, ...)}, means over the first
     eval_iters batches of the val split (the same on every process)."""
     model.eval()
@@ -632,7 +715,7 @@ def train(cfg):
         # --- evaluate, checkpoint, stop
         last_step = run.step == cfg.max_iters
         if len(run.val_data) and ((cfg.eval_interval and run.step % cfg.eval_interval == 0) or last_step):
-            val = evaluate(model, strategy, run.val_data, cfg, env, run.step)
+            val = validate(model, strategy, run.val_data, cfg, env, run.step)
             run.val_points.append((run.step, val["val_loss"]))
             log_metrics(run.metrics, {"step": run.step, **val})
             if env.master:
@@ -705,4 +788,4 @@ def measure_peak_flops(device, n=1024):
 
 
 if __name__ == "__main__":
-    train(load_settings(DEFAULTS, sys.argv[1:], "train.py"))
+    train(read_settings(sys.argv[1:]))

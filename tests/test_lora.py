@@ -160,7 +160,7 @@ def test_reference_is_the_base_with_adapters_off(tmp_path_factory):
     with torch.no_grad():
         base_logits = Transformer.from_pretrained(base)(x)
         policy, _ = with_random_adapters(Transformer.from_pretrained(base), tokens=[int(x[0, 0]), 3])
-        dpo = strategies.DPO(Settings(DEFAULTS, lora_rank=4), policy, None)
+        dpo = strategies.DPO(Settings({**DEFAULTS, **strategies.DPO.settings}, lora_rank=4), policy, None)
         policy_logits = policy(x)
         assert (policy_logits - base_logits).abs().max() > 0.1
         assert torch.equal(dpo.ref_model(x), base_logits)

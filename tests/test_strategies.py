@@ -23,6 +23,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def run_settings(strategy, **values):
+    """train.py's settings of a run with this strategy (its own defaults), with values set."""
+    return Settings({**DEFAULTS, **strategy.settings}, **values)
+
+
 def tiny_model(vocab_size, seed=0):
     torch.manual_seed(seed)
     return Transformer(ModelConfig(vocab_size=vocab_size, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, dim_ffn=64, max_len=64))
@@ -157,7 +162,7 @@ def test_sft_rows_do_not_see_each_other():
     tb[0, :3] = -100
     batch_ids = torch.cat([a, torch.cat([b, torch.zeros(1, 5, dtype=torch.long)], 1)])
     batch_targets = torch.cat([ta, torch.cat([tb, torch.full((1, 5), -100)], 1)])
-    sft = strategies.SFT(Settings(DEFAULTS), model, None)
+    sft = strategies.SFT(run_settings(strategies.SFT), model, None)
     with torch.no_grad():
         together, _ = sft.loss(model, {"input_ids": batch_ids, "targets": batch_targets}, 0)
         alone_a, _ = sft.loss(model, {"input_ids": a, "targets": ta}, 0)
@@ -189,7 +194,7 @@ def reply_logprob(model, ids, targets):
 
 def test_dpo_is_log_2_at_the_start_and_sums_reply_logprobs():
     model, batch = tiny_model(50), dpo_batch()
-    dpo = strategies.DPO(Settings(DEFAULTS, beta=0.1), model, None)
+    dpo = strategies.DPO(run_settings(strategies.DPO, beta=0.1), model, None)
     loss, metrics = dpo.loss(model, batch, 0)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)  # policy == reference
     assert metrics["margin"] == 0 and metrics["pref_accuracy"] == 0
@@ -208,7 +213,7 @@ def test_dpo_is_log_2_at_the_start_and_sums_reply_logprobs():
     assert not any(p.requires_grad for p in dpo.ref_model.parameters())
 
     # rpo_alpha adds the chosen replies' mean next-token loss; dpo_loss still shows the DPO part
-    rpo = strategies.DPO(Settings(DEFAULTS, beta=0.1, rpo_alpha=0.5), model, None)
+    rpo = strategies.DPO(run_settings(strategies.DPO, beta=0.1, rpo_alpha=0.5), model, None)
     with torch.no_grad():
         rpo_loss, rpo_metrics = rpo.loss(policy, batch, 0)
         chosen = [reply_logprob(policy, batch["chosen_ids"][i], batch["chosen_targets"][i]) for i in range(2)]
@@ -232,7 +237,7 @@ def grpo_setup(tokenizer_dir, tmp_path, monkeypatch, reward_source, **settings):
     tokenizer = Tokenizer.load(tokenizer_dir)
     model = tiny_model(tokenizer.vocab_size)
     reward = "toy_reward:reward" if reward_source else "exact_answer"
-    cfg = Settings(DEFAULTS, reward=reward, **settings)
+    cfg = run_settings(strategies.GRPO, reward=reward, **settings)
     prompts = [tokenizer.render_chat([{"role": "user", "content": q}], add_generation_prompt=True)[0]
                for q in ("Hello", "23 + 45", "fox", "你好")]
     batch = {"prompt_ids": prompts, "answers": [""] * 4, "records": [{}] * 4}
@@ -385,11 +390,11 @@ sys.path.insert(0, {ROOT!r})
 from types import SimpleNamespace
 from model import ModelConfig, TokenLogprobs, Transformer
 from settings import Settings
-from strategies import frozen_copy
+from strategies import reference_model
 from train import DEFAULTS, wrap_model
 dist.init_process_group("gloo")
 model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, dim_ffn=64, max_len=32))
-reference = frozen_copy(model)
+reference = reference_model(model)
 wrap_model(model, Settings(DEFAULTS, parallel="fsdp"), SimpleNamespace(distributed=True, device_type="cpu"), reference)
 ids = torch.randint(0, 64, (2, 8))
 with torch.no_grad():
@@ -453,6 +458,12 @@ def test_bad_settings_stop_before_training(demo, tmp_path, monkeypatch):
 
     fails("dpo", f"--data={demo}/sft.h5", expect=["stage 'sft'", "--stage=dpo"])
     fails("grpo", "--group_size=1", expect=["--strategy=grpo", "group_size=1"])
+    # a setting of another strategy, on the command line or in a config file: was silently ignored
+    fails("sft", f"--data={demo}/sft.h5", "--beta=0.2", expect=["--beta (from the command line) is a setting of dpo",
+                                                               "--strategy=sft has: label_smoothing"])
+    (tmp_path / "smooth.py").write_text("label_smoothing = 0.1\n")
+    fails("dpo", str(tmp_path / "smooth.py"), expect=[f"--label_smoothing (from {tmp_path / 'smooth.py'}) is a "
+                                                      "setting of seq and sft", "--strategy=dpo has: beta, rpo_alpha"])
 
     # the ValueErrors train.py turns into such messages, one per kind of mistake
     (tmp_path / "rewards.py").write_text("def wordy(prompt, completion, record):\n    return 'high'\n\n"
@@ -470,6 +481,42 @@ def test_bad_settings_stop_before_training(demo, tmp_path, monkeypatch):
         (dict(rollout_temperature=0.0), "rollout_temperature=0.0 must be > 0"),
     ]:
         with pytest.raises(ValueError, match=re.escape(expect)):
-            strategies.GRPO(Settings(DEFAULTS, **settings), model, tokenizer).check_data(dataset)
+            strategies.GRPO(run_settings(strategies.GRPO, **settings), model, tokenizer).check_data(dataset)
     with pytest.raises(ValueError, match="beta=0"):
-        strategies.DPO(Settings(DEFAULTS, beta=0.0), model, tokenizer)
+        strategies.DPO(run_settings(strategies.DPO, beta=0.0), model, tokenizer)
+
+
+def test_each_strategy_has_its_own_settings_and_help_lists_them(demo, tmp_path):
+    # a new strategy registered beside the built-in ones, as a user would add one: its beta default is its own,
+    # not DPO's, its gamma is its own, and DPO's runs keep theirs
+    (tmp_path / "simpo_train.py").write_text(f"""import sys
+sys.path.insert(0, {ROOT!r})
+import strategies, train
+
+
+class SimPO(strategies.DPO):
+    \"\"\"SimPO-like (Meng et al. 2024): here DPO's loss; what is tested is where its settings come from.\"\"\"
+    settings = dict(beta=2.0, rpo_alpha=0.0, gamma=0.5)  # gamma: the target reward margin
+
+
+strategies.STRATEGIES["simpo"] = SimPO
+train.train(train.read_settings(sys.argv[1:]))
+""")
+
+    def saved_settings(strategy, *extra):
+        out = tmp_path / strategy
+        run(str(tmp_path / "simpo_train.py"), *train_args(demo, out, strategy, f"--data={demo}/dpo.h5", "--max_iters=1",
+                                                         *extra)[1:])
+        return json.loads((out / "ckpt-1" / "trainer_state.json").read_text())["config"]
+
+    simpo, dpo = saved_settings("simpo"), saved_settings("dpo")
+    assert (simpo["beta"], simpo["gamma"]) == (2.0, 0.5) and (dpo["beta"], "gamma" in dpo) == (0.1, False)
+    assert saved_settings("simpo", "--beta=3", "--gamma=1")["gamma"] == 1.0
+    p = run(str(tmp_path / "simpo_train.py"), *train_args(demo, tmp_path / "x", "dpo", "--gamma=1")[1:], check=False)
+    assert p.returncode != 0 and "--gamma (from the command line) is a setting of simpo" in p.stderr
+    assert "group_size" not in dpo and "label_smoothing" not in dpo  # only the chosen strategy's settings
+
+    help_text = run("train.py", "--help").stdout
+    for line in ("--strategy=dpo:\n  --beta=0.1\n  --rpo_alpha=0.0", "--strategy=sft:\n  --label_smoothing=0.0",
+                 "  --group_size=8", "  --max_iters=1000", "--dim", "--vocab_size"):
+        assert line in help_text, help_text

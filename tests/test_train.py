@@ -303,3 +303,76 @@ def test_replacing_a_directory_leaves_the_new_one_and_nothing_else(tmp_path):
         replace_dir(str(tmp_path / "final.tmp"), str(tmp_path / "final"))
         assert (tmp_path / "final" / "model.safetensors").read_text() == version
         assert sorted(os.listdir(tmp_path)) == ["final"]
+
+
+# -----------------------------------------------------------------------------
+# model fields on the command line, vocab_size from the tokenizer
+
+
+def model_config(out):
+    sys.path.insert(0, ROOT)
+    from model import Transformer
+
+    return Transformer.from_pretrained(str(out)).config
+
+
+def test_model_fields_on_the_command_line_reach_the_model(demo, tmp_path):
+    # scratch: over the preset; the demo config as the README runs it, with --dim (the preset is configs/tiny.py)
+    steps = ["--max_iters=2", "--batch_size=2", "--block_size=32", "--eval_iters=1", "--log_interval=1"]
+    run("train.py", "configs/demo.py", f"--data={demo}/pretrain.h5", f"--tokenizer={demo}/tokenizer",
+        f"--out_dir={tmp_path}/demo", "--dim=64", "--n_heads=2", *steps)
+    config = model_config(tmp_path / "demo" / "final")
+    assert (config.dim, config.n_heads, config.head_dim, config.n_layers) == (64, 2, 32, 4)  # n_layers: tiny.py's
+    assert config.vocab_size == 512  # the tokenizer's (tiny.py sets none)
+
+    # init_from: a field that changes a weight's shape is refused, naming it; one that changes none is applied
+    base = tmp_path / "base"
+    run(*common(demo, base, "--max_iters=1", "--ckpt_interval=0", "--dim=96"))
+    assert model_config(base / "final").dim == 96
+    for field in ("--dim=64", "--vocab_size=1024", "--tie_weight=false"):  # an untied head: a weight of its own
+        p = run(*common(demo, tmp_path / "refused", "--max_iters=1", f"--init_from={base}/final", field), check=False)
+        message = p.stdout + p.stderr
+        assert p.returncode != 0 and field[2:].replace("false", "False") in message, message[-2000:]
+        assert "would change the shape of its weights" in message and "Traceback" not in message
+        assert not (tmp_path / "refused" / "metrics.jsonl").exists()
+    # max_len 64 -> 128: block_size 96 (> the saved max_len) trains, and final/ keeps the new max_len
+    out = run(*common(demo, tmp_path / "longer", "--max_iters=1", "--ckpt_interval=0", f"--init_from={base}/final",
+                      "--max_len=128", "--rope_theta=500000", "--dim=96", "--block_size=96")).stdout
+    applied = next(line for line in out.splitlines() if line.startswith("init_from="))
+    assert "max_len 64 -> 128" in applied and "rope_theta 10000.0 -> 500000.0" in applied and "dim" not in applied
+    longer = model_config(tmp_path / "longer" / "final")
+    assert (longer.max_len, longer.rope_theta, longer.dim) == (128, 500000.0, 96)
+
+
+def test_resume_builds_the_same_model(demo, tmp_path):
+    args = ["--max_iters=2", "--ckpt_interval=1", "--dim=96"]
+    run(*common(demo, tmp_path / "run", *args[1:], "--max_iters=1"))
+    assert "resumed from" in run(*common(demo, tmp_path / "run", *args, "--resume=auto")).stdout
+    assert model_config(tmp_path / "run" / "final").dim == 96
+    p = run(*common(demo, tmp_path / "run", "--max_iters=3", "--resume=auto"), check=False)  # without --dim=96
+    message = p.stdout + p.stderr
+    assert p.returncode != 0 and "dim=96 there, 64 in this run" in message and "Traceback" not in message
+
+
+def test_vocab_size_is_the_tokenizers_rounded_up_to_64(demo, tmp_path):
+    # a user's own tokenizer of 300 tokens with the default preset: a 320-token model; an explicit vocab_size wins,
+    # and one below the tokenizer's is an error
+    sys.path.insert(0, ROOT)
+    from tokenizer import Tokenizer
+
+    run("data.py", "tokenizer", f"--input={demo}/pretrain.txt", "--vocab_size=300", f"--out={tmp_path}/tokenizer")
+    run("data.py", "prepare", "--stage=seq", f"--input={demo}/pretrain.txt", f"--tokenizer={tmp_path}/tokenizer",
+        f"--out={tmp_path}/pretrain.h5")
+    n_tokens = Tokenizer.load(str(tmp_path / "tokenizer")).vocab_size
+    assert 256 < n_tokens <= 320
+
+    def args(out, *extra):
+        return ["train.py", f"--data={tmp_path}/pretrain.h5", f"--out_dir={tmp_path}/{out}", "--max_iters=1",
+                "--batch_size=2", "--block_size=32", "--eval_iters=1", "--dim=32", "--n_layers=1", *extra]
+
+    run(*args("own"))  # the tokenizer found beside the data, the preset configs/tiny.py
+    assert model_config(tmp_path / "own" / "final").vocab_size == 320
+    run(*args("explicit", "--vocab_size=400"))
+    assert model_config(tmp_path / "explicit" / "final").vocab_size == 400
+    p = run(*args("small", "--vocab_size=256"), check=False)
+    assert p.returncode != 0 and f"the tokenizer has {n_tokens} tokens but the model's vocab_size is 256" in p.stderr
