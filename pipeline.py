@@ -160,7 +160,8 @@ def make_data(data):
 
 def answer_accuracy(model_dir, task):
     """What `python sample.py --model=MODEL_DIR --eval=TASK` prints: greedy exact-answer accuracy."""
-    from sample import load, task_accuracy
+    from sample import load
+    from tasks import task_accuracy
 
     model, tokenizer = load(model_dir)
     return task_accuracy(model, tokenizer, task)

@@ -236,7 +236,7 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps, 
 
 def exact_answer(prompt, completion, record):
     """1 when the completion's final answer equals the record's "answer" (the check sample.py --eval uses)."""
-    from sample import answer_is_correct
+    from tasks import answer_is_correct
 
     return float(answer_is_correct(completion, str(record["answer"])))
 

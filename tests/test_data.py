@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 from pipeline import main as pipeline_main  # noqa: E402
-from sample import answer_is_correct  # noqa: E402
+from tasks import answer_is_correct  # noqa: E402
 from settings import load_settings  # noqa: E402
 import tokenizer  # noqa: E402
 from tokenizer import Tokenizer, train_tokenizer  # noqa: E402

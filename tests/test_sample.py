@@ -328,7 +328,8 @@ def test_cli_samples_chat_prompt_file_and_errors(tiny_model_dir, tmp_path, capsy
 
 
 def test_eval_accuracy(tiny_model_dir, tmp_path):
-    from sample import load, task_accuracy
+    from sample import load
+    from tasks import task_accuracy
 
     model, tokenizer = load(tiny_model_dir)
     stops = tokenizer.stop_ids
@@ -358,7 +359,8 @@ def test_eval_accuracy(tiny_model_dir, tmp_path):
 def test_padded_vocab_ids_are_never_sampled(tiny_model_dir, tmp_path):
     """A model whose embedding has rows past the tokenizer (as many HF models do) and that prefers them:
     generate(vocab_size=...) never emits them, and --eval decodes what it does emit."""
-    from sample import load, task_accuracy
+    from sample import load
+    from tasks import task_accuracy
 
     model, tokenizer = load(tiny_model_dir)
     V = tokenizer.vocab_size
