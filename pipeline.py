@@ -208,8 +208,8 @@ def write_demo(argv):
 
 QUICKSTART = [  # step, the file or directory it writes (None: nothing), the command
     ("demo data", "data/demo/dpo_eval.jsonl", ["pipeline.py", "demo", "--out=data/demo"]),  # its last file
-    ("tokenizer", "data/demo/tokenizer/tokenizer_config.json", ["data.py", "tokenizer", "--input=data/demo/pretrain.txt",
-                                                                 "--vocab_size=2048", "--out=data/demo/tokenizer"]),
+    ("tokenizer", "data/demo/tokenizer/tokenizer_config.json",  # written after tokenizer.json
+     ["data.py", "tokenizer", "--input=data/demo/pretrain.txt", "--vocab_size=2048", "--out=data/demo/tokenizer"]),
     ("prepare", "data/demo/pretrain.h5", ["data.py", "prepare", "--stage=seq", "--input=data/demo/pretrain.txt",
                                           "--tokenizer=data/demo/tokenizer", "--out=data/demo/pretrain.h5"]),
     ("train", "out/demo/final", ["train.py", "configs/demo.py"]),  # its out_dir is out/demo
