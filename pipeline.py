@@ -235,7 +235,7 @@ def quickstart(argv):
             print(f"{head} python {shlex.join(command)}", flush=True)
             t0 = time.time()
             subprocess.run([sys.executable, *command], check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            print(f"{head} done in {(time.time() - t0) / 60:.1f} minutes", flush=True)
+            print(f"{head} done in {time.time() - t0:.0f} s", flush=True)
         before = os.path.getmtime(output) if output else before
     print(f"quickstart: {(time.time() - t_start) / 60:.1f} minutes. Next: `python pipeline.py` for SFT, DPO and "
           "GRPO on this model, or README.md's recipes for your own data.")
