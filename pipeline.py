@@ -206,15 +206,15 @@ def write_demo(argv):
 # -----------------------------------------------------------------------------
 # the quickstart: the README's five commands after pip install, each reused when its output is up to date
 
-QUICKSTART = [  # step, the file or directory it writes (None: nothing), the command
-    ("demo data", "data/demo/dpo_eval.jsonl", ["pipeline.py", "demo", "--out=data/demo"]),  # its last file
-    ("tokenizer", "data/demo/tokenizer/tokenizer_config.json",  # written after tokenizer.json
+QUICKSTART = [  # step, what it writes, the file in that written last (whole when there), the command
+    ("demo data", "data/demo", "data/demo/dpo_eval.jsonl", ["pipeline.py", "demo", "--out=data/demo"]),
+    ("tokenizer", "data/demo/tokenizer", "data/demo/tokenizer/tokenizer_config.json",
      ["data.py", "tokenizer", "--input=data/demo/pretrain.txt", "--vocab_size=2048", "--out=data/demo/tokenizer"]),
-    ("prepare", "data/demo/pretrain.h5", ["data.py", "prepare", "--stage=seq", "--input=data/demo/pretrain.txt",
-                                          "--tokenizer=data/demo/tokenizer", "--out=data/demo/pretrain.h5"]),
-    ("train", "out/demo/final", ["train.py", "configs/demo.py"]),  # its out_dir is out/demo
-    ("sample", None, ["sample.py", "--model=out/demo/final", "--prompt=23 + 45 =", "--temperature=0",
-                      "--max_new_tokens=40"]),
+    ("prepare", "data/demo/pretrain.h5", "data/demo/pretrain.h5", ["data.py", "prepare", "--stage=seq",
+     "--input=data/demo/pretrain.txt", "--tokenizer=data/demo/tokenizer", "--out=data/demo/pretrain.h5"]),
+    ("train", "out/demo/final", "out/demo/final", ["train.py", "configs/demo.py"]),  # its out_dir is out/demo
+    ("sample", None, None, ["sample.py", "--model=out/demo/final", "--prompt=23 + 45 =", "--temperature=0",
+                            "--max_new_tokens=40"]),
 ]
 
 
@@ -224,9 +224,9 @@ def quickstart(argv):
     the output (or `data/` and `out/`) to run it again. Training killed halfway continues from its newest checkpoint."""
     load_settings({}, argv, "pipeline.py quickstart")  # takes no options: an unknown one is an error
     t_start, before = time.time(), None
-    for number, (step, output, command) in enumerate(QUICKSTART, 1):
+    for number, (step, output, last_file, command) in enumerate(QUICKSTART, 1):
         head = f"[{number}/{len(QUICKSTART)}] {step}:"
-        if output and os.path.exists(output) and (before is None or os.path.getmtime(output) >= before):
+        if last_file and os.path.exists(last_file) and (before is None or os.path.getmtime(last_file) >= before):
             print(f"{head} reused {output} (delete it to run `python {shlex.join(command)}` again)", flush=True)
         else:
             checkpoints = glob.glob("out/demo/ckpt-*[0-9]") if step == "train" else []
@@ -236,9 +236,9 @@ def quickstart(argv):
             t0 = time.time()
             subprocess.run([sys.executable, *command], check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
             print(f"{head} done in {time.time() - t0:.0f} s", flush=True)
-        before = os.path.getmtime(output) if output else before
-    print(f"quickstart: {(time.time() - t_start) / 60:.1f} minutes. Next: `python pipeline.py` for SFT, DPO and "
-          "GRPO on this model, or README.md's recipes for your own data.")
+        before = os.path.getmtime(last_file) if last_file else before
+    print(f"quickstart: {(time.time() - t_start) / 60:.1f} minutes. Next: `python pipeline.py` for the whole demo "
+          "(its data and pretraining again, then SFT, DPO and GRPO), or README.md's recipes for your own data.")
 
 
 def main(argv):
