@@ -3,6 +3,7 @@ The demo: built-in bilingual arithmetic data, and the pipeline pretrain -> SFT -
 starting from the last one's final/ model, with greedy exact-answer accuracy on the held-out problems
 (eval.jsonl, never seen in training) after each stage, and a table at the end.
 
+    python pipeline.py quickstart               # demo data, tokenizer, pretraining, a sample: README's quickstart
     python pipeline.py demo --out=data/demo     # only write the demo data (pretrain.txt, sft/dpo/grpo.jsonl, ...)
     python pipeline.py                          # everything from scratch: ~8 minutes on 2 CPU cores
     python pipeline.py --from_stage=dpo         # reuse data and the pretrain and sft models, run dpo and grpo again
@@ -11,9 +12,11 @@ starting from the last one's final/ model, with greedy exact-answer accuracy on 
 
 It runs the same commands a user would (printed as it goes); the accuracy is sample.py --eval's.
 """
+import glob
 import json
 import os
 import random
+import shlex
 import subprocess
 import sys
 import time
@@ -91,7 +94,7 @@ def make_demo(out_dir, seed=0, max_operand=49, n_eval=200, pretrain_docs=8000, s
         chinese = rng.random() < 0.5 if chinese is None else chinese
         return a, op, b, ops[op](a, b), chinese
 
-    with open(paths["pretrain.txt"], "w", encoding="utf-8") as f:
+    with open(paths["pretrain.txt"] + ".tmp", "w", encoding="utf-8") as f:  # each file whole or absent
         for _ in range(pretrain_docs):
             lines = []
             for _ in range(rng.randint(3, 8)):
@@ -106,11 +109,13 @@ def make_demo(out_dir, seed=0, max_operand=49, n_eval=200, pretrain_docs=8000, s
                     lines.append(f"{a} {word} {b} {'等于' if chinese else 'equals'} {c}{'。' if chinese else '.'}"
                                  if rng.random() < 0.5 else _reply(a, op, b, c, chinese) + ("" if chinese else "."))
             f.write("\n".join(lines) + "\n\n")
+    os.replace(paths["pretrain.txt"] + ".tmp", paths["pretrain.txt"])
 
     def write_jsonl(name, records):
-        with open(paths[name], "w", encoding="utf-8") as f:
+        with open(paths[name] + ".tmp", "w", encoding="utf-8") as f:
             for record in records:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(paths[name] + ".tmp", paths[name])
 
     def chat(problem):
         a, op, b, c, chinese = solved(problem)
@@ -199,9 +204,49 @@ def write_demo(argv):
               f"{os.path.getsize(path) / 1e6:.2f} MB")
 
 
+# -----------------------------------------------------------------------------
+# the quickstart: the README's five commands after pip install, each reused when its output is up to date
+
+QUICKSTART = [  # step, what it writes, the file in that written last (whole when there), the command
+    ("demo data", "data/demo", "data/demo/dpo_eval.jsonl", ["pipeline.py", "demo", "--out=data/demo"]),
+    ("tokenizer", "data/demo/tokenizer", "data/demo/tokenizer/tokenizer_config.json",
+     ["data.py", "tokenizer", "--input=data/demo/pretrain.txt", "--vocab_size=2048", "--out=data/demo/tokenizer"]),
+    ("prepare", "data/demo/pretrain.h5", "data/demo/pretrain.h5", ["data.py", "prepare", "--stage=seq",
+     "--input=data/demo/pretrain.txt", "--tokenizer=data/demo/tokenizer", "--out=data/demo/pretrain.h5"]),
+    ("train", "out/demo/final", "out/demo/final", ["train.py", "configs/demo.py"]),  # its out_dir is out/demo
+    ("sample", None, None, ["sample.py", "--model=out/demo/final", "--prompt=23 + 45 =", "--temperature=0",
+                            "--max_new_tokens=40"]),
+]
+
+
+def quickstart(argv):
+    """python pipeline.py quickstart: demo data -> tokenizer -> prepare -> pretrain -> a greedy sample, one progress
+    line a step. Make's rule: a step whose output exists and is newer than the step before's is reused; delete
+    the output (or `data/` and `out/`) to run it again. Training killed halfway continues from its newest checkpoint."""
+    load_settings({}, argv, "pipeline.py quickstart")  # takes no options: an unknown one is an error
+    t_start, before = time.time(), None
+    for number, (step, output, last_file, command) in enumerate(QUICKSTART, 1):
+        head = f"[{number}/{len(QUICKSTART)}] {step}:"
+        if last_file and os.path.exists(last_file) and (before is None or os.path.getmtime(last_file) >= before):
+            print(f"{head} reused {output} (delete it to run `python {shlex.join(command)}` again)", flush=True)
+        else:
+            checkpoints = glob.glob("out/demo/ckpt-*[0-9]") if step == "train" else []
+            if [path for path in checkpoints if os.path.getmtime(path) >= before]:
+                command = command + ["--resume=auto"]  # an interrupted run on the same data: continue it
+            print(f"{head} python {shlex.join(command)}", flush=True)
+            t0 = time.time()
+            subprocess.run([sys.executable, *command], check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            print(f"{head} done in {time.time() - t0:.0f} s", flush=True)
+        before = os.path.getmtime(last_file) if last_file else before
+    print(f"quickstart: {(time.time() - t_start) / 60:.1f} minutes. Next: `python pipeline.py` for the whole demo "
+          "(its data and pretraining again, then SFT, DPO and GRPO), or README.md's recipes for your own data.")
+
+
 def main(argv):
     if argv[:1] == ["demo"]:
         return write_demo(argv[1:])
+    if argv[:1] == ["quickstart"]:
+        return quickstart(argv[1:])
     args = load_settings(DEFAULTS, argv, "pipeline.py")
     stages = stage_list(args.lora_rank)
     names = ["data"] + [label for label, *_ in stages]
