@@ -6,6 +6,8 @@ out_dir = "out/demo"
 data = "data/demo/pretrain.h5"
 tokenizer = "data/demo/tokenizer"
 model_config = "configs/tiny.py"
+vocab_size = 2048  # the measured runs' size; the demo tokenizer holds 609 tokens (its corpus runs out of merges),
+# and without this line the model would take 640 (the tokenizer's, rounded up to 64)
 strategy = "seq"
 max_iters = 2000
 batch_size = 16

@@ -1,6 +1,6 @@
 # Tiny model for tests and the demo: trains in minutes on 2 CPU cores.
-# No vocab_size: train.py takes the tokenizer's, rounded up to a multiple of 64 (the demo tokenizer's 2,048 tokens
-# give 2,048); set vocab_size here or pass --vocab_size=N to fix it (never below the tokenizer's).
+# No vocab_size: train.py takes the tokenizer's, rounded up to a multiple of 64; set vocab_size here or pass
+# --vocab_size=N to fix it (never below the tokenizer's; configs/demo.py sets 2,048).
 dim = 128
 n_layers = 4
 n_heads = 4
