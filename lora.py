@@ -24,7 +24,8 @@ import torch.nn.functional as F
 # what lora_targets' words "attention" and "mlp" stand for: every linear layer of model.py's blocks but kv_b_proj,
 # whose weight MLA decoding reads directly (absorbed into the query and output), past any adapter
 KINDS = {"attention": ".self_attn.", "mlp": ".mlp."}
-TOKEN_ROWS = "embed_tokens.token_adapter.trainable_tokens_delta"  # TokenRows' values, our name (peft's, less prefix)
+TOKEN_ROWS = "embed_tokens.token_adapter.rows"  # TokenRows' values, our name
+PEFT_TOKEN_ROWS = "embed_tokens.token_adapter.trainable_tokens_delta"  # and peft's, in adapter files
 UNADAPTABLE = {"kv_b_proj": "MLA decoding reads its weight directly (model.py), so an adapter there would be "
                             "skipped in generation"}
 
@@ -80,13 +81,13 @@ class TokenRows(nn.Module):
     """peft's trainable tokens (LoraConfig's trainable_token_indices): new values for some rows of the token
     embedding, and of the output head when it shares that weight. Tokens a base model never saw (a chat template's
     <|im_end|> on a plain-text base) end pretraining with nearly identical rows, which attention and MLP adapters
-    cannot tell apart; these rows let LoRA teach them. trainable_tokens_delta holds the rows' values (not a
-    difference from the base's), as peft's does."""
+    cannot tell apart; these rows let LoRA teach them. `rows` holds the rows' values (not a difference from the
+    base's), as peft's trainable_tokens_delta does (the name in its files: peft_name)."""
 
     def __init__(self, weight, ids):
         super().__init__()
         self.register_buffer("ids", torch.tensor(ids, dtype=torch.long, device=weight.device), persistent=False)
-        self.trainable_tokens_delta = nn.Parameter(weight.detach()[self.ids].clone())
+        self.rows = nn.Parameter(weight.detach()[self.ids].clone())
         self.enabled = True
 
     def merged(self, weight):
@@ -94,7 +95,7 @@ class TokenRows(nn.Module):
         head's weight in training, where the weight's gradient is as large anyway."""
         if not self.enabled:
             return weight
-        return weight.index_copy(0, self.ids, self.trainable_tokens_delta.to(weight.dtype))
+        return weight.index_copy(0, self.ids, self.rows.to(weight.dtype))
 
     def embed(self, x, weight):
         """F.embedding(x, merged(weight)) without copying the embedding (a decode step reads a few rows)."""
@@ -102,14 +103,14 @@ class TokenRows(nn.Module):
         if not self.enabled:
             return y
         hits = x[..., None] == self.ids  # (..., tokens)
-        return torch.where(hits.any(-1, keepdim=True), hits.to(y.dtype) @ self.trainable_tokens_delta.to(y.dtype), y)
+        return torch.where(hits.any(-1, keepdim=True), hits.to(y.dtype) @ self.rows.to(y.dtype), y)
 
     def logits(self, x, weight):
         """F.linear(x, merged(weight)) without copying the head: its logits, the trained rows' columns replaced."""
         y = F.linear(x, weight)
         if not self.enabled:
             return y
-        return y.index_copy(-1, self.ids, F.linear(x, self.trainable_tokens_delta.to(x.dtype)).to(y.dtype))
+        return y.index_copy(-1, self.ids, F.linear(x, self.rows.to(x.dtype)).to(y.dtype))
 
 
 class TokenEmbedding(nn.Embedding):
@@ -204,11 +205,13 @@ class BaseModel:
 
 def peft_name(name):
     """our parameter name -> peft's on the transformers model (model.py saves ours under "model." but lm_head)."""
+    name = name.replace(TOKEN_ROWS, PEFT_TOKEN_ROWS)
     return "base_model.model." + (name if name.startswith("lm_head") else "model." + name)
 
 
 def our_name(key):
-    return key.removeprefix("base_model.model.").removeprefix("model.")
+    return key.removeprefix("base_model.model.").removeprefix("model.").replace(PEFT_TOKEN_ROWS, TOKEN_ROWS)
+
 
 
 def weights_hash(model_dir):

@@ -67,7 +67,7 @@ def with_random_adapters(model, rank=4, alpha=8.0, targets="attention,mlp", seed
         for layer in lora.adapter_layers(model):
             layer.lora_B.weight.copy_(0.2 * torch.randn(layer.lora_B.weight.shape, generator=g))
         if tokens:
-            rows = model.embed_tokens.token_adapter.trainable_tokens_delta
+            rows = model.embed_tokens.token_adapter.rows
             rows.copy_(torch.randn(rows.shape, generator=g))
     return model, names
 
