@@ -566,7 +566,8 @@ def test_generation_config_stop_ids_reach_sample_serve_and_grpo(tiny_model_dir, 
         serve.main([f"--model={model_dir}", "--compile=false"])
     stops.append(built.value.args[0])
 
-    cfg = Settings(TRAIN_DEFAULTS, strategy="grpo", init_from=str(model_dir), group_size=2, max_new_tokens=3)
+    cfg = Settings({**TRAIN_DEFAULTS, **strategies.GRPO.settings}, strategy="grpo", init_from=str(model_dir),
+                   group_size=2, max_new_tokens=3)
     tokenizer = find_tokenizer(cfg)
     policy = sample.load(str(model_dir))[0].train()
     grpo = strategies.GRPO(cfg, policy, tokenizer)
