@@ -274,7 +274,7 @@ def test_sgdr_restarts_where_its_cycles_end():
 
 def test_rng_state_round_trips_numpys_cached_gaussian():
     sys.path.insert(0, ROOT)
-    from train import rng_state, set_rng_state
+    from checkpoint import rng_state, set_rng_state
 
     np.random.seed(3)
     np.random.standard_normal()  # the legacy Gaussian draws two numbers and caches the second
@@ -295,7 +295,7 @@ def save_to_bytes(obj):
 
 def test_replacing_a_directory_leaves_the_new_one_and_nothing_else(tmp_path):
     sys.path.insert(0, ROOT)
-    from train import replace_dir
+    from checkpoint import replace_dir
 
     for version in ("old", "new"):
         (tmp_path / "final.tmp").mkdir()
