@@ -5,8 +5,10 @@ import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -38,7 +40,8 @@ def metrics_by_step(out):
 
 
 # -----------------------------------------------------------------------------
-# each tool's figures, read back from its own files as [(run id, {step: {key: value}}), ...] in the order written
+# each tool's figures, read back from its own files as [(run id, {step: {key: value}}, finished), ...] in the order
+# written (finished: the run's closing record is there)
 
 
 def tensorboard_runs(out):
@@ -52,7 +55,7 @@ def tensorboard_runs(out):
         assert len({e.step for e in scalars}) == len(scalars), f"{tag}: a step twice (a killed run's not purged)"
         for event in scalars:
             steps.setdefault(event.step, {})[tag] = event.value
-    return [(None, steps)]
+    return [(None, steps, True)]  # an event file has no closing record
 
 
 def leveldb_records(path, header_length=7, block=32768):
@@ -75,7 +78,7 @@ def wandb_runs(out):
     from wandb.proto import wandb_internal_pb2
     runs = []
     for path in sorted(glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb")), key=os.path.getmtime):
-        run_id, steps = None, {}
+        run_id, steps, finished = None, {}, False
         for data in leveldb_records(path):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(data)
@@ -85,7 +88,8 @@ def wandb_runs(out):
                 row = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
                        for item in record.history.item}
                 steps.setdefault(row["_step"], {}).update({k: v for k, v in row.items() if not k.startswith("_")})
-        runs.append((run_id, steps))
+            finished = finished or record.WhichOneof("record_type") == "exit"
+        runs.append((run_id, steps, finished))
     return runs
 
 
@@ -94,15 +98,16 @@ def swanlab_runs(out):
     from swanlab.sdk.internal.core_python.store import DataStoreReader
     runs = []
     for path in sorted(glob.glob(str(out / "swanlog" / "run-*" / "run-*.swanlab")), key=os.path.getmtime):
-        reader, steps = DataStoreReader(), {}
+        reader, steps, finished = DataStoreReader(), {}, False
         reader.open(path)
         for data in reader:
             record = Record()
             record.ParseFromString(data)
             if record.HasField("scalar"):
                 steps.setdefault(record.scalar.step, {})[record.scalar.key] = record.scalar.value.number
+            finished = finished or record.HasField("finish")
         reader.close()
-        runs.append((os.path.basename(path)[4:-len(".swanlab")], steps))
+        runs.append((os.path.basename(path)[4:-len(".swanlab")], steps, finished))
     return runs
 
 
@@ -124,7 +129,7 @@ def test_tracker_records_the_figures_of_metrics_jsonl_and_a_resume_continues_its
     first = metrics_by_step(out)
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "val_loss"} <= set(first[6]) and len(first) == 6
     runs = READERS[tool](out)
-    assert len(runs) == 1
+    assert len(runs) == 1 and runs[0][2], f"{tool}: {len(runs)} runs, finished: {[r[2] for r in runs]}"
     assert_same_figures(runs[0][1], first, tool)
 
     # a run killed after step 6 but before its checkpoint: resumed from ckpt-3, on to step 9
@@ -137,7 +142,7 @@ def test_tracker_records_the_figures_of_metrics_jsonl_and_a_resume_continues_its
     if tool == "tensorboard":  # one directory; the killed run's steps 4-6 are hidden, the resumed run's shown
         assert_same_figures(runs[0][1], final, tool)
     else:  # offline, each process writes a local run of its own, under the saved id: `sync` uploads both to it
-        assert len(runs) == 2 and runs[0][0] == runs[1][0] == open(out / f"{tool}_run_id").read().strip()
+        assert len(runs) == 2 and runs[0][0] == runs[1][0] == open(out / f"{tool}_run_id").read().strip() and runs[1][2]
         assert_same_figures(runs[1][1], {s: row for s, row in final.items() if s > 3}, tool)
 
 
@@ -167,3 +172,28 @@ def test_an_unknown_tracker_is_an_error_listing_the_known_ones(demo, tmp_path):
     p = run(*common(demo, tmp_path / "out", "--max_iters=2", "--log_to=tensorbord"), check=False, timeout=120)
     assert p.returncode != 0
     assert "unknown tracker 'tensorbord'; choose from tensorboard, wandb, swanlab" in p.stderr, p.stderr
+
+
+def test_a_signal_stop_finishes_every_run(demo, tmp_path):
+    """Ctrl-C reaches the whole process group (wandb's and SwanLab's helper processes too): the step finishes, the
+    checkpoint is saved and every tracker's run is finished with every figure of metrics.jsonl."""
+    for tool in READERS:
+        pytest.importorskip(tool)
+    out = tmp_path / "stop"
+    p = subprocess.Popen([sys.executable, *common(demo, out, "--max_iters=100000", "--ckpt_interval=0",
+                                                  "--eval_interval=5", "--eval_iters=2",
+                                                  "--log_to=tensorboard,wandb,swanlab")],
+                         cwd=ROOT, env=offline_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or len(metrics_by_step(out)) < 12:
+        assert time.time() < deadline and p.poll() is None, p.communicate()[0][-3000:] if p.poll() is not None else ""
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGINT)
+    log, _ = p.communicate(timeout=120)
+    assert p.returncode == 0 and "stopped by signal" in log, log[-3000:]
+    expected = metrics_by_step(out)
+    for tool, reader in READERS.items():
+        runs = reader(out)
+        assert len(runs) == 1 and runs[0][2], f"{tool}: {len(runs)} runs, finished: {[r[2] for r in runs]}"
+        assert_same_figures(runs[0][1], expected, tool)
