@@ -106,6 +106,9 @@ class SwanLab:
         self.run.finish()
 
 
+TRACKERS = {"tensorboard": TensorBoard, "wandb": WandB, "swanlab": SwanLab}  # the same names as TOOLS
+
+
 class Trackers:
     """The trackers --log_to names, opened at `step` (0, or the checkpoint a resumed run starts from); log() sends a
     metrics.jsonl line to each, close() finishes each. Open on the master process only."""
@@ -116,8 +119,7 @@ class Trackers:
         self.open = []
         for name in dict.fromkeys(n.strip() for n in cfg.log_to.split(",") if n.strip()):
             try:
-                self.open.append({"tensorboard": TensorBoard, "wandb": WandB, "swanlab": SwanLab}[name](
-                    cfg, step, run_name))
+                self.open.append(TRACKERS[name](cfg, step, run_name))
             except Exception as e:  # not logged in, no network for an online run, ...: stop before training
                 self.close()
                 raise ValueError(f"log_to={name}: could not start a run: {type(e).__name__}: {e}") from e
