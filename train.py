@@ -43,6 +43,9 @@ DEFAULTS = dict(
     init_from="scratch",  # scratch | a MODELDIR or .gguf file (its config decides the architecture)
     model_config="configs/tiny.py",  # model preset, used with init_from=scratch only
     resume="",  # "auto": continue from the newest complete OUT_DIR/ckpt-*
+    log_to="",  # also log metrics.jsonl's figures to: tensorboard,wandb,swanlab (a comma list; loggers.py)
+    project="astrai-nano",  # the wandb / SwanLab project
+    run_name="",  # the wandb / SwanLab run; default: OUT_DIR's name
     strategy="seq",  # seq | sft | dpo | grpo (strategies.py; each has settings of its own, --help lists them)
     # schedule of work
     max_iters=1000,  # optimizer steps
@@ -359,8 +362,8 @@ def validate(model, strategy, val_data, cfg, env, step):
 
 
 def open_metrics(cfg, step, master):
-    """OUT_DIR/metrics.jsonl for appending (None off the master); after a resume, the lines a killed run wrote
-    past its last checkpoint are dropped."""
+    """OUT_DIR/metrics.jsonl for appending and the --log_to trackers (loggers.py) beside it (None off the master);
+    after a resume, the lines a killed run wrote past its last checkpoint are dropped."""
     if not master:
         return None
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -370,16 +373,25 @@ def open_metrics(cfg, step, master):
             kept = [line for line in f if json.loads(line)["step"] <= step]
     metrics = open(path, "w")
     metrics.writelines(kept)
-    return metrics
+    if not cfg.log_to:
+        return SimpleNamespace(file=metrics, trackers=None)
+    from loggers import Trackers
+    try:
+        return SimpleNamespace(file=metrics, trackers=Trackers(cfg, step))
+    except ValueError as e:
+        sys.exit(f"train.py: {e}")
 
 
 def log_metrics(metrics, line, text=None):
-    """Print a metrics line (by default "step N | key value | ...") and append it to metrics.jsonl."""
+    """Print a metrics line (by default "step N | key value | ...") and append it to metrics.jsonl (and send it to
+    the --log_to trackers)."""
     print0(text or " | ".join([f"step {line['step']:5d}"] + [f"{k.replace('_', ' ', 1)} {v:.4f}"
                                                              for k, v in line.items() if k != "step"]))
     if metrics is not None:
-        metrics.write(json.dumps(line) + "\n")
-        metrics.flush()
+        metrics.file.write(json.dumps(line) + "\n")
+        metrics.file.flush()
+        if metrics.trackers:
+            metrics.trackers.log(line)
 
 
 class Throughput:
@@ -420,6 +432,10 @@ def setup_run(cfg):
         sys.exit(f"train.py: --resume={cfg.resume!r}: use --resume=auto")
     if setting_problems(cfg):
         sys.exit("train.py: " + "; ".join(setting_problems(cfg)))
+    if cfg.log_to:  # loggers.py and the tools it names only when asked for: an unknown or missing one stops here
+        from loggers import tracker_problems
+        if problems := tracker_problems(cfg.log_to):
+            sys.exit("train.py: " + "; ".join(problems))
     tokenizer = find_tokenizer(cfg)
     train_data, val_data = load_data(cfg, STRATEGIES[cfg.strategy].data_stage, tokenizer)
     raw_model = build_model(cfg, tokenizer, env.device)
@@ -538,8 +554,10 @@ def train(cfg):
         save_checkpoint(os.path.join(cfg.out_dir, "final"), raw_model, run.tokenizer, env, adapter=run.adapter,
                         merge=cfg.merge_lora)
         print0(f"saved {os.path.join(cfg.out_dir, 'final')}")
-    if run.metrics is not None:
-        run.metrics.close()
+    if run.metrics is not None:  # after a signal stop too: the loop breaks to here
+        run.metrics.file.close()
+        if run.metrics.trackers:
+            run.metrics.trackers.close()
     if env.distributed:
         dist.destroy_process_group()
 
