@@ -7,6 +7,7 @@ style directories (config.json + model.safetensors).
     logits = model(ids)                                               # (B, T, vocab_size)
     logprobs = model(ids, output=TokenLogprobs(targets))              # (B, T): DPO, GRPO
     loss = model(ids, output=CrossEntropy(targets)) / n_scored        # pretraining, SFT
+    loss = model(ids, CrossEntropy(targets), documents=doc_ids)       # packed rows: (B, T) ids, one per document
 
 This file runs on its own (torch only). Other files are imported where a feature needs them: kv_cache.py for
 cached decoding, rope.py for a scaled RoPE, hf.py and safetensors for checkpoints, lora.py for an adapter,
