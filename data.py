@@ -421,12 +421,14 @@ class _Dataset:
 
 class SeqDataset(_Dataset):
     """Windows of block_size + 1 tokens every block_size tokens over the shards' token streams joined (each
-    window's last token is the next one's first, so every token is a target once)."""
+    window's last token is the next one's first, so every token is a target once). With pack, a batch also carries
+    `documents` (B, T): each token's document, which ends at its <|endoftext|>, so attention never crosses one and
+    positions restart; the target after each <|endoftext|> (another document's first token) is not scored."""
 
-    def __init__(self, files, groups, attrs, block_size):
+    def __init__(self, files, groups, attrs, block_size, pack=False):
         super().__init__(files, groups, attrs, block_size, first_offsets=None)
         self._starts = np.cumsum([0] + [len(g["tokens"]) for g in groups])
-        self.n_tokens = int(self._starts[-1])
+        self.n_tokens, self.pack, self.eot_id = int(self._starts[-1]), pack, int(attrs["eot_id"])
 
     def __len__(self):
         return max(0, (self.n_tokens - self.block_size - 1) // self.block_size + 1)
@@ -444,17 +446,72 @@ class SeqDataset(_Dataset):
             raise IndexError(f"window index out of range: {len(self)} windows in {self.files[0]}...")
         T = self.block_size
         windows = torch.from_numpy(np.stack([self._span(i * T, i * T + T + 1) for i in indices]))  # (B, T+1)
-        return {"input_ids": windows[:, :-1], "targets": windows[:, 1:]}
+        batch = {"input_ids": windows[:, :-1], "targets": windows[:, 1:]}
+        if self.pack:
+            ends = batch["input_ids"] == self.eot_id  # a document's last token
+            batch["documents"] = ends.long().cumsum(1) - ends.long()  # (B, T): <|endoftext|>s before each token
+            batch["targets"] = batch["targets"].masked_fill(ends, -100)
+        return batch
 
 
 class SFTDataset(_Dataset):
-    """One conversation per row, truncated to block_size + 1 tokens, right-padded to the longest in the batch."""
+    """One conversation per row, right-padded to the longest in the batch. With pack, rows of block_size tokens hold
+    consecutive conversations in file order (next-fit: a row closes when the next conversation does not fit; the
+    sampler shuffles rows), and a batch also carries `documents` (B, T): each conversation's number in its row,
+    -1 on padding, so attention never crosses two and positions restart at each. Either way a conversation of n
+    tokens fills n - 1 positions (inputs and targets shifted within it: its last target is its own last token)
+    and one longer than block_size + 1 tokens is cut there; how many are, and the longest, is printed."""
+
+    def __init__(self, files, groups, attrs, block_size, first_offsets, pack=False):
+        super().__init__(files, groups, attrs, block_size, first_offsets)
+        lengths = np.concatenate([np.diff(g["offsets"][:]) for g in groups])  # tokens per conversation
+        if (lengths > block_size + 1).any():
+            where = f"{files[0]}{' ...' if len(files) > 1 else ''} {groups[0].name}"
+            print(f"{where}: {int((lengths > block_size + 1).sum()):,} of {len(lengths):,} conversations are longer "
+                  f"than block_size + 1 = {block_size + 1} tokens (the longest: {int(lengths.max()):,}); each is cut "
+                  "to its first block_size + 1", file=sys.stderr)
+        self.pack, self._filled = pack, np.clip(lengths - 1, 0, block_size)  # positions each fills
+        if pack:  # self._rows[r]: row r's first conversation (n_rows + 1 entries)
+            rows, filled = [0], 0
+            for i, n in enumerate(self._filled.tolist()):
+                if filled + n > block_size:
+                    rows.append(i)
+                    filled = 0
+                filled += n
+            self._rows = np.array(rows + [len(lengths)])
+            self._filled = np.add.reduceat(self._filled, self._rows[:-1]) if len(lengths) else self._filled
+
+    def __len__(self):
+        return len(self._rows) - 1 if self.pack else super().__len__()
+
+    def padding_share(self, order, batch_size):
+        """The share of padding among the row tokens of the batches that `order` (item indices, batch_size a batch,
+        a last partial batch dropped) makes: rows are block_size wide packed, else as wide as the batch's longest."""
+        filled = self._filled[np.asarray(order)[:len(order) // batch_size * batch_size]].reshape(-1, batch_size)
+        widths = np.full(len(filled), self.block_size) if self.pack else np.maximum(1, filled.max(1, initial=0))
+        return 1 - filled.sum() / max(1, widths.sum() * batch_size)
 
     def get_batch(self, indices):
-        rows = [self._shifted(*self._record(i, "offsets", "tokens", "loss_mask")) for i in indices]
-        width = max(1, max(len(inputs) for inputs, _ in rows))
-        return {"input_ids": self._pad([r[0] for r in rows], self.pad_id, width),
-                "targets": self._pad([r[1] for r in rows], -100, width)}
+        if not self.pack:
+            rows = [self._shifted(*self._record(i, "offsets", "tokens", "loss_mask")) for i in indices]
+            width = max(1, max(len(inputs) for inputs, _ in rows))
+            return {"input_ids": self._pad([r[0] for r in rows], self.pad_id, width),
+                    "targets": self._pad([r[1] for r in rows], -100, width)}
+        if any(not 0 <= i < len(self) for i in indices):
+            raise IndexError(f"row index out of range: {len(self)} packed rows in {self.files[0]}...")
+        shape = (len(indices), self.block_size)
+        batch = {"input_ids": torch.full(shape, self.pad_id), "targets": torch.full(shape, -100),
+                 "documents": torch.full(shape, -1)}
+        for row, index in enumerate(indices):
+            start = 0
+            for document, item in enumerate(range(self._rows[index], self._rows[index + 1])):
+                inputs, targets = self._shifted(*self._record(item, "offsets", "tokens", "loss_mask"))
+                stop = start + len(inputs)
+                batch["input_ids"][row, start:stop] = torch.from_numpy(inputs)
+                batch["targets"][row, start:stop] = torch.from_numpy(targets)
+                batch["documents"][row, start:stop] = document
+                start = stop
+        return batch
 
 
 class DPODataset(_Dataset):
@@ -525,8 +582,10 @@ class GRPODataset(_Dataset):
         return batch
 
 
-def load_dataset(path: str, split: str = "train", block_size: int = 1024, stage: str | None = None):
-    """`path`: one .h5 file or a directory of .h5 shards (sorted by name). Checks stage, format and datasets."""
+def load_dataset(path: str, split: str = "train", block_size: int = 1024, stage: str | None = None,
+                 pack: bool = False):
+    """`path`: one .h5 file or a directory of .h5 shards (sorted by name). Checks stage, format and datasets.
+    pack: rows that hold several documents (seq) or conversations (sft), with `documents` in each batch."""
     if os.path.isdir(path):
         files = sorted(os.path.join(path, name) for name in os.listdir(path) if name.endswith(".h5"))
         if not files:
@@ -562,10 +621,14 @@ def load_dataset(path: str, split: str = "train", block_size: int = 1024, stage:
             raise ValueError(f"{file}: '{split}' group lacks datasets {missing}; the file is incomplete or corrupt")
         groups.append(group)
     file_stage, attrs = str(handles[0].attrs["stage"]), dict(handles[0].attrs)
+    if pack and file_stage not in ("seq", "sft"):
+        raise ValueError(f"{files[0]}: pack=true packs seq and sft rows, not {file_stage} data")
     if file_stage == "seq":
-        return SeqDataset(files, groups, attrs, block_size)
-    first_offsets = {"sft": "offsets", "dpo": "chosen_offsets", "grpo": "prompt_offsets"}[file_stage]
-    cls = {"sft": SFTDataset, "dpo": DPODataset, "grpo": GRPODataset}[file_stage]
+        return SeqDataset(files, groups, attrs, block_size, pack)
+    if file_stage == "sft":
+        return SFTDataset(files, groups, attrs, block_size, "offsets", pack)
+    first_offsets = {"dpo": "chosen_offsets", "grpo": "prompt_offsets"}[file_stage]
+    cls = {"dpo": DPODataset, "grpo": GRPODataset}[file_stage]
     return cls(files, groups, attrs, block_size, first_offsets)
 
 
@@ -588,7 +651,8 @@ class ResumableSampler:
         self.epoch, self.position = 0, 0  # position: indices of this epoch's permutation already used
         self._permutation_epoch, self._permutation = None, None
 
-    def _order(self):
+    def order(self):
+        """This epoch's item indices in the order its steps take them."""
         if self._permutation_epoch != self.epoch:
             self._permutation = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items)
             self._permutation_epoch = self.epoch
@@ -597,7 +661,7 @@ class ResumableSampler:
     def next_step(self) -> list[list[int]]:
         if self.position + self.global_batch > self.num_items:
             self.epoch, self.position = self.epoch + 1, 0
-        step = self._order()[self.position:self.position + self.global_batch]
+        step = self.order()[self.position:self.position + self.global_batch]
         self.position += self.global_batch
         chunks = [self.rank * self.grad_accum + m for m in range(self.grad_accum)]
         return [step[c * self.batch_size:(c + 1) * self.batch_size].tolist() for c in chunks]

@@ -7,6 +7,7 @@ style directories (config.json + model.safetensors).
     logits = model(ids)                                               # (B, T, vocab_size)
     logprobs = model(ids, output=TokenLogprobs(targets))              # (B, T): DPO, GRPO
     loss = model(ids, output=CrossEntropy(targets)) / n_scored        # pretraining, SFT
+    loss = model(ids, CrossEntropy(targets), documents=doc_ids)       # packed rows: (B, T) ids, one per document
 
 This file runs on its own (torch only). Other files are imported where a feature needs them: kv_cache.py for
 cached decoding, rope.py for a scaled RoPE, hf.py and safetensors for checkpoints, lora.py for an adapter,
@@ -140,20 +141,49 @@ def apply_rope(x, cos, sin):
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
-def attention_mask(config, query_positions, n_keys, cached=True, aligned=False):
+def attention_mask(config, query_positions, n_keys, cached=True, aligned=False, documents=None):
     """Which keys each query attends to: the one place that decides it, for training, cached prefill and decode,
     ragged batches and the compiled step. Returns keyword arguments for F.scaled_dot_product_attention.
     query_positions (b, T): each new token's position in its row; key j of a row (0 .. n_keys - 1) is its token at
     position j, and the query at position p sees it when j <= p (causal). Keys past a row's end lie past all its
     queries. Two shortcuts where causality is the only rule: not cached (training: the queries are the keys,
     positions 0 .. T - 1) is SDPA's own is_causal; aligned (one new token per row, each row exactly n_keys long)
-    hides nothing, so no mask. A rule added here (a window, document boundaries) must also bypass those two."""
+    hides nothing, so no mask. A rule added here (a window, document boundaries) must also bypass those two.
+    documents (b, T), training only (packed rows): the query at index i sees key j when j <= i and both lie in one
+    document, a run of equal ids (document_runs); the positions are then each token's place in its document."""
+    if documents is not None:
+        if cached:
+            raise ValueError("attention_mask: documents (packed rows) are for training only, not a cached pass")
+        runs = document_runs(documents)
+        keys = torch.arange(n_keys, device=documents.device)
+        causal = keys[None, :] <= keys[:, None]  # (T, T) by index in the row, whatever the positions
+        return {"attn_mask": (causal & (runs[:, :, None] == runs[:, None, :]))[:, None]}  # (b, 1, T, T)
     if not cached:
         return {"is_causal": True}
     if aligned:
         return {}
     keys = torch.arange(n_keys, device=query_positions.device)
     return {"attn_mask": (keys <= query_positions[:, :, None])[:, None]}  # (b, 1, T, n_keys)
+
+
+def document_starts(documents):
+    """documents (b, T) ids -> (b, T) bool, True at each document's first token. A document is a run of equal ids,
+    so an id that comes back later in a row starts another document (data.py never reuses one in a row)."""
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    return starts
+
+
+def document_runs(documents):
+    """documents (b, T) -> (b, T) run numbers 1, 2, ...: the document each token belongs to, for the mask."""
+    return document_starts(documents).long().cumsum(1)
+
+
+def document_positions(documents):
+    """documents (b, T) -> each token's position in its document (its index minus its document's first index):
+    RoPE restarts at every document of a packed row."""
+    index = torch.arange(documents.shape[1], device=documents.device).expand_as(documents)
+    return index - torch.where(document_starts(documents), index, 0).cummax(1).values
 
 
 class Attention(nn.Module):
@@ -500,17 +530,22 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, input_ids, output=None, cache=None, rows=None, input_lengths=None):
+    def forward(self, input_ids, output=None, cache=None, rows=None, input_lengths=None, documents=None):
         """input_ids (B, T) -> what `output` makes of the last hidden states: Logits() (the default), TokenLogprobs or
-        CrossEntropy (below). Without a cache: causal attention over input_ids. With a cache (kv_cache.KVCache):
-        input_ids are appended to cache rows `rows` (default all) at each row's own length; input_lengths (B,)
-        counts the valid tokens of a right-padded batch."""
+        CrossEntropy (below). Without a cache: causal attention over input_ids; documents (B, T), packed rows: ids
+        (a document is a run of equal ids) that attention never crosses and at which positions restart. With a cache
+        (kv_cache.KVCache): input_ids are appended to cache rows `rows` (default all) at each row's own length;
+        input_lengths (B,) counts the valid tokens of a right-padded batch."""
         output = output or Logits()
         B, T = input_ids.shape
         if cache is None:
             if T > self.config.max_len:
                 raise ValueError(f"sequence of {T} tokens is longer than max_len={self.config.max_len}")
-            return output(self, self.hidden_states(input_ids), None)
+            if documents is not None and documents.shape != input_ids.shape:
+                raise ValueError(f"documents {tuple(documents.shape)} must have input_ids' shape {(B, T)}")
+            return output(self, self.hidden_states(input_ids, documents=documents), None)
+        if documents is not None:
+            raise ValueError("documents (packed rows) are for training: a cached pass holds one sequence a row")
         from kv_cache import CacheIndex  # only cached decoding needs the cache
 
         if rows is None and B != cache.batch_size:
@@ -521,13 +556,18 @@ class Transformer(nn.Module):
         index.advance(cache)
         return result
 
-    def hidden_states(self, input_ids, cache_layers=None, index=None):
+    def hidden_states(self, input_ids, cache_layers=None, index=None, documents=None):
         """The body every purpose shares: input_ids (B, T) -> the last block's output (B, T, dim), before the final
-        norm, over a cache's layers at the places `index` (kv_cache.CacheIndex) says, or none (training)."""
+        norm, over a cache's layers at the places `index` (kv_cache.CacheIndex) says, or none (training, where
+        documents (B, T) ids, when given, restart positions and bound attention at each document)."""
         B, T = input_ids.shape
-        if index is None:
+        if index is None and documents is None:
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
             mask = attention_mask(self.config, torch.arange(T, device=input_ids.device)[None], T, cached=False)
+        elif index is None:
+            positions = document_positions(documents)  # (B, T)
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, d)
+            mask = attention_mask(self.config, positions, T, cached=False, documents=documents)
         else:
             positions = index.positions.clamp(max=self.config.max_len - 1)  # padding may run past the end
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, d)

@@ -96,7 +96,8 @@ def scored_tokens(targets):
 
 class NextToken(Strategy):
     """Pretraining (seq): every token is a target. SFT uses the same loss; data.py puts -100 on every
-    target outside assistant replies, and pads each conversation into its own row. The loss is the mean
+    target outside assistant replies, and pads each conversation into its own row (or, with pack=true, packs several
+    into a row, the batch's `documents` keeping attention and positions within each). The loss is the mean
     over every scored token of the step: a token of a short reply weighs what one of a long reply does."""
 
     settings = dict(
@@ -108,7 +109,8 @@ class NextToken(Strategy):
 
     def loss(self, model, batch, step, micro_step=0, evaluating=False, totals=None):
         totals = totals or self.normalizers(batch)
-        loss = model(batch["input_ids"], CrossEntropy(batch["targets"], self.cfg.label_smoothing))  # summed
+        loss = model(batch["input_ids"], CrossEntropy(batch["targets"], self.cfg.label_smoothing),  # summed
+                     documents=batch.get("documents"))  # packed rows (data.py, pack=true): None otherwise
         return loss / max(1, totals["tokens"]), {}
 
 

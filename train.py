@@ -57,6 +57,7 @@ DEFAULTS = dict(
     # batch: tokens per optimizer step = batch_size * block_size * grad_accum * world size
     batch_size=16,  # micro-batch per process
     block_size=256,  # tokens per row
+    pack=False,  # seq and sft: several documents per row, attention and positions within each (README.md)
     grad_accum=1,  # micro-batches per optimizer step
     # optimizer: AdamW, weight decay on matrices only
     lr=1e-3,
@@ -169,9 +170,11 @@ def find_tokenizer(cfg):
 
 def load_data(cfg, stage, tokenizer):
     """(train split, val split) of --data, checked against the strategy's stage and the tokenizer."""
+    if cfg.pack and stage not in ("seq", "sft"):
+        sys.exit(f"train.py: pack=true packs seq and sft rows; --strategy={cfg.strategy} has one {stage} item a row")
     try:
-        train_data = load_dataset(cfg.data, "train", cfg.block_size, stage=stage)
-        val_data = load_dataset(cfg.data, "val", cfg.block_size, stage=stage)
+        train_data = load_dataset(cfg.data, "train", cfg.block_size, stage=stage, pack=cfg.pack)
+        val_data = load_dataset(cfg.data, "val", cfg.block_size, stage=stage, pack=cfg.pack)
     except (OSError, ValueError) as e:
         sys.exit(f"train.py: --data: {e}")
     if train_data.tokenizer_hash != tokenizer.hash:
@@ -469,6 +472,10 @@ def setup_run(cfg):
     run.metrics = open_metrics(cfg, run.step, env.master)
     print0(f"{raw_model.num_params() / 1e6:.2f}M parameters, strategy {cfg.strategy}, {len(train_data)} train "
            f"items, {env.world_size} process(es), {env.device}, {env.dtype}")
+    if hasattr(train_data, "padding_share"):  # sft: rows padded to the batch's longest, or packed rows' ends
+        order = run.sampler.order()[:len(train_data) // run.sampler.global_batch * run.sampler.global_batch]
+        print0(f"padding: {train_data.padding_share(order, cfg.batch_size):.1%} of the row tokens of this epoch's "
+               f"batches ({'packed' if cfg.pack else 'one conversation a row'}, block_size {cfg.block_size})")
     if adapter:
         print0(f"LoRA rank {cfg.lora_rank}: {adapter.trainable:,} trainable parameters, "
                f"{adapter.trainable / raw_model.num_params():.3%} of the model's")
