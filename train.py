@@ -443,7 +443,8 @@ class Throughput:
 
     def __init__(self, flops_per_token, env, step, peak_tflops=0.0):
         self.flops_per_token, self.world_size, self.device = flops_per_token, env.world_size, env.device
-        self.peak, self.source = peak_flops(env.device, peak_tflops) if env.master else (1.0, "measured")
+        # only the master prints MFU: the others measure nothing (an infinite peak never re-measures)
+        self.peak, self.source = peak_flops(env.device, peak_tflops) if env.master else (math.inf, "unused")
         self.t_start, self.first_step = time.time(), step
         self.t_last, self.tokens = time.time(), 0
 
