@@ -59,11 +59,14 @@ DEFAULTS = dict(
     block_size=256,  # tokens per row
     pack=False,  # seq and sft: several documents per row, attention and positions within each (README.md)
     grad_accum=1,  # micro-batches per optimizer step
-    # optimizer: AdamW, weight decay on matrices only
+    # optimizer: AdamW (weight decay on matrices only), or Muon on the blocks' matrices (README)
+    optimizer="adamw",  # adamw | muon (torch.optim.Muon on attention and MLP matrices, AdamW on the rest, one lr)
     lr=1e-3,
-    min_lr=1e-4,  # floor of the cosine
+    min_lr=1e-4,  # floor of the cosine; where wsd's decay ends
     warmup_iters=100,
-    lr_schedule="cosine",  # cosine | sgdr (cosine with warm restarts) | constant
+    lr_schedule="cosine",  # cosine | sgdr (cosine with warm restarts) | constant | wsd (warmup, stable, decay)
+    decay_fraction=0.2,  # wsd: the last round(decay_fraction * max_iters) steps decay from lr to min_lr
+    decay_shape="linear",  # wsd: linear | 1-sqrt (lr - (lr - min_lr) * sqrt(progress))
     sgdr_cycle=500,  # first SGDR cycle length in steps
     sgdr_mult=2.0,  # each SGDR cycle is this much longer than the last
     weight_decay=0.1,
@@ -83,6 +86,7 @@ DEFAULTS = dict(
     compile=False,  # torch.compile the model
     grad_checkpointing=False,  # recompute activations in backward to save memory
     parallel="ddp",  # ddp | fsdp (with torchrun)
+    mfu_peak_tflops=0.0,  # MFU's denominator per device; 0 = auto (a table of GPUs' bf16 peaks, else measured)
     seed=1337,
 )
 # the model's fields (model.py): set in a config file or on the command line, each overrides the preset
@@ -273,23 +277,65 @@ def wrap_model(raw_model, cfg, env, reference=None):
     return model
 
 
+class Optimizers(list):
+    """Muon and AdamW stepped together as one: the loop sets param_groups' lr, steps and zeroes it;
+    torch.distributed.checkpoint's get/set_optimizer_state_dict take the list (one optimizer.pt for both)."""
+
+    @property
+    def param_groups(self):
+        return [group for optimizer in self for group in optimizer.param_groups]
+
+    def step(self):
+        for optimizer in self:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none=True):
+        for optimizer in self:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+
+def is_muon_param(name, param):
+    """Muon takes the blocks' matrices (attention and MLP projections); embeddings, the head, norms and biases
+    are AdamW's."""
+    return name.startswith("layers.") and param.dim() == 2
+
+
 def make_optimizer(model, cfg, device_type):
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    """AdamW with weight decay on matrices only; with optimizer=muon, torch.optim.Muon on the blocks' matrices and
+    AdamW on the rest. Muon's adjust_lr_fn="match_rms_adamw" scales each orthogonalized update to an RMS of
+    0.2 * lr (Moonshot's rule), AdamW's typical update size, so both take the same lr and weight_decay."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    muon = [p for n, p in named if cfg.optimizer == "muon" and is_muon_param(n, p)]
+    decay = [p for n, p in named if p.dim() >= 2 and not any(p is q for q in muon)]
+    no_decay = [p for n, p in named if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+    if cfg.optimizer != "muon":
+        return adamw
+    return Optimizers([torch.optim.Muon(muon, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                        adjust_lr_fn="match_rms_adamw"), adamw])
 
 
-SCHEDULES = ("cosine", "sgdr", "constant")
+SCHEDULES = ("cosine", "sgdr", "constant", "wsd")
 
 
 def setting_problems(cfg):
-    """What is wrong with the schedule, checkpoint and LoRA settings, each naming its key (an empty list: nothing)."""
+    """What is wrong with the optimizer, schedule, checkpoint, LoRA and MFU settings, each naming its key (an empty
+    list: nothing)."""
     checks = [
+        (cfg.optimizer in ("adamw", "muon"), f"optimizer={cfg.optimizer!r}: choose adamw or muon"),
+        (cfg.optimizer != "muon" or not cfg.lora_rank, f"optimizer=muon with lora_rank={cfg.lora_rank}: LoRA "
+                                                       "adapters train with optimizer=adamw (Muon on them is untried)"),
+        (cfg.optimizer != "muon" or cfg.parallel != "fsdp", "optimizer=muon with parallel=fsdp: torch.optim.Muon "
+                                                            "works on whole matrices, not FSDP2's row shards; use "
+                                                            "parallel=ddp"),
         (cfg.lr_schedule in SCHEDULES, f"lr_schedule={cfg.lr_schedule!r}: choose from {', '.join(SCHEDULES)}"),
         (cfg.lr_schedule != "sgdr" or cfg.sgdr_cycle >= 1, f"sgdr_cycle={cfg.sgdr_cycle}: must be >= 1 step"),
         (cfg.lr_schedule != "sgdr" or cfg.sgdr_mult >= 1, f"sgdr_mult={cfg.sgdr_mult}: must be >= 1 (each cycle "
                                                            "as long as the last or longer)"),
+        (0 <= cfg.decay_fraction <= 1, f"decay_fraction={cfg.decay_fraction}: must be in [0, 1]"),
+        (cfg.decay_shape in ("linear", "1-sqrt"), f"decay_shape={cfg.decay_shape!r}: choose linear or 1-sqrt"),
+        (cfg.mfu_peak_tflops >= 0, f"mfu_peak_tflops={cfg.mfu_peak_tflops}: must be >= 0 (0 = auto)"),
         (cfg.keep_checkpoints >= 1, f"keep_checkpoints={cfg.keep_checkpoints}: must be >= 1 (the newest "
                                     "checkpoint is the one --resume=auto continues from)"),
         (cfg.lora_rank > 0 or not cfg.merge_lora, "merge_lora=true needs lora_rank > 0: without an adapter there "
@@ -301,10 +347,18 @@ def setting_problems(cfg):
 
 
 def learning_rate(step, cfg):
+    """The lr of a step: a pure function of the step and the settings, so a resumed run continues on the curve.
+    wsd: warmup, lr until the last decay_iters = round(decay_fraction * max_iters) steps, which fall to min_lr
+    (reached on the last step)."""
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / cfg.warmup_iters
     if cfg.lr_schedule == "constant":
         return cfg.lr
+    if cfg.lr_schedule == "wsd":
+        decay_iters = round(cfg.decay_fraction * cfg.max_iters)
+        progress = min(max(0, step + 1 - (cfg.max_iters - decay_iters)) / max(1, decay_iters), 1.0)
+        fall = math.sqrt(progress) if cfg.decay_shape == "1-sqrt" else progress
+        return cfg.lr - fall * (cfg.lr - cfg.min_lr)
     t = step - cfg.warmup_iters
     if cfg.lr_schedule == "sgdr":  # find where t falls in cycles of growing length
         cycle = cfg.sgdr_cycle
@@ -398,19 +452,33 @@ def log_metrics(metrics, line, text=None):
 
 
 class Throughput:
-    """Tokens per second and MFU (against the measured matmul peak) since the last log line."""
+    """Tokens per second and MFU since the last log line. MFU = model.flops_per_token * tokens/s over the peak
+    (peak_flops: mfu_peak_tflops, a GPU's bf16 dense peak from PEAK_TFLOPS, else measured). It never shows above
+    100%: a throughput above the peak re-measures a measured peak, and the peak rises to what was achieved."""
 
-    def __init__(self, flops_per_token, env, step):
-        self.flops_per_token, self.world_size = flops_per_token, env.world_size
-        self.peak = measure_peak_flops(env.device) if env.master else 1.0
+    def __init__(self, flops_per_token, env, step, peak_tflops=0.0):
+        self.flops_per_token, self.world_size, self.device = flops_per_token, env.world_size, env.device
+        # only the master prints MFU: the others measure nothing (an infinite peak never re-measures)
+        self.peak, self.source = peak_flops(env.device, peak_tflops) if env.master else (math.inf, "unused")
         self.t_start, self.first_step = time.time(), step
         self.t_last, self.tokens = time.time(), 0
+
+    def mfu(self, tokens_per_s):
+        """The fraction of the peak that tokens_per_s (over all processes) achieves, at most 1."""
+        achieved = self.flops_per_token * tokens_per_s / self.world_size  # per device
+        if achieved > self.peak:
+            again = peak_flops(self.device, 0.0)[0] if self.source == "measured" else 0.0
+            print0(f"MFU: {achieved / 1e12:.3g} TFLOP/s achieved beats the {self.source} peak "
+                   f"{self.peak / 1e12:.3g} TFLOP/s; the peak is now {max(again, achieved) / 1e12:.3g} TFLOP/s"
+                   + (" (measured again)" if self.source == "measured" else ""))
+            self.peak = max(again, achieved)
+        return achieved / self.peak
 
     def log(self, metrics, step, max_iters, lr, grad_norm, means):
         """Log a train step: metrics.jsonl gets step, loss, lr, grad_norm, tokens_per_s and the strategy's means."""
         now = time.time()
         tokens_per_s = self.tokens * self.world_size / (now - self.t_last)
-        mfu = self.flops_per_token * tokens_per_s / (self.peak * self.world_size)
+        mfu = self.mfu(tokens_per_s)
         left = (max_iters - step) * (now - self.t_start) / (step - self.first_step)
         self.t_last, self.tokens = now, 0
         extra = "".join(f" | {k} {v:.4f}" for k, v in means.items() if k != "loss")
@@ -501,7 +569,7 @@ def train(cfg):
     stop_requested = []  # SIGINT/SIGTERM: finish the step, checkpoint, exit
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop_requested.append(signum))
-    meter = Throughput(raw_model.flops_per_token(cfg.block_size), env, run.step)
+    meter = Throughput(raw_model.flops_per_token(cfg.block_size), env, run.step, cfg.mfu_peak_tflops)
     model.train()
     while run.step < cfg.max_iters:
         # --- set the learning rate
@@ -570,7 +638,7 @@ def train(cfg):
 
 
 # -----------------------------------------------------------------------------
-# the loss curves, and the measured peak of MFU
+# the loss curves, and the peak of MFU
 
 
 def write_loss_svg(path, train_points, val_points):
@@ -602,8 +670,25 @@ def write_loss_svg(path, train_points, val_points):
     os.replace(path + ".tmp", path)
 
 
-def measure_peak_flops(device, n=1024):
-    """Measured matmul FLOP/s on this device: the denominator of MFU."""
+# bf16 dense (no sparsity) peak TFLOPS of one GPU, by a piece of torch.cuda.get_device_name(); first match wins
+PEAK_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("H800", 989), ("B200", 2250),
+               ("A100", 312), ("A800", 312), ("L40S", 362), ("L4", 121), ("A10G", 70), ("RTX 4090", 165)]
+
+
+def peak_flops(device, peak_tflops=0.0):
+    """(FLOP/s, where it came from): mfu_peak_tflops when set, a known GPU's bf16 peak, else measured."""
+    if peak_tflops > 0:
+        return peak_tflops * 1e12, "set (mfu_peak_tflops)"
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        for piece, tflops in PEAK_TFLOPS:
+            if piece in name:
+                return tflops * 1e12, f"{name} bf16"
+    return measure_peak_flops(device), "measured"
+
+
+def measure_peak_flops(device, n=1024, rounds=5):
+    """Measured matmul FLOP/s on this device (GPUs not in PEAK_TFLOPS, CPUs): the fastest of several rounds."""
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     # its own generator: drawing from the global one would shift dropout's random numbers after a resume
     a = torch.randn(n, n, device=device, dtype=dtype, generator=torch.Generator(device).manual_seed(0))
@@ -611,7 +696,7 @@ def measure_peak_flops(device, n=1024):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     best, reps = float("inf"), 5
-    for _ in range(3):  # the fastest of three rounds: a slow one (another process, a cold core) overstated MFU
+    for _ in range(rounds):  # the fastest round: a slow one (another process, a cold core) would overstate MFU
         t0 = time.time()
         for _ in range(reps):
             a @ a
