@@ -144,8 +144,9 @@ def apply_rope(x, cos, sin):
 def attention_mask(config, query_positions, n_keys, cached=True, aligned=False, documents=None):
     """Which keys each query attends to: the one place that decides it, for training, cached prefill and decode,
     ragged batches and the compiled step. Returns keyword arguments for F.scaled_dot_product_attention.
-    query_positions (b, T): each new token's position in its row; key j of a row (0 .. n_keys - 1) is its token at
-    position j, and the query at position p sees it when j <= p (causal). Keys past a row's end lie past all its
+    query_positions (b, T): each new token's position in its row (training: None, or a packed row's positions);
+    key j of a row (0 .. n_keys - 1) is its token at position j, and the query at position p sees it when j <= p
+    (causal). Keys past a row's end lie past all its
     queries. Two shortcuts where causality is the only rule: not cached (training: the queries are the keys,
     positions 0 .. T - 1) is SDPA's own is_causal; aligned (one new token per row, each row exactly n_keys long)
     hides nothing, so no mask. A rule added here (a window, document boundaries) must also bypass those two.
@@ -561,17 +562,16 @@ class Transformer(nn.Module):
         norm, over a cache's layers at the places `index` (kv_cache.CacheIndex) says, or none (training, where
         documents (B, T) ids, when given, restart positions and bound attention at each document)."""
         B, T = input_ids.shape
-        if index is None and documents is None:
-            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-            mask = attention_mask(self.config, torch.arange(T, device=input_ids.device)[None], T, cached=False)
-        elif index is None:
-            positions = document_positions(documents)  # (B, T)
-            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, d)
+        if index is None:  # training: positions 0 .. T - 1, or restarting at each document of a packed row
+            positions = None if documents is None else document_positions(documents)  # (B, T)
             mask = attention_mask(self.config, positions, T, cached=False, documents=documents)
         else:
             positions = index.positions.clamp(max=self.config.max_len - 1)  # padding may run past the end
-            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, d)
             mask = attention_mask(self.config, index.positions, index.read_slots.shape[1], aligned=index.aligned)
+        if positions is None:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, d)
         x = self.embed_tokens(input_ids)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for i, layer in enumerate(self.layers):

@@ -306,7 +306,7 @@ def make_optimizer(model, cfg, device_type):
     0.2 * lr (Moonshot's rule), AdamW's typical update size, so both take the same lr and weight_decay."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     muon = [p for n, p in named if cfg.optimizer == "muon" and is_muon_param(n, p)]
-    decay = [p for n, p in named if p.dim() >= 2 and not any(p is q for q in muon)]
+    decay = [p for n, p in named if p.dim() >= 2 and not (cfg.optimizer == "muon" and is_muon_param(n, p))]
     no_decay = [p for n, p in named if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
