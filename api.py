@@ -133,7 +133,7 @@ def budgets(prompts, asked, default, limits, param, prompt_param):
             raise ApiError(400, f"the prompt is {len(p)} tokens and {param}={asked}, more than {both}: ask for at "
                                 f"most {max_len - len(p)} tokens",
                            param=param, code="context_length_exceeded")
-    return [asked or min(default or max_len, max_len - len(p)) for p in prompts]
+    return [min(default or max_len, max_len - len(p)) if asked is None else asked for p in prompts]
 
 
 def text_of(content, where):
@@ -187,8 +187,9 @@ def openai_prompts(body, chat, tokenizer, vocab_size):
 def parse_openai(body, chat, tokenizer, limits, vocab_size, max_sequences):
     """A chat or completions request -> Request(prompts, n, seed, stop, max_tokens per prompt, sampling (a
     SamplingParams), top_logprobs, stream, include_usage). limits: (context, tokens the KV cache's budget holds)."""
-    refuse_unsupported(body, OPENAI_UNSUPPORTED)
+    refuse_unsupported(body, OPENAI_UNSUPPORTED if chat else {**OPENAI_UNSUPPORTED, "echo": (None, False, True)})
     prompts = openai_prompts(body, chat, tokenizer, vocab_size)
+    echo = not chat and flag(body, "echo")
     if chat:
         top_logprobs = number(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS, integer=True)
         if top_logprobs and not flag(body, "logprobs"):
@@ -198,17 +199,19 @@ def parse_openai(body, chat, tokenizer, limits, vocab_size, max_sequences):
         number(body, "max_tokens", None, 1, math.inf, integer=True)  # the older name, checked too
     else:
         top_logprobs, name = number(body, "logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True), "max_tokens"
-    asked = number(body, name, None, 1, math.inf, integer=True)
+    asked = number(body, name, None, 0 if echo else 1, math.inf, integer=True)  # 0 with echo: score the prompt
     stream, stream_options = flag(body, "stream"), body.get("stream_options")
     if stream_options is not None and (not stream or not isinstance(stream_options, dict)):
         raise ApiError(400, 'stream_options must be an object like {"include_usage": true}, and only with '
                             "stream=true", param="stream_options")
     n, seed = number(body, "n", 1, 1, MAX_N, integer=True), number(body, "seed", None, -(1 << 63), (1 << 63) - 1, True)
+    if echo and n > 1:
+        raise ApiError(400, f"echo with n={n} is not supported: send n=1 (each prompt is echoed once)", param="n")
     if len(prompts) * n > max_sequences:
         raise ApiError(400, f"{len(prompts)} prompts x n={n} make {len(prompts) * n} sequences; the server queues "
                             f"at most {max_sequences}", param="n")
     return SimpleNamespace(
-        prompts=prompts, n=n, seed=seed, stop=stop_strings(body, "stop", MAX_STOP),
+        prompts=prompts, n=n, seed=seed, stop=stop_strings(body, "stop", MAX_STOP), echo=echo,
         max_tokens=budgets(prompts, asked, None if chat else 16, limits, name, "messages" if chat else "prompt"),
         sampling=sampling(body, vocab_size), top_logprobs=top_logprobs, stream=stream,
         include_usage=flag(stream_options or {}, "include_usage"))
@@ -233,8 +236,9 @@ def logprobs_json(chat, tokenizer, entries, offset=0):
                 "refusal": None}
     tokens = [token(t) for t, _, _ in entries]
     offsets = [offset + sum(len(x) for x in tokens[:k]) for k in range(len(tokens))]
-    return {"tokens": tokens, "token_logprobs": [finite(lp) for _, lp, _ in entries], "text_offset": offsets,
-            "top_logprobs": [{token(i): finite(v) for i, v in top} for _, _, top in entries]}
+    return {"tokens": tokens, "token_logprobs": [None if lp is None else finite(lp) for _, lp, _ in entries],
+            "text_offset": offsets,  # None: an echoed prompt's first token, which nothing before predicts
+            "top_logprobs": [None if top is None else {token(i): finite(v) for i, v in top} for _, _, top in entries]}
 
 
 def choice_json(chat, stream, index, text, logprobs=None, finish=None):
@@ -250,7 +254,7 @@ def choice_json(chat, stream, index, text, logprobs=None, finish=None):
 
 def usage_json(prompts, choices):
     prompt = sum(len(p) for p in prompts)  # each prompt counts once, however many choices it has
-    completion = sum(len(c.seq.tokens) for c in choices)
+    completion = sum(c.completion_tokens for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -285,7 +289,7 @@ def parse_anthropic(body, tokenizer, limits, vocab_size):
         prompts=[prompt], n=1, seed=number(body, "seed", None, -(1 << 63), (1 << 63) - 1, True),
         stop=stop_strings(body, "stop_sequences", MAX_STOP_SEQUENCES),
         max_tokens=budgets([prompt], asked, None, limits, "max_tokens", "messages"),
-        sampling=sampling(body, vocab_size, max_temperature=1.0), top_logprobs=None,
+        sampling=sampling(body, vocab_size, max_temperature=1.0), top_logprobs=None, echo=False,
         stream=flag(body, "stream"), include_usage=False)
 
 
@@ -299,4 +303,72 @@ def message_json(head, text, finish, choice, input_tokens):
     return {**head, "type": "message", "role": "assistant", "content": [{"type": "text", "text": text}] if done else [],
             "stop_reason": stop_reason(finish, choice.stop_string) if done else None,
             "stop_sequence": choice.stop_string if done else None,
-            "usage": {"input_tokens": input_tokens, "output_tokens": len(choice.seq.tokens)}}
+            "usage": {"input_tokens": input_tokens, "output_tokens": choice.completion_tokens}}
+
+
+# -----------------------------------------------------------------------------
+# vLLM's tokenizer endpoints (lm-eval's tokenizer_backend=remote uses them)
+
+
+def added_by_template(tokenizer):
+    """-> (ids before, ids after) that tokenizer.json's post-processor puts around one text (Hugging Face's
+    add_special_tokens=True: Llama 3's BOS; none for Qwen's or ours); an ApiError for a post-processor not read here."""
+    processor = tokenizer.hf_json.get("post_processor") or {}
+    steps = processor.get("processors", []) if processor.get("type") == "Sequence" else [processor]
+    for step in steps:
+        if step.get("type") == "TemplateProcessing":
+            pieces, names = step.get("single", []), step.get("special_tokens", {})
+            cut = next(i for i, piece in enumerate(pieces) if "Sequence" in piece)
+            ids = [[i for piece in part for i in names[piece["SpecialToken"]["id"]]["ids"]]
+                   for part in (pieces[:cut], pieces[cut + 1:])]
+            return ids[0], ids[1]
+        if step and step.get("type") != "ByteLevel":
+            raise ApiError(400, f"add_special_tokens=true: the tokenizer's post-processor {step.get('type')!r} is "
+                                "not supported; send add_special_tokens=false", param="add_special_tokens")
+    return [], []
+
+
+def parse_tokenize(body, tokenizer):
+    """/tokenize's body -> token ids: {"prompt": text, "add_special_tokens": true} (special-token strings in the
+    text are special tokens, as in Hugging Face tokenizers and vLLM), or {"messages": [...],
+    "add_generation_prompt": true} through the chat template."""
+    refuse_unsupported(body, {"tools": (None, []), "chat_template": (None,), "chat_template_kwargs": (None, {}),
+                              "continue_final_message": (None, False), "mm_processor_kwargs": (None, {})})
+    if "messages" in body:
+        messages = body["messages"]
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise ApiError(400, 'messages must be a non-empty list of {"role": ..., "content": ...} objects',
+                           param="messages")
+        plain = [{"role": m.get("role"), "content": text_of(m.get("content"), f"messages[{i}].content")}
+                 for i, m in enumerate(messages)]
+        try:
+            ids = tokenizer.render_chat(plain, add_generation_prompt=flag(body, "add_generation_prompt")
+                                        or body.get("add_generation_prompt") is None)[0]
+        except ValueError as e:
+            raise ApiError(400, f"messages: {e}", param="messages") from None
+        before, after = added_by_template(tokenizer) if flag(body, "add_special_tokens") else ([], [])
+    else:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise ApiError(400, 'send {"prompt": "text"} or {"messages": [...]}', param="prompt")
+        ids = tokenizer.encode_with_special(prompt)
+        add = flag(body, "add_special_tokens") or body.get("add_special_tokens") is None  # vLLM's default: true
+        before, after = added_by_template(tokenizer) if add else ([], [])
+    return before + list(ids) + after
+
+
+def parse_detokenize(body, vocab_size):
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < vocab_size for t in tokens):
+        raise ApiError(400, f"tokens must be a list of token ids in 0..{vocab_size - 1}", param="tokens")
+    return tokens
+
+
+def tokenizer_info_json(tokenizer, max_len):
+    """/tokenizer_info: what tokenizer_config.json says (special tokens, chat template), as vLLM's endpoint."""
+    names = {i: content for content, i in tokenizer._added_ids.items()}
+    eos = tokenizer.special_token_names.get("eos_token") or names.get(tokenizer.stop_ids[0] if tokenizer.stop_ids
+                                                                        else None)
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len, "bos_token": None,
+            "pad_token": None, "unk_token": None, **tokenizer.special_token_names, "eos_token": eos,
+            "chat_template": tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None}

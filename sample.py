@@ -221,10 +221,12 @@ class Sequence:
     on_token(seq, token, logprobs_entry), when given, is called after each token (seq.finish already says "stop"
     for a stop token and "length" for the last one the budget allows; logprobs_entry is (token, logprob,
     [(id, logprob), ...]) when top_logprobs was asked for, else None); returning True ends the sequence there with
-    finish "stop". want_logprobs: keep each token's log-prob under the sampling distribution (GRPO's old ones)."""
+    finish "stop". want_logprobs: keep each token's log-prob under the sampling distribution (GRPO's old ones).
+    prompt_logprobs=k: the prefill also scores the prompt (evaluate.PromptScores): prompt_scores[p] is the entry
+    (token, logprob, top k) of prompt token p + 1; such a sequence never reuses a cached prefix."""
 
     def __init__(self, prompt, max_tokens, params=SamplingParams(), generator=None, want_logprobs=False,
-                 top_logprobs=None, on_token=None):
+                 top_logprobs=None, on_token=None, prompt_logprobs=None):
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params={params!r}: expected a SamplingParams")
         self.prompt, self.max_tokens, self.params, self.generator = list(prompt), max_tokens, params, generator
@@ -232,6 +234,7 @@ class Sequence:
         self.want_logprobs = want_logprobs
         self.top_logprobs = top_logprobs  # k: the model's own log-probs of the token and the k most likely ones
         self.on_token = on_token
+        self.prompt_logprobs, self.prompt_scores = prompt_logprobs, [None] * (len(self.prompt) - 1)
         self.tokens, self.logprobs = [], []  # generated token ids (a stop token included) and their log-probs
         self.slot, self.prefilled = None, 0  # the KV cache row, and how many tokens of `fill` are in it
         self.fill = self.prompt  # what to prefill: the prompt, plus the tokens generated before a preemption
@@ -367,7 +370,7 @@ class Engine:
         with self.lock:
             while self.free_slots and self.waiting:
                 seq = self.waiting[0]
-                slot, reused = self.pick_slot(seq.fill)
+                slot, reused = self.pick_slot(seq.fill) if seq.prompt_logprobs is None else (self.free_slots[0], 0)
                 spare = sum(len(self.cache.tables[s]) for s in self.free_slots if s != slot)
                 kept = -(-reused // BLOCK)
                 if -(-len(seq.fill) // BLOCK) - kept > len(self.cache.free) + spare:
@@ -430,8 +433,14 @@ class Engine:
             T = max(lengths)
             ids = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=self.device)  # (b, T)
             input_lengths = None if min(lengths) == T else torch.tensor(lengths, device=self.device)
-            out = self.model(ids, Logits(last_only=True), self.cache, [s.slot for s in prefilling],
-                             input_lengths)  # (b, 1, V)
+            output = Logits(last_only=True)
+            scored = {i: (s, s.prefilled, lengths[i]) for i, s in enumerate(prefilling)
+                      if s.prompt_logprobs is not None and s.prefilled < len(s.prompt) - 1}
+            if scored:  # the same forward scores their prompts
+                from evaluate import PromptScores
+
+                output = PromptScores(scored, self.vocab_size)
+            out = self.model(ids, output, self.cache, [s.slot for s in prefilling], input_lengths)  # (b, 1, V)
             for i, seq in enumerate(prefilling):
                 seq.prefilled += lengths[i]
                 if seq.prefilled == len(seq.fill):  # the prompt's last token predicts the first new one

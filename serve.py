@@ -38,8 +38,8 @@ from urllib.parse import urlsplit
 import torch
 
 import httpd
-from api import (ApiError, choice_json, logprobs_json, message_json, parse_anthropic, parse_json, parse_openai,
-                 usage_json)
+from api import (ApiError, choice_json, flag, logprobs_json, message_json, parse_anthropic, parse_detokenize,
+                 parse_json, parse_openai, parse_tokenize, tokenizer_info_json, usage_json)
 from kv_cache import BLOCK, budget_text
 from sample import Engine, Sequence, TextStream, compile_setting, load
 from httpd import ClientGone, Connection, dumps
@@ -74,7 +74,9 @@ DEFAULTS = dict(
 )
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
 ROUTES = {"/": "GET", "/health": "GET", "/stats": "GET", "/metrics": "GET", "/v1/models": "GET",
-          "/v1/chat/completions": "POST", "/v1/completions": "POST", "/v1/messages": "POST"}
+          "/v1/chat/completions": "POST", "/v1/completions": "POST", "/v1/messages": "POST",
+          "/tokenize": "POST", "/detokenize": "POST", "/tokenizer_info": "GET"}  # the last three: vLLM's
+KEYED = ("/stats", "/metrics", "/tokenize", "/detokenize", "/tokenizer_info")  # besides /v1/*: need --api_key
 
 
 # -----------------------------------------------------------------------------
@@ -96,25 +98,42 @@ def release_text(held, piece, stops):
 
 class Choice:
     """One choice of one request: the engine's Sequence, and the text sent for it. Its on_token (run on the
-    engine's thread) turns tokens into events on the request's queue: (index, text, logprobs entry or None,
+    engine's thread) turns tokens into events on the request's queue: (index, text, [logprobs entries],
     finish_reason or None); text is held back while it may be the start of a stop string. params: the request's
-    sample.SamplingParams; top_logprobs: None, or how many alternatives each logprobs entry lists."""
+    sample.SamplingParams; top_logprobs: None, or how many alternatives each logprobs entry lists. echo: the first
+    event begins with the prompt's text (and, with top_logprobs, its tokens' entries: the prefill scores them);
+    max_tokens=0 (with echo): one token is generated and not shown, so the reply is the prompt alone."""
 
-    def __init__(self, loop, index, events, prompt, max_tokens, params, stop=(), seed=None, top_logprobs=None):
-        self.loop, self.index, self.events, self.stop = loop, index, events, list(stop)
+    def __init__(self, loop, index, events, prompt, max_tokens, params, stop=(), seed=None, top_logprobs=None,
+                 echo=False):
+        self.loop, self.index, self.events, self.stop, self.echo = loop, index, events, list(stop), echo
         generator = None if seed is None else torch.Generator(device=loop.engine.device).manual_seed(seed)
-        self.seq = Sequence(prompt, max_tokens, params, generator, top_logprobs=top_logprobs, on_token=self.on_token)
+        self.hidden = max_tokens == 0
+        self.seq = Sequence(prompt, max(1, max_tokens), params, generator, top_logprobs=top_logprobs,
+                            on_token=self.on_token, prompt_logprobs=top_logprobs if echo else None)
         self.stream, self.held, self.stop_string = TextStream(loop.tokenizer), "", None
         self.submitted = self.last_token = time.perf_counter()  # time to first token counts from submission
+
+    @property
+    def completion_tokens(self):
+        return 0 if self.hidden else len(self.seq.tokens)
+
+    def echoed(self):
+        """The prompt's text and its entries (token, logprob, top): none for the first token, whose top lists
+        the token itself too, as OpenAI's legacy echo does."""
+        seq = self.seq
+        entries = [] if seq.top_logprobs is None else [(seq.prompt[0], None, None)] + [
+            (t, lp, top + [(t, lp)] * all(i != t for i, _ in top)) for t, lp, top in seq.prompt_scores]
+        return self.loop.tokenizer.decode(seq.prompt), entries
 
     def on_token(self, seq, token, logprobs_entry):
         """Sequence's callback: logprobs_entry is (token, logprob, [(id, logprob), ...]) or None (see Sequence)."""
         if token is None:  # the engine failed, or the server is shutting down
-            self.events.put((self.index, "", None, "error"))
+            self.events.put((self.index, "", [], "error"))
             return self.loop.count(self, seq, "error")
         try:
             hit = None
-            if seq.finish == "stop":  # a stop token: counted, never shown
+            if seq.finish == "stop" or self.hidden:  # a stop token: counted, never shown
                 text, logprobs_entry = "", None
             else:
                 text, self.held, hit = release_text(self.held, self.stream.push(token), self.stop)
@@ -122,12 +141,16 @@ class Choice:
                 # the end: the held text and an incomplete character go out, unless they complete a stop string
                 tail, rest, hit = release_text(self.held, self.stream.flush(), self.stop)
                 text += tail if hit else tail + rest
+            entries = [logprobs_entry] if logprobs_entry else []
+            if self.echo and len(seq.tokens) == 1:
+                prompt_text, prompt_entries = self.echoed()
+                text, entries = prompt_text + text, prompt_entries + entries
         except Exception:  # a gap in an imported tokenizer's id table, say: this choice fails, the others go on
             traceback.print_exc()
-            self.events.put((self.index, "", None, "error"))
+            self.events.put((self.index, "", [], "error"))
             return True
         self.stop_string, finish = hit, "stop" if hit else seq.finish
-        self.events.put((self.index, text, logprobs_entry, finish))
+        self.events.put((self.index, text, entries, finish))
         self.loop.count(self, seq, finish)
         return hit is not None
 
@@ -289,7 +312,7 @@ class Handler(Connection):
         if self.command != method:
             raise ApiError(405, f"{self.command} is not allowed on {path}: use {method}", code="method_not_allowed",
                            headers={"Allow": method})
-        if path.startswith("/v1/") or path in ("/stats", "/metrics"):
+        if path.startswith("/v1/") or path in KEYED:
             self.check_key()
         if method == "POST":
             if self.headers.get_content_type() != "application/json":
@@ -308,9 +331,19 @@ class Handler(Connection):
         elif path.startswith("/v1/models/"):
             self.check_model(path[len("/v1/models/"):])
             self.send_json(200, card)
+        elif path == "/tokenizer_info":
+            self.send_json(200, tokenizer_info_json(loop.tokenizer, loop.engine.max_len))
         elif method == "GET":
             self.send_json(200, {"/health": {"status": "ok"}, "/stats": loop.stats(),
                                  "/v1/models": {"object": "list", "data": [card]}}[path])
+        elif path == "/tokenize":
+            tokens = parse_tokenize(body, loop.tokenizer)
+            strs = [loop.tokenizer.decode_bytes([t]).decode("utf-8", errors="replace") for t in tokens]
+            self.send_json(200, {"count": len(tokens), "max_model_len": loop.engine.max_len, "tokens": tokens,
+                                 "token_strs": strs if flag(body, "return_token_strs") else None})
+        elif path == "/detokenize":
+            tokens = parse_detokenize(body, loop.tokenizer.vocab_size)
+            self.send_json(200, {"prompt": loop.tokenizer.decode(tokens)})
         elif path == "/v1/messages":
             self.messages(body)
         else:
@@ -332,14 +365,14 @@ class Handler(Connection):
         loop, events = self.server.loop, queue.Queue()
         choices = [Choice(loop, p * request.n + j, events, prompt, request.max_tokens[p], request.sampling,
                           request.stop, None if request.seed is None else (request.seed + j) % (1 << 63),
-                          request.top_logprobs)
+                          request.top_logprobs, request.echo)
                    for p, prompt in enumerate(request.prompts) for j in range(request.n)]  # choice j: its own seed
         loop.submit(choices)
         try:
             respond(choices, events)
         finally:
             loop.cancel(choices)  # no-op for finished sequences
-        self.note = (f"prompt={sum(map(len, request.prompts))} completion={sum(len(c.seq.tokens) for c in choices)} "
+        self.note = (f"prompt={sum(map(len, request.prompts))} completion={sum(c.completion_tokens for c in choices)} "
                      f"n={len(choices)}" + (" stream" if request.stream else ""))
 
     # --- OpenAI ------------------------------------------------------------------------------------------------
@@ -358,7 +391,7 @@ class Handler(Connection):
         text, entries, finish = [[] for _ in choices], [[] for _ in choices], [None] * len(choices)
         for index, piece, entry, reason in self.events(events, len(choices)):
             text[index].append(piece)
-            entries[index] += [entry] if entry else []
+            entries[index] += entry
             finish[index] = reason
         if "error" in finish:
             raise self.failure()
@@ -389,9 +422,9 @@ class Handler(Connection):
                 failed = True
                 continue
             if text or entry:
-                logprobs = entry and logprobs_json(chat, tokenizer, [entry], offsets[index])
+                logprobs = entry and logprobs_json(chat, tokenizer, entry, offsets[index])
                 send([choice_json(chat, True, index, text, logprobs)])
-                offsets[index] += len(logprobs["tokens"][0]) if logprobs and not chat else 0
+                offsets[index] += sum(map(len, logprobs["tokens"])) if logprobs and not chat else 0
             if reason:
                 send([choice_json(chat, True, index, "", finish=reason)])
         if request.include_usage:
