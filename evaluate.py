@@ -14,9 +14,22 @@ Scoring text and the glue to lm-evaluation-harness (lm-eval), the evaluator peop
 
 Imported only when used: a reader who trains or samples never opens it.
 """
+import json
+import os
+import sys
+
 import torch
 
 from model import Logits, head_chunk_rows
+
+DEFAULTS = dict(
+    data="",  # a task file (tasks.py's jsonl: {"messages": [one user message]} or {"prompt": "..."}, plus "answer")
+    tokenizer="",  # the model (or tokenizer) directory whose chat template renders "messages" records
+    out="",  # the directory to write: NAME.yaml, NAME.jsonl, utils.py
+    name="",  # the lm-eval task name; default: astrai_ + the data file's name
+    max_new_tokens=64,  # tokens each reply may take: sample.py --eval's
+)
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 class PromptScores:
@@ -45,3 +58,75 @@ class PromptScores:
                     seq.prompt_scores[start + a + j] = (seq.prompt[start + a + j + 1], chosen[j],
                                                         list(zip(ids, values))[:seq.prompt_logprobs])
         return Logits(last_only=True)(model, hidden, index)
+
+
+# -----------------------------------------------------------------------------
+# exact-answer task files as lm-eval tasks
+
+
+def lm_eval_records(data, tokenizer):
+    """A task file's records as lm-eval docs {"prompt": text, "answer"}: chat records rendered through the chat
+    template to text whose special-token strings re-tokenize to the very ids sample.py --eval feeds the model
+    (checked), so that no --apply_chat_template is needed and lm-eval's prompt is the pipeline's."""
+    from tasks import read_task
+
+    prompts, answers = read_task(data, tokenizer)
+    records = []
+    for i, (ids, answer) in enumerate(zip(prompts, answers), 1):
+        text = tokenizer.decode(ids)
+        if tokenizer.encode_with_special(text) != ids:
+            raise ValueError(f"{data}: record {i}'s rendered prompt does not tokenize back to the same ids; "
+                             "it cannot be an lm-eval text prompt")
+        records.append({"prompt": text, "answer": answer})
+    return records
+
+
+def write_tasks(data, tokenizer, out, name="", max_new_tokens=64):
+    """Write an lm-eval task for a task file: OUT/NAME.yaml (generate_until, greedy, up to max_new_tokens, cut at the
+    tokenizer's stop tokens), OUT/NAME.jsonl and OUT/utils.py, whose process_results is tasks.answer_is_correct:
+    lm-eval's exact_match is then sample.py --eval's accuracy. Paths inside are absolute. -> the task name."""
+    name = name or "astrai_" + os.path.splitext(os.path.basename(data))[0]
+    records = lm_eval_records(data, tokenizer)
+    os.makedirs(out, exist_ok=True)
+    jsonl, stops = os.path.abspath(os.path.join(out, name + ".jsonl")), [tokenizer.decode([i]) for i in
+                                                                          tokenizer.stop_ids]
+    with open(jsonl + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    os.replace(jsonl + ".tmp", jsonl)
+    yaml = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": jsonl}},
+            "test_split": "test", "output_type": "generate_until", "doc_to_text": "{{prompt}}",
+            "doc_to_target": "{{answer}}", "generation_kwargs": {"until": stops, "max_gen_toks": max_new_tokens,
+                                                                 "do_sample": False, "temperature": 0.0},
+            "process_results": "!function utils.process_results",
+            "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]}
+    text = "".join(f"{key}: {json.dumps(value, ensure_ascii=False)}\n" for key, value in yaml.items())  # JSON is YAML
+    with open(os.path.join(out, name + ".yaml"), "w", encoding="utf-8") as f:
+        f.write(text.replace('"!function utils.process_results"', "!function utils.process_results"))
+    with open(os.path.join(out, "utils.py"), "w", encoding="utf-8") as f:
+        f.write(f'"""lm-eval glue written by evaluate.py: exact_match is tasks.py\'s answer check."""\nimport sys\n\n'
+                f"sys.path.insert(0, {ROOT!r})\nfrom tasks import answer_is_correct  # noqa: E402\n\n\n"
+                "def process_results(doc, results):\n"
+                '    return {"exact_match": float(answer_is_correct(results[0], doc["answer"]))}\n')
+    return name
+
+
+def main(argv):
+    if not argv or argv[0] != "tasks":
+        print(__doc__)
+        raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
+    from settings import load_settings
+    from tokenizer import Tokenizer
+
+    args = load_settings(DEFAULTS, argv[1:], "evaluate.py tasks")
+    for key in ("data", "tokenizer", "out"):
+        if not args[key]:
+            raise SystemExit(f"--{key} is required; see python evaluate.py tasks --help")
+    try:
+        name = write_tasks(args.data, Tokenizer.load(args.tokenizer), args.out, args.name, args.max_new_tokens)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"evaluate.py: {e}") from None
+    print(f"wrote the lm-eval task {name} to {args.out}; run it with --include_path={args.out} --tasks={name}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
