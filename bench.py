@@ -3,11 +3,12 @@ Benchmarks, side by side with Hugging Face transformers (when installed) in one 
 
     python bench.py                       # everything
     python bench.py --only=train,decode   # some sections: train, train_memory, decode, serve, prepare, gguf_load,
-                                          # hardware, serve_memory (not in the default run: minutes each)
+                                          # hardware, serve_memory, loglikelihood (not in the default run)
     python bench.py --only=decode,serve --llamacpp=DIR   # llama.cpp rows too (DIR: README, Benchmarks)
 
 Speed claims live here, never in timed unit tests.
 """
+import os
 import sys
 import time
 
@@ -52,6 +53,7 @@ DEFAULTS = dict(
     prepare_mb=32,  # prepare: MB of generated English/Chinese text
     prepare_vocab=4096,  # prepare: vocab of the BPE tokenizer trained on a sample of it
     workers=0,  # prepare: worker processes and tiktoken threads, 0 = one per core
+    loglikelihood_docs=64,  # loglikelihood: 4-choice questions (4 requests each) of 48-96 token contexts
 )
 
 # -----------------------------------------------------------------------------
@@ -252,7 +254,6 @@ def bench_train_memory(args):
 
 def load_in_child(impl, path, threads, queue):
     """In a fresh process: seconds and peak RSS to get a float32 model and its tokenizer from the .gguf file."""
-    import os
 
     if threads:
         torch.set_num_threads(threads)
@@ -273,7 +274,6 @@ def load_in_child(impl, path, threads, queue):
 
 
 def bench_gguf_load(args):
-    import os
     import subprocess
     import tempfile
 
@@ -395,7 +395,6 @@ GGUF_TYPES = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0", "float16": "
 
 def gguf_file(model, tokenizer, dtype, directory):
     """The model exported by export.py to GGUF in the type closest to dtype (int8: llama.cpp's q8_0)."""
-    import os
 
     from export import export
 
@@ -411,7 +410,6 @@ def gguf_file(model, tokenizer, dtype, directory):
 def llamacpp_decode(llamacpp, gguf, batches, prompt_len, n_tokens, threads):
     """{batch: decode tokens/s} from llama-batched-bench (its tg speed: batch x new tokens / their time)."""
     import json
-    import os
     import subprocess
 
     command = [os.path.join(llamacpp, "build", "bin", "llama-batched-bench"), "-m", gguf, "-npp", str(prompt_len),
@@ -525,7 +523,6 @@ def served(model, tokenizer, prompts, n_tokens, clients, compile):
 def llama_served(llamacpp, gguf, prompts, n_tokens, clients, threads, rss=None):
     """llama-server's output tokens/s (16 slots, -np 16) for the same greedy completions of the same token ids;
     rss, a dict, gets the server's peak RSS as "peak"."""
-    import os
     import socket
     import subprocess
     import urllib.request
@@ -565,7 +562,6 @@ def bench_serve_memory(args):
     """serve.py as a user starts it (its defaults but --max_batch=16) and llama-server (-np 16, its context split
     over the slots as its docs say) on the same bfloat16 weights, 16 clients at once with prompts of
     --memory_prompt_len tokens: each server process's peak RSS."""
-    import os
     import re
     import subprocess
     import sys
@@ -710,7 +706,6 @@ def bench_corpus(rng, n_bytes):
 
 
 def bench_prepare(args):
-    import os
     import random
     import tempfile
 
@@ -759,13 +754,82 @@ def bench_prepare(args):
     table(rows, ["impl", "MB/s", "vs tiktoken (same cores)", "CPU s", "tiktoken's CPU / ours"])
 
 
+def bench_loglikelihood(args):
+    """lm-eval's loglikelihood requests/s: `--model local-completions` against serve.py (echo + logprobs, prompts
+    scored in the prefill) vs `--model hf` on the same model directory, both float32, 16 requests a batch."""
+    import json
+    import random
+    import tempfile
+
+    import lm_eval
+    from lm_eval.api.registry import get_model
+    from lm_eval.tasks import TaskManager
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    rows = []
+    for preset in args.presets.split(","):
+        model, tokenizer = bench_model(preset, args.seed)
+        rng = random.Random(args.seed)
+        words = [tokenizer.decode([i]) for i in range(300, min(2000, tokenizer.vocab_size))]
+        with tempfile.TemporaryDirectory() as d:
+            model.save_pretrained(d)
+            tokenizer.save(d)
+            with open(f"{d}/mc.jsonl", "w") as f:
+                for _ in range(args.loglikelihood_docs):
+                    f.write(json.dumps({"q": "".join(rng.choices(words, k=rng.randint(48, 96))), "label": 0,
+                                        "choices": ["".join(rng.choices(words, k=8)) for _ in range(4)]}) + "\n")
+            with open(f"{d}/mc.yaml", "w") as f:
+                f.write(f"task: bench_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {d}/mc.jsonl\n"
+                        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
+                        "doc_to_choice: '{{choices}}'\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n")
+            url, seconds = None, {}
+            for name, model_args in [("lm-eval --model hf", f"pretrained={d},dtype=float32,batch_size=16"),
+                                     ("serve.py", "model=model,base_url={url},tokenizer_backend=remote,batch_size=16")]:
+                if name == "serve.py":
+                    server, loop = serve_in_thread(model, tokenizer, 16)
+                    url = f"http://127.0.0.1:{server.server_address[1]}/v1/completions"
+                lm = get_model("hf" if url is None else "local-completions").create_from_arg_string(
+                    model_args.format(url=url), {"device": "cpu"})
+                score = lm.loglikelihood
+
+                def timed(requests, *rest, name=name, score=score):  # the requests alone, not lm-eval's setup
+                    t0 = time.perf_counter()
+                    result = score(requests, *rest)
+                    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+                    return result
+
+                lm.loglikelihood = timed
+                lm_eval.simple_evaluate(model=lm, tasks=["bench_mc"], task_manager=TaskManager(include_path=d),
+                                        verbosity="ERROR")
+            server.shutdown()
+            server.server_close()
+            loop.stop()
+        n = 4 * args.loglikelihood_docs
+        rows.append([preset, f"{n / seconds['serve.py']:.1f}", f"{n / seconds['lm-eval --model hf']:.1f}",
+                     f"{seconds['lm-eval --model hf'] / seconds['serve.py']:.2f}x"])
+    table(rows, ["model", "serve.py req/s", "lm-eval hf req/s", "serve.py vs hf"])
+
+
+def serve_in_thread(model, tokenizer, max_batch):
+    """serve.py's server and engine thread on a free port, compiled decode off (scoring is prefill)."""
+    import threading
+
+    from sample import Engine
+    from serve import EngineLoop, make_server
+
+    loop = EngineLoop(Engine(model, max_batch), tokenizer, max_waiting=256).start()
+    server = make_server(loop, port=0, log_requests=False)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, loop
+
+
 if __name__ == "__main__":
     args = load_settings(DEFAULTS, sys.argv[1:], "bench.py")
     if args.threads:
         torch.set_num_threads(args.threads)
     sections = {"train": bench_train, "train_memory": bench_train_memory, "decode": bench_decode,
                 "serve": bench_serve, "prepare": bench_prepare, "gguf_load": bench_gguf_load,
-                "hardware": bench_hardware, "serve_memory": bench_serve_memory}
+                "hardware": bench_hardware, "serve_memory": bench_serve_memory, "loglikelihood": bench_loglikelihood}
     for name in args.only.split(","):
         if name not in sections:
             sys.exit(f"bench.py: unknown section {name!r}; choose from {', '.join(sections)}")
