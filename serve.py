@@ -38,8 +38,8 @@ from urllib.parse import urlsplit
 import torch
 
 import httpd
-from api import (ApiError, choice_json, logprobs_json, message_json, parse_anthropic, parse_json, parse_openai,
-                 usage_json)
+from api import (ApiError, choice_json, event_delta, logprobs_json, message_json, parse_anthropic, parse_json,
+                 parse_openai, reply_choice_json, usage_json)
 from kv_cache import BLOCK, budget_text
 from sample import Engine, Sequence, TextStream, compile_setting, load
 from httpd import ClientGone, Connection, dumps
@@ -100,10 +100,12 @@ class Choice:
     finish_reason or None); text is held back while it may be the start of a stop string. params: the request's
     sample.SamplingParams; top_logprobs: None, or how many alternatives each logprobs entry lists."""
 
-    def __init__(self, loop, index, events, prompt, max_tokens, params, stop=(), seed=None, top_logprobs=None):
+    def __init__(self, loop, index, events, prompt, max_tokens, params, stop=(), seed=None, top_logprobs=None,
+                 constraint=None):
         self.loop, self.index, self.events, self.stop = loop, index, events, list(stop)
         generator = None if seed is None else torch.Generator(device=loop.engine.device).manual_seed(seed)
-        self.seq = Sequence(prompt, max_tokens, params, generator, top_logprobs=top_logprobs, on_token=self.on_token)
+        self.seq = Sequence(prompt, max_tokens, params, generator, top_logprobs=top_logprobs, on_token=self.on_token,
+                            constraint=constraint)
         self.stream, self.held, self.stop_string = TextStream(loop.tokenizer), "", None
         self.submitted = self.last_token = time.perf_counter()  # time to first token counts from submission
 
@@ -332,7 +334,7 @@ class Handler(Connection):
         loop, events = self.server.loop, queue.Queue()
         choices = [Choice(loop, p * request.n + j, events, prompt, request.max_tokens[p], request.sampling,
                           request.stop, None if request.seed is None else (request.seed + j) % (1 << 63),
-                          request.top_logprobs)
+                          request.top_logprobs, request.constraint and request.constraint())
                    for p, prompt in enumerate(request.prompts) for j in range(request.n)]  # choice j: its own seed
         loop.submit(choices)
         try:
@@ -363,9 +365,10 @@ class Handler(Connection):
         if "error" in finish:
             raise self.failure()
         tokenizer = self.server.loop.tokenizer
-        body = [choice_json(chat, False, c.index, "".join(text[c.index]), finish=finish[c.index],
-                            logprobs=None if c.seq.top_logprobs is None
-                            else logprobs_json(chat, tokenizer, entries[c.index]))
+        shape = choice_json if request.parser is None else \
+            lambda chat, stream, *args, **kw: reply_choice_json(request.parser(), *args, **kw)  # noqa: E731
+        body = [shape(chat, False, c.index, "".join(text[c.index]), finish=finish[c.index],
+                      logprobs=None if c.seq.top_logprobs is None else logprobs_json(chat, tokenizer, entries[c.index]))
                 for c in choices]
         self.send_json(200, {**head, "object": "chat.completion" if chat else "text_completion", "choices": body,
                              "usage": usage_json(request.prompts, choices)})
@@ -375,6 +378,7 @@ class Handler(Connection):
         tokenizer = self.server.loop.tokenizer
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
         offsets, failed = [0] * len(choices), False  # characters of the tokens sent: completions' text_offset
+        parsers = request.parser and {c.index: request.parser() for c in choices}
 
         def send(choices, **extra):
             self.write(b"data: " + dumps({**head, "choices": choices, **extra}) + b"\n\n")
@@ -388,7 +392,9 @@ class Handler(Connection):
                     send([], error=self.failure().body()["error"])
                 failed = True
                 continue
-            if text or entry:
+            if parsers:  # reasoning and tool calls split out of the text
+                reason = self.send_parsed(send, parsers[index], index, text, entry, reason)
+            elif text or entry:
                 logprobs = entry and logprobs_json(chat, tokenizer, [entry], offsets[index])
                 send([choice_json(chat, True, index, text, logprobs)])
                 offsets[index] += len(logprobs["tokens"][0]) if logprobs and not chat else 0
@@ -397,6 +403,17 @@ class Handler(Connection):
         if request.include_usage:
             send([], usage=usage_json(request.prompts, choices))
         self.write(b"data: [DONE]\n\n")
+
+    def send_parsed(self, send, parser, index, text, entry, reason):
+        """A choice's text through its ReplyParser: a delta per event (the logprobs entry with the first, or alone);
+        -> the finish_reason, "tool_calls" where calls end the reply."""
+        events = parser.push(text) + (parser.finish() if reason else [])
+        logprobs = entry and logprobs_json(True, self.server.loop.tokenizer, [entry])
+        for event in events or ([None] if logprobs else []):
+            delta = {} if event is None else event_delta(event)
+            send([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None}])
+            logprobs = None
+        return "tool_calls" if reason == "stop" and parser.calls else reason
 
     # --- Anthropic Messages ------------------------------------------------------------------------------------
 

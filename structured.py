@@ -217,8 +217,7 @@ class ReplyParser:
 
     def __init__(self, reasoning=False, thinking=False, syntax=None):
         self.state = "think" if thinking else "start" if reasoning else "content"
-        self.syntax, self.buffer, self.calls, self.sent = syntax, "", [], 0
-        self.raw = []  # each call's text, for the whole-reply check at the end
+        self.syntax, self.buffer, self.calls, self.started = syntax, "", [], False
 
     def push(self, text):
         self.buffer += text
@@ -234,19 +233,23 @@ class ReplyParser:
             events.append(("arguments", len(self.calls) - 1, self.buffer))
         elif self.state == "llama3":
             events += self._llama3_end()
-        elif self.buffer:
+        elif self.buffer.strip() if self.state == "think" else self.buffer and self.state != "gap":
             events.append(("reasoning" if self.state == "think" else "content", self.buffer))
         self.buffer = ""
         return events
 
     def _emit_until(self, events, kind, tag):
-        """Send the buffer up to `tag` as `kind` (False: not there yet; what could start it is held)."""
+        """Send the buffer up to `tag` as `kind` (False: not there yet; what could start it is held). Reasoning
+        goes without the space around it, as templates write it back."""
         if tag in self.buffer:
             before, self.buffer = self.buffer.split(tag, 1)
+            before = before.rstrip() if kind == "reasoning" else before
             if before:
                 events.append((kind, before))
             return True
         keep = max((k for k in range(1, len(tag)) if self.buffer.endswith(tag[:k])), default=0)
+        if kind == "reasoning":
+            keep += len(self.buffer[:len(self.buffer) - keep]) - len(self.buffer[:len(self.buffer) - keep].rstrip())
         if len(self.buffer) > keep:
             events.append((kind, self.buffer[: len(self.buffer) - keep]))
             self.buffer = self.buffer[len(self.buffer) - keep:]
@@ -263,10 +266,21 @@ class ReplyParser:
         return True
 
     def _think(self, events):
+        if not self.started:
+            self.buffer = self.buffer.lstrip()
+            self.started = bool(self.buffer)
+            if not self.started:
+                return False
         if self._emit_until(events, "reasoning", THINK_CLOSE):
-            self.buffer, self.state = self.buffer.lstrip(), "content"
+            self.state = "gap"
             return True
         return False
+
+    def _gap(self, events):  # the space after </think> or </tool_call>, however it is cut into pieces, is no content
+        self.buffer = self.buffer.lstrip()
+        if self.buffer:
+            self.state = "content"
+        return bool(self.buffer)
 
     def _content(self, events):
         if self.syntax == "llama3" and not self.calls and self.buffer.lstrip()[:1] in ("{", "<"):
@@ -309,20 +323,25 @@ class ReplyParser:
             return False
         self.calls.append(json.loads(found.group(1)))
         events.append(("call", len(self.calls) - 1, "call_" + uuid.uuid4().hex[:24], self.calls[-1]))
-        self.buffer, self.state = self.buffer[found.end():], "call_args"
+        self.buffer, self.state, self.started = self.buffer[found.end():], "call_args", False
         return True
 
     def _call_args(self, events):
         """The arguments object runs to the call's closing "}" before </tool_call>: held back from the last "}"
         while only space and the start of the closing tag follow it."""
         index = len(self.calls) - 1
+        if not self.started:  # the space before the arguments, however it is cut into pieces, is not theirs
+            self.buffer = self.buffer.lstrip()
+            self.started = bool(self.buffer)
+            if not self.started:
+                return False
         if TOOL_CLOSE in self.buffer:
             body, self.buffer = self.buffer.split(TOOL_CLOSE, 1)
             body = body.rstrip()
             body = body[:-1].rstrip() if body.endswith("}") else body
             if body:
                 events.append(("arguments", index, body))
-            self.state = "content"
+            self.state = "gap"
             return True
         tail = re.search(r"\}?\s*<?/?[a-z_]*$", self.buffer)
         keep = len(self.buffer) - tail.start() if tail and TOOL_CLOSE.startswith(

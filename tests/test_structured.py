@@ -1,0 +1,184 @@
+"""Structured output, tool calls and reasoning: a live serve.py on a random-weight model, driven by the official
+openai and anthropic clients; every constrained reply is checked with jsonschema (and pydantic, through the
+clients' parse()), never against our own code."""
+import enum
+import json
+import random
+import time
+from typing import Optional
+
+import anthropic
+import jsonschema
+import pydantic
+import pytest
+import torch
+
+from conftest import TEXT
+from test_serve import KEY, request, start_server, stop_server
+
+# a Qwen3-like reasoning template: ChatML, a <think> block in the reply, enable_thinking=False closes it up front
+THINKING_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% if enable_thinking is defined and "
+    "not enable_thinking %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}{% endif %}")
+
+
+def make_model(path, template=None, seed=0):
+    from model import ModelConfig, Transformer
+    from tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer([TEXT + '{"name": "get_weather", "arguments": {"city": "Paris"}}\n' * 20],
+                                vocab_size=320, progress=False)
+    tokenizer.chat_template = template or tokenizer.chat_template
+    tokenizer.save(path)
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                    dim_ffn=128, max_len=1536, tie_weight=True))
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def s(tmp_path_factory):
+    served = start_server(make_model(tmp_path_factory.mktemp("structured")), max_batch=8, prefill_chunk=512)
+    served.claude = anthropic.Anthropic(base_url=f"http://127.0.0.1:{served.port}", api_key=KEY, max_retries=0,
+                                        timeout=60)
+    yield served
+    stop_server(served)
+
+
+@pytest.fixture(scope="module")
+def thinker(tmp_path_factory):
+    served = start_server(make_model(tmp_path_factory.mktemp("thinking"), THINKING_TEMPLATE), max_batch=4,
+                          prefill_chunk=512)
+    served.claude = anthropic.Anthropic(base_url=f"http://127.0.0.1:{served.port}", api_key=KEY, max_retries=0,
+                                        timeout=60)
+    yield served
+    stop_server(served)
+
+
+class Color(str, enum.Enum):
+    red = "red"
+    green = "green"
+
+
+class Address(pydantic.BaseModel):
+    city: str = pydantic.Field(max_length=6)
+    zip_code: int = pydantic.Field(ge=0, le=99999)
+
+
+class Person(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=8)
+    favourite: Color
+    address: Address
+    scores: list[int] = pydantic.Field(max_length=3)
+    nickname: Optional[str] = pydantic.Field(max_length=5)
+
+
+USER = [{"role": "user", "content": "Tell me about a person."}]
+
+
+def test_parse_with_a_pydantic_model(s):
+    # the client turns the model into a strict json_schema (with $defs and $ref) and validates the reply with it
+    for seed in range(3):
+        r = s.client.chat.completions.parse(model="tiny", messages=USER, response_format=Person, max_tokens=300,
+                                            seed=seed, temperature=1.0)
+        assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+        assert isinstance(r.choices[0].message.parsed, Person)
+
+
+def test_json_object_and_schema_on_both_routes(s):
+    r = s.client.chat.completions.create(model="tiny", messages=USER, response_format={"type": "json_object"},
+                                         max_tokens=300, seed=1, n=3, extra_body={"top_k": 8})
+    for choice in r.choices:
+        if choice.finish_reason == "stop":
+            assert isinstance(json.loads(choice.message.content), dict)
+    assert any(c.finish_reason == "stop" for c in r.choices)
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 3, "maximum": 7}},
+              "required": ["n"], "additionalProperties": False}
+    r = s.client.completions.create(model="tiny", prompt="Answer: ", max_tokens=50, seed=2, extra_body={
+        "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}})
+    jsonschema.validate(json.loads(r.choices[0].text), schema)
+    # a free request batched with constrained ones is untouched (the same text as alone)
+    alone = s.client.chat.completions.create(model="tiny", messages=USER, max_tokens=20, temperature=0)
+    with_others = [s.client.chat.completions.create(model="tiny", messages=USER, max_tokens=20, temperature=0,
+                                                    n=2, response_format={"type": "json_object"}),
+                   s.client.chat.completions.create(model="tiny", messages=USER, max_tokens=20, temperature=0)]
+    assert with_others[1].choices[0].message.content == alone.choices[0].message.content
+
+
+def test_bad_and_hostile_schemas_are_400_naming_the_part(s):
+    deep = {"type": "string"}
+    for _ in range(300):
+        deep = {"type": "object", "properties": {"a": deep}, "required": ["a"]}
+    cases = [({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "missing"),
+             ({"type": "string", "format": "no-such-format"}, "no-such-format"),
+             ({"type": "frobnicate"}, "frobnicate"),
+             (deep, "recursion")]
+    for schema, word in cases:
+        t0 = time.perf_counter()
+        status, _, data = request(s.port, "POST", "/v1/chat/completions", {"messages": USER, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
+        assert status == 400 and data["error"]["param"] == "response_format", data
+        assert word in data["error"]["message"] and time.perf_counter() - t0 < 10, (word, data)
+    status, _, data = request(s.port, "POST", "/v1/chat/completions", {"messages": USER, "response_format": {
+        "type": "xml"}})
+    assert status == 400 and data["error"]["param"] == "response_format"
+    # a huge enum and a regex whose DFA has 2^30 states: compiled lazily, within llguidance's limits
+    for schema in ({"enum": [f"value {i}" for i in range(4000)]},
+                   {"type": "string", "pattern": "^(a|b|c|d|e)*x(a|b|c|d|e){30}$"}):
+        t0 = time.perf_counter()
+        r = s.client.chat.completions.create(model="tiny", messages=USER, max_tokens=60, seed=0, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+        assert time.perf_counter() - t0 < 60
+        if r.choices[0].finish_reason == "stop":
+            jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    # the engine is still serving
+    r = s.client.chat.completions.create(model="tiny", messages=USER, max_tokens=5)
+    assert r.usage.completion_tokens >= 1
+
+
+def random_schema(rng, depth=0):
+    """A schema of OpenAI's strict subset; the root is an object, as OpenAI requires."""
+    kinds = ["string", "integer", "number", "boolean", "null", "enum", "const", "anyOf", "array", "object", "ref"]
+    kind = "object" if depth == 0 else rng.choice(kinds[:7] if depth >= 3 else kinds)
+    if kind == "string":
+        return {"type": "string", "maxLength": rng.randint(1, 6), **rng.choice([{}, {"minLength": 1}]),
+                **rng.choice([{}, {"pattern": "^[a-z]{0,1}$"}])}
+    if kind in ("integer", "number"):
+        low = rng.randint(-50, 50)
+        return {"type": kind, "minimum": low, "maximum": low + rng.randint(0, 100)}
+    if kind in ("boolean", "null"):
+        return {"type": kind}
+    if kind == "enum":
+        return {"enum": rng.sample(["a", "bb", 3, None, True, "ccc"], rng.randint(1, 4))}
+    if kind == "const":
+        return {"const": rng.choice(["x", 7, False])}
+    if kind == "anyOf":
+        return {"anyOf": [random_schema(rng, depth + 1) for _ in range(2)]}
+    if kind == "array":
+        return {"type": "array", "items": random_schema(rng, depth + 1), "minItems": rng.randint(0, 1),
+                "maxItems": rng.randint(1, 3)}
+    if kind == "ref":
+        return {"$ref": "#/$defs/leaf"}
+    names = rng.sample(["alpha", "b", "c_d", "eee", "f"], rng.randint(1, 3))
+    return {"type": "object", "properties": {n: random_schema(rng, depth + 1) for n in names},
+            "required": rng.sample(names, rng.randint(0, len(names))), "additionalProperties": False}
+
+
+def test_fifty_random_schemas_all_validate(s):
+    rng = random.Random(0)
+    schemas = [{**random_schema(rng), "$defs": {"leaf": {"type": "integer", "minimum": 0, "maximum": 9}}}
+               for _ in range(50)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(i):
+        return s.client.chat.completions.create(
+            model="tiny", messages=USER, max_tokens=400, seed=i, temperature=1.0,
+            response_format={"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schemas[i]}})
+
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(ask, range(50)))
+    for schema, r in zip(schemas, replies):
+        assert r.choices[0].finish_reason == "stop", (schema, r.choices[0].message.content)
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
