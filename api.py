@@ -360,8 +360,9 @@ def function_spec(tool, where, name_key="name", schema_key="parameters"):
 
 
 def openai_tools(body):
-    """tools, tool_choice and parallel_tool_calls -> None (no tools, or tool_choice "none") or (functions, choice,
-    parallel): choice "auto", "required" or a function's name."""
+    """tools, tool_choice and parallel_tool_calls -> None (no tools) or (functions, choice, parallel): choice
+    "none" (the tools are rendered, as vLLM does, and no reply is parsed for calls), "auto", "required" or a
+    function's name."""
     tools, choice = body.get("tools") or [], body.get("tool_choice")
     if not isinstance(tools, list) or len(tools) > MAX_TOOLS or not all(
             isinstance(t, dict) and t.get("type") == "function" for t in tools):
@@ -385,7 +386,7 @@ def openai_tools(body):
         if choice not in (None, "none"):
             raise ApiError(400, "tool_choice needs tools", param="tool_choice")
         return None
-    return None if choice == "none" else (functions, choice or "auto", parallel is not False)
+    return functions, choice or "auto", parallel is not False
 
 
 def history_message(m, i, native):
@@ -454,6 +455,7 @@ def reply_plan(tokenizer, prompt, grammar, tools, budget, where):
                             tool_syntax, tools_grammar)
 
     template = tokenizer.chat_template or ""
+    tools = tools if tools and tools[1] != "none" else None
     reasoning, syntax, after = THINK_CLOSE in template, tool_syntax(template) if tools else None, None
     if tools and tools[1] != "auto":
         chosen = [f for f in tools[0] if tools[1] in ("required", f["name"])]
@@ -481,7 +483,7 @@ def reply_plan(tokenizer, prompt, grammar, tools, budget, where):
 def openai_chat_prompt(body, tokenizer, messages):
     """A chat request's prompt with its tools and template variables -> (prompt, constraint, parser): reply_plan's."""
     tools, grammar = openai_tools(body), response_format_grammar(body)
-    if tools and grammar is not None:
+    if tools and tools[1] != "none" and grammar is not None:
         raise ApiError(400, 'response_format with tools is not supported: leave one out (or tool_choice="none")',
                        param="response_format")
     native = "tools" in (tokenizer.chat_template or "")

@@ -200,7 +200,7 @@ def call_schema(tools, syntax):
 def tools_grammar(tools, syntax, parallel, triggered=False):
     """A Lark grammar forcing one call (or, parallel, one or more) to any of `tools` in the template's syntax;
     triggered: the reply has already written the opening <tool_call> (tool_choice auto), the grammar does the rest."""
-    schema = json.dumps(call_schema(tools, syntax))
+    schema = json.dumps({**call_schema(tools, syntax), "x-guidance": JSON_OPTIONS})
     if syntax == "llama3":
         return f"start: call\ncall: %json {schema}\n"
     more = ' ("\\n" "<tool_call>" call)*' if parallel else ""
@@ -233,6 +233,8 @@ class ReplyParser:
             events.append(("arguments", len(self.calls) - 1, self.buffer))
         elif self.state == "llama3":
             events += self._llama3_end()
+        elif self.state == "call_head":  # an opening tag with no call after it: text
+            events.append(("content", TOOL_OPEN + self.buffer))
         elif self.buffer.strip() if self.state == "think" else self.buffer and self.state != "gap":
             events.append(("reasoning" if self.state == "think" else "content", self.buffer))
         self.buffer = ""

@@ -182,3 +182,84 @@ def test_fifty_random_schemas_all_validate(s):
     for schema, r in zip(schemas, replies):
         assert r.choices[0].finish_reason == "stop", (schema, r.choices[0].message.content)
         jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                            "parameters": {"type": "object", "properties": {
+                                                "city": {"type": "string", "maxLength": 8},
+                                                "unit": {"enum": ["C", "F"]}},
+                                                "required": ["city", "unit"], "additionalProperties": False}}}
+ADD = {"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                     "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["a", "b"], "additionalProperties": False}}}
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, ADD)}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def streamed_calls(chunks):
+    """A stream's tool calls put together as the openai documentation does: by index, id and name from the first
+    delta, arguments appended -> ([(name, arguments)], finish_reason, content)."""
+    calls, finish, content = {}, None, ""
+    for chunk in chunks:
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for delta in choice.delta.tool_calls or []:
+                if delta.id:
+                    assert delta.index not in calls and delta.function.name
+                    calls[delta.index] = [delta.id, delta.function.name, delta.function.arguments or ""]
+                else:
+                    assert delta.function.name is None
+                    calls[delta.index][2] += delta.function.arguments
+            finish = choice.finish_reason or finish
+    return [(name, arguments) for _, name, arguments in (calls[i] for i in sorted(calls))], finish, content
+
+
+def test_tool_round_trip_required_and_named(s):
+    r = s.client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER, ADD], tool_choice="required",
+                                         parallel_tool_calls=False, max_tokens=200, seed=3)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.id and call.type == "function" and call.function.name in SCHEMAS
+    jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    # the result goes back; the final answer is text
+    history = ASK + [choice.message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}]
+    final = s.client.chat.completions.create(model="tiny", messages=history, tools=[WEATHER, ADD], max_tokens=20,
+                                             tool_choice="none", seed=4)
+    assert isinstance(final.choices[0].message.content, str) and not final.choices[0].message.tool_calls
+    assert final.usage.prompt_tokens > r.usage.prompt_tokens
+    # a named function, with parallel calls allowed: exactly that one
+    for seed in range(3):
+        r = s.client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER, ADD], max_tokens=200,
+                                             tool_choice={"type": "function", "function": {"name": "add"}}, seed=seed)
+        [call] = r.choices[0].message.tool_calls
+        assert call.function.name == "add" and r.choices[0].finish_reason == "tool_calls"
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS["add"])
+
+
+def test_streamed_tool_calls_equal_unstreamed(s):
+    for extra in ({"tool_choice": "required"}, {"tool_choice": "required", "parallel_tool_calls": False},
+                  {"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}):
+        args = dict(model="tiny", messages=ASK, tools=[WEATHER, ADD], max_tokens=300, temperature=0, **extra)
+        r = s.client.chat.completions.create(**args)
+        whole = [(c.function.name, c.function.arguments) for c in r.choices[0].message.tool_calls]
+        calls, finish, content = streamed_calls(s.client.chat.completions.create(**args, stream=True))
+        assert (calls, finish, content) == (whole, r.choices[0].finish_reason, "") and calls
+        for name, arguments in calls:
+            jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+
+
+def test_tool_requests_that_cannot_be_honoured_are_400(s):
+    cases = [({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+             ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools"),
+             ({"tools": [WEATHER, WEATHER]}, "tools"),
+             ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, "response_format"),
+             ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}],
+               "tool_choice": "required"}, "tools"),
+             ({"tools": [WEATHER], "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+             ({"thinking_budget": 5}, "thinking_budget")]  # this template does not think
+    for extra, param in cases:
+        status, _, data = request(s.port, "POST", "/v1/chat/completions", {"messages": ASK, **extra})
+        assert status == 400 and data["error"]["param"] == param, (extra, data)
