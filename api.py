@@ -21,8 +21,7 @@ ANTHROPIC_ERRORS = {401: "authentication_error", 403: "permission_error", 404: "
 OPENAI_UNSUPPORTED = {"best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "functions": (None,),
                       "function_call": (None, "none"), "audio": (None,), "prediction": (None,),
                       "modalities": (None, ["text"]), "web_search_options": (None,)}
-ANTHROPIC_UNSUPPORTED = {"tools": (None, []), "tool_choice": (None, {"type": "none"}), "mcp_servers": (None, []),
-                         "thinking": (None, {"type": "disabled"}), "container": (None,), "output_config": (None,)}
+ANTHROPIC_UNSUPPORTED = {"mcp_servers": (None, []), "container": (None,), "output_config": (None,)}
 
 
 class ApiError(Exception):
@@ -277,34 +276,40 @@ def parse_anthropic(body, tokenizer, limits, vocab_size):
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, 'messages must be a non-empty list of {"role": "user", "content": ...} objects',
                        param="messages")
-    plain = [] if system is None else [{"role": "system", "content": text_of(system, "system")}]
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
-            raise ApiError(400, f'messages[{i}].role must be "user" or "assistant"', param=f"messages[{i}].role")
-        plain.append({"role": m["role"], "content": text_of(m.get("content"), f"messages[{i}].content")})
-    prefill = plain.pop()["content"] if plain[-1]["role"] == "assistant" else ""
-    if prefill != prefill.rstrip():
-        raise ApiError(400, "the final assistant message (a prefill) cannot end with whitespace", param="messages")
+    plain = ([] if system is None else [{"role": "system", "content": text_of(system, "system")}]) + \
+        anthropic_history(messages)
+    prefill = plain.pop() if plain[-1]["role"] == "assistant" else {"content": ""}
+    if set(prefill) - {"role", "content"} or prefill["content"] != prefill["content"].rstrip():
+        raise ApiError(400, "the final assistant message (a prefill) must be text (no tool_use or thinking) that "
+                            "does not end with whitespace", param="messages")
     if not isinstance(body.get("metadata", {}), dict):
         raise ApiError(400, 'metadata must be an object like {"user_id": "..."}', param="metadata")
-    prompt = render(tokenizer, plain) + list(tokenizer.encode(prefill) if prefill else [])
+    prompt, constraint, parser = anthropic_prompt(body, tokenizer, plain, asked)
+    if prefill["content"] and (constraint or parser):
+        raise ApiError(400, "a prefill (a final assistant message) cannot be combined with tools or thinking",
+                       param="messages")
+    prompt += list(tokenizer.encode(prefill["content"]) if prefill["content"] else [])
     return SimpleNamespace(
         prompts=[prompt], n=1, seed=number(body, "seed", None, -(1 << 63), (1 << 63) - 1, True),
         stop=stop_strings(body, "stop_sequences", MAX_STOP_SEQUENCES),
         max_tokens=budgets([prompt], asked, None, limits, "max_tokens", "messages"),
         sampling=sampling(body, vocab_size, max_temperature=1.0), top_logprobs=None,
-        stream=flag(body, "stream"), include_usage=False, constraint=None, parser=None)
+        stream=flag(body, "stream"), include_usage=False, constraint=constraint, parser=parser)
 
 
 def stop_reason(finish, stop_string):
     return "max_tokens" if finish == "length" else "stop_sequence" if stop_string is not None else "end_turn"
 
 
-def message_json(head, text, finish, choice, input_tokens):
-    """A Messages response; text None: the message_start event's, before any content."""
+def message_json(head, text, finish, choice, input_tokens, blocks=None):
+    """A Messages response; text None: the message_start event's, before any content; blocks: its content blocks
+    when a parser split the text (anthropic_blocks), stop_reason "tool_use" when calls end it."""
     done = text is not None
-    return {**head, "type": "message", "role": "assistant", "content": [{"type": "text", "text": text}] if done else [],
-            "stop_reason": stop_reason(finish, choice.stop_string) if done else None,
+    reason = "tool_use" if finish == "stop" and any(b["type"] == "tool_use" for b in blocks or []) else \
+        stop_reason(finish, choice.stop_string) if done else None
+    return {**head, "type": "message", "role": "assistant",
+            "content": blocks if blocks is not None else [{"type": "text", "text": text}] if done else [],
+            "stop_reason": reason,
             "stop_sequence": choice.stop_string if done else None,
             "usage": {"input_tokens": input_tokens, "output_tokens": len(choice.seq.tokens)}}
 
@@ -537,3 +542,90 @@ def event_delta(event):
         return {"tool_calls": [{"index": event[1], "id": event[2], "type": "function",
                                 "function": {"name": event[3], "arguments": ""}}]}
     return {"tool_calls": [{"index": event[1], "function": {"arguments": event[2]}}]}
+
+
+# --- Anthropic's tools and thinking, through the same machinery
+
+
+def anthropic_history(messages):
+    """Anthropic's messages -> OpenAI-shaped ones (history_message's input): tool_use blocks become tool_calls,
+    tool_result blocks tool messages (before the user's text), thinking blocks reasoning_content."""
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+            raise ApiError(400, f'messages[{i}].role must be "user" or "assistant"', param=f"messages[{i}].role")
+        role, content = m["role"], m.get("content")
+        if not isinstance(content, list):
+            out.append({"role": role, "content": text_of(content, f"messages[{i}].content")})
+            continue
+        texts, calls, message = [], [], {"role": role}
+        for j, block in enumerate(content):
+            kind, where = block.get("type") if isinstance(block, dict) else None, f"messages[{i}].content[{j}]"
+            if kind == "text" and isinstance(block.get("text"), str):
+                texts.append(block["text"])
+            elif kind == "tool_use" and role == "assistant" and isinstance(block.get("input"), dict):
+                calls.append({"id": block.get("id"), "type": "function", "function": {
+                    "name": block.get("name"), "arguments": json.dumps(block["input"], ensure_ascii=False)}})
+            elif kind == "tool_result" and role == "user":
+                result = text_of(block.get("content", ""), f"{where}.content")
+                out.append({"role": "tool", "tool_call_id": block.get("tool_use_id"),
+                            "content": "Error: " + result if block.get("is_error") else result})
+            elif kind == "thinking" and role == "assistant" and isinstance(block.get("thinking"), str):
+                message["reasoning_content"] = block["thinking"]
+            else:
+                raise ApiError(400, f"{where}: {short(kind)} content is not supported in a {role} message, only "
+                                    "text, tool_use (assistant), tool_result (user) and thinking (assistant) blocks",
+                               param="messages")
+        if texts or calls or role == "assistant" or not out or out[-1]["role"] != "tool":
+            out.append({**message, "content": "".join(texts), **({"tool_calls": calls} if calls else {})})
+    return out
+
+
+def anthropic_tools(body):
+    """tools and tool_choice -> openai_tools' (functions, choice, parallel), or None."""
+    tools, choice = body.get("tools") or [], body.get("tool_choice") or {"type": "auto"}
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS or not all(
+            isinstance(t, dict) and t.get("type", "custom") == "custom" for t in tools):
+        raise ApiError(400, f'tools must be a list of up to {MAX_TOOLS} {{"name": ..., "input_schema": {{...}}}} '
+                            "objects (server tools are not supported)", param="tools")
+    functions = [function_spec(t, f"tools[{i}]", schema_key="input_schema") for i, t in enumerate(tools)]
+    if any("input_schema" not in t for t in tools):
+        raise ApiError(400, "tools: each tool needs an input_schema", param="tools")
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind not in ("auto", "any", "tool", "none") or kind == "tool" and choice.get("name") not in [
+            f["name"] for f in functions] or not isinstance(choice.get("disable_parallel_tool_use", False), bool):
+        raise ApiError(400, 'tool_choice must be {"type": "auto"}, {"type": "any"}, {"type": "none"} or {"type": '
+                            '"tool", "name": ...} naming one of tools', param="tool_choice")
+    if not functions:
+        return None
+    chosen = {"auto": "auto", "any": "required", "none": "none"}.get(kind, choice.get("name"))
+    return functions, chosen, not choice.get("disable_parallel_tool_use", False)
+
+
+def anthropic_prompt(body, tokenizer, plain, asked):
+    """-> reply_plan's (prompt, constraint, parser). thinking {"type": "enabled", "budget_tokens": N} sets the
+    template's enable_thinking and a thinking budget of N tokens (any N below max_tokens: Anthropic's floor of 1024
+    is for its own models); without it enable_thinking is false."""
+    thinking, budget = body.get("thinking"), None
+    if thinking is not None and thinking != {"type": "disabled"}:
+        budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
+        if thinking.get("type") != "enabled" or type(budget) is not int or not 0 < budget < asked:
+            raise ApiError(400, 'thinking must be {"type": "enabled", "budget_tokens": N} with N less than '
+                                f"max_tokens={asked}, or {{\"type\": \"disabled\"}}", param="thinking")
+    tools = anthropic_tools(body)
+    native = "tools" in (tokenizer.chat_template or "")
+    try:
+        prompt, _ = tokenizer.render_chat(tool_messages(plain, tools and tools[0], native), True, tools=[
+            {"type": "function", "function": f} for f in tools[0]] if tools and native else None,
+            enable_thinking=budget is not None)
+    except ValueError as e:
+        raise ApiError(400, f"messages: {e}", param="messages") from None
+    return reply_plan(tokenizer, list(prompt), None, tools, budget, "thinking")
+
+
+def anthropic_blocks(reasoning, content, calls):
+    """A parsed reply -> Messages content blocks: thinking, text, tool_use."""
+    blocks = [] if reasoning is None else [{"type": "thinking", "thinking": reasoning, "signature": ""}]
+    blocks += [{"type": "text", "text": content}] if content or not (blocks or calls) else []
+    return blocks + [{"type": "tool_use", "id": "toolu_" + i.removeprefix("call_"), "name": name,
+                      "input": json.loads(arguments or "{}")} for i, name, arguments in calls]

@@ -38,12 +38,13 @@ from urllib.parse import urlsplit
 import torch
 
 import httpd
-from api import (ApiError, choice_json, event_delta, logprobs_json, message_json, parse_anthropic, parse_json,
-                 parse_openai, reply_choice_json, usage_json)
+from api import (ApiError, anthropic_blocks, choice_json, event_delta, logprobs_json, message_json, parse_anthropic,
+                 parse_json, parse_openai, reply_choice_json, usage_json)
 from kv_cache import BLOCK, budget_text
 from sample import Engine, Sequence, TextStream, compile_setting, load
 from httpd import ClientGone, Connection, dumps
 from settings import load_settings, pick_device
+from structured import gather
 
 DEFAULTS = dict(
     model="",  # MODELDIR: config.json + model.safetensors + tokenizer files (ours or Hugging Face), or a .gguf file
@@ -423,34 +424,61 @@ class Handler(Connection):
         request = parse_anthropic(body, loop.tokenizer, limits, loop.engine.model.config.vocab_size)
         head = {"id": "msg_" + uuid.uuid4().hex, "model": self.server.model_name}
         respond = self.messages_stream if request.stream else self.messages_response
-        self.generate(request, lambda choices, events: respond(head, len(request.prompts[0]), choices[0], events))
+        self.generate(request, lambda choices, events: respond(head, len(request.prompts[0]), choices[0], events,
+                                                               request.parser and request.parser()))
 
-    def messages_response(self, head, input_tokens, choice, events):
+    def messages_response(self, head, input_tokens, choice, events, parser=None):
         text = []
         for _, piece, _, finish in self.events(events, 1):
             if finish == "error":
                 raise self.failure()
             text.append(piece)
-        self.send_json(200, message_json(head, "".join(text), finish, choice, input_tokens))
+        text = "".join(text)
+        blocks = parser and anthropic_blocks(*gather(parser.push(text) + parser.finish()))
+        self.send_json(200, message_json(head, text, finish, choice, input_tokens, blocks))
 
-    def messages_stream(self, head, input_tokens, choice, events):
+    def messages_stream(self, head, input_tokens, choice, events, parser=None):
         """Anthropic's event sequence: message_start, content_block_start, ping, content_block_delta...,
-        content_block_stop, message_delta (stop_reason, usage), message_stop; or an error event."""
+        content_block_stop (a block at a time: thinking, text, tool_use), message_delta (stop_reason, usage),
+        message_stop; or an error event."""
         self.start_stream()
+        block = [None, -1]  # the open block's type and index
 
         def send(kind, **data):
             self.write(f"event: {kind}\ndata: ".encode() + dumps({"type": kind, **data}) + b"\n\n")
 
+        def into(kind, start=None):
+            if block[0] != kind or start is not None:
+                if block[0] is not None:
+                    send("content_block_stop", index=block[1])
+                block[:] = [kind, block[1] + 1]
+                send("content_block_start", index=block[1], content_block=start or {"type": kind, kind: ""})
+
         send("message_start", message=message_json(head, None, None, choice, input_tokens))
-        send("content_block_start", index=0, content_block={"type": "text", "text": ""})
+        if parser is None:
+            into("text")
         send("ping")
         for _, text, _, finish in self.events(events, 1):
             if finish == "error":
                 return send("error", error=self.failure().body(anthropic=True)["error"])
-            if text:
-                send("content_block_delta", index=0, delta={"type": "text_delta", "text": text})
-        send("content_block_stop", index=0)
-        message = message_json(head, "", finish, choice, input_tokens)
+            for event in (parser.push(text) + (parser.finish() if finish else []) if parser else
+                          [("content", text)] if text else []):
+                if event[0] == "call":
+                    into("tool_use", {"type": "tool_use", "id": "toolu_" + event[2].removeprefix("call_"),
+                                      "name": event[3], "input": {}})
+                elif event[0] == "arguments":
+                    send("content_block_delta", index=block[1], delta={"type": "input_json_delta",
+                                                                       "partial_json": event[2]})
+                else:
+                    kind = "thinking" if event[0] == "reasoning" else "text"
+                    into(kind, {"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking"
+                         and block[0] != "thinking" else None)
+                    send("content_block_delta", index=block[1], delta={"type": kind + "_delta", kind: event[1]})
+        if block[0] is None:
+            into("text")
+        send("content_block_stop", index=block[1])
+        message = message_json(head, "", finish, choice, input_tokens,
+                               [{"type": "tool_use"}] if parser and parser.calls else None)
         send("message_delta", delta={"stop_reason": message["stop_reason"], "stop_sequence": message["stop_sequence"]},
              usage={"output_tokens": message["usage"]["output_tokens"]})
         send("message_stop")

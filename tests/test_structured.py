@@ -263,3 +263,35 @@ def test_tool_requests_that_cannot_be_honoured_are_400(s):
     for extra, param in cases:
         status, _, data = request(s.port, "POST", "/v1/chat/completions", {"messages": ASK, **extra})
         assert status == 400 and data["error"]["param"] == param, (extra, data)
+
+
+CLAUDE_TOOLS = [{"name": t["function"]["name"], "description": t["function"].get("description", ""),
+                 "input_schema": t["function"]["parameters"]} for t in (WEATHER, ADD)]
+
+
+def test_anthropic_tool_use_round_trip_and_stream(s):
+    args = dict(model="tiny", max_tokens=200, messages=ASK, tools=CLAUDE_TOOLS,
+                tool_choice={"type": "tool", "name": "get_weather"}, extra_body={"temperature": 0})
+    r = s.claude.messages.create(**args)
+    assert r.stop_reason == "tool_use" and [b.type for b in r.content] == ["tool_use"]
+    use = r.content[0]
+    assert use.name == "get_weather" and use.id.startswith("toolu_")
+    jsonschema.validate(use.input, SCHEMAS["get_weather"])
+    # streamed: the client's own accumulation of input_json_delta events gives the same call
+    with s.claude.messages.stream(**args) as stream:
+        streamed = stream.get_final_message()
+    assert streamed.stop_reason == "tool_use" and [(b.name, b.input) for b in streamed.content] == [
+        (use.name, use.input)]
+    # any: some tool; the result goes back in a tool_result block and the answer is text
+    r = s.claude.messages.create(**{**args, "tool_choice": {"type": "any", "disable_parallel_tool_use": True}})
+    [use] = r.content
+    jsonschema.validate(use.input, SCHEMAS[use.name])
+    history = ASK + [{"role": "assistant", "content": [b.model_dump() for b in r.content]},
+                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "21 C"}]}]
+    final = s.claude.messages.create(model="tiny", max_tokens=10, messages=history, tools=CLAUDE_TOOLS,
+                                     tool_choice={"type": "none"})
+    assert final.content[0].type == "text" and final.stop_reason in ("end_turn", "max_tokens")
+    assert final.usage.input_tokens > r.usage.input_tokens
+    status, _, data = request(s.port, "POST", "/v1/messages", {"model": "tiny", "max_tokens": 5, "messages": ASK,
+                                                              "tools": [{"name": "f"}]})
+    assert status == 400 and "input_schema" in data["error"]["message"]
