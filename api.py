@@ -469,7 +469,7 @@ def reply_plan(tokenizer, prompt, grammar, tools, budget, where):
         grammar, after = tools_grammar(tools[0], syntax, tools[2], triggered=True), "<tool_call>"
     tail = tokenizer.decode(prompt[-16:]).rstrip()
     thinking = reasoning and tail.endswith(THINK_OPEN)
-    if reasoning and grammar is not None and not thinking and not tail.endswith(THINK_CLOSE):
+    if reasoning and (grammar, budget) != (None, None) and not thinking and not tail.endswith(THINK_CLOSE):
         prompt, thinking = prompt + tokenizer.encode(THINK_OPEN + "\n"), True
     if budget is not None and not reasoning:
         raise ApiError(400, "a thinking budget needs a reasoning model (a chat template that writes </think>)",
@@ -495,9 +495,8 @@ def openai_chat_prompt(body, tokenizer, messages):
     plain = tool_messages(messages, tools and tools[0], native)
     budget = number(body, "thinking_budget", None, 0, 1 << 20, integer=True)
     try:
-        prompt, _ = tokenizer.render_chat(plain, add_generation_prompt=True, tools=[
-            {"type": "function", "function": f} for f in tools[0]] if tools and native else None,
-            **template_kwargs(body))
+        prompt, _ = tokenizer.render_chat(plain, add_generation_prompt=True, tools=body["tools"] if tools and native
+                                          else None, **template_kwargs(body))  # the tools as the client sent them
     except ValueError as e:
         raise ApiError(400, f"messages: {e}", param="messages") from None
     return reply_plan(tokenizer, list(prompt), grammar, tools, budget, "thinking_budget")

@@ -16,11 +16,24 @@ import torch
 from conftest import TEXT
 from test_serve import KEY, request, start_server, stop_server
 
-# a Qwen3-like reasoning template: ChatML, a <think> block in the reply, enable_thinking=False closes it up front
-THINKING_TEMPLATE = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% if enable_thinking is defined and "
-    "not enable_thinking %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}{% endif %}")
+# a Qwen3-like template: ChatML, tools in the system message, calls in <tool_call> tags, results as user turns, a
+# <think> block in the reply: enable_thinking=False closes it in the prompt, True opens it (DeepSeek-R1's way)
+QWEN_LIKE = (
+    "{%- if tools %}{{ '<|im_start|>system\\n' }}{% if messages[0].role == 'system' %}"
+    "{{ messages[0].content + '\\n\\n' }}{% endif %}{{ '# Tools\\n<tools>' }}{% for t in tools %}"
+    "{{ '\\n' + (t | tojson) }}{% endfor %}{{ '\\n</tools>\\nCall one with <tool_call></tool_call> tags.<|im_end|>\\n' }}"
+    "{%- elif messages[0].role == 'system' %}{{ '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}{%- for m in messages %}{%- if m.role == 'system' and loop.first %}"
+    "{%- elif m.role == 'tool' %}{{ '<|im_start|>user\\n<tool_response>\\n' + m.content + "
+    "'\\n</tool_response><|im_end|>\\n' }}"
+    "{%- elif m.role == 'assistant' %}{{ '<|im_start|>assistant\\n' }}{% if m.reasoning_content %}"
+    "{{ '<think>\\n' + m.reasoning_content + '\\n</think>\\n\\n' }}{% endif %}{{ m.content or '' }}"
+    "{%- for c in m.tool_calls or [] %}{% set f = c.function if c.function else c %}"
+    "{{ '\\n<tool_call>\\n{\"name\": \"' + f.name + '\", \"arguments\": ' + (f.arguments | tojson) + "
+    "'}\\n</tool_call>' }}{% endfor %}{{ '<|im_end|>\\n' }}"
+    "{%- else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% if enable_thinking is defined %}"
+    "{{ '<think>\\n' if enable_thinking else '<think>\\n\\n</think>\\n\\n' }}{% endif %}{% endif %}")
 
 
 def make_model(path, template=None, seed=0):
@@ -49,8 +62,9 @@ def s(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def thinker(tmp_path_factory):
-    served = start_server(make_model(tmp_path_factory.mktemp("thinking"), THINKING_TEMPLATE), max_batch=4,
-                          prefill_chunk=512)
+    path = make_model(tmp_path_factory.mktemp("thinking"), QWEN_LIKE)
+    served = start_server(path, max_batch=4, prefill_chunk=512)
+    served.path = path
     served.claude = anthropic.Anthropic(base_url=f"http://127.0.0.1:{served.port}", api_key=KEY, max_retries=0,
                                         timeout=60)
     yield served
@@ -295,3 +309,96 @@ def test_anthropic_tool_use_round_trip_and_stream(s):
     status, _, data = request(s.port, "POST", "/v1/messages", {"model": "tiny", "max_tokens": 5, "messages": ASK,
                                                               "tools": [{"name": "f"}]})
     assert status == 400 and "input_schema" in data["error"]["message"]
+
+
+def test_a_template_with_tools_renders_as_in_transformers(thinker):
+    """Tools, an assistant's tool_calls and a tool result go through the model's own template: the prompt is the
+    one transformers' apply_chat_template makes."""
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(thinker.path)
+    args = dict(model="tiny", messages=ASK, tools=[WEATHER, ADD], max_tokens=200, temperature=0,
+                tool_choice="required", parallel_tool_calls=False,
+                extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    r = thinker.client.chat.completions.create(**args)
+    [call] = r.choices[0].message.tool_calls
+    jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    assert r.choices[0].message.reasoning_content is None if hasattr(r.choices[0].message, "reasoning_content") \
+        else True
+    ids = reference.apply_chat_template(ASK, tools=[WEATHER, ADD], add_generation_prompt=True, enable_thinking=False,
+                                        tokenize=True, return_dict=False)
+    assert r.usage.prompt_tokens == len(ids)
+    history = ASK + [{"role": "assistant", "content": None, "tool_calls": [{"id": call.id, "type": "function",
+                      "function": {"name": call.function.name, "arguments": json.loads(call.function.arguments)}}]},
+                     {"role": "tool", "tool_call_id": call.id, "content": "21 C"}]
+    ids = reference.apply_chat_template(history, tools=[WEATHER, ADD], add_generation_prompt=True,
+                                        enable_thinking=False, tokenize=True, return_dict=False)
+    sent = ASK + [r.choices[0].message.model_dump(exclude_none=True),
+                  {"role": "tool", "tool_call_id": call.id, "content": "21 C"}]
+    final = thinker.client.chat.completions.create(**{**args, "messages": sent, "tool_choice": "none",
+                                                      "max_tokens": 5})
+    assert final.usage.prompt_tokens == len(ids)
+
+
+def test_thinking_budget_then_structured_answer(thinker):
+    """The prompt leaves the <think> block to the model; after 8 thinking tokens the engine closes it, and the
+    answer follows the schema. Streamed reasoning_content and content equal the whole reply's."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    args = dict(model="tiny", messages=USER, max_tokens=100, seed=5, extra_body={"thinking_budget": 8},
+                response_format={"type": "json_schema", "json_schema": {"name": "ok", "schema": schema}})
+    r = thinker.client.chat.completions.create(**args)
+    message = r.choices[0].message
+    assert r.choices[0].finish_reason == "stop" and message.reasoning_content
+    jsonschema.validate(json.loads(message.content), schema)
+    reasoning, content = "", ""
+    for chunk in thinker.client.chat.completions.create(**args, stream=True):
+        for choice in chunk.choices:
+            reasoning += getattr(choice.delta, "reasoning_content", None) or ""
+            content += choice.delta.content or ""
+    assert (reasoning, content) == (message.reasoning_content, message.content)
+    # the block ends within the budget's 8 tokens and the forced "\n</think>"
+    pieces = [entry.token for entry in thinker.client.chat.completions.create(**args, logprobs=True).choices[
+        0].logprobs.content]
+    closed = next(k for k in range(len(pieces) + 1) if "</think>" in "".join(pieces[:k]))
+    assert closed <= 8 + len(thinker.tokenizer.encode("\n</think>"))
+    # without a budget or a grammar, enable_thinking=false closes the block in the prompt: no reasoning
+    r = thinker.client.chat.completions.create(model="tiny", messages=USER, max_tokens=10, temperature=0,
+                                               extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert getattr(r.choices[0].message, "reasoning_content", None) is None
+
+
+def test_anthropic_thinking_blocks(thinker):
+    args = dict(model="tiny", max_tokens=40, messages=USER, thinking={"type": "enabled", "budget_tokens": 6},
+                extra_body={"seed": 3})
+    r = thinker.claude.messages.create(**args)
+    assert [b.type for b in r.content] == ["thinking", "text"] and r.content[0].thinking
+    with thinker.claude.messages.stream(**args) as stream:
+        kinds = [e.delta.type for e in stream if e.type == "content_block_delta"]
+        streamed = stream.get_final_message()
+    assert "thinking_delta" in kinds and [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None))
+                                          for b in streamed.content] == [
+        (b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in r.content]
+
+
+@pytest.mark.parametrize("text, reasoning, thinking, syntax, want", [
+    ("<think>\nhmm\n</think>\n\nHello", True, False, None, ("hmm", "Hello", [])),
+    ("a thought</think>\n\nSo <tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": [1, \"}\"]}}\n</tool_call>\n"
+     "<tool_call>\n{\"name\": \"g\", \"arguments\": {}}\n</tool_call>", True, True, "hermes",
+     ("a thought", "So ", [("f", '{"a": [1, "}"]}'), ("g", "{}")])),
+    ("plain <tool text", False, False, "hermes", (None, "plain <tool text", [])),
+    ("<tool_call>\nnot json", False, False, "hermes", (None, "<tool_call>\nnot json", [])),
+    ('{"name": "f", "parameters": {"x": 1}}', False, False, "llama3", (None, "", [("f", '{"x": 1}')])),
+    ("Hi there", False, False, "llama3", (None, "Hi there", []))])
+def test_reply_parser_in_any_pieces(text, reasoning, thinking, syntax, want):
+    from structured import ReplyParser, gather
+
+    rng = random.Random(0)
+    for trial in range(50):
+        parser, events, i = ReplyParser(reasoning, thinking, syntax), [], 0
+        while i < len(text):
+            k = 1 + rng.randrange(4) if trial else len(text)
+            events += parser.push(text[i:i + k])
+            i += k
+        got = gather(events + parser.finish())
+        assert (got[0], got[1], [c[1:] for c in got[2]]) == want
