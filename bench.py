@@ -3,7 +3,7 @@ Benchmarks, side by side with Hugging Face transformers (when installed) in one 
 
     python bench.py                       # everything
     python bench.py --only=train,decode   # some sections: train, train_memory, decode, serve, prepare, gguf_load,
-                                          # hardware, serve_memory (not in the default run: minutes each)
+                                          # hardware, serve_memory, structured (not in the default run)
     python bench.py --only=decode,serve --llamacpp=DIR   # llama.cpp rows too (DIR: README, Benchmarks)
 
 Speed claims live here, never in timed unit tests.
@@ -759,13 +759,36 @@ def bench_prepare(args):
     table(rows, ["impl", "MB/s", "vs tiktoken (same cores)", "CPU s", "tiktoken's CPU / ours"])
 
 
+# -----------------------------------------------------------------------------
+# structured: every row held to a JSON schema (structured.py's masks) vs free decode, the same run
+
+
+def bench_structured(args):
+    """Sampled decode tokens/s (no stop: -1 is no token) of the bench82m shape at batch 1 and 16, free vs JSON
+    schema; 1 - free time / constrained time is what the masks cost."""
+    from sample import generate
+
+    model, tokenizer = bench_model("configs/bench82m.py", args.seed)
+    item = {"type": "object", "properties": {"name": {"type": "string"}, "count": {"type": "integer"}, "tags": {
+        "type": "array", "items": {"enum": ["red", "green", "blue"]}}}, "required": ["name", "count", "tags"]}
+    print(f"== structured: bench82m, {args.decode_tokens} sampled tokens a row, {torch.get_num_threads()} threads")
+    rows = []
+    for B in (1, 16):
+        prompts, N = torch.randint(0, 2000, (B, args.prompt_len)).tolist(), args.decode_tokens
+        best = fastest({"free": lambda: generate(model, prompts, N, temperature=1.0, seed=0), "json_schema": lambda:
+                        generate(model, prompts, N, temperature=1.0, seed=0, stop_ids=[-1], tokenizer=tokenizer,
+                                 json_schema={"type": "array", "items": item})}, args.steps)
+        rows += [[B, name, f"{B * N / best[name]:,.0f}", f"{1 - best['free'] / best[name]:.1%}"] for name in best]
+    table(rows, ["batch", "decode", "tokens/s", "time over free"])
+
+
 if __name__ == "__main__":
     args = load_settings(DEFAULTS, sys.argv[1:], "bench.py")
     if args.threads:
         torch.set_num_threads(args.threads)
     sections = {"train": bench_train, "train_memory": bench_train_memory, "decode": bench_decode,
                 "serve": bench_serve, "prepare": bench_prepare, "gguf_load": bench_gguf_load,
-                "hardware": bench_hardware, "serve_memory": bench_serve_memory}
+                "hardware": bench_hardware, "serve_memory": bench_serve_memory, "structured": bench_structured}
     for name in args.only.split(","):
         if name not in sections:
             sys.exit(f"bench.py: unknown section {name!r}; choose from {', '.join(sections)}")

@@ -109,6 +109,14 @@ def compile_grammar(tokenizer, grammar, where="json_schema"):
     return matcher
 
 
+def allow(bits, row, tokens):
+    """bits[row] (int32 words of 32 tokens) -> only `tokens` allowed."""
+    words = bits[row].numpy().view("uint32")
+    words[:] = 0
+    for token in tokens:
+        words[token // 32] |= 1 << (token % 32)
+
+
 class Constraint:
     """One row's sampling rule. matcher: an LLMatcher (this row's own), applied once `after` (text) has appeared in
     the reply, or from the start when after is None; thinking: the reply starts inside a <think> block (the prompt
@@ -130,17 +138,13 @@ class Constraint:
         if self.thinking and not self.forced and self.budget is not None and self.thought >= self.budget:
             self.forced = self.tokenizer.encode("\n" + THINK_CLOSE + "\n\n")
         if self.forced:
-            token = self.forced[0]
-            bits[row, token // 32] = torch.tensor(1 << (token % 32), dtype=torch.int64).to(torch.int32)
+            allow(bits, row, [self.forced[0]])
             return
-        from llguidance.torch import fill_next_token_bitmask
-
-        fill_next_token_bitmask(self.matcher, bits, row)
+        words = bits[row]  # llguidance.torch's fill_next_token_bitmask, without importing torch.compile with it
+        self.matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
         if self.matcher.is_error():  # fail closed: the reply ends here, and says why
             self.error = self.matcher.get_error()
-            bits[row] = 0
-            for token in self.tokenizer.stop_ids:
-                bits[row, token // 32] |= torch.tensor(1 << (token % 32), dtype=torch.int64).to(torch.int32)
+            allow(bits, row, self.tokenizer.stop_ids)
 
     def consume(self, token):
         if self.forced and self.forced[0] == token:
@@ -161,19 +165,22 @@ class Constraint:
 
 
 def apply_constraints(scores, seqs, rows):
-    """Mask scores[rows] (b, V) in place to what each of those rows' Constraint allows now; rows whose constraint
-    masks nothing at this step (free text, thinking) are left alone."""
+    """Mask scores (b, V) in place to what the Constraint of each of `rows` (their sequences: seqs) allows now;
+    other rows, and rows whose constraint masks nothing at this step (free text, thinking), are left alone. The
+    bits are unpacked by numpy and the scores masked in one torch call: torch's small ops cost more than the work."""
+    import numpy as np
+
     wanted = [(row, s.constraint) for row, s in zip(rows, seqs) if s.constraint.wants_mask()]
     if not wanted:
         return
-    V = scores.shape[1]
-    bits = torch.zeros(len(wanted), (V + 31) // 32, dtype=torch.int32)
+    B, V = scores.shape
+    bits = torch.zeros(len(wanted), (V + 31) // 32, dtype=torch.int32)  # 32 tokens a word, the lowest bit first
     for j, (_, constraint) in enumerate(wanted):
         constraint.fill(bits, j)
-    shifts = torch.arange(32, dtype=torch.int32)
-    allowed = ((bits[:, :, None] >> shifts) & 1).bool().view(len(wanted), -1)[:, :V]  # (w, V)
-    index = torch.tensor([row for row, _ in wanted], device=scores.device)
-    scores[index] = scores[index].masked_fill(~allowed.to(scores.device), float("-inf"))
+    allowed = np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little")[:, :V]  # (w, V)
+    blocked = np.zeros((B, V), dtype=bool)
+    blocked[[row for row, _ in wanted]] = allowed == 0
+    scores.masked_fill_(torch.from_numpy(blocked).to(scores.device), float("-inf"))
 
 
 # -----------------------------------------------------------------------------
