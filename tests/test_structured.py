@@ -5,6 +5,7 @@ import enum
 import json
 import random
 import time
+from types import SimpleNamespace
 from typing import Optional
 
 import anthropic
@@ -402,3 +403,30 @@ def test_reply_parser_in_any_pieces(text, reasoning, thinking, syntax, want):
             i += k
         got = gather(events + parser.finish())
         assert (got[0], got[1], [c[1:] for c in got[2]]) == want
+
+
+def test_auto_tool_call_is_held_to_the_grammar_once_opened(s):
+    """tool_choice auto: free text until the reply writes <tool_call>, then the call's grammar (random scores
+    stand in for a model that opened a call)."""
+    from structured import Constraint, apply_constraints, compile_grammar, parse_reply, tools_grammar
+
+    tokenizer = s.tokenizer
+    matcher = compile_grammar(tokenizer, tools_grammar([WEATHER["function"], ADD["function"]], "hermes", True,
+                                                       triggered=True))
+    row = SimpleNamespace(constraint=Constraint(tokenizer, matcher, after="<tool_call>"))
+    tokens, generator = tokenizer.encode("Let me look. <tool_call>"), torch.Generator().manual_seed(0)
+    for token in tokens:
+        assert not row.constraint.wants_mask()
+        row.constraint.consume(token)
+    while len(tokens) < 3000:
+        scores = torch.randn(1, s.model.config.vocab_size, generator=generator)
+        apply_constraints(scores, [row], [0])
+        tokens.append(int(scores.argmax()))
+        if tokens[-1] in tokenizer.stop_ids:
+            break
+        row.constraint.consume(tokens[-1])
+    assert tokens[-1] in tokenizer.stop_ids
+    _, content, calls = parse_reply(tokenizer.decode(tokens[:-1]), syntax="hermes")
+    assert content == "Let me look. " and calls
+    for _, name, arguments in calls:
+        jsonschema.validate(json.loads(arguments), SCHEMAS[name])
