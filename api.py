@@ -469,7 +469,8 @@ def reply_plan(tokenizer, prompt, grammar, tools, budget, where):
         grammar, after = tools_grammar(tools[0], syntax, tools[2], triggered=True), "<tool_call>"
     tail = tokenizer.decode(prompt[-16:]).rstrip()
     thinking = reasoning and tail.endswith(THINK_OPEN)
-    if reasoning and (grammar, budget) != (None, None) and not thinking and not tail.endswith(THINK_CLOSE):
+    if reasoning and (grammar is not None and after is None or budget is not None) and not thinking and \
+            not tail.endswith(THINK_CLOSE):
         prompt, thinking = prompt + tokenizer.encode(THINK_OPEN + "\n"), True
     if budget is not None and not reasoning:
         raise ApiError(400, "a thinking budget needs a reasoning model (a chat template that writes </think>)",

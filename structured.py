@@ -174,12 +174,15 @@ def apply_constraints(scores, seqs, rows):
     if not wanted:
         return
     B, V = scores.shape
-    bits = torch.zeros(len(wanted), (V + 31) // 32, dtype=torch.int32)  # 32 tokens a word, the lowest bit first
-    for j, (_, constraint) in enumerate(wanted):
+    n = min(V, wanted[0][1].tokenizer.vocab_size)  # a model's padded embedding rows are no tokens: never allowed
+    bits = torch.zeros(len(wanted), (wanted[0][1].tokenizer.vocab_size + 31) // 32, dtype=torch.int32)
+    for j, (_, constraint) in enumerate(wanted):  # 32 tokens a word, the lowest bit first
         constraint.fill(bits, j)
-    allowed = np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little")[:, :V]  # (w, V)
+    allowed = np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little")[:, :n]  # (w, n)
+    masked = [row for row, _ in wanted]
     blocked = np.zeros((B, V), dtype=bool)
-    blocked[[row for row, _ in wanted]] = allowed == 0
+    blocked[masked] = True
+    blocked[masked, :n] = allowed == 0
     scores.masked_fill_(torch.from_numpy(blocked).to(scores.device), float("-inf"))
 
 

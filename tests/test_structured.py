@@ -22,7 +22,8 @@ from test_serve import KEY, request, start_server, stop_server
 QWEN_LIKE = (
     "{%- if tools %}{{ '<|im_start|>system\\n' }}{% if messages[0].role == 'system' %}"
     "{{ messages[0].content + '\\n\\n' }}{% endif %}{{ '# Tools\\n<tools>' }}{% for t in tools %}"
-    "{{ '\\n' + (t | tojson) }}{% endfor %}{{ '\\n</tools>\\nCall one with <tool_call></tool_call> tags.<|im_end|>\\n' }}"
+    "{{ '\\n' + (t | tojson) }}{% endfor %}"
+    "{{ '\\n</tools>\\nCall one with <tool_call></tool_call> tags.<|im_end|>\\n' }}"
     "{%- elif messages[0].role == 'system' %}{{ '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
     "{%- endif %}{%- for m in messages %}{%- if m.role == 'system' and loop.first %}"
     "{%- elif m.role == 'tool' %}{{ '<|im_start|>user\\n<tool_response>\\n' + m.content + "
@@ -46,7 +47,8 @@ def make_model(path, template=None, seed=0):
     tokenizer.chat_template = template or tokenizer.chat_template
     tokenizer.save(path)
     torch.manual_seed(seed)
-    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+    # a vocab padded past the tokenizer's, as many models have: those rows are never allowed
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size + 60, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                                     dim_ffn=128, max_len=1536, tie_weight=True))
     model.save_pretrained(path)
     return str(path)
@@ -262,7 +264,9 @@ def test_streamed_tool_calls_equal_unstreamed(s):
         whole = [(c.function.name, c.function.arguments) for c in r.choices[0].message.tool_calls]
         calls, finish, content = streamed_calls(s.client.chat.completions.create(**args, stream=True))
         assert (calls, finish, content) == (whole, r.choices[0].finish_reason, "") and calls
-        for name, arguments in calls:
+        if "parallel_tool_calls" in extra or "name" in str(extra):  # one call, whole
+            assert finish == "tool_calls" and len(calls) == 1
+        for name, arguments in calls if finish == "tool_calls" else calls[:-1]:  # "length" may cut the last
             jsonschema.validate(json.loads(arguments), SCHEMAS[name])
 
 
