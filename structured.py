@@ -1,16 +1,17 @@
 """
 Replies that parse: grammar-constrained decoding on llguidance, the tool-call syntaxes, and reasoning's
-<think>...</think> block. Imported only when a request or a generate() call uses one of them.
+<think>...</think> block: what serve.py's chat and messages routes and generate()'s grammars use.
 
     tokens, = generate(model, [ids], 200, tokenizer=tokenizer, json_schema={"type": "object", ...})
     tokens, = generate(model, [ids], 20, tokenizer=tokenizer, regex=r"\\d{3}-\\d{4}")
 
-Engine glue: engine_tokenizer() hands llguidance our tokenizer (each id's bytes; the added tokens flagged special,
-so no grammar's text can ever produce one; the stop ids as its end tokens). compile_grammar() turns a JSON schema,
-a regex or a Lark grammar into a matcher, or a GrammarError naming the part it cannot do, with llguidance's limits
-bounding the work a hostile schema can ask for. A Constraint is one row's state: free text (nothing masked) while
-its reply thinks or until a trigger text appears, then the grammar's allowed tokens; a thinking budget forces the
-block's end. sample.Engine.sample calls apply_constraints for the rows that have one: other rows pay nothing.
+Engine glue (llguidance is imported only when a grammar is compiled): engine_tokenizer() hands llguidance our
+tokenizer (each id's bytes; the added tokens flagged special, so no grammar's text can ever produce one; the stop ids
+as its end tokens). compile_grammar() turns a JSON schema, a regex or a Lark grammar into a matcher, or a
+GrammarError naming the part it cannot do, with llguidance's limits bounding the work a hostile schema can ask for.
+A Constraint is one row's state: free text (nothing masked) while its reply thinks or until a trigger text
+appears, then the grammar's allowed tokens; a thinking budget forces the block's end. sample.Engine.sample calls
+apply_constraints for the rows that have one: other rows pay nothing.
 
 Replies: ReplyParser splits a reply's text, as it comes, into reasoning, content and tool calls (Hermes/Qwen's
 <tool_call>{"name": ..., "arguments": ...}</tool_call>, Llama 3.1's {"name": ..., "parameters": ...}); serve.py
