@@ -434,3 +434,75 @@ def test_auto_tool_call_is_held_to_the_grammar_once_opened(s):
     assert content == "Let me look. " and calls
     for _, name, arguments in calls:
         jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+
+
+THOUGHTS = [("What is 2 + 3?", "two plus three makes five", "5"), ("What is 4 + 4?", "four and four is eight", "8"),
+            ("Hello!", "a greeting, so greet back", "Hi there.")]
+
+
+@pytest.fixture(scope="module")
+def sft_thinker(tmp_path_factory):
+    """A tiny model fine-tuned (the one chat renderer's loss mask, AdamW) on conversations whose replies think in a
+    <think> block first, served."""
+    from model import CrossEntropy, ModelConfig, Transformer
+    from tokenizer import train_tokenizer
+
+    path = tmp_path_factory.mktemp("sft_thinker")
+    tokenizer = train_tokenizer([TEXT + " ".join(" ".join(t) for t in THOUGHTS) * 20], vocab_size=320,
+                                progress=False)
+    tokenizer.chat_template = QWEN_LIKE
+    tokenizer.save(path)
+    rows = [tokenizer.render_chat([{"role": "user", "content": q}, {"role": "assistant", "content": a,
+                                                                     "reasoning_content": r}]) for q, r, a in THOUGHTS]
+    T = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([i + [0] * (T - len(i)) for i, _ in rows])
+    targets = torch.tensor([[t if m else -100 for t, m in zip(i[1:], mask[1:])] + [-100] * (T - len(i) + 1)
+                            for i, mask in rows])
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                    dim_ffn=128, max_len=256, tie_weight=True))
+    optimizer, threads = torch.optim.AdamW(model.parameters(), lr=1e-2), torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is faster, and much faster on a busy machine
+    try:
+        for step in range(200):
+            loss = model(ids, CrossEntropy(targets)) / (targets != -100).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if loss.item() < 0.02:
+                break
+    finally:
+        torch.set_num_threads(threads)
+    assert loss.item() < 0.05
+    model.save_pretrained(path)
+    served = start_server(str(path), max_batch=4, prefill_chunk=256)
+    served.claude = anthropic.Anthropic(base_url=f"http://127.0.0.1:{served.port}", api_key=KEY, max_retries=0,
+                                        timeout=60)
+    yield served
+    stop_server(served)
+
+
+def test_a_model_that_thinks_gets_its_thinking_apart(sft_thinker):
+    s = sft_thinker
+    for question, thought, answer in THOUGHTS:
+        args = dict(model="tiny", messages=[{"role": "user", "content": question}], max_tokens=60, temperature=0)
+        message = s.client.chat.completions.create(**args).choices[0].message
+        assert (message.reasoning_content, message.content) == (thought, answer)
+        reasoning, content = "", ""
+        for chunk in s.client.chat.completions.create(**args, stream=True):
+            reasoning += getattr(chunk.choices[0].delta, "reasoning_content", None) or ""
+            content += chunk.choices[0].delta.content or ""
+        assert (reasoning, content) == (thought, answer)
+        # the template opens the block (DeepSeek-R1's way): the reply starts inside it
+        r = s.client.chat.completions.create(**args, extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+        assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == (thought, answer)
+        # Anthropic thinking blocks, with a budget the thought fits in
+        r = s.claude.messages.create(model="tiny", max_tokens=60, messages=args["messages"],
+                                     thinking={"type": "enabled", "budget_tokens": 40}, extra_body={"temperature": 0})
+        assert [(b.type, getattr(b, "thinking", None) or b.text) for b in r.content] == [
+            ("thinking", thought), ("text", answer)] and r.stop_reason == "end_turn"
+    # a budget shorter than the thought: the engine closes the block, the answer follows
+    r = s.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": THOUGHTS[0][0]}],
+                                         max_tokens=60, temperature=0, extra_body={"thinking_budget": 3})
+    assert THOUGHTS[0][1].startswith(r.choices[0].message.reasoning_content) and r.choices[0].message.reasoning_content
+    assert r.choices[0].message.reasoning_content != THOUGHTS[0][1]
