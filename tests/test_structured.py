@@ -506,3 +506,21 @@ def test_a_model_that_thinks_gets_its_thinking_apart(sft_thinker):
                                          max_tokens=60, temperature=0, extra_body={"thinking_budget": 3})
     assert THOUGHTS[0][1].startswith(r.choices[0].message.reasoning_content) and r.choices[0].message.reasoning_content
     assert r.choices[0].message.reasoning_content != THOUGHTS[0][1]
+
+
+def test_special_tokens_are_never_text_inside_json(s):
+    """Inside a JSON string every byte-level token may follow, but no special token of tokenizer.json: a reply's
+    '<|im_start|>' can only be the token, never the string, and the grammar never allows the token."""
+    from structured import Constraint, apply_constraints, compile_grammar, json_schema_grammar
+
+    tokenizer = s.tokenizer
+    special = [t["id"] for t in tokenizer.hf_json["added_tokens"] if t["special"]]
+    row = SimpleNamespace(constraint=Constraint(tokenizer, compile_grammar(tokenizer, json_schema_grammar(
+        {"type": "string"}))))
+    row.constraint.consume(tokenizer.encode('"')[0])
+    scores = torch.zeros(1, s.model.config.vocab_size)
+    apply_constraints(scores, [row], [0])
+    allowed = set(torch.nonzero(scores[0] == 0).flatten().tolist())
+    assert special and not allowed & set(special)
+    assert set(tokenizer.encode("Hello, world!")) <= allowed  # (not UTF-8 continuation bytes: they cannot start)
+    assert not allowed & set(range(tokenizer.vocab_size, s.model.config.vocab_size))  # padded rows
