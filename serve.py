@@ -115,6 +115,11 @@ class Choice:
         if token is None:  # the engine failed, or the server is shutting down
             self.events.put((self.index, "", None, "error"))
             return self.loop.count(self, seq, "error")
+        if seq.constraint is not None and seq.constraint.error:  # the grammar engine gave up (a limit): fail, not
+            print(f"grammar: {seq.constraint.error}", file=sys.stderr)  # a reply that breaks its schema
+            self.events.put((self.index, "", None, "error"))
+            self.loop.count(self, seq, "error")
+            return True
         try:
             hit = None
             if seq.finish == "stop":  # a stop token: counted, never shown

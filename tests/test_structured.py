@@ -524,3 +524,24 @@ def test_special_tokens_are_never_text_inside_json(s):
     assert special and not allowed & set(special)
     assert set(tokenizer.encode("Hello, world!")) <= allowed  # (not UTF-8 continuation bytes: they cannot start)
     assert not allowed & set(range(tokenizer.vocab_size, s.model.config.vocab_size))  # padded rows
+
+
+def test_a_grammar_that_gives_up_fails_the_request(s, monkeypatch):
+    """Should llguidance stop a matcher (a limit reached mid-reply), the request fails rather than return text that
+    breaks its schema; the server goes on."""
+    import structured
+
+    consume = structured.Constraint.consume
+
+    def failing(self, token):
+        consume(self, token)
+        self.error = "step_lexer_fuel exhausted (simulated)"
+
+    monkeypatch.setattr(structured.Constraint, "consume", failing)
+    status, _, data = request(s.port, "POST", "/v1/chat/completions", {"messages": USER, "max_tokens": 50,
+                                                                       "response_format": {"type": "json_object"}})
+    assert status == 500 and data["error"]["type"] == "server_error"
+    monkeypatch.undo()
+    r = s.client.chat.completions.create(model="tiny", messages=USER, max_tokens=50, seed=0,
+                                         response_format={"type": "json_object"})
+    assert r.choices[0].finish_reason == "length" or isinstance(json.loads(r.choices[0].message.content), dict)
