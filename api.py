@@ -504,7 +504,12 @@ def openai_chat_prompt(body, tokenizer, messages):
 
 
 def completion_constraint(body, tokenizer):
-    """/v1/completions' response_format -> constraint() making each choice's structured.Constraint, or None."""
+    """/v1/completions' response_format -> constraint() making each choice's structured.Constraint, or None. The
+    chat-only fields are refused here, by name."""
+    for name in ("tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "thinking_budget"):
+        if body.get(name) is not None:
+            raise ApiError(400, f"{name} is for /v1/chat/completions; /v1/completions takes a prompt as it is",
+                           param=name)
     grammar = response_format_grammar(body)
     if grammar is None:
         return None
@@ -597,6 +602,8 @@ def anthropic_tools(body):
         raise ApiError(400, 'tool_choice must be {"type": "auto"}, {"type": "any"}, {"type": "none"} or {"type": '
                             '"tool", "name": ...} naming one of tools', param="tool_choice")
     if not functions:
+        if kind == "any":
+            raise ApiError(400, 'tool_choice {"type": "any"} needs tools', param="tool_choice")
         return None
     chosen = {"auto": "auto", "any": "required", "none": "none"}.get(kind, choice.get("name"))
     return functions, chosen, not choice.get("disable_parallel_tool_use", False)

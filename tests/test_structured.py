@@ -282,6 +282,10 @@ def test_tool_requests_that_cannot_be_honoured_are_400(s):
     for extra, param in cases:
         status, _, data = request(s.port, "POST", "/v1/chat/completions", {"messages": ASK, **extra})
         assert status == 400 and data["error"]["param"] == param, (extra, data)
+    for param, value in (("tools", [WEATHER]), ("tool_choice", "auto"), ("chat_template_kwargs", {}),
+                         ("thinking_budget", 5)):
+        status, _, data = request(s.port, "POST", "/v1/completions", {"prompt": "Hi", param: value})
+        assert status == 400 and data["error"]["param"] == param, (param, data)
 
 
 CLAUDE_TOOLS = [{"name": t["function"]["name"], "description": t["function"].get("description", ""),
