@@ -28,7 +28,7 @@ import torch
 LIMITS = dict(max_grammar_size=100_000, initial_lexer_fuel=2_000_000, step_lexer_fuel=200_000, step_max_items=50_000,
               max_lexer_states=50_000)
 JSON_OPTIONS = {"whitespace_flexible": False}  # compact JSON (", " and ": " never): a reply cannot stall on spaces
-MAX_GRAMMAR_CHARS = 100_000  # a schema, regex or grammar longer than this is refused before compiling
+MAX_GRAMMAR_CHARS = 500_000  # a schema, regex or grammar longer than this is refused before compiling
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 
