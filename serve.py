@@ -371,11 +371,12 @@ class Handler(Connection):
         if "error" in finish:
             raise self.failure()
         tokenizer = self.server.loop.tokenizer
-        shape = choice_json if request.parser is None else \
-            lambda chat, stream, *args, **kw: reply_choice_json(request.parser(), *args, **kw)  # noqa: E731
-        body = [shape(chat, False, c.index, "".join(text[c.index]), finish=finish[c.index],
-                      logprobs=None if c.seq.top_logprobs is None else logprobs_json(chat, tokenizer, entries[c.index]))
-                for c in choices]
+        body = []
+        for c in choices:
+            reply = "".join(text[c.index])
+            logprobs = None if c.seq.top_logprobs is None else logprobs_json(chat, tokenizer, entries[c.index])
+            body.append(choice_json(chat, False, c.index, reply, logprobs, finish[c.index]) if request.parser is None
+                        else reply_choice_json(request.parser(), c.index, reply, finish[c.index], logprobs))
         self.send_json(200, {**head, "object": "chat.completion" if chat else "text_completion", "choices": body,
                              "usage": usage_json(request.prompts, choices)})
 
