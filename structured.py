@@ -199,13 +199,25 @@ def tool_syntax(template):
     return "hermes"
 
 
+def moved_refs(schema, base):
+    """schema with each local $ref ("#...", as pydantic writes "#/$defs/Model") pointing under `base` instead."""
+    if isinstance(schema, list):
+        return [moved_refs(item, base) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return {key: base + value[1:] if key == "$ref" and isinstance(value, str) and value.startswith("#")
+            else moved_refs(value, base) for key, value in schema.items()}
+
+
 def call_schema(tools, syntax):
-    """The JSON schema of one call to any of `tools` (OpenAI function dicts): its name, then its arguments."""
+    """The JSON schema of one call to any of `tools` (OpenAI function dicts): its name, then its arguments. Each
+    tool's parameters sit in $defs, their own $refs moved there, so that tools' $defs never meet."""
     key = "parameters" if syntax == "llama3" else "arguments"
-    options = [{"type": "object", "properties": {"name": {"const": t["name"]},
-                                                  key: t.get("parameters") or {"type": "object"}},
-                "required": ["name", key], "additionalProperties": False} for t in tools]
-    return options[0] if len(options) == 1 else {"anyOf": options}
+    defs = {f"tool{i}": moved_refs(t.get("parameters") or {"type": "object"}, f"#/$defs/tool{i}")
+            for i, t in enumerate(tools)}
+    options = [{"type": "object", "properties": {"name": {"const": t["name"]}, key: {"$ref": f"#/$defs/tool{i}"}},
+                "required": ["name", key], "additionalProperties": False} for i, t in enumerate(tools)]
+    return {**(options[0] if len(options) == 1 else {"anyOf": options}), "$defs": defs}
 
 
 def tools_grammar(tools, syntax, parallel, triggered=False):

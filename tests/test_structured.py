@@ -10,6 +10,7 @@ from typing import Optional
 
 import anthropic
 import jsonschema
+import openai
 import pydantic
 import pytest
 import torch
@@ -254,6 +255,24 @@ def test_tool_round_trip_required_and_named(s):
         [call] = r.choices[0].message.tool_calls
         assert call.function.name == "add" and r.choices[0].finish_reason == "tool_calls"
         jsonschema.validate(json.loads(call.function.arguments), SCHEMAS["add"])
+
+
+class GetWeather(pydantic.BaseModel):
+    city: str = pydantic.Field(max_length=8)
+    unit: Color  # a $ref into the model's own $defs
+
+
+def test_parse_with_pydantic_function_tools(s):
+    """The client's strict function tools from pydantic models, whose $refs point into their own $defs; it parses
+    the arguments into the model."""
+    for seed in range(2):
+        r = s.client.chat.completions.parse(model="tiny", messages=ASK, max_tokens=200, seed=seed,
+                                            tools=[openai.pydantic_function_tool(GetWeather),
+                                                   openai.pydantic_function_tool(Address)], tool_choice="required")
+        assert r.choices[0].finish_reason == "tool_calls"
+        for call in r.choices[0].message.tool_calls:
+            assert isinstance(call.function.parsed_arguments, {"GetWeather": GetWeather, "Address": Address}[
+                call.function.name])
 
 
 def test_streamed_tool_calls_equal_unstreamed(s):
