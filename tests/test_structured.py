@@ -568,3 +568,27 @@ def test_a_grammar_that_gives_up_fails_the_request(s, monkeypatch):
     r = s.client.chat.completions.create(model="tiny", messages=USER, max_tokens=50, seed=0,
                                          response_format={"type": "json_object"})
     assert r.choices[0].finish_reason == "length" or isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+# a Llama 3.1-like template: tools in the system turn, a call is a bare JSON object, results in ipython turns
+LLAMA_LIKE = (
+    "{%- if tools %}{{ '<|im_start|>system\\nRespond with {\"name\": function name, \"parameters\": arguments}.\\n' }}"
+    "{%- for t in tools %}{{ (t | tojson) + '\\n' }}{% endfor %}{{ '<|im_end|>\\n' }}{% endif %}"
+    "{%- for m in messages %}{%- if m.role == 'tool' %}{{ '<|im_start|>ipython\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- else %}{{ '<|im_start|>' + m.role + '\\n' + (m.content or '') + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_llama_syntax_tool_calls(tmp_path):
+    served = start_server(make_model(tmp_path, LLAMA_LIKE), max_batch=2, prefill_chunk=512)
+    try:
+        args = dict(model="tiny", messages=ASK, tools=[WEATHER, ADD], max_tokens=200, temperature=0,
+                    tool_choice={"type": "function", "function": {"name": "add"}})
+        r = served.client.chat.completions.create(**args)
+        [call] = r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "add"
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS["add"])
+        calls, finish, content = streamed_calls(served.client.chat.completions.create(**args, stream=True))
+        assert (calls, finish, content) == ([("add", call.function.arguments)], "tool_calls", "")
+    finally:
+        stop_server(served)
