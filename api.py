@@ -148,9 +148,10 @@ def text_of(content, where):
     raise ApiError(400, f"{where} must be a string or a list of text blocks", param=where)
 
 
-def render(tokenizer, messages, where="messages"):
+def render(tokenizer, messages, where="messages", **variables):
+    """The prompt's ids; variables: the template's (tools, enable_thinking, ...); a template's error is a 400."""
     try:
-        return list(tokenizer.render_chat(messages, add_generation_prompt=True)[0])
+        return list(tokenizer.render_chat(messages, add_generation_prompt=True, **variables)[0])
     except ValueError as e:
         raise ApiError(400, f"{where}: {e}", param=where) from None
 
@@ -495,12 +496,9 @@ def openai_chat_prompt(body, tokenizer, messages):
     native = "tools" in (tokenizer.chat_template or "")
     plain = tool_messages(messages, tools and tools[0], native)
     budget = number(body, "thinking_budget", None, 0, 1 << 20, integer=True)
-    try:
-        prompt, _ = tokenizer.render_chat(plain, add_generation_prompt=True, tools=body["tools"] if tools and native
-                                          else None, **template_kwargs(body))  # the tools as the client sent them
-    except ValueError as e:
-        raise ApiError(400, f"messages: {e}", param="messages") from None
-    return reply_plan(tokenizer, list(prompt), grammar, tools, budget, "thinking_budget")
+    prompt = render(tokenizer, plain, tools=body["tools"] if tools and native else None,  # as the client sent them
+                    **template_kwargs(body))
+    return reply_plan(tokenizer, prompt, grammar, tools, budget, "thinking_budget")
 
 
 def completion_constraint(body, tokenizer):
@@ -621,13 +619,9 @@ def anthropic_prompt(body, tokenizer, plain, asked):
                                 f"max_tokens={asked}, or {{\"type\": \"disabled\"}}", param="thinking")
     tools = anthropic_tools(body)
     native = "tools" in (tokenizer.chat_template or "")
-    try:
-        prompt, _ = tokenizer.render_chat(tool_messages(plain, tools and tools[0], native), True, tools=[
-            {"type": "function", "function": f} for f in tools[0]] if tools and native else None,
-            enable_thinking=budget is not None)
-    except ValueError as e:
-        raise ApiError(400, f"messages: {e}", param="messages") from None
-    return reply_plan(tokenizer, list(prompt), None, tools, budget, "thinking")
+    prompt = render(tokenizer, tool_messages(plain, tools and tools[0], native), enable_thinking=budget is not None,
+                    tools=[{"type": "function", "function": f} for f in tools[0]] if tools and native else None)
+    return reply_plan(tokenizer, prompt, None, tools, budget, "thinking")
 
 
 def anthropic_blocks(reasoning, content, calls):
