@@ -3,7 +3,8 @@ Benchmarks, side by side with Hugging Face transformers (when installed) in one 
 
     python bench.py                       # everything
     python bench.py --only=train,decode   # some sections: train, train_memory, decode, serve, prepare, gguf_load,
-                                          # hardware, serve_memory, loglikelihood (not in the default run)
+                                          # hardware, serve_memory, loglikelihood, structured (not in the
+                                          # default run)
     python bench.py --only=decode,serve --llamacpp=DIR   # llama.cpp rows too (DIR: README, Benchmarks)
 
 Speed claims live here, never in timed unit tests.
@@ -821,6 +822,27 @@ def serve_in_thread(model, tokenizer, max_batch):
     server = make_server(loop, port=0, log_requests=False)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, loop
+# -----------------------------------------------------------------------------
+# structured: every row held to a JSON schema (structured.py's masks) vs free decode, the same run
+
+
+def bench_structured(args):
+    """Sampled decode tokens/s (no stop: -1 is no token) of the bench82m shape at batch 1 and 16, free vs JSON
+    schema; 1 - free time / constrained time is what the masks cost."""
+    from sample import generate
+
+    model, tokenizer = bench_model("configs/bench82m.py", args.seed)
+    item = {"type": "object", "properties": {"name": {"type": "string"}, "count": {"type": "integer"}, "tags": {
+        "type": "array", "items": {"enum": ["red", "green", "blue"]}}}, "required": ["name", "count", "tags"]}
+    print(f"== structured: bench82m, {args.decode_tokens} sampled tokens a row, {torch.get_num_threads()} threads")
+    rows = []
+    for B in (1, 16):
+        prompts, N = torch.randint(0, 2000, (B, args.prompt_len)).tolist(), args.decode_tokens
+        best = fastest({"free": lambda: generate(model, prompts, N, temperature=1.0, seed=0), "json_schema": lambda:
+                        generate(model, prompts, N, temperature=1.0, seed=0, stop_ids=[-1], tokenizer=tokenizer,
+                                 json_schema={"type": "array", "items": item})}, args.steps)
+        rows += [[B, name, f"{B * N / best[name]:,.0f}", f"{1 - best['free'] / best[name]:.1%}"] for name in best]
+    table(rows, ["batch", "decode", "tokens/s", "time over free"])
 
 
 if __name__ == "__main__":
@@ -829,7 +851,8 @@ if __name__ == "__main__":
         torch.set_num_threads(args.threads)
     sections = {"train": bench_train, "train_memory": bench_train_memory, "decode": bench_decode,
                 "serve": bench_serve, "prepare": bench_prepare, "gguf_load": bench_gguf_load,
-                "hardware": bench_hardware, "serve_memory": bench_serve_memory, "loglikelihood": bench_loglikelihood}
+                "hardware": bench_hardware, "serve_memory": bench_serve_memory, "loglikelihood": bench_loglikelihood,
+                "structured": bench_structured}
     for name in args.only.split(","):
         if name not in sections:
             sys.exit(f"bench.py: unknown section {name!r}; choose from {', '.join(sections)}")

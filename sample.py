@@ -226,7 +226,7 @@ class Sequence:
     (token, logprob, top k) of prompt token p + 1; such a sequence never reuses a cached prefix."""
 
     def __init__(self, prompt, max_tokens, params=SamplingParams(), generator=None, want_logprobs=False,
-                 top_logprobs=None, on_token=None, prompt_logprobs=None):
+                 top_logprobs=None, on_token=None, prompt_logprobs=None, constraint=None):
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params={params!r}: expected a SamplingParams")
         self.prompt, self.max_tokens, self.params, self.generator = list(prompt), max_tokens, params, generator
@@ -235,6 +235,7 @@ class Sequence:
         self.top_logprobs = top_logprobs  # k: the model's own log-probs of the token and the k most likely ones
         self.on_token = on_token
         self.prompt_logprobs, self.prompt_scores = prompt_logprobs, [None] * (len(self.prompt) - 1)
+        self.constraint = constraint  # a structured.Constraint: a grammar's allowed tokens, a thinking budget
         self.tokens, self.logprobs = [], []  # generated token ids (a stop token included) and their log-probs
         self.slot, self.prefilled = None, 0  # the KV cache row, and how many tokens of `fill` are in it
         self.fill = self.prompt  # what to prefill: the prompt, plus the tokens generated before a preemption
@@ -472,6 +473,12 @@ class Engine:
         if adjusted:
             scores = logits.clone()
             scores[adjusted] = adjust_logits(logits[adjusted], [batch[i] for i in adjusted])
+        constrained = [i for i, s in enumerate(batch) if s.constraint is not None]
+        if constrained:  # only these rows pay for a mask
+            from structured import apply_constraints
+
+            scores = scores.clone() if scores is logits else scores
+            apply_constraints(scores, [batch[i] for i in constrained], constrained)
         want = any(s.want_logprobs for s in batch)
         tokens, logprobs = sample_tokens(scores, [s.params for s in batch], [s.generator for s in batch], want)
         for i in adjusted:  # the reply's token counts, on the device: no sync
@@ -479,6 +486,8 @@ class Engine:
             batch[i].seen[tokens[i]] = True
         top = self.top_logprobs(batch, logits, tokens)
         tokens = tokens.tolist()  # the one host sync per step
+        for i in constrained:
+            batch[i].constraint.consume(tokens[i])
         logprobs = logprobs.tolist() if want else [None] * len(batch)
         return tokens, [(lp, t) for lp, t in zip(logprobs, top)]
 
@@ -538,7 +547,8 @@ class Engine:
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, params=SamplingParams(), stop_ids=(), seed=None, return_logprobs=False,
-             on_token=None, vocab_size=None, compile=False, kv_memory="50%", **sampling):
+             on_token=None, vocab_size=None, compile=False, kv_memory="50%", tokenizer=None, json_schema=None,
+             regex=None, lark=None, **sampling):
     """Continue each prompt (a list of token ids; lengths may differ) by up to max_new_tokens tokens.
 
     All prompts go into one engine with a row each: one right-padded prefill, then one batched decode step
@@ -550,7 +560,9 @@ def generate(model, prompts, max_new_tokens, params=SamplingParams(), stop_ids=(
     are never sampled, since they have no text. seed: one generator shared by the batch. compile: decode
     steps through torch.compile (see Engine). kv_memory: the KV cache's budget (see Engine): rows that do not
     fit together wait or are recomputed, with the same tokens. params: the SamplingParams of every row; sampling:
-    SamplingParams fields by name, over params's (generate(model, prompts, n, temperature=0.0) is greedy)."""
+    SamplingParams fields by name, over params's (generate(model, prompts, n, temperature=0.0) is greedy).
+    json_schema (a dict; True: any JSON object), regex or lark (llguidance's Lark): every row's reply follows it
+    (structured.py), which needs the tokenizer; the reply ends with a stop token once the grammar is complete."""
     if not isinstance(params, SamplingParams):
         raise TypeError(f"params={params!r}: expected a SamplingParams; one setting by name: temperature=...")
     params = dataclasses.replace(params, **sampling)
@@ -570,8 +582,17 @@ def generate(model, prompts, max_new_tokens, params=SamplingParams(), stop_ids=(
     def callback(row):
         return None if on_token is None else lambda seq, token, logprobs_entry: on_token(row, token)
 
+    constraint = lambda: None  # noqa: E731
+    if (json_schema, regex, lark) != (None, None, None):
+        from structured import Constraint, compile_grammar, grammar_text
+
+        if tokenizer is None:
+            raise ValueError("json_schema, regex and lark need tokenizer=: the grammar is matched on its tokens")
+        matcher = compile_grammar(tokenizer, grammar_text(json_schema, regex, lark))
+        stop_ids, vocab_size = stop_ids or tokenizer.stop_ids, vocab_size or tokenizer.vocab_size
+        constraint = lambda: Constraint(tokenizer, matcher.deep_copy())  # noqa: E731
     seqs = [Sequence(p, min(max_new_tokens, config.max_len - len(p)), params, generator, return_logprobs,
-                     on_token=callback(row)) for row, p in enumerate(prompts)]
+                     on_token=callback(row), constraint=constraint()) for row, p in enumerate(prompts)]
     if any(s.max_tokens > 0 for s in seqs):
         max_len = min(config.max_len, max(len(p) for p in prompts) + max_new_tokens)
         engine = Engine(model, len(prompts), max_len, max_len, stop_ids, vocab_size, compile, kv_memory)

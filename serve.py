@@ -38,12 +38,14 @@ from urllib.parse import urlsplit
 import torch
 
 import httpd
-from api import (ApiError, choice_json, flag, logprobs_json, message_json, parse_anthropic, parse_detokenize,
-                 parse_json, parse_openai, parse_tokenize, tokenizer_info_json, usage_json)
+from api import (ApiError, anthropic_blocks, choice_json, event_delta, flag, logprobs_json, message_json,
+                 parse_anthropic, parse_detokenize, parse_json, parse_openai, parse_tokenize, reply_choice_json,
+                 tokenizer_info_json, usage_json)
 from kv_cache import BLOCK, budget_text
 from sample import Engine, Sequence, TextStream, compile_setting, load
 from httpd import ClientGone, Connection, dumps
 from settings import load_settings, pick_device
+from structured import gather
 
 DEFAULTS = dict(
     model="",  # MODELDIR: config.json + model.safetensors + tokenizer files (ours or Hugging Face), or a .gguf file
@@ -105,12 +107,13 @@ class Choice:
     max_tokens=0 (with echo): one token is generated and not shown, so the reply is the prompt alone."""
 
     def __init__(self, loop, index, events, prompt, max_tokens, params, stop=(), seed=None, top_logprobs=None,
-                 echo=False):
+                 echo=False, constraint=None):
         self.loop, self.index, self.events, self.stop, self.echo = loop, index, events, list(stop), echo
         generator = None if seed is None else torch.Generator(device=loop.engine.device).manual_seed(seed)
         self.hidden = max_tokens == 0
         self.seq = Sequence(prompt, max(1, max_tokens), params, generator, top_logprobs=top_logprobs,
-                            on_token=self.on_token, prompt_logprobs=top_logprobs if echo else None)
+                            on_token=self.on_token, prompt_logprobs=top_logprobs if echo else None,
+                            constraint=constraint)
         self.stream, self.held, self.stop_string = TextStream(loop.tokenizer), "", None
         self.submitted = self.last_token = time.perf_counter()  # time to first token counts from submission
 
@@ -131,6 +134,11 @@ class Choice:
         if token is None:  # the engine failed, or the server is shutting down
             self.events.put((self.index, "", [], "error"))
             return self.loop.count(self, seq, "error")
+        if seq.constraint is not None and seq.constraint.error:  # the grammar engine gave up (a limit): fail, not
+            print(f"grammar: {seq.constraint.error}", file=sys.stderr)  # a reply that breaks its schema
+            self.events.put((self.index, "", [], "error"))
+            self.loop.count(self, seq, "error")
+            return True
         try:
             hit = None
             if seq.finish == "stop" or self.hidden:  # a stop token: counted, never shown
@@ -365,7 +373,7 @@ class Handler(Connection):
         loop, events = self.server.loop, queue.Queue()
         choices = [Choice(loop, p * request.n + j, events, prompt, request.max_tokens[p], request.sampling,
                           request.stop, None if request.seed is None else (request.seed + j) % (1 << 63),
-                          request.top_logprobs, request.echo)
+                          request.top_logprobs, request.echo, request.constraint and request.constraint())
                    for p, prompt in enumerate(request.prompts) for j in range(request.n)]  # choice j: its own seed
         loop.submit(choices)
         try:
@@ -396,10 +404,12 @@ class Handler(Connection):
         if "error" in finish:
             raise self.failure()
         tokenizer = self.server.loop.tokenizer
-        body = [choice_json(chat, False, c.index, "".join(text[c.index]), finish=finish[c.index],
-                            logprobs=None if c.seq.top_logprobs is None
-                            else logprobs_json(chat, tokenizer, entries[c.index]))
-                for c in choices]
+        body = []
+        for c in choices:
+            reply = "".join(text[c.index])
+            logprobs = None if c.seq.top_logprobs is None else logprobs_json(chat, tokenizer, entries[c.index])
+            body.append(choice_json(chat, False, c.index, reply, logprobs, finish[c.index]) if request.parser is None
+                        else reply_choice_json(request.parser(), c.index, reply, finish[c.index], logprobs))
         self.send_json(200, {**head, "object": "chat.completion" if chat else "text_completion", "choices": body,
                              "usage": usage_json(request.prompts, choices)})
 
@@ -408,6 +418,7 @@ class Handler(Connection):
         tokenizer = self.server.loop.tokenizer
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
         offsets, failed = [0] * len(choices), False  # characters of the tokens sent: completions' text_offset
+        parsers = request.parser and {c.index: request.parser() for c in choices}
 
         def send(choices, **extra):
             self.write(b"data: " + dumps({**head, "choices": choices, **extra}) + b"\n\n")
@@ -421,7 +432,9 @@ class Handler(Connection):
                     send([], error=self.failure().body()["error"])
                 failed = True
                 continue
-            if text or entry:
+            if parsers:  # reasoning and tool calls split out of the text
+                reason = self.send_parsed(send, parsers[index], index, text, entry, reason)
+            elif text or entry:
                 logprobs = entry and logprobs_json(chat, tokenizer, entry, offsets[index])
                 send([choice_json(chat, True, index, text, logprobs)])
                 offsets[index] += sum(map(len, logprobs["tokens"])) if logprobs and not chat else 0
@@ -431,6 +444,17 @@ class Handler(Connection):
             send([], usage=usage_json(request.prompts, choices))
         self.write(b"data: [DONE]\n\n")
 
+    def send_parsed(self, send, parser, index, text, entry, reason):
+        """A choice's text through its ReplyParser: a delta per event (the logprobs entries with the first, or alone);
+        -> the finish_reason, "tool_calls" where calls end the reply."""
+        events = parser.push(text) + (parser.finish() if reason else [])
+        logprobs = entry and logprobs_json(True, self.server.loop.tokenizer, entry)
+        for event in events or ([None] if logprobs else []):
+            delta = {} if event is None else event_delta(event)
+            send([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None}])
+            logprobs = None
+        return "tool_calls" if reason == "stop" and parser.calls else reason
+
     # --- Anthropic Messages ------------------------------------------------------------------------------------
 
     def messages(self, body):
@@ -439,34 +463,61 @@ class Handler(Connection):
         request = parse_anthropic(body, loop.tokenizer, limits, loop.engine.model.config.vocab_size)
         head = {"id": "msg_" + uuid.uuid4().hex, "model": self.server.model_name}
         respond = self.messages_stream if request.stream else self.messages_response
-        self.generate(request, lambda choices, events: respond(head, len(request.prompts[0]), choices[0], events))
+        self.generate(request, lambda choices, events: respond(head, len(request.prompts[0]), choices[0], events,
+                                                               request.parser and request.parser()))
 
-    def messages_response(self, head, input_tokens, choice, events):
+    def messages_response(self, head, input_tokens, choice, events, parser=None):
         text = []
         for _, piece, _, finish in self.events(events, 1):
             if finish == "error":
                 raise self.failure()
             text.append(piece)
-        self.send_json(200, message_json(head, "".join(text), finish, choice, input_tokens))
+        text = "".join(text)
+        blocks = parser and anthropic_blocks(*gather(parser.push(text) + parser.finish()))
+        self.send_json(200, message_json(head, text, finish, choice, input_tokens, blocks))
 
-    def messages_stream(self, head, input_tokens, choice, events):
+    def messages_stream(self, head, input_tokens, choice, events, parser=None):
         """Anthropic's event sequence: message_start, content_block_start, ping, content_block_delta...,
-        content_block_stop, message_delta (stop_reason, usage), message_stop; or an error event."""
+        content_block_stop (a block at a time: thinking, text, tool_use), message_delta (stop_reason, usage),
+        message_stop; or an error event."""
         self.start_stream()
+        block = [None, -1]  # the open block's type and index
 
         def send(kind, **data):
             self.write(f"event: {kind}\ndata: ".encode() + dumps({"type": kind, **data}) + b"\n\n")
 
+        def into(kind, start=None):
+            if block[0] != kind or start is not None:
+                if block[0] is not None:
+                    send("content_block_stop", index=block[1])
+                block[:] = [kind, block[1] + 1]
+                send("content_block_start", index=block[1], content_block=start or {"type": kind, kind: ""})
+
         send("message_start", message=message_json(head, None, None, choice, input_tokens))
-        send("content_block_start", index=0, content_block={"type": "text", "text": ""})
+        if parser is None:
+            into("text")
         send("ping")
         for _, text, _, finish in self.events(events, 1):
             if finish == "error":
                 return send("error", error=self.failure().body(anthropic=True)["error"])
-            if text:
-                send("content_block_delta", index=0, delta={"type": "text_delta", "text": text})
-        send("content_block_stop", index=0)
-        message = message_json(head, "", finish, choice, input_tokens)
+            for event in (parser.push(text) + (parser.finish() if finish else []) if parser else
+                          [("content", text)] if text else []):
+                if event[0] == "call":
+                    into("tool_use", {"type": "tool_use", "id": "toolu_" + event[2].removeprefix("call_"),
+                                      "name": event[3], "input": {}})
+                elif event[0] == "arguments":
+                    send("content_block_delta", index=block[1], delta={"type": "input_json_delta",
+                                                                       "partial_json": event[2]})
+                else:
+                    kind = "thinking" if event[0] == "reasoning" else "text"
+                    into(kind, {"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking"
+                         and block[0] != "thinking" else None)
+                    send("content_block_delta", index=block[1], delta={"type": kind + "_delta", kind: event[1]})
+        if block[0] is None:
+            into("text")
+        send("content_block_stop", index=block[1])
+        message = message_json(head, "", finish, choice, input_tokens,
+                               [{"type": "tool_use"}] if parser and parser.calls else None)
         send("message_delta", delta={"stop_reason": message["stop_reason"], "stop_sequence": message["stop_sequence"]},
              usage={"output_tokens": message["usage"]["output_tokens"]})
         send("message_stop")

@@ -146,7 +146,7 @@ def test_errors_are_anthropic_shaped(s):
         ({"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "thinking", "thinking": "x"}]}]},
          "thinking"),
         ({"max_tokens": 5, "messages": user, "thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
-        ({"max_tokens": 5, "messages": user, "tools": [{"name": "f", "input_schema": {"type": "object"}}]}, "tools"),
+        ({"max_tokens": 5, "messages": user, "tools": [{"name": "f"}]}, "tools"),
         ({"max_tokens": 5, "messages": user, "temperature": 1.5}, "temperature"),  # Anthropic's range is 0..1
         ({"max_tokens": 5, "messages": user, "stop_sequences": "x"}, "stop_sequences"),
         ({"max_tokens": 10**6, "messages": user}, "context"),

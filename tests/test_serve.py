@@ -319,7 +319,7 @@ def test_options_that_would_change_the_result_are_refused_or_honoured(s):
     messages = [{"role": "user", "content": "Hi"}]
     for path, extra in [("/v1/completions", {"best_of": 2}), ("/v1/completions", {"n": 2, "echo": True}),
                         ("/v1/completions", {"suffix": "end"}), ("/v1/chat/completions", {"tools": [{"type": "x"}]}),
-                        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}),
+                        ("/v1/chat/completions", {"response_format": {"type": "xml"}}),
                         ("/v1/chat/completions", {"tool_choice": "auto"}),
                         ("/v1/chat/completions", {"stream_options": {"include_usage": True}}),  # without stream
                         ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
