@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE_NAMES = {"yaml": "pyyaml", "PIL": "pillow", "sklearn": "scikit-learn", "cv2": "opencv-python",
                  "bs4": "beautifulsoup4", "google": "protobuf", "lm_eval": "lm-eval"}
 # bench.py measures us against the reference implementations, which are development dependencies
-DEV_IMPORTS = {"bench.py": {"transformers", "lm-eval"}}
+DEV_IMPORTS = {"bench.py": {"transformers"}, "bench_serve.py": {"transformers", "lm-eval"}}
 # optional tools (loggers.py's trackers, --log_to): imported only inside the function that uses them, when asked for,
 # so a user without them runs everything else; requirements-dev.txt lists them for the tests
 OPTIONAL_IMPORTS = {"tensorboard", "wandb", "swanlab"}
