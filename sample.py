@@ -307,11 +307,12 @@ class Engine:
         weight = model.embed_tokens.weight  # the activations' dtype (an int8 model computes in bfloat16)
         self.device, self.context = weight.device, min(max_len or model.config.max_len, model.config.max_len)
         self.kv_bytes, n_blocks = budget_blocks(kv_memory, model.config, weight.dtype, self.device, max_batch,
-                                                self.context)
+                                                self.context, model.tp_size)
         self.kv_tokens = n_blocks * BLOCK  # what the budget holds, all rows together
         self.max_len = min(self.context, self.kv_tokens)  # one row's longest prompt + reply
         with torch.inference_mode():  # the compiled step writes into it
-            self.cache = KVCache(model.config, max_batch, self.max_len, self.device, weight.dtype, n_blocks)
+            self.cache = KVCache(model.config, max_batch, self.max_len, self.device, weight.dtype, n_blocks,
+                                 model.tp_size)
         self.compiled, self.decode = compile, model.run
         if compile:  # every engine of a model (generate() makes one a call) shares its graphs
             self.decode = functools.partial(compiled_run(type(model)), model)

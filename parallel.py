@@ -1,0 +1,102 @@
+"""
+Tensor parallelism with torch's own DTensor plans (torch.distributed.tensor.parallel): each block's attention heads
+and MLP hidden units are split over `tp` processes, Megatron-style. q/k/v (and the output gate), gate and up are
+ColwiseParallel (each process computes its heads' or hidden units' share of the outputs), o and down are
+RowwiseParallel (partial sums added by one all-reduce, which DTensor does). Imported only when tp > 1.
+
+    torchrun --nproc_per_node=2 train.py configs/demo.py --tp=2                       # 2 processes, one model
+    torchrun --nproc_per_node=4 train.py configs/demo.py --tp=2 --parallel=fsdp       # 2 (dp) x 2 (tp)
+    torchrun --nproc_per_node=2 sample.py --model=out/demo/final --tp=2 --prompt="..."
+
+The embedding, the output head and the norms stay whole on every process (replicated): the residual stream between
+blocks is an ordinary tensor, alike on every process, so one model serves training, the cached decode (one token a
+row, which a sequence split cannot share out) and the chunked output head. Sequence-parallel norms would split it
+along the sequence for training only; they are not applied here. Checkpoints hold whole tensors (train.py gathers
+them with torch.distributed.checkpoint's full state dicts), so a tp run's MODELDIR loads at any tp and the reverse.
+"""
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+
+def tp_problems(config, tp, world_size):
+    """What stops a model of this config from splitting over tp processes of world_size, each naming its field."""
+    problems = []
+    if tp < 1 or world_size % tp:
+        problems.append(f"tp={tp}: the number of processes ({world_size}) must be a multiple of tp")
+        return problems
+    sizes = {"n_heads": config.n_heads, "dim_ffn": config.dim_ffn}
+    if config.attn == "gqa":
+        sizes["n_kv_heads"] = config.n_kv_heads
+    problems += [f"{name}={value} is not a multiple of tp={tp}" for name, value in sizes.items() if value % tp]
+    return problems
+
+
+def device_mesh(device_type, world_size, tp):
+    """The ("dp", "tp") mesh of all processes: tp neighbouring ranks share a model, world_size // tp copies of it
+    train on different data (rank = dp_rank * tp + tp_rank)."""
+    return init_device_mesh(device_type, (world_size // tp, tp), mesh_dim_names=("dp", "tp"))
+
+
+def block_plan(block):
+    """The DTensor plan of one block: colwise into the heads and hidden units, rowwise out of them."""
+    attn = block.self_attn
+    colwise = ["k_proj", "v_proj"] if hasattr(attn, "k_proj") else ["kv_b_proj"]  # MLA: the latent is whole
+    colwise += [n for n in ("q_proj", "q_b_proj", "output_gate") if hasattr(attn, n)]  # MLA's q_a_proj is whole
+    plan = {f"self_attn.{n}": ColwiseParallel() for n in colwise}
+    plan["self_attn.o_proj"] = RowwiseParallel()
+    plan.update({"mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
+                 "mlp.down_proj": RowwiseParallel()})
+    return plan
+
+
+def parallelize(model, tp_mesh):
+    """Split model's blocks over tp_mesh in place (tp_problems must be empty). Each attention then counts its own
+    heads: q/k/v's outputs are its share, and the KV cache holds its share (model.tp_size)."""
+    tp = tp_mesh.size()
+    problems = tp_problems(model.config, tp, tp)
+    if problems:
+        raise ValueError("tensor parallelism: " + "; ".join(problems))
+    for block in model.layers:
+        if not isinstance(block.self_attn.o_proj, torch.nn.Linear):
+            raise ValueError("tensor parallelism splits nn.Linear layers: a LoRA or int8 model is not split")
+        parallelize_module(block, tp_mesh, block_plan(block))
+        block.self_attn.n_heads //= tp
+        if hasattr(block.self_attn, "n_kv_heads"):
+            block.self_attn.n_kv_heads //= tp
+    model.tp_size = tp
+    return model
+
+
+def local_weight(weight):
+    """This process's share of a split weight (an ordinary tensor: the MLA decode reads kv_b_proj's by heads)."""
+    return weight.to_local() if isinstance(weight, DTensor) else weight
+
+
+def clip_grad_norm(parameters, max_norm):
+    """torch.nn.utils.clip_grad_norm_ for a model whose parameters are DTensors on different meshes (the split
+    blocks; FSDP's dp shards) beside ordinary tensors: each mesh's norm is DTensor's own, made whole by full_tensor;
+    the total norm (a float tensor) and the same clip coefficient as clip_grad_norm_'s."""
+    groups = {}
+    for p in parameters:
+        if p.grad is not None:
+            groups.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p.grad)
+    norms = []
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, foreach=False)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    coefficient = min(1.0, max_norm / (total.item() + 1e-6))
+    for grads in groups.values():
+        for g in grads:
+            g.mul_(coefficient)
+    return total
+
+
+def broadcast_object(obj, group=None):
+    """obj from rank 0 on every process (sample.py: the seed; serve.py: each step's new work)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
