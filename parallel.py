@@ -14,6 +14,10 @@ row, which a sequence split cannot share out) and the chunked output head. Seque
 along the sequence for training only; they are not applied here. Checkpoints hold whole tensors (train.py gathers
 them with torch.distributed.checkpoint's full state dicts), so a tp run's MODELDIR loads at any tp and the reverse.
 """
+import os
+import random
+import sys
+
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -70,11 +74,6 @@ def parallelize(model, tp_mesh):
     return model
 
 
-def local_weight(weight):
-    """This process's share of a split weight (an ordinary tensor: the MLA decode reads kv_b_proj's by heads)."""
-    return weight.to_local() if isinstance(weight, DTensor) else weight
-
-
 def clip_grad_norm(parameters, max_norm):
     """torch.nn.utils.clip_grad_norm_ for a model whose parameters are DTensors on different meshes (the split
     blocks; FSDP's dp shards) beside ordinary tensors: each mesh's norm is DTensor's own, made whole by full_tensor;
@@ -100,3 +99,36 @@ def broadcast_object(obj, group=None):
     box = [obj]
     dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
+
+
+# -----------------------------------------------------------------------------
+# inference: sample.py and serve.py under torchrun, every process running the same engine steps
+
+
+def start_inference(tp, device, where):
+    """The process group of `torchrun --nproc_per_node=tp`, before the model loads -> (this process's device, the
+    tp mesh). Every process holds a share of one model: there are no model copies to split requests over."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size != tp:
+        raise ValueError(f"tp={tp}: run {where} under torchrun --nproc_per_node={tp} (this is {world_size} "
+                         "process(es)); each process holds a share of the one model")
+    cuda = device.startswith("cuda")
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
+    return device, init_device_mesh("cuda" if cuda else "cpu", (tp,), mesh_dim_names=("tp",))
+
+
+def split_for_inference(model, mesh, seed, kv_memory, device):
+    """The loaded model split over the mesh -> (model, seed, kv_memory) alike on every process: the engines must
+    take the same steps, so the sampling seed (drawn on rank 0 when none is set) and the KV cache budget (a share
+    of memory measured on rank 0) come from rank 0. The other ranks print nothing."""
+    from kv_cache import kv_budget_bytes
+
+    parallelize(model, mesh)
+    seed = broadcast_object(random.randrange(2**31) if seed is None else seed)
+    kv_memory = broadcast_object(f"{kv_budget_bytes(kv_memory, device) / 1e9!r}")
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    return model, seed, kv_memory

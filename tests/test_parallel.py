@@ -1,0 +1,146 @@
+"""Tensor parallelism (parallel.py) on CPU with gloo, against the same model in one process: the logits and greedy
+tokens of a model split over 2 processes, training with tp=2 and as 2 (dp) x 2 (tp), and checkpoints crossing tp."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import randomize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+# each process splits the model, then rank 0 writes the logits of IDS and the greedy tokens of PROMPTS
+WORKER = """
+import sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, {root!r})
+from parallel import parallelize, start_inference
+from model import Transformer
+from sample import generate
+
+_, mesh = start_inference(2, "cpu", "the test")
+for path, out in zip(sys.argv[1::2], sys.argv[2::2]):
+    model = parallelize(Transformer.from_pretrained(path).eval(), mesh["tp"])
+    with torch.no_grad():
+        logits = model(torch.tensor({ids}))
+    tokens = generate(model, {prompts}, 12, temperature=0.0)
+    if dist.get_rank() == 0:
+        torch.save({{"logits": logits, "tokens": tokens}}, out)
+dist.destroy_process_group()
+"""
+IDS = [[5, 17, 3, 99, 42, 8, 61, 7, 23, 11], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
+PROMPTS = [[5, 17, 3], [42, 8, 61, 7, 23, 11, 4]]
+
+
+def torchrun(*args, nproc=2):
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                        *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def run(*args):
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def test_a_model_split_over_two_processes_gives_the_one_process_logits_and_tokens(tmp_path):
+    from model import ModelConfig, Transformer
+    from sample import generate
+
+    configs = {  # GQA with every attention option the plan splits, and MLA with query compression
+        "gqa": ModelConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, dim_ffn=96, max_len=64,
+                           attention_bias=True, use_qk_norm=True, use_gated_attention=True, tie_weight=False),
+        "mla": ModelConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, dim_ffn=96, max_len=64, attn="mla",
+                           q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12),
+    }
+    expected, args = {}, []
+    for name, config in configs.items():
+        torch.manual_seed(0)
+        model = randomize(Transformer(config)).eval()
+        model.save_pretrained(tmp_path / name)
+        with torch.no_grad():
+            expected[name] = model(torch.tensor(IDS)), generate(model, PROMPTS, 12, temperature=0.0)
+        args += [str(tmp_path / name), str(tmp_path / f"{name}.pt")]
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(root=ROOT, ids=IDS, prompts=PROMPTS))
+    torchrun(str(script), *args)
+    for name, (logits, tokens) in expected.items():
+        split = torch.load(tmp_path / f"{name}.pt")
+        assert (split["logits"] - logits).abs().max().item() < 1e-5, name
+        assert logits.std() > 1, "the logits must spread for greedy tokens to be decisive"
+        assert split["tokens"] == tokens, name
+
+
+def test_sample_py_with_tp_2_prints_the_one_process_text(tiny_model_dir):
+    args = ["sample.py", f"--model={tiny_model_dir}", "--prompt=The quick", "--max_new_tokens=16", "--temperature=0",
+            "--compile=false", "--kv_memory=0.01"]
+    one = run(*args).stdout
+    two = torchrun(*args, "--tp=2").stdout
+    assert len(one.strip()) > 0 and two == one
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Demo data, a tokenizer, the seq .h5 and a model preset small enough for seconds of training (README's way)."""
+    d = tmp_path_factory.mktemp("demo")
+    run("pipeline.py", "demo", f"--out={d}")
+    run("data.py", "tokenizer", f"--input={d}/pretrain.txt", "--vocab_size=512", f"--out={d}/tokenizer")
+    run("data.py", "prepare", "--stage=seq", f"--input={d}/pretrain.txt", f"--tokenizer={d}/tokenizer",
+        f"--out={d}/pretrain.h5")
+    with open(d / "model.py", "w") as f:
+        f.write("vocab_size = 512\ndim = 64\nn_layers = 2\nn_heads = 4\nn_kv_heads = 2\ndim_ffn = 128\nmax_len = 64\n")
+    return d
+
+
+def train_args(demo, out, *extra):
+    return ["train.py", f"--data={demo}/pretrain.h5", f"--tokenizer={demo}/tokenizer",
+            f"--model_config={demo}/model.py", f"--out_dir={out}", "--batch_size=4", "--block_size=32", "--lr=3e-3",
+            "--warmup_iters=2", "--seed=7", "--eval_interval=0", "--eval_iters=2", "--log_interval=1",
+            "--ckpt_interval=3", "--weight_decay=0.1", "--grad_clip=0.5", *extra]
+
+
+def max_difference(a, b):
+    a, b = load_file(os.path.join(a, "model.safetensors")), load_file(os.path.join(b, "model.safetensors"))
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_training_with_tp_2_and_as_2_dp_by_2_tp_and_checkpoints_crossing_tp(demo, tmp_path):
+    """tp=2 takes the one-process optimizer steps (clipping on); its checkpoint resumes at tp=1, and the one-process
+    checkpoint resumes as 2 (dp) x 2 (tp) with FSDP2: both end where the one-process run ends."""
+    one, split, back, grid = (tmp_path / n for n in ("one", "split", "back", "grid"))
+    run(*train_args(demo, one, "--max_iters=6", "--grad_accum=2"))
+    torchrun(*train_args(demo, split, "--max_iters=3", "--grad_accum=2", "--tp=2"))
+    assert max_difference(one / "ckpt-3", split / "ckpt-3") < 1e-5
+    assert max_difference(one / "ckpt-3", one / "final") > 1e-3  # steps 4 to 6 move the weights
+    for source, out in ((split, back), (one, grid)):
+        os.makedirs(out)
+        shutil.copytree(source / "ckpt-3", out / "ckpt-3")
+    run(*train_args(demo, back, "--max_iters=6", "--grad_accum=2", "--resume=auto"))
+    log = torchrun(*train_args(demo, grid, "--max_iters=6", "--resume=auto", "--tp=2", "--parallel=fsdp"),
+                   nproc=4).stdout
+    assert "resumed from" in log and "4 process(es)" in log
+    assert max_difference(one / "final", back / "final") < 1e-5
+    assert max_difference(one / "final", grid / "final") < 1e-5
+
+
+def test_tp_refuses_what_it_cannot_split(demo, tmp_path):
+    from model import ModelConfig
+    from parallel import tp_problems
+
+    config = ModelConfig(dim=64, n_heads=6, n_kv_heads=3, dim_ffn=102, attn="gqa")
+    assert tp_problems(config, 2, 4) == ["n_kv_heads=3 is not a multiple of tp=2"]
+    assert tp_problems(config, 4, 4) == ["n_heads=6 is not a multiple of tp=4", "dim_ffn=102 is not a multiple of "
+                                         "tp=4", "n_kv_heads=3 is not a multiple of tp=4"]
+    assert tp_problems(config, 3, 6) == []
+    p = subprocess.run([sys.executable, *train_args(demo, tmp_path / "y", "--max_iters=1", "--tp=2")], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and "must be a multiple of tp" in p.stderr
