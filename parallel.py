@@ -14,15 +14,19 @@ row, which a sequence split cannot share out) and the chunked output head. Seque
 along the sequence for training only; they are not applied here. Checkpoints hold whole tensors (train.py gathers
 them with torch.distributed.checkpoint's full state dicts), so a tp run's MODELDIR loads at any tp and the reverse.
 """
+import itertools
 import os
 import random
 import sys
+import traceback
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from sample import Engine, Sequence
 
 
 def tp_problems(config, tp, world_size):
@@ -132,3 +136,108 @@ def split_for_inference(model, mesh, seed, kv_memory, device):
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")
     return model, seed, kv_memory
+
+
+class SplitEngine(Engine):
+    """serve.py's engine on every process of a split model. Rank 0 (the leader) serves HTTP: its add, cancel and
+    fail are logged, not applied, and each step() starts by broadcasting the log, which every process then applies
+    in the same order; each emit broadcasts rank 0's tokens and how each row finished (a stop string is found in
+    rank 0's text alone). So every process admits, preempts and batches alike, and the collectives inside the
+    model match. The other ranks call follow(), stepping until rank 0's close()."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.leader = dist.get_rank() == 0
+        self.log, self.stepping, self.ids = [], False, itertools.count()
+        self.mirrors, self.finishes = {}, {}  # the other ranks: rank 0's sequences by id, this step's finishes
+
+    # --- rank 0: requests come and go between steps, on other threads
+
+    def add(self, seqs):
+        self.check(seqs)
+        with self.lock:
+            for seq in seqs:
+                seq.split_id = next(self.ids)
+            self.log.append(("add", list(seqs)))
+
+    def cancel(self, seqs):
+        with self.lock:
+            self.log.append(("cancel", list(seqs)))
+
+    def fail(self, seqs=None, reason="error"):
+        if self.stepping or not self.leader:  # inside a step: every process fails the same rows itself
+            return super().fail(seqs, reason)
+        if seqs is None:  # the server closes: no step follows, rank 0 ends every sequence it has
+            self.replay(self.take_log())
+            return super().fail(None, reason)
+        with self.lock:
+            self.log.append(("fail", list(seqs)))
+
+    def has_work(self):
+        return bool(self.log) or super().has_work()
+
+    def take_log(self):
+        with self.lock:
+            log, self.log = self.log, []
+        return log
+
+    def close(self):
+        """Rank 0, after its last step: the other ranks' follow() returns."""
+        broadcast_object(None)
+
+    # --- every rank
+
+    def step(self):
+        """-> False when rank 0 has closed. Rank 0's log, then Engine.step on every process."""
+        if self.leader:
+            log = self.take_log()
+            broadcast_object([(op, [(s.split_id, s.prompt, s.max_tokens, s.params) if op == "add" else s.split_id
+                                    for s in seqs]) for op, seqs in log])
+        else:
+            log = broadcast_object(None)
+            if log is None:
+                return False
+            log = [(op, [self.mirror(*item) if op == "add" else self.mirrors.get(item) for item in items])
+                   for op, items in log]
+        self.replay(log)
+        self.stepping = True
+        try:
+            super().step()
+        finally:
+            self.stepping = False
+            if not self.leader:  # those neither running nor waiting are done
+                self.mirrors = {i: s for i, s in self.mirrors.items() if s in self.running or s in self.waiting}
+        return True
+
+    def replay(self, log):
+        for op, seqs in log:
+            seqs = [s for s in seqs if s is not None]  # a sequence the other ranks have already ended
+            {"add": Engine.add, "cancel": Engine.cancel, "fail": Engine.fail}[op](self, seqs)
+
+    def mirror(self, split_id, prompt, max_tokens, params):
+        """The other ranks' copy of one of rank 0's sequences: its tokens and finish come from rank 0."""
+        seq = Sequence(prompt, max_tokens, params, on_token=lambda seq, token, entry: self.finishes[seq] == "stop")
+        self.mirrors[split_id] = seq
+        return seq
+
+    def emit(self, batch, tokens, entries):
+        if self.leader:
+            try:
+                super().emit(batch, tokens, entries)
+            finally:
+                broadcast_object((tokens, [seq.finish for seq in batch]))
+            return
+        tokens, finishes = broadcast_object(None)
+        self.finishes = dict(zip(batch, finishes))
+        super().emit(batch, tokens, entries)
+
+    def follow(self):
+        """The other ranks' serve loop: rank 0's steps, until it closes. A step that fails is reported and the next
+        one taken, as rank 0's engine thread does."""
+        with torch.inference_mode():
+            while True:
+                try:
+                    if not self.step():
+                        return
+                except Exception:
+                    traceback.print_exc()

@@ -332,6 +332,12 @@ class Engine:
         self.lock = threading.Lock()  # guards `waiting`
 
     def add(self, seqs):
+        self.check(seqs)
+        with self.lock:
+            self.waiting.extend(seqs)
+
+    def check(self, seqs):
+        """A ValueError naming what the engine cannot take: a prompt past its context, a token past the vocab."""
         for seq in seqs:
             if len(seq.prompt) > self.max_len:
                 raise ValueError(f"a prompt of {len(seq.prompt)} tokens does not fit: the context is {self.context} "
@@ -339,8 +345,6 @@ class Engine:
             if max(seq.params.logit_bias, default=-1) >= self.model.config.vocab_size:
                 raise ValueError(f"logit_bias names token {max(seq.params.logit_bias)}; the model's token ids are "
                                  f"0..{self.model.config.vocab_size - 1}")
-        with self.lock:
-            self.waiting.extend(seqs)
 
     def cancel(self, seqs):
         """Waiting sequences leave now, running ones at the next step (their rows are then free)."""

@@ -144,3 +144,56 @@ def test_tp_refuses_what_it_cannot_split(demo, tmp_path):
     p = subprocess.run([sys.executable, *train_args(demo, tmp_path / "y", "--max_iters=1", "--tp=2")], cwd=ROOT,
                        env=ENV, capture_output=True, text=True, timeout=600)
     assert p.returncode != 0 and "must be a multiple of tp" in p.stderr
+
+
+def test_serve_py_with_tp_2_answers_as_one_process_generates(tiny_model_dir):
+    """Two processes serve one split model: rank 0's HTTP requests, more than --max_batch at once (some wait for a
+    row), give sample.generate's greedy text in one process; a stop string ends a reply on every rank; SIGTERM
+    ends rank 0's requests and then both processes."""
+    import http.client
+    import json
+    import re
+    import signal
+    import threading
+
+    from sample import generate, load
+
+    model, tokenizer = load(tiny_model_dir)
+    prompts = ["The quick brown", "Numbers: 0 1", "你好，世界", "Hello, world"]
+    expected = [tokenizer.decode(generate(model, [tokenizer.encode(p)], 12, temperature=0.0,
+                                          stop_ids=tokenizer.stop_ids)[0]) for p in prompts]
+    stop = expected[0][3:5]
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "serve.py", f"--model={tiny_model_dir}", "--port=0", "--tp=2", "--max_batch=2",
+                          "--dtype=float32", "--kv_memory=0.01"], cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
+    try:
+        port = None
+        while port is None:
+            line = p.stderr.readline()
+            assert line, "the server ended before serving"
+            port = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        port = int(port.group(1))
+
+        def complete(prompt, **extra):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            conn.request("POST", "/v1/completions", json.dumps({"prompt": prompt, "max_tokens": 12, "temperature": 0,
+                                                                **extra}), {"Content-Type": "application/json"})
+            reply = json.loads(conn.getresponse().read())
+            conn.close()
+            return reply["choices"][0]
+
+        answers = [None] * len(prompts)
+        threads = [threading.Thread(target=lambda i=i: answers.__setitem__(i, complete(prompts[i])["text"]))
+                   for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert answers == expected
+        stopped = complete(prompts[0], stop=[stop])
+        assert stopped["finish_reason"] == "stop" and stopped["text"] == expected[0][:expected[0].index(stop)]
+        assert complete(prompts[1])["text"] == expected[1]  # every rank took the same steps after the stop
+    finally:
+        p.send_signal(signal.SIGTERM)
+        err = p.communicate(timeout=60)[1]
+    assert "shutting down" in err and 'parallel.py", line' not in err and 'serve.py", line' not in err
