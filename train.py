@@ -362,6 +362,8 @@ def setting_problems(cfg):
                                            "plain weights; train LoRA adapters with tp=1"),
         (cfg.tp == 1 or cfg.optimizer != "muon", f"optimizer=muon with tp={cfg.tp}: torch.optim.Muon works on "
                                                  "whole matrices, not tensor-parallel shards; use optimizer=adamw"),
+        (cfg.tp == 1 or cfg.strategy != "grpo", f"strategy=grpo with tp={cfg.tp}: rollouts on a split model are "
+                                                "untried; use tp=1"),
         (cfg.lora_rank > 0 or not cfg.lora_tokens, f"lora_tokens={cfg.lora_tokens!r} needs lora_rank > 0 (without "
                                                    "LoRA every embedding row trains)"),
     ]

@@ -58,8 +58,9 @@ def test_a_model_split_over_two_processes_gives_the_one_process_logits_and_token
     configs = {  # GQA with every attention option the plan splits, and MLA with query compression
         "gqa": ModelConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, dim_ffn=96, max_len=64,
                            attention_bias=True, use_qk_norm=True, use_gated_attention=True, tie_weight=False),
-        "mla": ModelConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, dim_ffn=96, max_len=64, attn="mla",
-                           q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12),
+        "mla": ModelConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, dim_ffn=96, max_len=64,
+                           attn="mla", q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                           v_head_dim=12),
     }
     expected, args = {}, []
     for name, config in configs.items():
