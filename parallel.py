@@ -23,18 +23,24 @@ import traceback
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
+                                               RowwiseParallel, SequenceParallel, parallelize_module)
 
 from sample import Engine, Sequence
 
 
-def tp_problems(config, tp, world_size):
-    """What stops a model of this config from splitting over tp processes of world_size, each naming its field."""
+def tp_problems(config, tp, world_size, training=False):
+    """What stops a model of this config from splitting over tp processes of world_size, each naming its field.
+    MLA splits for inference only: its RoPE key is one for all heads, and its gradient (a sum over every process's
+    heads) is not one the plan below expresses."""
     problems = []
     if tp < 1 or world_size % tp:
         problems.append(f"tp={tp}: the number of processes ({world_size}) must be a multiple of tp")
         return problems
+    if training and config.attn == "mla":
+        problems.append(f"attn='mla' with tp={tp}: training a split MLA is not supported (the shared RoPE key's "
+                        "gradient would miss the other processes' heads); sample.py and serve.py split it")
     sizes = {"n_heads": config.n_heads, "dim_ffn": config.dim_ffn}
     if config.attn == "gqa":
         sizes["n_kv_heads"] = config.n_kv_heads
@@ -48,21 +54,36 @@ def device_mesh(device_type, world_size, tp):
     return init_device_mesh(device_type, (world_size // tp, tp), mesh_dim_names=("dp", "tp"))
 
 
-def block_plan(block):
-    """The DTensor plan of one block: colwise into the heads and hidden units, rowwise out of them."""
+def block_plan(block, sequence_parallel=False):
+    """The DTensor plan of one block: colwise into the heads and hidden units, rowwise out of them. Sequence
+    parallel: the block's input and output are this process's share of the sequence (B, T / tp, dim), its norms
+    run on that share, attention and the MLP gather the whole sequence, and o/down's all-reduce becomes a
+    reduce-scatter back to the share."""
     attn = block.self_attn
     colwise = ["k_proj", "v_proj"] if hasattr(attn, "k_proj") else ["kv_b_proj"]  # MLA: the latent is whole
     colwise += [n for n in ("q_proj", "q_b_proj", "output_gate") if hasattr(attn, n)]  # MLA's q_a_proj is whole
     plan = {f"self_attn.{n}": ColwiseParallel() for n in colwise}
-    plan["self_attn.o_proj"] = RowwiseParallel()
-    plan.update({"mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
-                 "mlp.down_proj": RowwiseParallel()})
-    return plan
+    for norm in ("q_norm", "k_norm"):  # per-head norms see this process's heads: (B, T, heads, head_dim), split on 2
+        if hasattr(attn, norm):  # their weight's gradient is then summed over the processes' heads
+            plan[f"self_attn.{norm}"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+    plan.update({"mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel()})
+    if not sequence_parallel:
+        return {**plan, "self_attn.o_proj": RowwiseParallel(), "mlp.down_proj": RowwiseParallel()}
+    gather = dict(desired_input_layouts=(Replicate(),), use_local_output=True)
+    return {**plan, "input_layernorm": SequenceParallel(), "post_attention_layernorm": SequenceParallel(),
+            # attention's inputs: x, cos, sin, mask, index, kv (the other five as they are)
+            "self_attn": PrepareModuleInput(input_layouts=(Shard(1),) + (None,) * 5,
+                                            desired_input_layouts=(Replicate(),) + (None,) * 5, use_local_output=True),
+            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), **gather),
+            "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+            "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False)}
 
 
-def parallelize(model, tp_mesh):
+def parallelize(model, tp_mesh, sequence_parallel=False):
     """Split model's blocks over tp_mesh in place (tp_problems must be empty). Each attention then counts its own
-    heads: q/k/v's outputs are its share, and the KV cache holds its share (model.tp_size)."""
+    heads: q/k/v's outputs are its share, and the KV cache holds its share (model.tp_size). sequence_parallel
+    (training, uncached forwards only): the embedding's output is cut into each process's share of the sequence,
+    the blocks and the final norm work on shares, and the final norm's output is gathered whole for the head."""
     tp = tp_mesh.size()
     problems = tp_problems(model.config, tp, tp)
     if problems:
@@ -70,10 +91,17 @@ def parallelize(model, tp_mesh):
     for block in model.layers:
         if not isinstance(block.self_attn.o_proj, torch.nn.Linear):
             raise ValueError("tensor parallelism splits nn.Linear layers: a LoRA or int8 model is not split")
-        parallelize_module(block, tp_mesh, block_plan(block))
+        parallelize_module(block, tp_mesh, block_plan(block, sequence_parallel))
         block.self_attn.n_heads //= tp
         if hasattr(block.self_attn, "n_kv_heads"):
             block.self_attn.n_kv_heads //= tp
+    if sequence_parallel:
+        parallelize_module(model, tp_mesh, {
+            "embed_tokens": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1),
+                                                use_local_output=False),
+            "norm": SequenceParallel()})
+        parallelize_module(model.norm, tp_mesh, PrepareModuleOutput(output_layouts=Shard(1),
+                                                                    desired_output_layouts=Replicate()))
     model.tp_size = tp
     return model
 

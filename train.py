@@ -271,7 +271,7 @@ def wrap_model(raw_model, cfg, env, reference=None):
     if env.tp > 1:  # each block split over the tp ranks first; FSDP2 then shards that over the dp ranks
         from parallel import parallelize
 
-        parallelize(raw_model, env.mesh["tp"])
+        parallelize(raw_model, env.mesh["tp"], sequence_parallel=True)
     model = torch.compile(raw_model) if cfg.compile else raw_model
     reference = reference if isinstance(reference, torch.nn.Module) else None
     if env.dp_size > 1 and cfg.parallel == "fsdp":
@@ -550,7 +550,7 @@ def setup_run(cfg):
     if env.tp > 1:
         from parallel import tp_problems
 
-        problems = tp_problems(raw_model.config, env.tp, env.world_size)
+        problems = tp_problems(raw_model.config, env.tp, env.world_size, training=True)
         problems += [f"tp={env.tp} on {env.world_size} processes makes {env.dp_size} model copies: they need "
                      f"parallel=fsdp (a 2-D dp x tp mesh), not parallel={cfg.parallel}"] \
             if env.dp_size > 1 and cfg.parallel != "fsdp" else []

@@ -105,7 +105,8 @@ def train_args(demo, out, *extra):
     return ["train.py", f"--data={demo}/pretrain.h5", f"--tokenizer={demo}/tokenizer",
             f"--model_config={demo}/model.py", f"--out_dir={out}", "--batch_size=4", "--block_size=32", "--lr=3e-3",
             "--warmup_iters=2", "--seed=7", "--eval_interval=0", "--eval_iters=2", "--log_interval=1",
-            "--ckpt_interval=3", "--weight_decay=0.1", "--grad_clip=0.5", *extra]
+            "--ckpt_interval=3", "--weight_decay=0.1", "--grad_clip=0.5", "--use_qk_norm=true",
+            "--use_gated_attention=true", *extra]
 
 
 def max_difference(a, b):
@@ -142,6 +143,8 @@ def test_tp_refuses_what_it_cannot_split(demo, tmp_path):
     assert tp_problems(config, 4, 4) == ["n_heads=6 is not a multiple of tp=4", "dim_ffn=102 is not a multiple of "
                                          "tp=4", "n_kv_heads=3 is not a multiple of tp=4"]
     assert tp_problems(config, 3, 6) == []
+    mla = ModelConfig(dim=64, n_heads=4, n_kv_heads=4, dim_ffn=128, attn="mla")
+    assert tp_problems(mla, 2, 2) == [] and "attn='mla'" in tp_problems(mla, 2, 2, training=True)[0]
     p = subprocess.run([sys.executable, *train_args(demo, tmp_path / "y", "--max_iters=1", "--tp=2")], cwd=ROOT,
                        env=ENV, capture_output=True, text=True, timeout=600)
     assert p.returncode != 0 and "must be a multiple of tp" in p.stderr
