@@ -8,11 +8,11 @@ RowwiseParallel (partial sums added by one all-reduce, which DTensor does). Impo
     torchrun --nproc_per_node=4 train.py configs/demo.py --tp=2 --parallel=fsdp       # 2 (dp) x 2 (tp)
     torchrun --nproc_per_node=2 sample.py --model=out/demo/final --tp=2 --prompt="..."
 
-The embedding, the output head and the norms stay whole on every process (replicated): the residual stream between
-blocks is an ordinary tensor, alike on every process, so one model serves training, the cached decode (one token a
-row, which a sequence split cannot share out) and the chunked output head. Sequence-parallel norms would split it
-along the sequence for training only; they are not applied here. Checkpoints hold whole tensors (train.py gathers
-them with torch.distributed.checkpoint's full state dicts), so a tp run's MODELDIR loads at any tp and the reverse.
+In training the norms are sequence parallel too (torch's SequenceParallel): between blocks the residual stream is a
+DTensor split along the sequence. Inference keeps it whole, an ordinary tensor alike on every process, since a
+decode step has one token a row. The embedding and the output head are whole on every process. Checkpoints hold
+whole tensors (train.py gathers them with torch.distributed.checkpoint's full state dicts), so a tp run's MODELDIR
+loads at any tp and the reverse.
 """
 import itertools
 import os
