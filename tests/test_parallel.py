@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import randomize
+from conftest import TEXT, randomize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -89,15 +89,16 @@ def test_sample_py_with_tp_2_prints_the_one_process_text(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """Demo data, a tokenizer, the seq .h5 and a model preset small enough for seconds of training (README's way)."""
+def demo(tmp_path_factory, tiny_model_dir):
+    """A seq .h5 of the shared test text with the tiny model's tokenizer, and a model preset small enough for
+    seconds of training."""
     d = tmp_path_factory.mktemp("demo")
-    run("pipeline.py", "demo", f"--out={d}")
-    run("data.py", "tokenizer", f"--input={d}/pretrain.txt", "--vocab_size=512", f"--out={d}/tokenizer")
-    run("data.py", "prepare", "--stage=seq", f"--input={d}/pretrain.txt", f"--tokenizer={d}/tokenizer",
-        f"--out={d}/pretrain.h5")
+    (d / "text.txt").write_text(TEXT * 3, encoding="utf-8")
+    run("data.py", "prepare", "--stage=seq", f"--input={d}/text.txt", f"--tokenizer={tiny_model_dir}",
+        f"--out={d}/pretrain.h5", "--workers=1")
     with open(d / "model.py", "w") as f:
-        f.write("vocab_size = 512\ndim = 64\nn_layers = 2\nn_heads = 4\nn_kv_heads = 2\ndim_ffn = 128\nmax_len = 64\n")
+        f.write("vocab_size = 320\ndim = 64\nn_layers = 2\nn_heads = 4\nn_kv_heads = 2\ndim_ffn = 128\nmax_len = 64\n")
+    os.symlink(tiny_model_dir, d / "tokenizer")
     return d
 
 
