@@ -3,6 +3,7 @@ An OpenAI- and Anthropic-compatible server with continuous batching, on the stan
 
     python serve.py --model=out/demo/final                 # chat page at http://127.0.0.1:8000
     python serve.py --model=DIR --max_batch=16 --api_key=secret --host=0.0.0.0
+    torchrun --nproc_per_node=2 serve.py --model=DIR --tp=2      # one model split over 2 processes (parallel.py)
     curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
          -d '{"messages": [{"role": "user", "content": "Hi"}]}'
 
