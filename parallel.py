@@ -69,12 +69,12 @@ def block_plan(block, sequence_parallel=False):
     plan.update({"mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel()})
     if not sequence_parallel:
         return {**plan, "self_attn.o_proj": RowwiseParallel(), "mlp.down_proj": RowwiseParallel()}
-    gather = dict(desired_input_layouts=(Replicate(),), use_local_output=True)
     return {**plan, "input_layernorm": SequenceParallel(), "post_attention_layernorm": SequenceParallel(),
             # attention's inputs: x, cos, sin, mask, index, kv (the other five as they are)
             "self_attn": PrepareModuleInput(input_layouts=(Shard(1),) + (None,) * 5,
                                             desired_input_layouts=(Replicate(),) + (None,) * 5, use_local_output=True),
-            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), **gather),
+            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                      use_local_output=True),
             "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
             "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False)}
 
