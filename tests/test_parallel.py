@@ -80,11 +80,14 @@ def test_a_model_split_over_two_processes_gives_the_one_process_logits_and_token
         assert split["tokens"] == tokens, name
 
 
-def test_sample_py_with_tp_2_prints_the_one_process_text(tiny_model_dir):
-    args = ["sample.py", f"--model={tiny_model_dir}", "--prompt=The quick", "--max_new_tokens=16", "--temperature=0",
-            "--compile=false", "--kv_memory=0.01"]
-    one = run(*args).stdout
-    two = torchrun(*args, "--tp=2").stdout
+def test_sample_py_with_tp_2_prints_the_one_process_text(tiny_model_dir, capsys):
+    import sample
+
+    args = [f"--model={tiny_model_dir}", "--prompt=The quick", "--max_new_tokens=16", "--temperature=0",
+            "--compile=false", "--kv_memory=0.01", "--dtype=float32"]
+    sample.main(args)
+    one = capsys.readouterr().out
+    two = torchrun("sample.py", *args, "--tp=2").stdout
     assert len(one.strip()) > 0 and two == one
 
 
