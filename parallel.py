@@ -244,7 +244,7 @@ class SplitEngine(Engine):
 
     def mirror(self, split_id, prompt, max_tokens, params):
         """The other ranks' copy of one of rank 0's sequences: its tokens and finish come from rank 0."""
-        seq = Sequence(prompt, max_tokens, params, on_token=lambda seq, token, entry: self.finishes[seq] == "stop")
+        seq = Sequence(prompt, max_tokens, params, on_token=lambda seq, token, entry: self.finishes.get(seq) == "stop")
         self.mirrors[split_id] = seq
         return seq
 
