@@ -200,7 +200,16 @@ def test_serve_py_with_tp_2_answers_as_one_process_generates(tiny_model_dir):
         assert answers == expected
         stopped = complete(prompts[0], stop=[stop])
         assert stopped["finish_reason"] == "stop" and stopped["text"] == expected[0][:expected[0].index(stop)]
+        # a streaming client that leaves: rank 0 cancels its sequence, and every rank's next steps still agree
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": prompts[2], "max_tokens": 100, "stream": True,
+                                                            "temperature": 0.8}), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200 and response.fp.readline().startswith(b"data: ")
+        response.close()  # the connection's socket goes with it
+        conn.close()
         assert complete(prompts[1])["text"] == expected[1]  # every rank took the same steps after the stop
+        assert complete(prompts[3])["text"] == expected[3]
     finally:
         p.send_signal(signal.SIGTERM)
         err = p.communicate(timeout=60)[1]
