@@ -7,6 +7,7 @@ generate() on top of it, streamed text, and the command line (--eval's task file
     python sample.py --model=out/final --chat --prompt="What is 7 + 8?" --temperature=0
     python sample.py --model=out/final --chat                      # interactive chat that keeps the history
     python sample.py --model=out/final --eval=task.jsonl           # greedy exact-answer accuracy
+    torchrun --nproc_per_node=2 sample.py --model=out/final --tp=2 --prompt="Hi"   # split over 2 processes
 
 Engine.step() is admit, forward, sample, emit; generate() is a loop over step() (GRPO rollouts and --eval
 call it), and serve.py runs the same engine in its own thread. sample_tokens() is the one sampler, SamplingParams
