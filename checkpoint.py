@@ -162,11 +162,11 @@ def check_global_batch(state, cfg, env, path):
     saved = state["config"]
     saved_world = state.get("world_size") or len([n for n in os.listdir(path) if n.startswith("rng-")])
     before = saved["batch_size"] * saved["grad_accum"] * saved_world
-    now = cfg.batch_size * cfg.grad_accum * env.world_size
+    now = cfg.batch_size * cfg.grad_accum * env.dp_size  # processes counted as model copies: tp ranks share rows
     if before != now:
         sys.exit(f"train.py: --resume=auto: {path} was trained with {before} rows a step (batch_size "
                  f"{saved['batch_size']} x grad_accum {saved['grad_accum']} x {saved_world} processes), this run "
-                 f"takes {now} (batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {env.world_size} "
+                 f"takes {now} (batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {env.dp_size} "
                  f"processes); set grad_accum (or batch_size) so that the product is {before} again")
 
 

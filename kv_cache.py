@@ -53,9 +53,9 @@ def kv_budget_bytes(kv_memory, device):
                          "the weights (like 50%)") from None
 
 
-def budget_blocks(kv_memory, config, dtype, device, rows, context):
+def budget_blocks(kv_memory, config, dtype, device, rows, context, tp_size=1):
     """-> (the budget in bytes, the blocks it holds): no more than `rows` rows of `context` tokens would use."""
-    budget, block = kv_budget_bytes(kv_memory, device), KVCache.block_bytes(config, dtype)
+    budget, block = kv_budget_bytes(kv_memory, device), KVCache.block_bytes(config, dtype, tp_size)
     if budget < block:
         raise ValueError(f"kv_memory={kv_memory!r} ({budget} bytes) holds less than one KV cache block of {BLOCK} "
                          f"tokens ({block} bytes)")
@@ -75,8 +75,8 @@ class KVCache:
     rows; `tables` (host lists) hold each row's blocks in order and `lengths` count its tokens. grow() hands a row
     the blocks its next tokens need, reset() gives back those past a length."""
 
-    def __init__(self, config, batch_size, max_len=None, device=None, dtype=torch.float32, n_blocks=None):
-        self.config, self.batch_size = config, batch_size
+    def __init__(self, config, batch_size, max_len=None, device=None, dtype=torch.float32, n_blocks=None, tp_size=1):
+        self.config, self.batch_size = config, batch_size  # tp_size: a GQA layer holds n_kv_heads // tp_size heads
         self.max_len = max_len or config.max_len
         if self.max_len > config.max_len:
             raise ValueError(f"KVCache max_len={self.max_len} exceeds the model's max_len={config.max_len}")
@@ -86,7 +86,7 @@ class KVCache:
             shape = (slots, 1, config.kv_lora_rank + config.qk_rope_head_dim)
             self.layers = [(torch.empty(shape, device=device, dtype=dtype),) for _ in range(config.n_layers)]
         else:
-            shape = (slots, config.n_kv_heads, config.head_dim)
+            shape = (slots, config.n_kv_heads // tp_size, config.head_dim)
             self.layers = [(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device,
                                                                                        dtype=dtype))
                            for _ in range(config.n_layers)]
@@ -96,9 +96,9 @@ class KVCache:
         self.lengths = [0] * batch_size
 
     @staticmethod
-    def block_bytes(config, dtype):
+    def block_bytes(config, dtype, tp_size=1):
         width = config.kv_lora_rank + config.qk_rope_head_dim if config.attn == "mla" else \
-            2 * config.n_kv_heads * config.head_dim
+            2 * config.n_kv_heads // tp_size * config.head_dim
         return config.n_layers * width * torch.empty((), dtype=dtype).element_size() * BLOCK
 
     def bytes_per_token(self):

@@ -270,7 +270,9 @@ class MLAttention(nn.Module):
         else:
             # decoding: absorb kv_b_proj into the query and the output, attend over the cached latent
             # like multi-query attention with one (r + rope)-wide key and an r-wide value
-            w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, r)
+            w = self.kv_b_proj.weight
+            w = w.to_local() if hasattr(w, "to_local") else w  # tensor parallel: this process's heads (a DTensor)
+            w = w.view(H, self.nope_dim + self.v_dim, r)
             w_k, w_v = w[:, : self.nope_dim], w[:, self.nope_dim :]  # (H, nope, r), (H, v, r)
             pool = kv[0]  # (slots, 1, r + rope)
             index.write(pool, torch.cat([latent, k_rope[:, 0]], dim=-1)[:, :, None])  # (B, T, 1, r + rope)
@@ -512,6 +514,7 @@ class Transformer(nn.Module):
         if config.tie_weight:
             self.lm_head.weight = self.embed_tokens.weight
         self.grad_checkpointing = False  # recompute block activations in backward (train.py sets it)
+        self.tp_size = 1  # processes the blocks' heads are split over (parallel.py sets it): the KV cache holds a share
         self.init_rope()
         self.apply(self._init_weights)
         for name, p in self.named_parameters():

@@ -7,6 +7,7 @@ generate() on top of it, streamed text, and the command line (--eval's task file
     python sample.py --model=out/final --chat --prompt="What is 7 + 8?" --temperature=0
     python sample.py --model=out/final --chat                      # interactive chat that keeps the history
     python sample.py --model=out/final --eval=task.jsonl           # greedy exact-answer accuracy
+    torchrun --nproc_per_node=2 sample.py --model=out/final --tp=2 --prompt="Hi"   # split over 2 processes
 
 Engine.step() is admit, forward, sample, emit; generate() is a loop over step() (GRPO rollouts and --eval
 call it), and serve.py runs the same engine in its own thread. sample_tokens() is the one sampler, SamplingParams
@@ -110,6 +111,7 @@ DEFAULTS = dict(
     batch_size=32,  # rows per generate() call with --eval
     kv_memory="50%",  # KV cache budget: GB (like 8), or a share of the memory left after the weights (like 50%);
     # taken as tokens are written on a CPU, up front on a GPU; rows that do not fit together wait their turn
+    tp=1,  # tensor parallel: the model split over tp processes (torchrun --nproc_per_node=tp; parallel.py)
 )
 
 # -----------------------------------------------------------------------------
@@ -249,14 +251,20 @@ class Sequence:
 COMPILE_BREAK_EVEN_STEPS = 25_000
 
 
-def compile_setting(setting, decode_steps, where="sample.py"):
+def compile_setting(setting, decode_steps, where="sample.py", tp=1):
     """--compile's value -> whether to compile the decode step: "true" or "false" as said, "auto" when the call
     decodes at least COMPILE_BREAK_EVEN_STEPS steps. Compiling needs a C++ compiler (torch.compile's generated code,
-    on a GPU too for its C++ wrapper): without a working one, eager, said in one line on stderr."""
+    on a GPU too for its C++ wrapper): without a working one, eager, said in one line on stderr. A model split over
+    tp > 1 processes decodes eager: the compiled step does not trace its DTensor layers (true is refused)."""
     choice = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False, "auto": "auto"}.get(
         str(setting).lower())
     if choice is None:
         raise ValueError(f"--compile={setting!r}: expected auto, true or false")
+    if tp > 1:
+        if choice is True:
+            raise ValueError(f"--compile=true with --tp={tp}: a tensor-parallel model decodes eager (torch.compile "
+                             "does not trace its DTensor layers here); use --compile=false or auto")
+        return False
     if choice == "auto":
         choice = decode_steps >= COMPILE_BREAK_EVEN_STEPS
     if choice and cpp_compiler() is None:
@@ -311,11 +319,12 @@ class Engine:
         weight = model.embed_tokens.weight  # the activations' dtype (an int8 model computes in bfloat16)
         self.device, self.context = weight.device, min(max_len or model.config.max_len, model.config.max_len)
         self.kv_bytes, n_blocks = budget_blocks(kv_memory, model.config, weight.dtype, self.device, max_batch,
-                                                self.context)
+                                                self.context, model.tp_size)
         self.kv_tokens = n_blocks * BLOCK  # what the budget holds, all rows together
         self.max_len = min(self.context, self.kv_tokens)  # one row's longest prompt + reply
         with torch.inference_mode():  # the compiled step writes into it
-            self.cache = KVCache(model.config, max_batch, self.max_len, self.device, weight.dtype, n_blocks)
+            self.cache = KVCache(model.config, max_batch, self.max_len, self.device, weight.dtype, n_blocks,
+                                 model.tp_size)
         self.compiled, self.decode = compile, model.run
         if compile:  # every engine of a model (generate() makes one a call) shares its graphs
             self.decode = functools.partial(compiled_run(type(model)), model)
@@ -328,6 +337,12 @@ class Engine:
         self.lock = threading.Lock()  # guards `waiting`
 
     def add(self, seqs):
+        self.check(seqs)
+        with self.lock:
+            self.waiting.extend(seqs)
+
+    def check(self, seqs):
+        """A ValueError naming what the engine cannot take: a prompt past its context, a token past the vocab."""
         for seq in seqs:
             if len(seq.prompt) > self.max_len:
                 raise ValueError(f"a prompt of {len(seq.prompt)} tokens does not fit: the context is {self.context} "
@@ -335,8 +350,6 @@ class Engine:
             if max(seq.params.logit_bias, default=-1) >= self.model.config.vocab_size:
                 raise ValueError(f"logit_bias names token {max(seq.params.logit_bias)}; the model's token ids are "
                                  f"0..{self.model.config.vocab_size - 1}")
-        with self.lock:
-            self.waiting.extend(seqs)
 
     def cancel(self, seqs):
         """Waiting sequences leave now, running ones at the next step (their rows are then free)."""
@@ -711,12 +724,21 @@ def main(argv):
                  "tokenizer, or a .gguf file)")
     params = SamplingParams.from_settings(args)  # a bad value stops here, before the model loads
     device, dtype = pick_device(args.device, args.dtype, inference=True)
-    args.compile = compile_setting(args.compile, args.max_new_tokens)  # one generate() call's decode steps at most
+    args.compile = compile_setting(args.compile, args.max_new_tokens, tp=args.tp)  # one generate() call's steps
+    if args.tp > 1:  # one model split over tp processes, each running the same steps (parallel.py)
+        from parallel import split_for_inference, start_inference
+
+        if args.chat and not args.prompt:
+            sys.exit(f"sample.py: tp={args.tp}: the interactive chat reads one terminal; give --prompt")
+        device, mesh = start_inference(args.tp, device, "sample.py")
     model, tokenizer = load(args.model, device=device, dtype=dtype, adapter=args.adapter)
     seed = None if args.seed < 0 else args.seed
+    if args.tp > 1:
+        model, seed, args.kv_memory = split_for_inference(model, mesh["tp"], seed, args.kv_memory, device)
     rows = args.batch_size if args.eval else args.num_samples
-    print(budget_text(args.kv_memory, *budget_blocks(args.kv_memory, model.config, model.embed_tokens.weight.dtype,
-                                                     device, rows, model.config.max_len), device), file=sys.stderr)
+    budget = budget_blocks(args.kv_memory, model.config, model.embed_tokens.weight.dtype, device, rows,
+                           model.config.max_len, model.tp_size)
+    print(budget_text(args.kv_memory, *budget, device), file=sys.stderr)
     if args.eval:
         from tasks import task_accuracy
 

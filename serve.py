@@ -3,6 +3,7 @@ An OpenAI- and Anthropic-compatible server with continuous batching, on the stan
 
     python serve.py --model=out/demo/final                 # chat page at http://127.0.0.1:8000
     python serve.py --model=DIR --max_batch=16 --api_key=secret --host=0.0.0.0
+    torchrun --nproc_per_node=2 serve.py --model=DIR --tp=2      # one model split over 2 processes (parallel.py)
     curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
          -d '{"messages": [{"role": "user", "content": "Hi"}]}'
 
@@ -73,6 +74,7 @@ DEFAULTS = dict(
     # float16, int8 (weight-only int8 with bfloat16 activations)
     compile="auto",  # decode steps through torch.compile, compiled at startup (seconds to a minute): true, false,
     # or auto = true: a server decodes past the steps where it pays (sample.COMPILE_BREAK_EVEN_STEPS)
+    tp=1,  # tensor parallel: the model split over tp processes (torchrun --nproc_per_node=tp); rank 0 serves HTTP
 )
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
 ROUTES = {"/": "GET", "/health": "GET", "/stats": "GET", "/metrics": "GET", "/v1/models": "GET",
@@ -597,16 +599,28 @@ def main(argv):
         if args[key] < 1:
             sys.exit(f"serve.py: --{key}={args[key]} must be at least 1")
     device, dtype = pick_device(args.device, args.dtype, inference=True)
+    engine_class = Engine
     try:
-        args.compile = compile_setting(args.compile, math.inf, "serve.py")
+        args.compile = compile_setting(args.compile, math.inf, "serve.py", args.tp)
+        if args.tp > 1:  # every process runs rank 0's engine steps on its share of the model (parallel.py)
+            from parallel import SplitEngine, split_for_inference, start_inference
+
+            device, mesh = start_inference(args.tp, device, "serve.py")
+            engine_class = SplitEngine
         model, tokenizer = load(args.model, device=device, dtype=dtype, adapter=args.adapter)  # adapter: merged in
+        if args.tp > 1:
+            model, _, args.kv_memory = split_for_inference(model, mesh["tp"], None, args.kv_memory, device)
     except (OSError, ValueError) as e:
         sys.exit(f"serve.py: {e}")
     try:
-        engine = Engine(model, args.max_batch, args.max_len, args.prefill_chunk,
-                        tokenizer.stop_ids, tokenizer.vocab_size, args.compile, args.kv_memory)
+        engine = engine_class(model, args.max_batch, args.max_len, args.prefill_chunk,
+                              tokenizer.stop_ids, tokenizer.vocab_size, args.compile, args.kv_memory)
     except ValueError as e:
         sys.exit(f"serve.py: {e}")
+    if args.tp > 1 and not engine.leader:  # signals reach rank 0, which ends its requests and then these
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, signal.SIG_IGN)
+        return engine.follow()
     if args.compile:
         print("compiling the decode step (--compile=false skips this)", file=sys.stderr, flush=True)
         warm_up(engine)
@@ -627,6 +641,8 @@ def main(argv):
     stop.wait()
     print(f"shutting down: running requests get {args.shutdown_timeout:g} s", file=sys.stderr, flush=True)
     shut_down(server, loop, args.shutdown_timeout)
+    if args.tp > 1:
+        engine.close()
 
 
 if __name__ == "__main__":

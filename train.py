@@ -85,7 +85,9 @@ DEFAULTS = dict(
     dtype="auto",  # auto (bfloat16 autocast on CUDA, float32 on CPU) | float32 | bfloat16
     compile=False,  # torch.compile the model
     grad_checkpointing=False,  # recompute activations in backward to save memory
-    parallel="ddp",  # ddp | fsdp (with torchrun)
+    parallel="ddp",  # ddp | fsdp (with torchrun): how the dp copies of the model share the work
+    tp=1,  # tensor parallel: split each block's heads and MLP over tp processes (parallel.py); with torchrun,
+    # world size = dp x tp, and dp > 1 copies of a split model need parallel=fsdp (a 2-D dp x tp mesh)
     mfu_peak_tflops=0.0,  # MFU's denominator per device; 0 = auto (a table of GPUs' bf16 peaks, else measured)
     seed=1337,
 )
@@ -136,6 +138,9 @@ def setup_distributed(cfg):
     own device; the process group is NCCL on CUDA (every tensor handed to a collective lives on the device)."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if cfg.tp < 1 or world_size % cfg.tp:
+        sys.exit(f"train.py: tp={cfg.tp}: the number of processes ({world_size}) must be a multiple of tp "
+                 f"(torchrun --nproc_per_node=N with N = dp x tp)")
     device, dtype = pick_device(cfg.device, cfg.dtype)
     if world_size > 1 and device.startswith("cuda"):
         device = f"cuda:{local_rank}"
@@ -147,8 +152,14 @@ def setup_distributed(cfg):
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    mesh = None
+    if cfg.tp > 1:  # tp neighbouring ranks hold one model; dp_rank and dp_size count the copies (the data's split)
+        from parallel import device_mesh
+
+        mesh = device_mesh(device_type, world_size, cfg.tp)
     return SimpleNamespace(device=device, device_type=device_type, dtype=dtype, autocast=autocast, rank=rank,
-                           world_size=world_size, distributed=world_size > 1, master=rank == 0)
+                           world_size=world_size, distributed=world_size > 1, master=rank == 0, tp=cfg.tp,
+                           mesh=mesh, dp_rank=rank // cfg.tp, dp_size=world_size // cfg.tp)
 
 
 def print0(*args, **kwargs):
@@ -257,18 +268,23 @@ def wrap_model(raw_model, cfg, env, reference=None):
     """What the loop calls: compiled and/or DDP-wrapped; FSDP2 shards raw_model in place, and the strategy's
     frozen reference (DPO's) the same way, so no process holds a whole copy of either. (A LoRA reference is the
     policy itself with its adapters off, not a module of its own.)"""
+    if env.tp > 1:  # each block split over the tp ranks first; FSDP2 then shards that over the dp ranks
+        from parallel import parallelize
+
+        parallelize(raw_model, env.mesh["tp"], sequence_parallel=True)
     model = torch.compile(raw_model) if cfg.compile else raw_model
     reference = reference if isinstance(reference, torch.nn.Module) else None
-    if env.distributed and cfg.parallel == "fsdp":
+    if env.dp_size > 1 and cfg.parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        mesh = env.mesh["dp"] if env.mesh is not None else None
         for module in [raw_model] + ([reference] if reference is not None else []):
             for block in module.layers:
-                fully_shard(block)
-            fully_shard(module)
+                fully_shard(block, mesh=mesh)
+            fully_shard(module, mesh=mesh)
         if reference is not None:  # the root stays gathered after forward, for a backward the reference never has
             reference.register_forward_hook(lambda module, args, output: module.reshard())
-    elif env.distributed:
+    elif env.dp_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         # no buffer broadcast before each forward: the only buffers (RoPE tables) are computed, alike everywhere
@@ -309,7 +325,9 @@ def make_optimizer(model, cfg, device_type):
     decay = [p for n, p in named if p.dim() >= 2 and not (cfg.optimizer == "muon" and is_muon_param(n, p))]
     no_decay = [p for n, p in named if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+    # tensor parallel: split blocks (DTensors) beside whole weights, which foreach and fused kernels do not mix
+    fast = {"fused": device_type == "cuda"} if cfg.tp == 1 else {"foreach": False}
+    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fast)
     if cfg.optimizer != "muon":
         return adamw
     return Optimizers([torch.optim.Muon(muon, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -340,6 +358,12 @@ def setting_problems(cfg):
                                     "checkpoint is the one --resume=auto continues from)"),
         (cfg.lora_rank > 0 or not cfg.merge_lora, "merge_lora=true needs lora_rank > 0: without an adapter there "
                                                   "is nothing to merge"),
+        (cfg.tp == 1 or not cfg.lora_rank, f"tp={cfg.tp} with lora_rank={cfg.lora_rank}: tensor parallelism splits "
+                                           "plain weights; train LoRA adapters with tp=1"),
+        (cfg.tp == 1 or cfg.optimizer != "muon", f"optimizer=muon with tp={cfg.tp}: torch.optim.Muon works on "
+                                                 "whole matrices, not tensor-parallel shards; use optimizer=adamw"),
+        (cfg.tp == 1 or cfg.strategy != "grpo", f"strategy=grpo with tp={cfg.tp}: rollouts on a split model are "
+                                                "untried; use tp=1"),
         (cfg.lora_rank > 0 or not cfg.lora_tokens, f"lora_tokens={cfg.lora_tokens!r} needs lora_rank > 0 (without "
                                                    "LoRA every embedding row trains)"),
     ]
@@ -374,21 +398,33 @@ def learning_rate(step, cfg):
 
 def gradient_sync(model, raw_model, cfg, env, last):
     """Gradients are averaged across processes on the last micro-step of a step only."""
-    if env.distributed and cfg.parallel == "fsdp":
+    if env.dp_size > 1 and cfg.parallel == "fsdp":
         raw_model.set_requires_gradient_sync(last)
         return nullcontext()
-    return model.no_sync() if env.distributed and not last else nullcontext()
+    return model.no_sync() if env.dp_size > 1 and not last else nullcontext()
+
+
+def clip_gradients(raw_model, cfg, env):
+    """Clip the gradients' total norm to grad_clip (0: measure only) -> the norm before clipping, a tensor."""
+    max_norm = cfg.grad_clip or float("inf")
+    if env.tp > 1:  # the split blocks' DTensors beside whole weights, which clip_grad_norm_ does not mix
+        from parallel import clip_grad_norm
+
+        return clip_grad_norm(raw_model.parameters(), max_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
+    return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
 
 
 def step_totals(strategy, micro_batches, env):
     """The strategy's normalizers (scored tokens, pairs, ...) summed over the step's micro-batches and processes:
-    one all-reduce of a float64 tensor on the training device (NCCL takes CUDA tensors only)."""
+    one all-reduce of a float64 tensor on the training device (NCCL takes CUDA tensors only). The tp ranks of a
+    model copy see the same rows: counted once."""
     counts = [strategy.normalizers(batch) for batch in micro_batches]
     sums = torch.tensor([[float(c[k]) for k in counts[0]] for c in counts], dtype=torch.float64,
                         device=env.device).sum(0)
     if env.distributed:
         dist.all_reduce(sums)
-    return dict(zip(counts[0], sums.tolist()))
+    return dict(zip(counts[0], (sums / env.tp).tolist()))
 
 
 def to_device(batch, device):
@@ -458,6 +494,7 @@ class Throughput:
 
     def __init__(self, flops_per_token, env, step, peak_tflops=0.0):
         self.flops_per_token, self.world_size, self.device = flops_per_token, env.world_size, env.device
+        self.dp_size = env.dp_size  # the model copies: tp ranks of one copy share its tokens
         # only the master prints MFU: the others measure nothing (an infinite peak never re-measures)
         self.peak, self.source = peak_flops(env.device, peak_tflops) if env.master else (math.inf, "unused")
         self.t_start, self.first_step = time.time(), step
@@ -477,7 +514,7 @@ class Throughput:
     def log(self, metrics, step, max_iters, lr, grad_norm, means):
         """Log a train step: metrics.jsonl gets step, loss, lr, grad_norm, tokens_per_s and the strategy's means."""
         now = time.time()
-        tokens_per_s = self.tokens * self.world_size / (now - self.t_last)
+        tokens_per_s = self.tokens * self.dp_size / (now - self.t_last)
         mfu = self.mfu(tokens_per_s)
         left = (max_iters - step) * (now - self.t_start) / (step - self.first_step)
         self.t_last, self.tokens = now, 0
@@ -510,13 +547,22 @@ def setup_run(cfg):
     tokenizer = find_tokenizer(cfg)
     train_data, val_data = load_data(cfg, STRATEGIES[cfg.strategy].data_stage, tokenizer)
     raw_model = build_model(cfg, tokenizer, env.device)
+    if env.tp > 1:
+        from parallel import tp_problems
+
+        problems = tp_problems(raw_model.config, env.tp, env.world_size, training=True)
+        problems += [f"tp={env.tp} on {env.world_size} processes makes {env.dp_size} model copies: they need "
+                     f"parallel=fsdp (a 2-D dp x tp mesh), not parallel={cfg.parallel}"] \
+            if env.dp_size > 1 and cfg.parallel != "fsdp" else []
+        if problems:
+            sys.exit("train.py: " + "; ".join(problems))
     try:
         # before the strategy copies a reference
         adapter = TrainingAdapter(raw_model, cfg, tokenizer) if cfg.lora_rank else None
     except (OSError, ValueError) as e:
         sys.exit(f"train.py: LoRA: {e}")
     try:
-        strategy = STRATEGIES[cfg.strategy](cfg, raw_model, tokenizer, env.rank, env.world_size)
+        strategy = STRATEGIES[cfg.strategy](cfg, raw_model, tokenizer, env.dp_rank, env.dp_size)
         strategy.check_data(train_data)
     except ValueError as e:
         sys.exit(f"train.py: --strategy={cfg.strategy}: {e}")
@@ -524,8 +570,8 @@ def setup_run(cfg):
                           adapter=adapter, raw_model=raw_model, step=0,
                           model=wrap_model(raw_model, cfg, env, strategy.ref_model),
                           train_points=[], val_points=[], optimizer=make_optimizer(raw_model, cfg, env.device_type),
-                          sampler=ResumableSampler(len(train_data), cfg.batch_size, cfg.grad_accum, env.rank,
-                                                   env.world_size, cfg.seed))
+                          sampler=ResumableSampler(len(train_data), cfg.batch_size, cfg.grad_accum, env.dp_rank,
+                                                   env.dp_size, cfg.seed))
     checkpoints = checkpoint_steps(cfg.out_dir) if cfg.resume == "auto" else []
     if checkpoints:
         try:
@@ -553,7 +599,7 @@ def setup_run(cfg):
 def checkpoint(run, cfg):
     """ckpt-STEP with everything --resume=auto needs; the newest keep_checkpoints are kept."""
     trainer = {"step": run.step, "sampler": run.sampler.state_dict(), "config": cfg, "train_points": run.train_points,
-               "val_points": run.val_points, "world_size": run.env.world_size}
+               "val_points": run.val_points, "world_size": run.env.dp_size}
     path = os.path.join(cfg.out_dir, f"ckpt-{run.step}")
     save_checkpoint(path, run.raw_model, run.tokenizer, run.env,
                     {"optimizer": run.optimizer, "strategy": run.strategy, "trainer": trainer}, run.adapter)
@@ -586,15 +632,14 @@ def train(cfg):
             with gradient_sync(model, raw_model, cfg, env, last=micro_step == len(micro_batches) - 1):
                 with env.autocast:
                     loss, metrics = strategy.loss(model, batch, run.step, micro_step, totals=totals)
-                (loss * env.world_size).backward()  # DDP and FSDP average gradients over processes: undo it
+                (loss * env.dp_size).backward()  # DDP and FSDP average gradients over model copies: undo it
             meter.tokens += metrics.pop("tokens") if "tokens" in metrics else \
                 sum(v.numel() for k, v in batch.items() if k.endswith("ids") and torch.is_tensor(v))
             for k, v in {"loss": loss.item(), **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v
 
         # --- clip, step
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+        grad_norm = clip_gradients(raw_model, cfg, env)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         run.step += 1
@@ -606,7 +651,7 @@ def train(cfg):
         if env.distributed:
             dist.all_reduce(stats)
         means = {k: v / (len(micro_batches) * env.world_size) for k, v in zip(sums, stats.tolist())}
-        means["loss"] = stats[0].item()
+        means["loss"] = stats[0].item() / env.tp  # the tp ranks of a model copy have the same loss
         stop = means.pop("stop") > 0
         run.train_points.append((run.step, means["loss"]))
         if run.step % cfg.log_interval == 0 or run.step == 1 or run.step == cfg.max_iters:

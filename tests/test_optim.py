@@ -139,7 +139,7 @@ def test_muon_refuses_fsdp_and_lora_by_name(demo, tmp_path, extra, expect):
 
 
 def test_mfu_never_shows_above_100_percent(monkeypatch):
-    env = SimpleNamespace(world_size=1, device="cpu", master=True)
+    env = SimpleNamespace(world_size=1, dp_size=1, device="cpu", master=True)
     meter = train.Throughput(flops_per_token=1e6, env=env, step=0, peak_tflops=0.001)  # a peak of 1 GFLOP/s, by hand
     assert meter.source == "set (mfu_peak_tflops)" and meter.peak == 1e9
     assert meter.mfu(500) == pytest.approx(0.5)

@@ -395,7 +395,8 @@ from train import DEFAULTS, wrap_model
 dist.init_process_group("gloo")
 model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, dim_ffn=64, max_len=32))
 reference = reference_model(model)
-wrap_model(model, Settings(DEFAULTS, parallel="fsdp"), SimpleNamespace(distributed=True, device_type="cpu"), reference)
+env = SimpleNamespace(distributed=True, device_type="cpu", tp=1, dp_size=2, mesh=None)
+wrap_model(model, Settings(DEFAULTS, parallel="fsdp"), env, reference)
 ids = torch.randint(0, 64, (2, 8))
 with torch.no_grad():
     reference(ids, TokenLogprobs(ids))
