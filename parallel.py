@@ -219,7 +219,8 @@ class SplitEngine(Engine):
         """-> False when rank 0 has closed. Rank 0's log, then Engine.step on every process."""
         if self.leader:
             log = self.take_log()
-            broadcast_object([(op, [(s.split_id, s.prompt, s.max_tokens, s.params) if op == "add" else s.split_id
+            broadcast_object([(op, [(s.split_id, s.prompt, s.max_tokens, s.params, s.prompt_logprobs) if op == "add"
+                                    else s.split_id
                                     for s in seqs]) for op, seqs in log])
         else:
             log = broadcast_object(None)
@@ -242,9 +243,12 @@ class SplitEngine(Engine):
             seqs = [s for s in seqs if s is not None]  # a sequence the other ranks have already ended
             {"add": Engine.add, "cancel": Engine.cancel, "fail": Engine.fail}[op](self, seqs)
 
-    def mirror(self, split_id, prompt, max_tokens, params):
-        """The other ranks' copy of one of rank 0's sequences: its tokens and finish come from rank 0."""
-        seq = Sequence(prompt, max_tokens, params, on_token=lambda seq, token, entry: self.finishes.get(seq) == "stop")
+    def mirror(self, split_id, prompt, max_tokens, params, prompt_logprobs):
+        """The other ranks' copy of one of rank 0's sequences: its tokens and finish come from rank 0; a prompt that
+        is scored (echo) never reuses a cached prefix, on every rank alike. A grammar's mask is rank 0's alone: its
+        tokens are the ones every rank keeps."""
+        seq = Sequence(prompt, max_tokens, params, on_token=lambda seq, token, entry: self.finishes.get(seq) == "stop",
+                       prompt_logprobs=prompt_logprobs)
         self.mirrors[split_id] = seq
         return seq
 

@@ -200,6 +200,9 @@ def test_serve_py_with_tp_2_answers_as_one_process_generates(tiny_model_dir):
         assert answers == expected
         stopped = complete(prompts[0], stop=[stop])
         assert stopped["finish_reason"] == "stop" and stopped["text"] == expected[0][:expected[0].index(stop)]
+        complete(prompts[1])  # its prefix is cached on every rank now; a scored prompt must not reuse it anywhere
+        scored = complete(prompts[1], echo=True, logprobs=1)
+        assert scored["text"] == prompts[1] + expected[1] and scored["logprobs"]["token_logprobs"][0] is None
         # a streaming client that leaves: rank 0 cancels its sequence, and every rank's next steps still agree
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         conn.request("POST", "/v1/completions", json.dumps({"prompt": prompts[2], "max_tokens": 100, "stream": True,
