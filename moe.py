@@ -294,3 +294,46 @@ def split_expert_tensors(state, mixtral=False):
         out = {re.sub(r"\.(gate_proj|up_proj|down_proj)\.", lambda m: renames[m[0]],
                       k.replace(".mlp.", ".block_sparse_moe.")): v for k, v in out.items()}
     return {k: v.contiguous() for k, v in out.items()}
+
+
+class Balancing:
+    """train.py's side of a mixture-of-experts model. moe_balance: "aux" adds moe_aux_coef times the layers' mean
+    auxiliary loss to each micro-step's loss; "bias" (DeepSeek-V3's auxiliary-loss-free balancing, sigmoid router
+    only) moves each router's correction bias by moe_bias_rate after every optimizer step; "auto" is bias for a
+    sigmoid router, else aux. Either way each step's expert load (summed over micro-steps and processes) is logged."""
+
+    def __init__(self, model, cfg):
+        self.model, self.mode, self.load = model, cfg.moe_balance, None
+        if self.mode == "auto":
+            self.mode = "bias" if model.config.router == "sigmoid" else "aux"
+        if self.mode not in ("bias", "aux", "none"):
+            raise ValueError(f"moe_balance={cfg.moe_balance!r}: choose auto, bias, aux or none")
+        if self.mode == "bias" and model.config.router != "sigmoid":
+            raise ValueError("moe_balance=bias needs router='sigmoid' (the router with a correction bias); "
+                             f"this model's is {model.config.router!r}: use moe_balance=aux")
+        if cfg.moe_aux_coef < 0 or cfg.moe_bias_rate < 0:
+            raise ValueError(f"moe_aux_coef={cfg.moe_aux_coef}, moe_bias_rate={cfg.moe_bias_rate}: must be >= 0")
+        self.aux_coef, self.bias_rate = cfg.moe_aux_coef, cfg.moe_bias_rate
+
+    def aux_share(self, n_micro_steps, world_size):
+        """The auxiliary loss's share of this micro-step (0.0 unless mode aux), after its forward."""
+        if self.mode != "aux":
+            return 0.0
+        return self.aux_coef * aux_loss(self.model) / (n_micro_steps * world_size)
+
+    def count(self):
+        """After each micro-step's forward: add its assignments to the step's load."""
+        load = tokens_per_expert(self.model)
+        self.load = load if self.load is None else self.load + load
+
+    def step(self, distributed):
+        """After the optimizer step (every process): the step's load over all processes, the biases moved by it
+        (mode bias), and its metrics."""
+        load, self.load = self.load, None
+        if distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(load)
+        if self.mode == "bias":
+            update_biases(self.model, load, self.bias_rate)
+        return load_metrics(load)
