@@ -4,7 +4,6 @@ transformers with the same logits; the grouped and the per-expert loop computati
 loss, the bias balancing and the expert load in the log; an exact resume with the balancing biases."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -43,7 +42,8 @@ def hf_model(family, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g) if "norm" in n else 0.15 * torch.randn(p.shape, generator=g))
+            scale, offset = (0.3, 1.0) if "norm" in n else (0.15, 0.0)
+            p.copy_(offset + scale * torch.randn(p.shape, generator=g))
         for n, b in model.named_buffers():
             if n.endswith("e_score_correction_bias"):
                 b.copy_(0.1 * torch.randn(b.shape, generator=g))
@@ -109,8 +109,8 @@ def test_refusals_name_the_field():
 
 
 def test_aux_loss_is_one_when_balanced_and_bias_moves_toward_balance():
-    c = ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, n_kv_heads=2, dim_ffn=32, n_experts=4, n_active_experts=1,
-                    router="sigmoid")
+    c = ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, n_kv_heads=2, dim_ffn=32, n_experts=4,
+                    n_active_experts=1, router="sigmoid")
     layer = moe.MoE(c).train()
     with torch.no_grad():  # equal router scores for every expert
         layer.gate.weight.zero_()

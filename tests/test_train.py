@@ -1,6 +1,5 @@
 """train.py as a user runs it: exact resume after SIGKILL, DDP/FSDP == grad accumulation, learning, bad input."""
 import json
-import math
 import os
 import signal
 import subprocess
