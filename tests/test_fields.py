@@ -150,10 +150,12 @@ def test_prefix_reuse_equals_a_full_recompute(field, i):
 
 @pytest.mark.parametrize("changes", [dict(n_kv_heads=2, head_dim=24, use_qk_norm=True, attention_bias=True,
                                           use_gated_attention=True, tie_weight=False, rope_scaling=YARN),
-                                     {**MLA, "q_lora_rank": 48, "rope_scaling": YARN}])
+                                     {**MLA, "q_lora_rank": 48, "rope_scaling": YARN},
+                                     {**QWEN2_MOE, "n_experts": 4, "n_active_experts": 3}])
 @torch.no_grad()
 def test_compiled_decode_equals_a_full_recompute(changes):
-    """Every GQA option at once, then MLA: the compiled decode step is the same code as the eager one."""
+    """Every GQA option at once, then MLA, then experts (2 rows choose 6 of 4: the compiled step runs every expert):
+    the compiled decode step is the same code as the eager one."""
     from sample import cpp_compiler
 
     if cpp_compiler() is None:
