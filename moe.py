@@ -170,8 +170,8 @@ class SharedMLP(nn.Module):
 class MoE(nn.Module):
     """Routed experts plus optional shared experts. The shared MLP is `shared_experts` (DeepSeek-V3's name) or, behind
     a sigmoid gate, `shared_expert` + `shared_expert_gate` (Qwen2-MoE's), so that both load without renaming.
-    In training each forward leaves, for train.py, `tokens_per_expert` (E,) and `aux_loss` (Switch Transformer's:
-    E * sum_e (share of assignments to e) * (mean router probability of e), 1 when balanced)."""
+    Each training forward (train mode, with gradients) leaves, for train.py, `tokens_per_expert` (E,) and `aux_loss`
+    (Switch Transformer's: E * sum_e (share of assignments to e) * (mean router probability of e), 1 if balanced)."""
 
     def __init__(self, c):
         super().__init__()
@@ -193,7 +193,7 @@ class MoE(nn.Module):
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         elif hasattr(self, "shared_experts"):
             y = y + self.shared_experts(x)
-        if self.training:  # a checkpointed block's recompute sets the same values again
+        if self.training and torch.is_grad_enabled():  # train.py's; a checkpointed block's recompute sets them again
             E = scores.shape[1]
             counts = torch.zeros(E, device=x.device).index_add_(0, experts.flatten().detach(),
                                                                  torch.ones(experts.numel(), device=x.device))
