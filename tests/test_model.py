@@ -420,7 +420,8 @@ ids = torch.randint(0, 50, (2, 16))
 loss = model(ids, CrossEntropy(ids)) / ids.numel()
 loss.backward()
 assert model(ids).shape == (2, 16, 50) and model(ids, TokenLogprobs(ids)).shape == (2, 16)
-print("modules", sorted(m for m in sys.modules if m in ('rope', 'kv_cache', 'hf', 'settings', 'lora', 'tokenizer', 'moe')))
+print("modules", sorted(m for m in sys.modules if m in ('rope', 'kv_cache', 'hf', 'settings', 'lora', 'tokenizer',
+                                                      'moe')))
 """ % ROOT
     p = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
