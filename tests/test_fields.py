@@ -237,6 +237,13 @@ def test_gguf_export_runs_alike_in_llamacpp_or_is_refused(field, i, tmp_path):
         assert any(name in str(e) for name in ROWS[field][i]), e
         assert not os.path.exists(path)
         return
+    if model.config.n_experts:  # read back (gguf_in.py): the same model
+        back = Transformer.from_pretrained(path).eval()
+        unused = {} if model.config.first_dense_layers else {"dim_ffn": model.config.dim_ffn}  # no dense MLP
+        assert dataclasses.replace(back.config, **unused) == model.config
+        x = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(i))
+        with torch.no_grad():
+            assert (back(x) - model(x)).abs().max().item() < TOL
     if not os.path.isfile(SERVER):
         pytest.skip(f"llama.cpp is not built ({SERVER} missing): README, GGUF export")
     prompts = [tokenizer.encode(text)[:6] for text in ("23 + 45 = 68", "你好，世界！Hello")]
