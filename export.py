@@ -1,5 +1,5 @@
 """
-GGUF export: a MODELDIR (ours, or a Hugging Face Llama / Qwen2 / Qwen3 / DeepseekV3-dense one) as one GGUF file
+GGUF export: a MODELDIR (ours, or a Hugging Face Llama / Qwen2 / Qwen3 / DeepseekV3 one, or a MoE one) as a GGUF file
 for llama.cpp and Ollama, written with llama.cpp's own Python writer (`pip install gguf`); and any model this project
 loads (a .gguf file included) as a Hugging Face MODELDIR that transformers loads.
 
@@ -7,9 +7,9 @@ loads (a .gguf file included) as a Hugging Face MODELDIR that transformers loads
     python export.py --model=smollm2-135m-q4_k_m.gguf --hf_dir=smollm2 [--outtype=f32|f16|bf16]
 
 What goes in: llama.cpp's architecture for the model (llama: GQA; qwen2: q/k/v biases; qwen3: qk-norm;
-deepseek2: MLA with every layer dense) and its sizes; every weight under llama.cpp's name, in its layout; the
-tokenizer as llama.cpp's `gpt2` BPE: the byte-level vocab, our merges and `tokenizer.ggml.pre`, the name of the
-split regex llama.cpp hard-codes that equals ours (it runs no regex from the file); BOS, stop and padding ids; the
+deepseek2: MLA; with experts llama (Mixtral), qwen3moe, qwen2moe, deepseek2) and its sizes; every weight under
+llama.cpp's name, in its layout; the tokenizer as llama.cpp's `gpt2` BPE: the byte-level vocab, our merges and
+`tokenizer.ggml.pre`, the name of the split regex llama.cpp hard-codes that equals ours (it runs no regex from the file); BOS, stop and padding ids; the
 chat template. llama.cpp's own converter names the pre-tokenizer by hashing the ids of a test string, so it refuses
 every tokenizer it has not seen, which is every one `data.py tokenizer` trains.
 """

@@ -1,7 +1,7 @@
 """
 Hugging Face model directories: config.json to and from a ModelConfig (transformers reads what save_pretrained
-writes; a Llama, Qwen2, Qwen3 or DeepseekV3 config.json reads back), and the safetensors files, read one tensor
-at a time (Transformer.from_pretrained fills the model from them).
+writes; a Llama, Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE, Mixtral or DeepseekV3 config.json reads back), and the
+safetensors files, read one tensor at a time (Transformer.from_pretrained fills the model from them).
 """
 import functools
 import json
