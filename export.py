@@ -10,8 +10,9 @@ What goes in: llama.cpp's architecture for the model (llama: GQA; qwen2: q/k/v b
 deepseek2: MLA; with experts llama (Mixtral), qwen3moe, qwen2moe, deepseek2) and its sizes; every weight under
 llama.cpp's name, in its layout; the tokenizer as llama.cpp's `gpt2` BPE: the byte-level vocab, our merges and
 `tokenizer.ggml.pre`, the name of the split regex llama.cpp hard-codes that equals ours (it runs no regex from the
-file); BOS, stop and padding ids; the chat template. llama.cpp's own converter names the pre-tokenizer by hashing the ids of a test string, so it refuses
-every tokenizer it has not seen, which is every one `data.py tokenizer` trains.
+file); BOS, stop and padding ids; the chat template. llama.cpp's own converter names the pre-tokenizer by hashing
+the ids of a test string, so it refuses every tokenizer it has not seen, which is every one `data.py tokenizer`
+trains.
 """
 import dataclasses
 import importlib.util
