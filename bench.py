@@ -6,6 +6,7 @@ Benchmarks, side by side with Hugging Face transformers (when installed) in one 
                                           # hardware, serve_memory, loglikelihood, structured (not in the
                                           # default run)
     python bench.py --only=decode,serve --llamacpp=DIR   # llama.cpp rows too (DIR: README, Benchmarks)
+    python bench.py --only=moe            # a mixture-of-experts model vs the dense one of equal active parameters
 
 Speed claims live here, never in timed unit tests.
 """
@@ -55,6 +56,8 @@ DEFAULTS = dict(
     prepare_vocab=4096,  # prepare: vocab of the BPE tokenizer trained on a sample of it
     workers=0,  # prepare: worker processes and tiktoken threads, 0 = one per core
     loglikelihood_docs=64,  # loglikelihood: 4-choice questions (4 requests each) of 48-96 token contexts
+    # moe: pairs of shapes, a MoE one then the dense one of its active parameters
+    moe_shapes="configs/tiny_moe.py:vocab_size=2048,configs/tiny.py:vocab_size=2048:use_qk_norm=true",
 )
 
 # -----------------------------------------------------------------------------
@@ -536,6 +539,30 @@ def bench_prepare(args):
           "workers) tell more than MB/s where other programs share the cores")
     table(rows, ["impl", "MB/s", "vs tiktoken (same cores)", "CPU s", "tiktoken's CPU / ours"])
 
+def bench_moe(args):
+    """Train-step (with AdamW) and decode tokens/s of each MoE shape of --moe_shapes beside its dense pair, one run."""
+    from sample import generate
+
+    shapes, P, N = args.moe_shapes.split(","), args.prompt_len, args.decode_tokens
+    rows, whats = [], ["train", *map(int, args.batches.split(","))]
+    for pair in zip(shapes[::2], shapes[1::2]):
+        calls, speeds = {}, {}
+        for spec in pair:
+            torch.manual_seed(args.seed)
+            m = Transformer(parse_shape(spec)[0])
+            x, opt = torch.randint(0, 99, (args.batch_size, args.block_size)), torch.optim.AdamW(m.parameters())
+            calls[spec, "train"] = lambda m=m, x=x, opt=opt: ((m(x, CrossEntropy(x)) / x.numel()).backward(),
+                                                              opt.step(), opt.zero_grad())
+            for B, n, p in [(B, n, torch.randint(0, 99, (B, P)).tolist()) for B in whats[1:] for n in (N, 1)]:
+                calls[spec, B, n] = lambda m=m, p=p, n=n: generate(m, p, n, temperature=0.0, compile=args.compile)
+        best = fastest(calls, args.steps)
+        for what, spec in [(what, spec) for what in whats for spec in pair]:
+            speeds[spec] = (args.batch_size * args.block_size / best[spec, what] if what == "train" else
+                            what * (N - 1) / (best[spec, what, N] - best[spec, what, 1]))
+            rows.append([spec, f"decode batch {what}" if what != "train" else "train step", f"{speeds[spec]:,.0f}",
+                         f"{speeds[pair[0]] / speeds[spec]:.2f}x" if spec == pair[1] else ""])
+    table(rows, ["shape", "what", "tokens/s", "moe/dense"])
+
 
 if __name__ == "__main__":
     import bench_serve  # the serving sections: serve.py, lm-eval through it, structured decode
@@ -544,7 +571,7 @@ if __name__ == "__main__":
     if args.threads:
         torch.set_num_threads(args.threads)
     sections = {"train": bench_train, "train_memory": bench_train_memory, "decode": bench_decode,
-                "prepare": bench_prepare, "gguf_load": bench_gguf_load, "hardware": bench_hardware,
+                "prepare": bench_prepare, "gguf_load": bench_gguf_load, "hardware": bench_hardware, "moe": bench_moe,
                 "serve": bench_serve.bench_serve, "serve_memory": bench_serve.bench_serve_memory,
                 "loglikelihood": bench_serve.bench_loglikelihood, "structured": bench_serve.bench_structured}
     for name in args.only.split(","):

@@ -1,5 +1,5 @@
 """
-GGUF export: a MODELDIR (ours, or a Hugging Face Llama / Qwen2 / Qwen3 / DeepseekV3-dense one) as one GGUF file
+GGUF export: a MODELDIR (ours, or a Hugging Face Llama / Qwen2 / Qwen3 / DeepseekV3 one, or a MoE one) as a GGUF file
 for llama.cpp and Ollama, written with llama.cpp's own Python writer (`pip install gguf`); and any model this project
 loads (a .gguf file included) as a Hugging Face MODELDIR that transformers loads.
 
@@ -7,11 +7,12 @@ loads (a .gguf file included) as a Hugging Face MODELDIR that transformers loads
     python export.py --model=smollm2-135m-q4_k_m.gguf --hf_dir=smollm2 [--outtype=f32|f16|bf16]
 
 What goes in: llama.cpp's architecture for the model (llama: GQA; qwen2: q/k/v biases; qwen3: qk-norm;
-deepseek2: MLA with every layer dense) and its sizes; every weight under llama.cpp's name, in its layout; the
-tokenizer as llama.cpp's `gpt2` BPE: the byte-level vocab, our merges and `tokenizer.ggml.pre`, the name of the
-split regex llama.cpp hard-codes that equals ours (it runs no regex from the file); BOS, stop and padding ids; the
-chat template. llama.cpp's own converter names the pre-tokenizer by hashing the ids of a test string, so it refuses
-every tokenizer it has not seen, which is every one `data.py tokenizer` trains.
+deepseek2: MLA; with experts llama (Mixtral), qwen3moe, qwen2moe, deepseek2) and its sizes; every weight under
+llama.cpp's name, in its layout; the tokenizer as llama.cpp's `gpt2` BPE: the byte-level vocab, our merges and
+`tokenizer.ggml.pre`, the name of the split regex llama.cpp hard-codes that equals ours (it runs no regex from the
+file); BOS, stop and padding ids; the chat template. llama.cpp's own converter names the pre-tokenizer by hashing
+the ids of a test string, so it refuses every tokenizer it has not seen, which is every one `data.py tokenizer`
+trains.
 """
 import dataclasses
 import importlib.util
@@ -46,13 +47,29 @@ LAYER_NAMES = {  # ours (Hugging Face's) -> llama.cpp's, inside blk.N.
     "self_attn.q_a_layernorm": "attn_q_a_norm", "self_attn.q_b_proj": "attn_q_b",
     "self_attn.kv_a_proj_with_mqa": "attn_kv_a_mqa", "self_attn.kv_a_layernorm": "attn_kv_a_norm",
     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    # mixture of experts (moe.py): the router, its balancing bias, the stacked experts, the shared expert
+    "mlp.gate": "ffn_gate_inp", "mlp.experts.down_proj": "ffn_down_exps",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+    **{f"mlp.{shared}.{proj}_proj": f"ffn_{proj}_shexp" for shared in ("shared_expert", "shared_experts")
+       for proj in ("gate", "up", "down")},
 }
+MOE_RUNS = {  # llama.cpp's MoE architectures: whether they renormalize the top-k weights, and allow dense layers
+    "llama": (True, False), "qwen3moe": (True, False), "qwen2moe": (False, False), "deepseek2": (None, True)}
 GLOBAL_NAMES = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output"}
 
 
 def architecture(c):
     """llama.cpp's architecture for a ModelConfig (hf.architecture's table), or a ValueError naming what it lacks."""
-    return hf_architecture(c)[2]
+    arch = hf_architecture(c)[2]
+    if c.n_experts:
+        renormalizes, dense_layers = MOE_RUNS[arch]
+        if renormalizes is not None and c.norm_topk_prob != renormalizes:
+            raise ValueError(f"norm_topk_prob={c.norm_topk_prob}: llama.cpp's {arch} always "
+                             f"{'renormalizes' if renormalizes else 'keeps'} the chosen experts' weights")
+        if c.first_dense_layers and not dense_layers:
+            raise ValueError(f"first_dense_layers={c.first_dense_layers}: llama.cpp's {arch} has experts in every "
+                             "layer")
+    return arch
 
 
 def pair_rope_rows(w, n_heads, rope_dim):
@@ -69,8 +86,8 @@ def gguf_tensors(model):
     """(llama.cpp name, float32 tensor in llama.cpp's layout) for every weight of the model."""
     c, arch = model.config, architecture(model.config)
     for key, w in model.state_dict().items():
-        if key == "lm_head.weight" and c.tie_weight:
-            continue  # llama.cpp reuses token_embd when output is absent
+        if key == "lm_head.weight" and c.tie_weight and arch != "qwen2moe":
+            continue  # llama.cpp reuses token_embd when output is absent (its qwen2moe needs output written)
         w, parts = w.detach().float().cpu(), key.split(".")
         if parts[0] != "layers":
             yield f"{GLOBAL_NAMES[parts[0]]}.{parts[1]}", w
@@ -87,6 +104,18 @@ def gguf_tensors(model):
             yield f"{block}.attn_k_b.weight", kv[:, : c.qk_nope_head_dim].transpose(1, 2).contiguous()  # (H, r, nope)
             yield f"{block}.attn_v_b.weight", kv[:, c.qk_nope_head_dim :].contiguous()  # (H, v, r)
             continue
+        elif inner == "mlp.experts" and kind == "gate_up_proj":  # (E, 2 * I, dim): gate's rows, then up's
+            gate, up = w.chunk(2, dim=1)
+            yield f"{block}.ffn_gate_exps.weight", gate.contiguous()
+            yield f"{block}.ffn_up_exps.weight", up.contiguous()
+            continue
+        elif key.endswith("e_score_correction_bias"):
+            yield f"{block}.exp_probs_b.bias", w
+            continue
+        elif inner == "mlp.shared_expert_gate":  # llama.cpp's is a vector
+            w = w[0]
+        if inner == "mlp.experts":
+            inner, kind = "mlp.experts.down_proj", "weight"
         yield f"{block}.{LAYER_NAMES[inner]}.{kind}", w
 
 
@@ -151,7 +180,13 @@ def add_hyperparameters(writer, c, arch):
     writer.add_context_length(c.max_len)
     writer.add_embedding_length(c.dim)
     writer.add_block_count(c.n_layers)
-    writer.add_feed_forward_length(c.dim_ffn)
+    writer.add_feed_forward_length(c.moe_dim_ffn if arch == "llama" and c.n_experts else c.dim_ffn)  # Mixtral's
+    if c.n_experts:
+        writer.add_expert_count(c.n_experts)
+        writer.add_expert_used_count(c.n_active_experts)
+        writer.add_expert_feed_forward_length(c.moe_dim_ffn)
+    if arch == "qwen2moe":
+        writer.add_expert_shared_feed_forward_length(c.shared_dim_ffn)
     writer.add_head_count(c.n_heads)
     writer.add_rope_freq_base(c.rope_theta)
     writer.add_layer_norm_rms_eps(c.norm_eps)
@@ -171,9 +206,20 @@ def add_hyperparameters(writer, c, arch):
     writer.add_kv_lora_rank(c.kv_lora_rank)
     writer.add_q_lora_rank(c.q_lora_rank)
     writer.add_rope_dimension_count(c.qk_rope_head_dim)
-    writer.add_leading_dense_block_count(c.n_layers)  # every layer dense: no experts
-    writer.add_expert_feed_forward_length(c.dim_ffn)
-    writer.add_expert_shared_count(0)
+    if not c.n_experts:
+        writer.add_leading_dense_block_count(c.n_layers)  # every layer dense: no experts
+        writer.add_expert_feed_forward_length(c.dim_ffn)
+        writer.add_expert_shared_count(0)
+        return
+    import gguf
+
+    writer.add_leading_dense_block_count(c.first_dense_layers)
+    writer.add_expert_shared_count(c.shared_dim_ffn // c.moe_dim_ffn)
+    writer.add_expert_weights_scale(c.routed_scaling_factor)
+    writer.add_expert_weights_norm(c.norm_topk_prob)
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    writer.add_expert_group_count(c.n_expert_groups)
+    writer.add_expert_group_used_count(c.topk_groups)
 
 
 def add_tokenizer(writer, tokenizer, vocab_size):

@@ -6,7 +6,8 @@ MODELDIR is taken, a .gguf file is too: model.py and tokenizer.py hand such path
     model = Transformer.from_pretrained("smollm2-135m-q4_k_m.gguf")   # read_model(): config + weights
     tokenizer = Tokenizer.load("smollm2-135m-q4_k_m.gguf")            # read_tokenizer(): vocab, merges, template
 
-What is read: the architectures model.py runs (llama, qwen2, qwen3; deepseek2 with dense layers); tensors of types
+What is read: the architectures model.py runs (llama, qwen2, qwen3, deepseek2; with experts llama (Mixtral), qwen2moe,
+qwen3moe, deepseek2 with its sigmoid router); tensors of types
 F32, F16, BF16 (converted as they are) and every quantized type the `gguf` package dequantizes (Q8_0, Q4_0, Q4_1,
 Q5_0, Q5_1, Q2_K..Q6_K, ...: llama.cpp's own dequantization, none written here), into the requested dtype one
 tensor at a time, in blocks of rows; llama's Q/K rows put back from llama.cpp's adjacent-pair RoPE order to Hugging
@@ -27,7 +28,7 @@ import torch
 from rope import rope_frequencies
 from tokenizer import DEEPSEEK3_SPLIT_PATTERNS, LLAMA3_SPLIT_PATTERN, SPLIT_PATTERN, Tokenizer
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "deepseek2")  # deepseek2: MLA, dense layers only
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "deepseek2", "qwen2moe", "qwen3moe")
 CONTROL, USER_DEFINED, UNUSED = 3, 4, 5  # gguf.TokenType
 
 
@@ -162,8 +163,7 @@ def model_config(metadata, tensors, path):
     n_heads, dim = get("attention.head_count"), get("embedding_length")
     if isinstance(get("attention.head_count_kv", 1), list) or isinstance(get("feed_forward_length"), list):
         raise ValueError(f"{path}: head or feed-forward sizes that differ per layer are not supported")
-    if f"{arch}.expert_count" in metadata and get("leading_dense_block_count", 0) < get("block_count"):
-        raise ValueError(f"{path}: mixture-of-experts layers ({arch}.expert_count) are not supported")
+    moe = moe_config(metadata, arch, get, path)
     if arch == "deepseek2":  # MLA: the sizes export.add_hyperparameters writes (and llama.cpp's converter)
         rope_dim, shape = get("rope.dimension_count"), dict(
             attn="mla", n_kv_heads=n_heads, q_lora_rank=get("attention.q_lora_rank", 0),
@@ -177,17 +177,41 @@ def model_config(metadata, tensors, path):
             raise ValueError(f"{path}: value length {value_length} or RoPE dimension "
                              f"{get('rope.dimension_count', head_dim)} differs from the key length {head_dim}")
         shape = dict(n_kv_heads=get("attention.head_count_kv", n_heads), head_dim=head_dim,
-                     attention_bias="blk.0.attn_q.bias" in tensors, use_qk_norm=arch == "qwen3")
+                     attention_bias="blk.0.attn_q.bias" in tensors, use_qk_norm=arch in ("qwen3", "qwen3moe"))
     theta = _float(get("rope.freq_base", 10000.0))
     freqs = tensors.get("rope_freqs.weight")
     if freqs is not None:  # one row of divisors
         freqs = _dequantize(freqs.data.reshape(1, -1), freqs.tensor_type, path, freqs.name)[0]
         freqs = torch.from_numpy(np.array(freqs))
     scaling = rope_scaling(metadata, arch, freqs, rope_dim, theta)
+    # export.py writes qwen2moe's tied head out (llama.cpp's qwen2moe needs one): equal to the embedding, it is tied
+    tied = "output.weight" not in tensors or arch == "qwen2moe" and np.array_equal(tensors["output.weight"].data,
+                                                                                    tensors["token_embd.weight"].data)
     return ModelConfig(vocab_size=int(tensors["token_embd.weight"].shape[1]), dim=dim, n_layers=get("block_count"),
                        n_heads=n_heads, dim_ffn=get("feed_forward_length"), rope_theta=theta, rope_scaling=scaling,
                        norm_eps=_float(get("attention.layer_norm_rms_epsilon")), max_len=get("context_length"),
-                       tie_weight="output.weight" not in tensors, **shape)
+                       tie_weight=tied, **shape, **moe)
+
+
+def moe_config(metadata, arch, get, path):
+    """The ModelConfig MoE fields of a file with experts (export.add_hyperparameters writes them), {} without."""
+    n_experts = metadata.get(f"{arch}.expert_count", 0)
+    if not n_experts or get("leading_dense_block_count", 0) >= get("block_count"):
+        return {}
+    moe_dim = get("feed_forward_length" if arch == "llama" else "expert_feed_forward_length")
+    moe = dict(n_experts=n_experts, n_active_experts=get("expert_used_count"), moe_dim_ffn=moe_dim)
+    if arch == "qwen2moe":
+        moe.update(shared_dim_ffn=get("expert_shared_feed_forward_length"), shared_expert_gate=True,
+                   norm_topk_prob=False)
+    elif arch == "deepseek2":
+        if get("expert_gating_func", 1) != 2:  # gguf.ExpertGatingFuncType.SIGMOID; softmax is DeepSeek-V2's
+            raise ValueError(f"{path}: deepseek2 experts gated by {get('expert_gating_func', 1)} (only 2, sigmoid)")
+        moe.update(shared_dim_ffn=get("expert_shared_count", 0) * moe_dim, router="sigmoid",
+                   norm_topk_prob=bool(get("expert_weights_norm", False)),
+                   routed_scaling_factor=_float(get("expert_weights_scale", 1.0)),
+                   n_expert_groups=get("expert_group_count", 1), topk_groups=get("expert_group_used_count", 1),
+                   first_dense_layers=get("leading_dense_block_count", 0))
+    return moe
 
 
 def _float(value):
@@ -269,6 +293,9 @@ def read_model(path, dtype=None):
     names = {**LAYER_NAMES, **GLOBAL_NAMES, "self_attn.kv_b_proj": "attn_kv_b"}  # ours -> llama.cpp's
     ours = {theirs: name for name, theirs in names.items()}
     arch, dtype = metadata["general.architecture"], dtype or torch.float32
+    shared = "mlp.shared_expert" if config.shared_expert_gate else "mlp.shared_experts"
+    ours.update({f"ffn_{p}_shexp": f"{shared}.{p}_proj" for p in ("gate", "up", "down")},
+                exp_probs_b="mlp.gate", ffn_down_exps="mlp.experts")  # the names export.py writes
     entries, absorbed, unknown = [], {}, []
     for name, tensor in tensors.items():
         if name == "rope_freqs.weight":
@@ -276,7 +303,8 @@ def read_model(path, dtype=None):
         if tensor.tensor_type != gguf.GGMLQuantizationType.BF16:  # one row tried: a type gguf lacks fails now
             _dequantize(tensor.data.reshape(-1, tensor.data.shape[-1])[:1], tensor.tensor_type, path, name)
         parts = name.split(".")
-        if parts[0] == "blk" and len(parts) == 4 and parts[2] in ("attn_k_b", "attn_v_b"):
+        if parts[0] == "blk" and len(parts) == 4 and parts[2] in ("attn_k_b", "attn_v_b", "ffn_gate_exps",
+                                                                  "ffn_up_exps"):
             absorbed[parts[1], parts[2]] = tensor  # MLA's kv_b_proj in llama.cpp's two parts
             continue
         inner = ours.get(parts[2] if parts[0] == "blk" and len(parts) == 4 else parts[0])
@@ -284,8 +312,17 @@ def read_model(path, dtype=None):
             unknown.append(name)
             continue
         key = f"layers.{parts[1]}.{inner}.{parts[3]}" if parts[0] == "blk" else f"{inner}.{parts[1]}"
-        read = functools.partial(_read_unpaired, reader, tensor, dtype, path, inner, arch, config)
-        entries.append((key, tuple(reversed([int(n) for n in tensor.shape])), read))
+        if parts[0] == "blk" and parts[2] in ("exp_probs_b", "ffn_down_exps"):  # a buffer's, a stacked weight's name
+            key = f"layers.{parts[1]}.{inner}.{'e_score_correction_bias' if parts[2] == 'exp_probs_b' else 'down_proj'}"
+        shape = tuple(reversed([int(n) for n in tensor.shape]))
+        shape = (1, *shape) if parts[-2] == "ffn_gate_inp_shexp" else shape  # llama.cpp's is a vector
+        read = functools.partial(_read_unpaired, reader, tensor, dtype, path, inner, arch, config, shape)
+        entries.append((key, shape, read))
+    for (block, part), gate in absorbed.items():
+        if part == "ffn_gate_exps":  # the experts' gate and up: gate_up_proj (E, 2 * I, dim)
+            E, I, D = config.n_experts, config.moe_dim_ffn, config.dim
+            read = functools.partial(_read_gate_up, reader, gate, absorbed[block, "ffn_up_exps"], dtype, path)
+            entries.append((f"layers.{block}.mlp.experts.gate_up_proj", (E, 2 * I, D), read))
     for (block, part), k_b in absorbed.items():
         if part == "attn_k_b":
             v_b = absorbed.get((block, "attn_v_b"))
@@ -300,8 +337,12 @@ def read_model(path, dtype=None):
     return config, entries
 
 
-def _read_unpaired(reader, tensor, dtype, path, inner, arch, config):
-    return unpaired(_tensor(reader, tensor, dtype, path), inner, arch, config)
+def _read_unpaired(reader, tensor, dtype, path, inner, arch, config, shape):
+    return unpaired(_tensor(reader, tensor, dtype, path), inner, arch, config).reshape(shape)
+
+
+def _read_gate_up(reader, gate, up, dtype, path):
+    return torch.cat([_tensor(reader, gate, dtype, path), _tensor(reader, up, dtype, path)], 1)
 
 
 def _read_kv_b(reader, k_b, v_b, dtype, path, kv_lora_rank):

@@ -58,6 +58,10 @@ def target_names(model, targets):
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     chosen = set()
     for target in [t.strip() for t in targets.split(",") if t.strip()]:
+        if target == "mlp" and getattr(model.config, "n_experts", 0):
+            raise ValueError("lora_targets: mlp on a mixture-of-experts model: its routed experts (mlp.experts, "
+                             "stacked weights) take no adapter here; adapt attention, or name the dense layers' and "
+                             "shared experts' projections (gate_proj, up_proj, down_proj)")
         if target in KINDS:
             hits = [n for n in linears if KINDS[target] in "." + n and n.rsplit(".", 1)[-1] not in UNADAPTABLE]
         else:

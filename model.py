@@ -1,7 +1,7 @@
 """
-The transformer: GQA or MLA attention, RoPE, RMSNorm, SwiGLU, the one attention-mask rule, a forward pass per
-purpose (logits, per-token log-probs, the training loss) over one shared body, and loading/saving Hugging Face
-style directories (config.json + model.safetensors).
+The transformer: GQA or MLA attention, RoPE, RMSNorm, SwiGLU (or mixture-of-experts layers, moe.py), the one
+attention-mask rule, a forward pass per purpose (logits, per-token log-probs, the training loss) over one shared
+body, and loading/saving Hugging Face style directories (config.json + model.safetensors).
 
     model = Transformer(ModelConfig(dim=256, n_layers=4))
     logits = model(ids)                                               # (B, T, vocab_size)
@@ -10,9 +10,10 @@ style directories (config.json + model.safetensors).
     loss = model(ids, CrossEntropy(targets), documents=doc_ids)       # packed rows: (B, T) ids, one per document
 
 This file runs on its own (torch only). Other files are imported where a feature needs them: kv_cache.py for
-cached decoding, rope.py for a scaled RoPE, hf.py and safetensors for checkpoints, lora.py for an adapter,
-gguf_in.py for a .gguf file. Parameter names are Hugging Face's (model.layers.0.self_attn.q_proj.weight, ...), so
-a Llama, Qwen2, Qwen3 or DeepseekV3 checkpoint loads without renaming, and ours load in transformers.
+cached decoding, moe.py for experts, rope.py for a scaled RoPE, hf.py and safetensors for checkpoints, lora.py for
+an adapter, gguf_in.py for a .gguf file. Parameter names are Hugging Face's (model.layers.0.self_attn.q_proj.weight,
+...), so a Llama, Qwen2, Qwen3, Qwen2/Qwen3-MoE, Mixtral or DeepseekV3 checkpoint loads (experts stacked on load:
+moe.py), and ours load in transformers.
 """
 import ctypes
 import json
@@ -53,6 +54,19 @@ class ModelConfig:
     qk_nope_head_dim: int = 128
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
+    # mixture of experts (moe.py), used when n_experts > 0: each layer from first_dense_layers on routes each token
+    # to n_active_experts of n_experts SwiGLU experts of moe_dim_ffn, beside an optional shared expert
+    n_experts: int = 0  # routed experts a layer; 0: every layer is a dense MLP of dim_ffn
+    n_active_experts: int = 2  # experts each token goes to (top-k)
+    moe_dim_ffn: int = 0  # each expert's hidden size (0: dim_ffn)
+    shared_dim_ffn: int = 0  # hidden size of the shared expert every token also goes through (0: none)
+    shared_expert_gate: bool = False  # the shared expert's output scaled by a sigmoid gate (Qwen2-MoE)
+    router: str = "softmax"  # "softmax" (Qwen-MoE, Mixtral), or "sigmoid" with a balancing bias (DeepSeek-V3)
+    norm_topk_prob: bool = True  # the chosen experts' weights renormalized to sum 1
+    n_expert_groups: int = 1  # DeepSeek-V3's group-limited routing: experts in groups, ...
+    topk_groups: int = 1  # ... tokens choose only within the topk_groups best groups
+    routed_scaling_factor: float = 1.0  # the routed experts' weights multiplied by this (DeepSeek-V3)
+    first_dense_layers: int = 0  # layers 0 .. first_dense_layers - 1 keep a dense MLP (DeepSeek-V3, Qwen-MoE)
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -71,6 +85,16 @@ class ModelConfig:
             from rope import rope_scaling_problems
 
             problems += rope_scaling_problems(self.rope_scaling)
+        if self.n_experts > 0:
+            from moe import moe_problems
+
+            self.moe_dim_ffn = self.moe_dim_ffn or self.dim_ffn
+            problems += moe_problems(self)
+        else:  # the MoE fields (n_experts and those after it) keep their defaults on a dense model
+            moe = fields(self)[[f.name for f in fields(self)].index("n_experts"):]
+            changed = [f"{f.name}={getattr(self, f.name)!r}" for f in moe if getattr(self, f.name) != f.default]
+            if changed:
+                problems.append(f"{', '.join(changed)}: MoE settings on a dense model (n_experts > 0 makes one)")
         if problems:
             raise ValueError("ModelConfig: " + "; ".join(problems))
 
@@ -491,12 +515,17 @@ def head_weight(model):
 
 
 class Block(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer=0):
         super().__init__()
         self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.self_attn = MLAttention(config) if config.attn == "mla" else Attention(config)
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
-        self.mlp = MLP(config)
+        if config.n_experts and layer >= config.first_dense_layers:
+            from moe import MoE  # only a mixture-of-experts model needs it
+
+            self.mlp = MoE(config)
+        else:
+            self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, mask, index=None, kv=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, index, kv)
@@ -508,7 +537,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_weight:
@@ -606,6 +635,10 @@ class Transformer(nn.Module):
         # the output head multiplies even when it shares the embedding's weight
         weights = self.num_params(embedding=False) + (c.vocab_size * c.dim if c.tie_weight else 0)
         trainable = min(weights, sum(p.numel() for p in self.parameters() if p.requires_grad))
+        if c.n_experts:  # a token multiplies by its chosen experts' weights only
+            from moe import inactive_params
+
+            weights, trainable = weights - inactive_params(c), trainable - inactive_params(c)
         return 4 * weights + 2 * trainable + 6 * c.n_layers * c.n_heads * (qk_dim + v_dim) * seq_len
 
     # --- checkpoints ----------------------------------------------------------
@@ -613,7 +646,8 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, adapter=""):
         """Load a directory of config.json + model.safetensors (or sharded safetensors with an index): ours, or
-        Hugging Face Llama/Qwen2/Qwen3/DeepseekV3 (dense); or a .gguf file (gguf_in.py). Nothing is unpickled.
+        Hugging Face Llama/Qwen2/Qwen3/Qwen2-MoE/Qwen3-MoE/Mixtral/DeepseekV3; or a .gguf file (gguf_in.py). Nothing
+        is unpickled.
         dtype: a torch dtype (default float32) or "int8" (quantize_int8's); adapter: a LoRA adapter directory
         (lora.py) trained on this model, merged into each weight as it loads, before any quantization."""
         if str(path).endswith(".gguf"):
@@ -636,6 +670,10 @@ class Transformer(nn.Module):
 
         config, rope_interleave = config_from_hf(hf, config_path)
         tensors = safetensors_tensors(path)
+        if config.n_experts:  # files hold one tensor per expert; the model stacks them
+            from moe import fuse_expert_tensors
+
+            tensors = fuse_expert_tensors(tensors, config, path)
         if rope_interleave:
             from rope import deinterleave_rope
 
@@ -708,10 +746,14 @@ class Transformer(nn.Module):
             if self.config.tie_weight and k == "lm_head.weight":
                 continue
             state[k if k.startswith("lm_head") else "model." + k] = v.detach().contiguous().cpu()
+        hf = config_to_hf(self.config, str(next(iter(state.values())).dtype).removeprefix("torch."), token_ids)
+        if self.config.n_experts:  # one tensor per expert, as published checkpoints hold them
+            from moe import split_expert_tensors
+
+            state = split_expert_tensors(state, mixtral=hf["model_type"] == "mixtral")
         save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-        dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
         with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(config_to_hf(self.config, dtype, token_ids), f, indent=2)
+            json.dump(hf, f, indent=2)
 
 
 def release_freed_memory():

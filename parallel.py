@@ -38,6 +38,9 @@ def tp_problems(config, tp, world_size, training=False):
     if tp < 1 or world_size % tp:
         problems.append(f"tp={tp}: the number of processes ({world_size}) must be a multiple of tp")
         return problems
+    if config.n_experts:
+        problems.append(f"n_experts={config.n_experts} with tp={tp}: mixture-of-experts layers are not split "
+                        "(moe.py's experts have no tensor-parallel plan)")
     if training and config.attn == "mla":
         problems.append(f"attn='mla' with tp={tp}: training a split MLA is not supported (the shared RoPE key's "
                         "gradient would miss the other processes' heads); sample.py and serve.py split it")

@@ -80,6 +80,10 @@ DEFAULTS = dict(
     lora_targets="attention,mlp",  # the projections of attention and/or MLP, or layer names (q_proj,v_proj,...)
     lora_tokens="",  # also train these tokens' embedding rows: "<|im_start|>,<|im_end|>" or ids (see README)
     merge_lora=False,  # final/ a plain MODELDIR with the adapter merged in, instead of the adapter
+    # mixture of experts (a model with n_experts > 0; moe.py's Balancing)
+    moe_balance="auto",  # auto (bias for a sigmoid router, else aux) | bias (DeepSeek-V3, no loss term) | aux | none
+    moe_aux_coef=0.01,  # aux: weight of the Switch Transformer loss (1.0 when balanced, n_experts at worst)
+    moe_bias_rate=0.001,  # bias: each step's move of a router's correction bias toward balance (DeepSeek-V3's gamma)
     # system
     device="auto",  # auto | cpu | cuda | cuda:N
     dtype="auto",  # auto (bfloat16 autocast on CUDA, float32 on CPU) | float32 | bfloat16
@@ -287,7 +291,8 @@ def wrap_model(raw_model, cfg, env, reference=None):
     elif env.dp_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        # no buffer broadcast before each forward: the only buffers (RoPE tables) are computed, alike everywhere
+        # no buffer broadcast before each forward: the RoPE tables are computed alike everywhere, and the MoE
+        # routers' biases change by the load summed over all processes (moe.Balancing), alike everywhere too
         model = DistributedDataParallel(model, device_ids=[env.device] if env.device_type == "cuda" else None,
                                         broadcast_buffers=False)
     return model
@@ -518,7 +523,8 @@ class Throughput:
         mfu = self.mfu(tokens_per_s)
         left = (max_iters - step) * (now - self.t_start) / (step - self.first_step)
         self.t_last, self.tokens = now, 0
-        extra = "".join(f" | {k} {v:.4f}" for k, v in means.items() if k != "loss")
+        extra = "".join(f" | {k} {v:.4f}" if isinstance(v, float) else f" | {k} {v}"
+                        for k, v in means.items() if k != "loss")
         log_metrics(metrics, {"step": step, "loss": means["loss"], "lr": lr, "grad_norm": grad_norm,
                               "tokens_per_s": tokens_per_s, **means},
                     f"step {step:5d} | loss {means['loss']:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
@@ -567,7 +573,7 @@ def setup_run(cfg):
     except ValueError as e:
         sys.exit(f"train.py: --strategy={cfg.strategy}: {e}")
     run = SimpleNamespace(env=env, tokenizer=tokenizer, train_data=train_data, val_data=val_data, strategy=strategy,
-                          adapter=adapter, raw_model=raw_model, step=0,
+                          adapter=adapter, raw_model=raw_model, step=0, moe=moe_balancing(raw_model, cfg),
                           model=wrap_model(raw_model, cfg, env, strategy.ref_model),
                           train_points=[], val_points=[], optimizer=make_optimizer(raw_model, cfg, env.device_type),
                           sampler=ResumableSampler(len(train_data), cfg.batch_size, cfg.grad_accum, env.dp_rank,
@@ -594,6 +600,21 @@ def setup_run(cfg):
         print0(f"LoRA rank {cfg.lora_rank}: {adapter.trainable:,} trainable parameters, "
                f"{adapter.trainable / raw_model.num_params():.3%} of the model's")
     return run
+
+
+def moe_balancing(raw_model, cfg):
+    """moe.Balancing for a mixture-of-experts model; None for a dense one, where a moe_* setting is an error."""
+    if raw_model.config.n_experts:
+        from moe import Balancing
+
+        try:
+            return Balancing(raw_model, cfg)
+        except ValueError as e:
+            sys.exit(f"train.py: {e}")
+    changed = [k for k in ("moe_balance", "moe_aux_coef", "moe_bias_rate") if cfg[k] != DEFAULTS[k]]
+    if changed:
+        sys.exit(f"train.py: {', '.join(changed)}: the model has no experts (n_experts=0)")
+    return None
 
 
 def checkpoint(run, cfg):
@@ -632,7 +653,10 @@ def train(cfg):
             with gradient_sync(model, raw_model, cfg, env, last=micro_step == len(micro_batches) - 1):
                 with env.autocast:
                     loss, metrics = strategy.loss(model, batch, run.step, micro_step, totals=totals)
-                (loss * env.dp_size).backward()  # DDP and FSDP average gradients over model copies: undo it
+                aux = run.moe.aux_share(len(micro_batches), env.dp_size) if run.moe else 0.0
+                ((loss + aux) * env.dp_size).backward()  # DDP and FSDP average gradients over model copies: undo it
+            if run.moe:
+                run.moe.count()
             meter.tokens += metrics.pop("tokens") if "tokens" in metrics else \
                 sum(v.numel() for k, v in batch.items() if k.endswith("ids") and torch.is_tensor(v))
             for k, v in {"loss": loss.item(), **metrics}.items():
@@ -653,6 +677,8 @@ def train(cfg):
         means = {k: v / (len(micro_batches) * env.world_size) for k, v in zip(sums, stats.tolist())}
         means["loss"] = stats[0].item() / env.tp  # the tp ranks of a model copy have the same loss
         stop = means.pop("stop") > 0
+        if run.moe:  # the expert load (and, with moe_balance=bias, the routers' biases moved by it)
+            means.update(run.moe.step(env.distributed))
         run.train_points.append((run.step, means["loss"]))
         if run.step % cfg.log_interval == 0 or run.step == 1 or run.step == cfg.max_iters:
             meter.log(run.metrics, run.step, cfg.max_iters, lr, grad_norm.item(), means)

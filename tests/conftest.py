@@ -24,6 +24,9 @@ def randomize(model, seed=0):
                 p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(0.15 * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():  # DeepSeek-V3's router bias: part of the choice of experts
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
     return model
 
 

@@ -21,6 +21,14 @@ from tokenizer import train_tokenizer  # noqa: E402
 BASE = dict(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, dim_ffn=128, max_len=96, rope_theta=500.0)
 MLA = dict(attn="mla", kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+# one config a mixture-of-experts family (the rows of several MoE fields share it: CASES runs each config once)
+MIXTRAL = dict(n_experts=4, n_active_experts=3, moe_dim_ffn=32)
+QWEN3_MOE = dict(n_experts=8, n_active_experts=3, moe_dim_ffn=48, use_qk_norm=True, n_kv_heads=2)
+QWEN2_MOE = dict(n_experts=6, n_active_experts=2, moe_dim_ffn=32, shared_dim_ffn=48, shared_expert_gate=True,
+                 attention_bias=True, norm_topk_prob=False)
+DEEPSEEK_MOE = {**MLA, "q_lora_rank": 24, "n_experts": 8, "n_active_experts": 3, "moe_dim_ffn": 32,
+                "shared_dim_ffn": 64, "router": "sigmoid", "n_expert_groups": 4, "topk_groups": 2,
+                "routed_scaling_factor": 2.5, "first_dense_layers": 1}
 ROWS = {  # field -> the configs (changes to BASE) that set it to something other than BASE and the default
     "vocab_size": [dict(vocab_size=333)],
     "dim": [dict(dim=48)],
@@ -45,8 +53,23 @@ ROWS = {  # field -> the configs (changes to BASE) that set it to something othe
     "qk_nope_head_dim": [{**MLA, "qk_nope_head_dim": 8}],
     "qk_rope_head_dim": [{**MLA, "qk_rope_head_dim": 16}],
     "v_head_dim": [{**MLA, "v_head_dim": 24}],
+    "n_experts": [MIXTRAL, QWEN3_MOE],
+    "n_active_experts": [MIXTRAL],
+    "moe_dim_ffn": [MIXTRAL],
+    "shared_dim_ffn": [QWEN2_MOE, DEEPSEEK_MOE],
+    "shared_expert_gate": [QWEN2_MOE],
+    "router": [DEEPSEEK_MOE, {**MIXTRAL, "router": "sigmoid"}],  # the second: no published GQA family has it
+    "norm_topk_prob": [QWEN2_MOE],
+    "n_expert_groups": [DEEPSEEK_MOE],
+    "topk_groups": [DEEPSEEK_MOE],
+    "routed_scaling_factor": [DEEPSEEK_MOE],
+    "first_dense_layers": [DEEPSEEK_MOE, {**QWEN3_MOE, "first_dense_layers": 1}],  # the second: not in llama.cpp
 }
-CASES = [(field, i) for field, variants in ROWS.items() for i in range(len(variants))]
+CASES = {}  # each config once, named by its first row
+for field, variants in ROWS.items():
+    for i, changes in enumerate(variants):
+        CASES.setdefault(repr(changes), (field, i))
+CASES = list(CASES.values())
 TOL = 1e-4
 
 
@@ -127,10 +150,12 @@ def test_prefix_reuse_equals_a_full_recompute(field, i):
 
 @pytest.mark.parametrize("changes", [dict(n_kv_heads=2, head_dim=24, use_qk_norm=True, attention_bias=True,
                                           use_gated_attention=True, tie_weight=False, rope_scaling=YARN),
-                                     {**MLA, "q_lora_rank": 48, "rope_scaling": YARN}])
+                                     {**MLA, "q_lora_rank": 48, "rope_scaling": YARN},
+                                     {**QWEN2_MOE, "n_experts": 4, "n_active_experts": 3}])
 @torch.no_grad()
 def test_compiled_decode_equals_a_full_recompute(changes):
-    """Every GQA option at once, then MLA: the compiled decode step is the same code as the eager one."""
+    """Every GQA option at once, then MLA, then experts (2 rows choose 6 of 4: the compiled step runs every expert):
+    the compiled decode step is the same code as the eager one."""
     from sample import cpp_compiler
 
     if cpp_compiler() is None:
@@ -174,7 +199,10 @@ def test_lora_adapter_merged_on_load_equals_it_unmerged(field, i, tmp_path):
 
     model = model_for(field, i)
     model.save_pretrained(tmp_path / "base")
-    names = lora.target_names(model, "attention,mlp")
+    if model.config.n_experts:  # the routed experts take no adapter: refused by name
+        with pytest.raises(ValueError, match="experts"):
+            lora.target_names(model, "attention,mlp")
+    names = lora.target_names(model, "attention" if model.config.n_experts else "attention,mlp")
     lora.add_adapters(model, names, 4, 2.0)
     g = torch.Generator().manual_seed(i)
     with torch.no_grad():
@@ -209,6 +237,13 @@ def test_gguf_export_runs_alike_in_llamacpp_or_is_refused(field, i, tmp_path):
         assert any(name in str(e) for name in ROWS[field][i]), e
         assert not os.path.exists(path)
         return
+    if model.config.n_experts:  # read back (gguf_in.py): the same model
+        back = Transformer.from_pretrained(path).eval()
+        unused = {} if model.config.first_dense_layers else {"dim_ffn": model.config.dim_ffn}  # no dense MLP
+        assert dataclasses.replace(back.config, **unused) == model.config
+        x = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(i))
+        with torch.no_grad():
+            assert (back(x) - model(x)).abs().max().item() < TOL
     if not os.path.isfile(SERVER):
         pytest.skip(f"llama.cpp is not built ({SERVER} missing): README, GGUF export")
     prompts = [tokenizer.encode(text)[:6] for text in ("23 + 45 = 68", "你好，世界！Hello")]

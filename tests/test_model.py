@@ -254,13 +254,13 @@ def test_from_pretrained_errors(tmp_path):
     json.dump(config, open(d / "config.json", "w"))
     with pytest.raises(ValueError, match=r"mlp\.gate_proj\.weight: shape \(96, 64\) in the file, \(128, 64\)"):
         Transformer.from_pretrained(d)
-    # unsupported architectures, and MoE
+    # unsupported architectures; an MoE config read, the dense weights beside it refused
     json.dump({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, open(d / "config.json", "w"))
     with pytest.raises(ValueError, match="unsupported architecture.*GPT2LMHeadModel"):
         Transformer.from_pretrained(d)
-    moe = hf_config("deepseek_v3", first_k_dense_replace=1).to_dict()
+    moe = hf_config("deepseek_v3", first_k_dense_replace=1, num_experts_per_tok=2, n_group=2, topk_group=1).to_dict()
     json.dump(moe, open(d / "config.json", "w"))
-    with pytest.raises(ValueError, match="MoE is not supported"):
+    with pytest.raises(ValueError, match="weights do not match its config"):
         Transformer.from_pretrained(d)
     with pytest.raises(ValueError, match="unknown model config keys.*'dimm'"):
         ModelConfig.from_dict({"dimm": 3})
@@ -420,7 +420,8 @@ ids = torch.randint(0, 50, (2, 16))
 loss = model(ids, CrossEntropy(ids)) / ids.numel()
 loss.backward()
 assert model(ids).shape == (2, 16, 50) and model(ids, TokenLogprobs(ids)).shape == (2, 16)
-print("modules", sorted(m for m in sys.modules if m in ('rope', 'kv_cache', 'hf', 'settings', 'lora', 'tokenizer')))
+print("modules", sorted(m for m in sys.modules if m in ('rope', 'kv_cache', 'hf', 'settings', 'lora', 'tokenizer',
+                                                      'moe')))
 """ % ROOT
     p = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr

@@ -1,6 +1,5 @@
 """train.py as a user runs it: exact resume after SIGKILL, DDP/FSDP == grad accumulation, learning, bad input."""
 import json
-import math
 import os
 import signal
 import subprocess
@@ -88,10 +87,14 @@ def test_sigterm_saves_a_checkpoint_and_exits(demo, tmp_path):
     assert (out / f"ckpt-{step}" / "optimizer.pt").exists()
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_distributed_equals_grad_accumulation(demo, tmp_path, parallel):
+MOE = ["--n_experts=4", "--n_active_experts=2", "--moe_dim_ffn=32"]  # mixture-of-experts layers on the demo preset
+
+
+@pytest.mark.parametrize("parallel, model", [("ddp", []), ("fsdp", []), ("ddp", MOE),  # MoE: the auxiliary loss
+                                             ("fsdp", [*MOE, "--router=sigmoid"])])  # the bias balancing
+def test_distributed_equals_grad_accumulation(demo, tmp_path, parallel, model):
     single, multi = tmp_path / "single", tmp_path / "multi"
-    args = ["--max_iters=6", "--ckpt_interval=0", "--weight_decay=0.1"]
+    args = ["--max_iters=6", "--ckpt_interval=0", "--weight_decay=0.1", *model]
     run(*common(demo, single, *args, "--grad_accum=2"))
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         *common(demo, multi, *args, "--grad_accum=1", f"--parallel={parallel}")],
@@ -106,6 +109,26 @@ def test_distributed_equals_grad_accumulation(demo, tmp_path, parallel):
     assert wa.keys() == wb.keys()
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
     assert max((wa[k] - load_file(single / "ckpt-6" / "model.safetensors")[k]).abs().max().item() for k in wa) == 0
+
+
+def test_moe_resume_is_exact_with_the_balancing_biases(demo, tmp_path):
+    """DeepSeek-V3's bias balancing: the biases move every step, are saved with the model and resume exactly; the log
+    has each MoE layer's expert load (max / mean)."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    args = [*MOE, "--router=sigmoid", "--first_dense_layers=1", "--n_layers=3", "--moe_bias_rate=0.01",
+            "--ckpt_interval=3"]
+    run(*common(demo, full, *args, "--max_iters=6"))
+    run(*common(demo, resumed, *args, "--max_iters=3"))
+    assert "resumed from" in run(*common(demo, resumed, *args, "--max_iters=6", "--resume=auto")).stdout
+    a, b = losses(full), losses(resumed)
+    assert sorted(a) == sorted(b) == list(range(1, 7)) and all(a[s] == b[s] for s in a)
+    wa, wb = weights(full / "final"), weights(resumed / "final")
+    assert max_difference(wa, wb) == 0
+    biases = [k for k in wa if k.endswith("e_score_correction_bias")]
+    assert len(biases) == 2 and all(wa[k].abs().max() > 0 for k in biases)  # layers 1 and 2, moved from 0
+    rows = [json.loads(line) for line in open(full / "metrics.jsonl")]
+    loads = [r["expert_load"] for r in rows if "expert_load" in r]
+    assert len(loads) == 6 and all(len(v) == 2 and all(x >= 1.0 for x in v) for v in loads)
 
 
 def torchrun(*args, nproc=2):
