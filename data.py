@@ -685,6 +685,8 @@ USAGE = """usage:
   python data.py prepare --stage=seq|sft|dpo|grpo --input=FILE[,FILE...] --tokenizer=TOKDIR --out=FILE.h5
                          [--val_fraction=0.05] [--seed=0] [--workers=N]
       tokenize into an HDF5 file for train.py --data, with N processes (default: one per core)
+  python data.py index --docs=DIR --model=MODELDIR --out=FILE.h5 [--chunk_tokens=256] [--overlap_tokens=32]
+      segment and embed the .md/.txt files under DIR into a retrieval index (rag.py); again: only changed files
 Any command with --help lists its options. The demo data: python pipeline.py demo --out=DIR."""
 
 
@@ -700,6 +702,10 @@ def _training_texts(paths):
 
 
 def main(argv):
+    if argv and argv[0] == "index":
+        import rag  # retrieval: only this command needs it
+
+        return rag.index_main(argv[1:])
     if not argv or argv[0] not in ("tokenizer", "prepare"):
         print(USAGE)
         raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
