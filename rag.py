@@ -47,7 +47,7 @@ HEADING = regex.compile(r" {0,3}#{1,6}(?:[ \t]|$)")
 FENCE = regex.compile(r" {0,3}(?:```|~~~)")
 SENTENCE_END = regex.compile(r"(?:[。！？；!?]+|…+|\.(?=\s|$))[”’」』）)\]\"']*\s*|\n+")
 WORD = regex.compile(r"\p{Han}\s*|[^\s\p{Han}]+\s*|\s+")
-SOURCE_ORDER = "source order"
+forward_lock = threading.Lock()  # one embedding forward at a time: a server's handler threads share the model
 
 
 class Chunk:
@@ -395,7 +395,7 @@ class Retriever:
     def __init__(self, path, model=None, tokenizer=None, k=4, device="cpu", dtype=None):
         from sample import load
 
-        self.index, self.k, self.lock = Index.load(path), k, threading.Lock()
+        self.index, self.k = Index.load(path), k
         name = "the given model"
         if model is None:
             name = self.index.attrs["model"]
@@ -404,13 +404,29 @@ class Retriever:
         self.model, self.tokenizer = model, tokenizer
 
     def search(self, question, k=None):
-        with self.lock:  # one forward at a time: a server's handler threads share the model
+        with forward_lock:
             ids = self.tokenizer.encode(question)[-self.model.config.max_len:]
             query = embed_ids(self.model, [ids or [0]], self.index.attrs["pooling"])
         scores, rows = self.index.search(query, k or self.k)
         ix = self.index
         return [{"source": ix.source[i], "title": ix.title[i], "start": int(ix.start[i]), "end": int(ix.end[i]),
                  "score": round(float(s), 4), "text": ix.text[i]} for s, i in zip(scores[0], rows[0])]
+
+    @classmethod
+    def sharing(cls, path, model, tokenizer, k=4, device="cpu"):
+        """A server's retriever: the served model where the index was made with it, else the index's own."""
+        index = Index.load(path)
+        same = model_identity(model, tokenizer, index.attrs["pooling"]) == index.attrs["model_identity"]
+        return cls(path, model if same else None, tokenizer if same else None, k, device)
+
+    def augment(self, tokenizer, messages):
+        """(tokenizer, sources) for a conversation: the chunks retrieved for its last user turn and a tokenizer that
+        hands them to the chat template (WithSources); (tokenizer, None) when it has no user turn."""
+        question = last_user_text(messages) if isinstance(messages, list) else None
+        if not question:
+            return tokenizer, None
+        sources = self.search(question)
+        return WithSources(tokenizer, sources), sources
 
 
 def uses_documents(tokenizer):
@@ -454,9 +470,13 @@ class WithSources:
 
 
 def last_user_text(messages):
+    """The text of the last user message (a string, or the text blocks of a list), or None."""
     for m in reversed(messages):
-        if m.get("role") == "user" and isinstance(m.get("content"), str):
-            return m["content"]
+        if isinstance(m, dict) and m.get("role") == "user":
+            content = m.get("content")
+            if isinstance(content, list):
+                content = "".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text")
+            return content if isinstance(content, str) else None
     return None
 
 
