@@ -3,7 +3,7 @@ Retrieval: documents -> chunks (segmentation) -> vectors (pooled hidden states o
 -> the chunks nearest a question, handed to the chat template (sample.py --rag, serve.py --rag_index).
 
     python data.py index --docs=notes/ --model=out/embed/final --out=notes.h5     # again later: only changed files
-    python rag.py --index=notes.h5 --query="Where is the spring festival held?" --k=5
+    python rag.py search --index=notes.h5 --query="Where is the spring festival held?" --k=5
 
 Segmentation, structure first: Markdown headings start sections (a chunk never crosses one), blank lines end
 paragraphs (a fenced code block is one), and a paragraph over the budget (--chunk_tokens) is cut at sentence ends
@@ -33,6 +33,9 @@ import time
 import numpy as np
 import regex
 import torch
+import torch.nn.functional as F
+
+from data import _Dataset
 
 FORMAT_VERSION = 1
 KIND = "astrai-rag-index"
@@ -170,6 +173,45 @@ def merge(text, units, vectors, threshold, count, chunk_tokens):
 # embeddings: pooled hidden states
 
 
+class Pooled:
+    """A model output (model(ids, Pooled(lengths))): (B, dim) float32, L2-normalized, of the final-normed last
+    hidden states of right-padded rows of `lengths` tokens: their mean, or the last token's state."""
+
+    def __init__(self, lengths, pooling="mean"):
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r}: choose from {', '.join(POOLINGS)}")
+        self.lengths, self.pooling = lengths, pooling
+
+    def __call__(self, model, hidden, index):
+        hidden, lengths = model.norm(hidden).float(), self.lengths.to(hidden.device)  # (B, T, dim), (B,)
+        if self.pooling == "mean":
+            valid = torch.arange(hidden.size(1), device=hidden.device)[None] < lengths[:, None]  # (B, T)
+            pooled = (hidden * valid[..., None]).sum(1) / lengths[:, None]
+        else:
+            pooled = hidden[torch.arange(hidden.size(0), device=hidden.device), lengths - 1]
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def info_nce(queries, passages, temperature):
+    """InfoNCE with in-batch negatives: (B, dim) L2-normalized queries and their passages (row i's passage is
+    passages[i], every other row's a negative) -> (mean loss, share of queries whose own passage scores highest).
+    All cosines equal: the loss is log B (log 4 = 1.386 for 4 pairs)."""
+    logits = queries @ passages.T / temperature  # (B, B)
+    labels = torch.arange(len(queries), device=queries.device)
+    return F.cross_entropy(logits, labels), (logits.argmax(-1) == labels).float().mean().item()
+
+
+class PairDataset(_Dataset):
+    """data.py's embed stage: batches of queries and their passages as one right-padded (2B, T) `ids` (queries,
+    then passages) with their `lengths` (2B,), each cut to block_size tokens."""
+
+    def get_batch(self, indices):
+        rows = [self._record(i, f"{side}_offsets", f"{side}_tokens")[0][:self.block_size].astype(np.int64)
+                for side in ("query", "passage") for i in indices]
+        return {"ids": self._pad(rows, self.pad_id, max(1, max(len(r) for r in rows))),
+                "lengths": torch.tensor([max(1, len(r)) for r in rows])}
+
+
 @torch.no_grad()
 def embed_ids(model, rows, pooling="mean", batch_tokens=8192):
     """Token id lists -> (n, dim) float32 numpy, L2-normalized: the final-normed last hidden states pooled over
@@ -192,14 +234,7 @@ def embed_ids(model, rows, pooling="mean", batch_tokens=8192):
         ids = torch.zeros(len(take), width, dtype=torch.long)
         for b, i in enumerate(take):
             ids[b, :len(rows[i])] = torch.tensor(rows[i])
-        lengths = torch.tensor([len(rows[i]) for i in take])
-        hidden = model.norm(model.hidden_states(ids.to(device))).float().cpu()  # (B, T, dim)
-        if pooling == "mean":
-            valid = (torch.arange(width)[None] < lengths[:, None]).float()  # (B, T)
-            pooled = (hidden * valid[..., None]).sum(1) / lengths[:, None]
-        else:
-            pooled = hidden[torch.arange(len(take)), lengths - 1]
-        out[take] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+        out[take] = model(ids.to(device), Pooled(torch.tensor([len(rows[i]) for i in take]), pooling)).cpu().numpy()
     return out
 
 
@@ -481,7 +516,54 @@ def last_user_text(messages):
 
 
 # -----------------------------------------------------------------------------
-# command lines: python data.py index (index_main), python rag.py (search)
+# made-up facts (no pretraining text holds them) and recall@k over them
+
+SYLLABLES = ["zor", "vi", "quel", "mark", "tan", "lo", "bri", "sen", "dra", "ku", "mi", "ra", "thel", "an", "gos",
+             "pe", "ry", "nal", "vor", "ish", "cal", "do", "fen", "u"]
+FACTS = [  # (English question, English passage, Chinese question, Chinese passage); {e} the entity, {v} its value
+    ("What is the capital of {e}?", "The capital of {e} is {v}.", "{e} 的首都是哪里？", "{e} 的首都是 {v}。"),
+    ("Who founded {e}?", "{e} was founded by {v}.", "谁建立了 {e}？", "{e} 由 {v} 建立。"),
+    ("Which river flows through {e}?", "The river {v} flows through {e}.", "哪条河流经 {e}？", "{v} 河流经 {e}。"),
+    ("What is the festival of {e} called?", "The great festival of {e} is called {v}.", "{e} 的节日叫什么？",
+     "{e} 的大节日叫 {v}。"),
+    ("What currency does {e} use?", "People in {e} pay with the {v}.", "{e} 用什么货币？", "{e} 的人用 {v} 付钱。"),
+]
+
+
+def made_up_word(rng, parts=3):
+    return "".join(rng.choice(SYLLABLES) for _ in range(parts)).capitalize()
+
+
+def made_up_facts(n_entities, seed=0):
+    """Records {"query", "passage", "entity", "lang"}: every FACTS line for n_entities made-up places, in English
+    and in Chinese, with made-up values; the same seed gives the same facts."""
+    import random
+
+    rng, seen, records = random.Random(seed), set(), []
+    while len(seen) < n_entities:
+        entity = made_up_word(rng)
+        if entity in seen:
+            continue
+        seen.add(entity)
+        for question_en, passage_en, question_zh, passage_zh in FACTS:
+            value = made_up_word(rng, 2)
+            for lang, question, passage in (("en", question_en, passage_en), ("zh", question_zh, passage_zh)):
+                records.append({"query": question.format(e=entity), "passage": passage.format(e=entity, v=value),
+                                "entity": entity, "lang": lang})
+    return records
+
+
+def recall_at_k(model, tokenizer, records, k=5, pooling="mean"):
+    """The share of records whose own passage is among the k nearest (cosine) to its query, all records' passages
+    competing."""
+    queries = embed(model, tokenizer, [r["query"] for r in records], pooling)
+    passages = embed(model, tokenizer, [r["passage"] for r in records], pooling)
+    rows = torch.from_numpy(queries @ passages.T).topk(k, dim=-1).indices.numpy()  # (n, k)
+    return float(np.mean([i in row for i, row in enumerate(rows)]))
+
+
+# -----------------------------------------------------------------------------
+# command lines: python data.py index (index_main), python rag.py search|recall|facts
 
 INDEX_DEFAULTS = dict(
     docs="",  # a directory: its .md, .markdown and .txt files, recursively
@@ -511,23 +593,52 @@ def index_main(argv):
 
 
 DEFAULTS = dict(
-    index="",  # FILE.h5 made by python data.py index
-    query="",  # the question
-    k=5,  # chunks to show
-    model="",  # the model to query with; default: the one the index names (refused unless the index's own)
+    index="",  # search: FILE.h5 made by python data.py index
+    query="",  # search: the question
+    k=5,  # search: chunks to show; recall: recall@k
+    model="",  # search: the model to query with (default: the index's own; another is refused); recall: the model
+    pooling="mean",  # recall: mean or last
+    pairs="",  # recall: a jsonl file of {"query", "passage"} records
+    out="",  # facts: a directory for train.jsonl (query/passage pairs) and heldout.jsonl (other places)
+    entities=400,  # facts: made-up places in train.jsonl; heldout.jsonl has a tenth as many more
+    seed=0,
     device="cpu",
 )
+USAGE = """usage:
+  python rag.py search --index=FILE.h5 --query=TEXT [--k=5] [--model=MODELDIR]
+  python rag.py recall --model=MODELDIR --pairs=FILE.jsonl [--k=5] [--pooling=mean]
+  python rag.py facts --out=DIR [--entities=400] [--seed=0]      (made-up query/passage pairs, English and Chinese)"""
 
 
 def main(argv):
+    import json
+
     from sample import load
     from settings import load_settings
 
-    args = load_settings(DEFAULTS, argv, "rag.py")
-    if not args.index or not args.query:
-        sys.exit("rag.py: --index=FILE.h5 and --query=TEXT are required")
+    if not argv or argv[0] not in ("search", "recall", "facts"):
+        sys.exit(USAGE)
+    command, args = argv[0], load_settings(DEFAULTS, argv[1:], f"rag.py {argv[0]}")
+    needed = {"search": ("index", "query"), "recall": ("model", "pairs"), "facts": ("out",)}[command]
+    if not all(args[key] for key in needed):
+        sys.exit(f"rag.py {command}: give " + " and ".join(f"--{key}" for key in needed))
     try:
+        if command == "facts":
+            records = made_up_facts(args.entities + args.entities // 10, args.seed)
+            os.makedirs(args.out, exist_ok=True)
+            cut = args.entities * 2 * len(FACTS)
+            for name, part in (("train.jsonl", records[:cut]), ("heldout.jsonl", records[cut:])):
+                with open(os.path.join(args.out, name), "w", encoding="utf-8") as f:
+                    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in part)
+                print(f"wrote {os.path.join(args.out, name)}: {len(part)} pairs")
+            return
         model, tokenizer = load(args.model, args.device) if args.model else (None, None)
+        if command == "recall":
+            with open(args.pairs, encoding="utf-8") as f:
+                records = [json.loads(line) for line in f if line.strip()]
+            print(f"{args.pairs}: recall@{args.k} {recall_at_k(model, tokenizer, records, args.k, args.pooling):.4f} "
+                  f"over {len(records)} pairs")
+            return
         retriever = Retriever(args.index, model, tokenizer, args.k, args.device)
     except (OSError, ValueError) as e:
         sys.exit(f"rag.py: {e}")
