@@ -599,7 +599,7 @@ DEFAULTS = dict(
     model="",  # search: the model to query with (default: the index's own; another is refused); recall: the model
     pooling="mean",  # recall: mean or last
     pairs="",  # recall: a jsonl file of {"query", "passage"} records
-    out="",  # facts: a directory for train.jsonl (query/passage pairs) and heldout.jsonl (other places)
+    out="",  # facts: a directory for train.jsonl (query/passage pairs), heldout.jsonl (other places), text.jsonl
     entities=400,  # facts: made-up places in train.jsonl; heldout.jsonl has a tenth as many more
     seed=0,
     device="cpu",
@@ -627,10 +627,11 @@ def main(argv):
             records = made_up_facts(args.entities + args.entities // 10, args.seed)
             os.makedirs(args.out, exist_ok=True)
             cut = args.entities * 2 * len(FACTS)
-            for name, part in (("train.jsonl", records[:cut]), ("heldout.jsonl", records[cut:])):
+            text = [{"text": f"{r['query']} {r['passage']}"} for r in records[:cut]]  # for a tokenizer, pretraining
+            for name, part in (("train.jsonl", records[:cut]), ("heldout.jsonl", records[cut:]), ("text.jsonl", text)):
                 with open(os.path.join(args.out, name), "w", encoding="utf-8") as f:
                     f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in part)
-                print(f"wrote {os.path.join(args.out, name)}: {len(part)} pairs")
+                print(f"wrote {os.path.join(args.out, name)}: {len(part)} records")
             return
         model, tokenizer = load(args.model, args.device) if args.model else (None, None)
         if command == "recall":

@@ -88,6 +88,13 @@ def test_segments_are_spans_within_the_budget_cut_at_structure(tiny, tiny_model_
     assert sum(len(u.text) for u in units if u.text.startswith("9")) >= 20000
 
 
+def test_pack_overlaps_with_whole_pieces_and_never_repeats_a_chunk():
+    pieces = [(0, 10, 10), (10, 20, 10), (20, 30, 8), (30, 40, 25)]  # (start, end, tokens)
+    assert rag.pack(pieces, 30, 10) == [(0, 30, 28), (30, 40, 25)]  # 8 + 25 > 30: no room to overlap
+    assert rag.pack(pieces[:3] + [(30, 40, 12)], 30, 10) == [(0, 30, 28), (20, 40, 20)]  # the last 8 tokens again
+    assert rag.pack(pieces[:3] + [(30, 40, 12)], 30, 0) == [(0, 30, 28), (30, 40, 12)]
+
+
 def test_semantic_merge_joins_similar_neighbours_of_a_section(tiny):
     _, _, count = tiny
     text = "# A\n\nfox one.\n\nfox two.\n\ndog three.\n\n# B\n\ndog four.\n"
