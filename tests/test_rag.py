@@ -15,7 +15,10 @@ import data
 import rag
 from conftest import randomize
 from sample import load
+import test_serve_browser as page
 from test_serve import start_server, stop_server
+
+browser = page.browser  # test_serve_browser's fixture: a headless Chromium
 
 DOC = """# Foxes
 
@@ -325,3 +328,23 @@ def test_embed_strategy_raises_recall(tiny_model_dir, tmp_path):
     model.eval()
     after = rag.recall_at_k(model, tokenizer, records, k=5)
     assert after > before + 0.2, (before, after)
+
+
+@pytest.mark.skipif(bool(page.reason), reason=page.reason)
+def test_chat_page_shows_the_sources(chat_model_dir, kb, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    s = start_server(chat_model_dir)
+    s.server.rag, s.server.api_key = rag.Retriever(kb, s.model, s.tokenizer, k=2), ""  # the page sends no key
+    try:
+        browser.get(f"http://127.0.0.1:{s.port}/")
+        WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "model").text == "tiny")
+        page.say(browser, "Where do foxes live?")
+        WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".assistant[data-done]"))
+        shown = page.texts(browser, ".sources summary")
+        want = s.server.rag.search("Where do foxes live?")
+        assert shown == ["sources: " + " ".join(f"[{n}] {h['source']}" for n, h in enumerate(want, 1))]
+        assert want[0]["text"] in page.texts(browser, ".sources div")[0]
+    finally:
+        stop_server(s)
