@@ -78,7 +78,8 @@ DEFAULTS = dict(
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
 ROUTES = {"/": "GET", "/health": "GET", "/stats": "GET", "/metrics": "GET", "/v1/models": "GET",
           "/v1/chat/completions": "POST", "/v1/completions": "POST", "/v1/messages": "POST",
-          "/v1/embeddings": "POST", "/tokenize": "POST", "/detokenize": "POST", "/tokenizer_info": "GET"}  # the last three: vLLM's
+          "/v1/embeddings": "POST",
+          "/tokenize": "POST", "/detokenize": "POST", "/tokenizer_info": "GET"}  # the last three: vLLM's
 KEYED = ("/stats", "/metrics", "/tokenize", "/detokenize", "/tokenizer_info")  # besides /v1/*: need --api_key
 
 
