@@ -396,10 +396,12 @@ def build_index(docs, model_dir, out, chunk_tokens=256, overlap_tokens=32, merge
     if old is not None and any(old.attrs.get(k) != v for k, v in attrs.items() if k != "model"):
         log(f"{out}: made with another model or other settings; rebuilding every file")
         old = None
-    chunks, vectors, kept = [], [], 0
+    chunks, vectors, kept, old_rows = [], [], 0, {}
+    for i, source in enumerate(old.source if old is not None else []):
+        old_rows.setdefault(source, []).append(i)
     for path, (text, digest) in texts.items():
         if old is not None and old.files.get(path) == digest:
-            rows = [i for i, s in enumerate(old.source) if s == path]
+            rows = old_rows.get(path, [])
             chunks += [Chunk(path, int(old.start[i]), int(old.end[i]), old.text[i], int(old.n_tokens[i]),
                              old.title[i]) for i in rows]
             vectors.append(old.vectors[rows])
