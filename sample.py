@@ -703,6 +703,13 @@ def main(argv):
     rows = args.batch_size if args.eval else args.num_samples
     print(budget_text(args.kv_memory, *budget_blocks(args.kv_memory, model.config, model.embed_tokens.weight.dtype,
                                                      device, rows, model.config.max_len), device), file=sys.stderr)
+    retriever = None
+    if args.rag:
+        from rag import Retriever
+
+        if not args.chat or args.num_samples != 1 or args.eval:
+            sys.exit("sample.py: --rag answers one chat: give --chat, and no --num_samples or --eval")
+        retriever = Retriever.sharing(args.rag, model, tokenizer, device=device)
     if args.eval:
         from tasks import task_accuracy
 
@@ -713,13 +720,6 @@ def main(argv):
     if prompt.startswith("FILE:"):
         with open(prompt[len("FILE:"):], encoding="utf-8") as f:
             prompt = f.read()
-    retriever = None
-    if args.rag:
-        from rag import Retriever
-
-        if not args.chat or args.num_samples != 1:
-            sys.exit("sample.py: --rag answers one chat: give --chat, and no --num_samples")
-        retriever = Retriever.sharing(args.rag, model, tokenizer, device=device)
     if args.chat and (retriever or not prompt):
         chat_loop(model, tokenizer, args, params, seed, retriever, [prompt] if prompt else None)
         return
