@@ -4,6 +4,7 @@ and the resumable sampler that orders it. The tokenizer and the chat renderer ar
 
     python data.py tokenizer --input=data/demo/pretrain.txt --vocab_size=2048 --out=data/tok
     python data.py prepare --stage=seq --input=data/demo/pretrain.txt --tokenizer=data/tok --out=data/seq.h5
+    python data.py index --docs=notes/ --model=out/final --out=notes.h5      (retrieval: rag.py)
 
 ## HDF5 layout (format_version 1)
 Root attributes: `stage` (seq|sft|dpo|grpo|embed), `vocab_size`, `tokenizer_hash` (sha256 of the canonical
