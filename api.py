@@ -3,6 +3,7 @@ The two APIs serve.py speaks, as plain functions over JSON: OpenAI's chat and co
 parse_openai and parse_anthropic check a body and return a request (token ids of each prompt, what each of its
 sequences needs); the *_json functions shape the replies; ApiError knows both APIs' error shapes.
 """
+import base64
 import json
 import math
 from types import SimpleNamespace
@@ -702,3 +703,50 @@ def anthropic_blocks(reasoning, content, calls):
     blocks += [{"type": "text", "text": content}] if content or not (blocks or calls) else []
     return blocks + [{"type": "tool_use", "id": "toolu_" + i.removeprefix("call_"), "name": name,
                       "input": json.loads(arguments or "{}")} for i, name, arguments in calls]
+
+
+# -----------------------------------------------------------------------------
+# OpenAI's embeddings (the vectors: rag.embed_ids)
+
+MAX_EMBEDDING_INPUTS = 2048  # inputs per request, as OpenAI
+
+
+def parse_embeddings(body, tokenizer, vocab_size, max_len, dim):
+    """An embeddings request -> (token ids of each input, encoding_format). input: a string, a list of strings, a
+    list of token ids or a list of those; dimensions: only the model's own (vectors are not truncated here)."""
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise ApiError(400, f"encoding_format={short(fmt)} is invalid: expected float or base64",
+                       param="encoding_format")
+    if body.get("dimensions") not in (None, dim):
+        raise ApiError(400, f"dimensions={short(body['dimensions'])}: this model's embeddings have {dim} dimensions "
+                            "and are not truncated; leave it out", param="dimensions")
+    items = body.get("input")
+    if isinstance(items, str) or (isinstance(items, list) and items and all(type(t) is int for t in items)):
+        items = [items]
+    if not isinstance(items, list) or not 0 < len(items) <= MAX_EMBEDDING_INPUTS:
+        raise ApiError(400, f"input must be a string, a list of token ids, or a list of 1 to {MAX_EMBEDDING_INPUTS} "
+                            "of those", param="input")
+    rows = []
+    for i, item in enumerate(items):
+        if isinstance(item, str) and item:
+            rows.append(list(tokenizer.encode(item)))
+        elif isinstance(item, list) and item and all(type(t) is int and 0 <= t < vocab_size for t in item):
+            rows.append(list(item))
+        else:
+            raise ApiError(400, f"input[{i}] must be a non-empty string or a non-empty list of token ids in "
+                                f"0..{vocab_size - 1}; got {short(item)}", param="input")
+        if len(rows[-1]) > max_len:
+            raise ApiError(400, f"input[{i}] is {len(rows[-1])} tokens, more than this model's {max_len}: shorten it",
+                           param="input", code="context_length_exceeded")
+    return rows, fmt
+
+
+def embeddings_json(vectors, fmt, model_name, rows):
+    """vectors (n, dim) float32 numpy -> OpenAI's list of embeddings; base64: the little-endian float32 bytes."""
+    data = [{"object": "embedding", "index": i,
+             "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if fmt == "base64" else v.tolist()}
+            for i, v in enumerate(vectors)]
+    tokens = sum(map(len, rows))
+    return {"object": "list", "data": data, "model": model_name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

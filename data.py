@@ -4,9 +4,10 @@ and the resumable sampler that orders it. The tokenizer and the chat renderer ar
 
     python data.py tokenizer --input=data/demo/pretrain.txt --vocab_size=2048 --out=data/tok
     python data.py prepare --stage=seq --input=data/demo/pretrain.txt --tokenizer=data/tok --out=data/seq.h5
+    python data.py index --docs=notes/ --model=out/final --out=notes.h5      (retrieval: rag.py)
 
 ## HDF5 layout (format_version 1)
-Root attributes: `stage` (seq|sft|dpo|grpo), `vocab_size`, `tokenizer_hash` (sha256 of the canonical
+Root attributes: `stage` (seq|sft|dpo|grpo|embed), `vocab_size`, `tokenizer_hash` (sha256 of the canonical
 tokenizer.json), `eot_id`, `format_version`. Groups `train/` and `val/` hold the same datasets. Token ids are
 uint32, masks uint8 (1 = the model learns to predict this token), offsets int64 with n+1 entries (item i is
 `x[offsets[i]:offsets[i+1]]`), strings variable-length utf-8. All datasets are 1-D, chunked and resizable.
@@ -14,6 +15,7 @@ uint32, masks uint8 (1 = the model learns to predict this token), offsets int64 
 - sft:  `tokens`, `loss_mask`, `offsets` (one conversation per record, rendered by Tokenizer.render_chat).
 - dpo:  `chosen_tokens`, `chosen_mask`, `chosen_offsets`, the same three for `rejected_`, and
         `prompt_lengths` (int64, one per record: the tokens before the reply, on both sides); masks are 1 on the reply.
+- embed: `query_tokens`, `query_offsets`, `passage_tokens`, `passage_offsets` (records {"query", "passage"}).
 - grpo: `prompt_tokens`, `prompt_offsets` (prompts end with `<|im_start|>assistant\\n`), `answer` and
         `record` (the input line as JSON) strings. Offline files add `response_tokens` and `response_offsets`
         (one entry per response: its tokens then `<|im_end|>`), `rewards` (float32, one per response) and
@@ -166,6 +168,8 @@ def _columns(stage, offline=False):
         sides = {f"{side}_{name}": dtype for side in ("chosen", "rejected")
                  for name, dtype in (("tokens", u32), ("mask", u8), ("offsets", i64))}
         return sides | {"prompt_lengths": i64}
+    if stage == "embed":  # query/passage pairs (strategies.py's embed; rag.PairDataset reads them)
+        return {"query_tokens": u32, "query_offsets": i64, "passage_tokens": u32, "passage_offsets": i64}
     columns = {"prompt_tokens": u32, "prompt_offsets": i64, "answer": text, "record": text}
     if offline:
         columns |= {"response_tokens": u32, "response_offsets": i64, "rewards": np.float32, "group_offsets": i64}
@@ -210,6 +214,10 @@ def encode_record(stage, tokenizer, record, where):
     if stage == "sft":
         ids, mask = _render(tokenizer, _get(record, "messages", list, where), where, "messages")
         return {"tokens": ids, "loss_mask": mask, "offsets": [len(ids)]}
+    if stage == "embed":
+        query, passage = (tokenizer.encode(_get(record, key, str, where)) for key in ("query", "passage"))
+        return {"query_tokens": query, "query_offsets": [len(query)], "passage_tokens": passage,
+                "passage_offsets": [len(passage)]}
     key, prompt = _prompt_messages(record, where)
     prompt_ids, _ = _render(tokenizer, prompt, where, key, add_generation_prompt=True)
     if stage == "dpo":
@@ -312,8 +320,8 @@ def prepare(stage: str, inputs: list[str], tokenizer_dir: str, out_path: str, va
             seed: int = 0, progress: bool = True, workers: int = 0, batch_bytes: int = BATCH_BYTES) -> dict:
     """Tokenize `inputs` into `out_path` (layout at the top of this file) with `workers` processes (0: one per
     core); the file is the same for any number. Returns records per split."""
-    if stage not in ("seq", "sft", "dpo", "grpo"):
-        raise ValueError(f"--stage={stage!r}: expected one of seq, sft, dpo, grpo")
+    if stage not in ("seq", "sft", "dpo", "grpo", "embed"):
+        raise ValueError(f"--stage={stage!r}: expected one of seq, sft, dpo, grpo, embed")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"--val_fraction={val_fraction}: expected a number in [0, 1)")
     if workers < 0:
@@ -627,6 +635,10 @@ def load_dataset(path: str, split: str = "train", block_size: int = 1024, stage:
         return SeqDataset(files, groups, attrs, block_size, pack)
     if file_stage == "sft":
         return SFTDataset(files, groups, attrs, block_size, "offsets", pack)
+    if file_stage == "embed":
+        from rag import PairDataset  # retrieval's own data: imported when used
+
+        return PairDataset(files, groups, attrs, block_size, "query_offsets")
     first_offsets = {"dpo": "chosen_offsets", "grpo": "prompt_offsets"}[file_stage]
     cls = {"dpo": DPODataset, "grpo": GRPODataset}[file_stage]
     return cls(files, groups, attrs, block_size, first_offsets)
@@ -682,9 +694,11 @@ class ResumableSampler:
 USAGE = """usage:
   python data.py tokenizer --input=FILE[,FILE...] --vocab_size=N --out=TOKDIR
       train a byte-level BPE tokenizer on .txt / .jsonl ("text" or "messages") files
-  python data.py prepare --stage=seq|sft|dpo|grpo --input=FILE[,FILE...] --tokenizer=TOKDIR --out=FILE.h5
+  python data.py prepare --stage=seq|sft|dpo|grpo|embed --input=FILE[,FILE...] --tokenizer=TOKDIR --out=FILE.h5
                          [--val_fraction=0.05] [--seed=0] [--workers=N]
       tokenize into an HDF5 file for train.py --data, with N processes (default: one per core)
+  python data.py index --docs=DIR --model=MODELDIR --out=FILE.h5 [--chunk_tokens=256] [--overlap_tokens=32]
+      segment and embed the .md/.txt files under DIR into a retrieval index (rag.py); again: only changed files
 Any command with --help lists its options. The demo data: python pipeline.py demo --out=DIR."""
 
 
@@ -700,6 +714,10 @@ def _training_texts(paths):
 
 
 def main(argv):
+    if argv and argv[0] == "index":
+        import rag  # retrieval: only this command needs it
+
+        return rag.index_main(argv[1:])
     if not argv or argv[0] not in ("tokenizer", "prepare"):
         print(USAGE)
         raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)

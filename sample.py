@@ -112,6 +112,7 @@ DEFAULTS = dict(
     kv_memory="50%",  # KV cache budget: GB (like 8), or a share of the memory left after the weights (like 50%);
     # taken as tokens are written on a CPU, up front on a GPU; rows that do not fit together wait their turn
     tp=1,  # tensor parallel: the model split over tp processes (torchrun --nproc_per_node=tp; parallel.py)
+    rag="",  # FILE.h5 (python data.py index): with --chat, each user turn gets the 4 nearest chunks as its sources
 )
 
 # -----------------------------------------------------------------------------
@@ -687,14 +688,16 @@ def stream_completion(model, tokenizer, prompt_ids, args, params, seed):
     return strip_stop(tokens, stop_ids)
 
 
-def chat_loop(model, tokenizer, args, params, seed):
-    """Interactive chat that keeps the history; the oldest turns are dropped when the context fills up."""
-    print("chat: type a message; /reset forgets the history; Ctrl-D or /exit quits")
-    messages = []
+def chat_loop(model, tokenizer, args, params, seed, retriever=None, turns=None):
+    """Interactive chat that keeps the history; the oldest turns are dropped when the context fills up. turns: the
+    user's messages, instead of reading them; retriever (rag.py): each turn's sources, printed after the reply."""
+    if turns is None:
+        print("chat: type a message; /reset forgets the history; Ctrl-D or /exit quits")
+    messages, turns = [], None if turns is None else iter(turns)
     while True:
         try:
-            text = input("> ")
-        except (EOFError, KeyboardInterrupt):
+            text = input("> ") if turns is None else next(turns)
+        except (EOFError, KeyboardInterrupt, StopIteration):
             print()
             return
         if text.strip() == "/exit":
@@ -703,12 +706,16 @@ def chat_loop(model, tokenizer, args, params, seed):
             messages = []
             continue
         messages.append({"role": "user", "content": text})
-        ids, _ = tokenizer.render_chat(messages, add_generation_prompt=True)
+        chat, sources = retriever.augment(tokenizer, messages) if retriever else (tokenizer, None)  # rag.py
+        ids, _ = chat.render_chat(messages, add_generation_prompt=True)
         while len(ids) + args.max_new_tokens > model.config.max_len and len(messages) > 1:
             messages = messages[2:] if len(messages) > 2 else messages[1:]  # a user turn and its reply
-            ids, _ = tokenizer.render_chat(messages, add_generation_prompt=True)
+            ids, _ = chat.render_chat(messages, add_generation_prompt=True)
         ids = list(ids)[-(model.config.max_len - 1):]  # a single message longer than the context
         reply = stream_completion(model, tokenizer, ids, args, params, seed)
+        if sources:
+            print("sources: " + "; ".join(f"[{n}] {s['source']}:{s['start']}-{s['end']} {s['title']}"
+                                           for n, s in enumerate(sources, 1)))
         messages.append({"role": "assistant", "content": tokenizer.decode(reply)})
         seed = None if seed is None else seed + 1
 
@@ -739,6 +746,13 @@ def main(argv):
     budget = budget_blocks(args.kv_memory, model.config, model.embed_tokens.weight.dtype, device, rows,
                            model.config.max_len, model.tp_size)
     print(budget_text(args.kv_memory, *budget, device), file=sys.stderr)
+    retriever = None
+    if args.rag:
+        from rag import Retriever
+
+        if not args.chat or args.num_samples != 1 or args.eval:
+            sys.exit("sample.py: --rag answers one chat: give --chat, and no --num_samples or --eval")
+        retriever = Retriever.sharing(args.rag, model, tokenizer, device=device)
     if args.eval:
         from tasks import task_accuracy
 
@@ -749,8 +763,8 @@ def main(argv):
     if prompt.startswith("FILE:"):
         with open(prompt[len("FILE:"):], encoding="utf-8") as f:
             prompt = f.read()
-    if args.chat and not prompt:
-        chat_loop(model, tokenizer, args, params, seed)
+    if args.chat and (retriever or not prompt):
+        chat_loop(model, tokenizer, args, params, seed, retriever, [prompt] if prompt else None)
         return
     if args.chat:
         prompt_ids, _ = tokenizer.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)

@@ -39,9 +39,9 @@ from urllib.parse import urlsplit
 import torch
 
 import httpd
-from api import (ApiError, anthropic_blocks, choice_json, event_delta, flag, logprobs_json, message_json,
-                 parse_anthropic, parse_detokenize, parse_json, parse_openai, parse_tokenize, reply_choice_json,
-                 tokenizer_info_json, usage_json)
+from api import (ApiError, anthropic_blocks, choice_json, embeddings_json, event_delta, flag, logprobs_json,
+                 message_json, parse_anthropic, parse_detokenize, parse_embeddings, parse_json, parse_openai,
+                 parse_tokenize, reply_choice_json, tokenizer_info_json, usage_json)
 from kv_cache import BLOCK, budget_text
 from sample import Engine, Sequence, TextStream, compile_setting, load
 from httpd import ClientGone, Connection, dumps
@@ -75,10 +75,13 @@ DEFAULTS = dict(
     compile="auto",  # decode steps through torch.compile, compiled at startup (seconds to a minute): true, false,
     # or auto = true: a server decodes past the steps where it pays (sample.COMPILE_BREAK_EVEN_STEPS)
     tp=1,  # tensor parallel: the model split over tp processes (torchrun --nproc_per_node=tp); rank 0 serves HTTP
+    rag_index="",  # FILE.h5 (python data.py index): chats retrieve for their last user turn; replies carry "sources"
+    rag_k=4,  # chunks retrieved per chat request with --rag_index
 )
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
 ROUTES = {"/": "GET", "/health": "GET", "/stats": "GET", "/metrics": "GET", "/v1/models": "GET",
           "/v1/chat/completions": "POST", "/v1/completions": "POST", "/v1/messages": "POST",
+          "/v1/embeddings": "POST",
           "/tokenize": "POST", "/detokenize": "POST", "/tokenizer_info": "GET"}  # the last three: vLLM's
 KEYED = ("/stats", "/metrics", "/tokenize", "/detokenize", "/tokenizer_info")  # besides /v1/*: need --api_key
 
@@ -356,6 +359,8 @@ class Handler(Connection):
             self.send_json(200, {"prompt": loop.tokenizer.decode(tokens)})
         elif path == "/v1/messages":
             self.messages(body)
+        elif path == "/v1/embeddings":
+            self.embeddings(body)
         else:
             self.openai(body, chat=path == "/v1/chat/completions")
 
@@ -387,11 +392,33 @@ class Handler(Connection):
 
     # --- OpenAI ------------------------------------------------------------------------------------------------
 
+    def with_sources(self, body, chat=True):
+        """(tokenizer, response fields): with --rag_index, a chat's tokenizer hands the chunks retrieved for its
+        last user turn to the chat template (rag.WithSources), and the reply gets them as "sources"."""
+        if self.server.rag is None or not chat:
+            return self.server.loop.tokenizer, {}
+        tokenizer, sources = self.server.rag.augment(self.server.loop.tokenizer, body.get("messages"))
+        return tokenizer, {} if sources is None else {"sources": sources}
+
+    def embeddings(self, body):
+        from rag import embed_ids, forward_lock  # imported when asked for
+
+        model = self.server.loop.engine.model
+        if model.tp_size > 1:  # a forward of a split model is collective: only the engine's steps run one
+            raise ApiError(400, f"/v1/embeddings is not served by a model split over tp={model.tp_size} processes",
+                           code="unsupported")
+        rows, fmt = parse_embeddings(body, self.server.loop.tokenizer, model.config.vocab_size, model.config.max_len,
+                                     model.config.dim)
+        with forward_lock:
+            vectors = embed_ids(model, rows)
+        self.send_json(200, embeddings_json(vectors, fmt, self.server.model_name, rows))
+        self.note = f"embeddings={len(rows)} tokens={sum(map(len, rows))}"
+
     def openai(self, body, chat):
         loop = self.server.loop
         limits = (loop.engine.context, loop.engine.kv_tokens)
-        request = parse_openai(body, chat, loop.tokenizer, limits, loop.engine.model.config.vocab_size,
-                               loop.max_waiting)
+        tokenizer, self.sources = self.with_sources(body, chat)
+        request = parse_openai(body, chat, tokenizer, limits, loop.engine.model.config.vocab_size, loop.max_waiting)
         head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
                 "model": self.server.model_name}
         respond = self.openai_stream if request.stream else self.openai_response
@@ -413,7 +440,7 @@ class Handler(Connection):
             body.append(choice_json(chat, False, c.index, reply, logprobs, finish[c.index]) if request.parser is None
                         else reply_choice_json(request.parser(), c.index, reply, finish[c.index], logprobs))
         self.send_json(200, {**head, "object": "chat.completion" if chat else "text_completion", "choices": body,
-                             "usage": usage_json(request.prompts, choices)})
+                             "usage": usage_json(request.prompts, choices), **self.sources})
 
     def openai_stream(self, head, chat, request, choices, events):
         self.start_stream()
@@ -427,7 +454,7 @@ class Handler(Connection):
 
         if chat:  # the first delta of each choice carries the role
             send([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                   "finish_reason": None} for c in choices])
+                   "finish_reason": None} for c in choices], **self.sources)
         for index, text, entry, reason in self.events(events, len(choices)):
             if reason == "error":
                 if not failed:
@@ -462,8 +489,9 @@ class Handler(Connection):
     def messages(self, body):
         loop = self.server.loop
         limits = (loop.engine.context, loop.engine.kv_tokens)
-        request = parse_anthropic(body, loop.tokenizer, limits, loop.engine.model.config.vocab_size)
-        head = {"id": "msg_" + uuid.uuid4().hex, "model": self.server.model_name}
+        tokenizer, sources = self.with_sources(body)
+        request = parse_anthropic(body, tokenizer, limits, loop.engine.model.config.vocab_size)
+        head = {"id": "msg_" + uuid.uuid4().hex, "model": self.server.model_name, **sources}
         respond = self.messages_stream if request.stream else self.messages_response
         self.generate(request, lambda choices, events: respond(head, len(request.prompts[0]), choices[0], events,
                                                                request.parser and request.parser()))
@@ -569,7 +597,7 @@ def make_server(loop, host="127.0.0.1", port=8000, api_key="", model_name="model
     """The HTTP server for an EngineLoop (started separately); port 0 picks a free port. limits: httpd.make_server's
     (max_body_bytes, log_requests, max_connections, timeout, idle_timeout, allowed_hosts, allowed_origins)."""
     server = httpd.make_server(Handler, host, port, api_key, **limits)
-    server.loop, server.model_name = loop, model_name
+    server.loop, server.model_name, server.rag = loop, model_name, None  # rag: a rag.Retriever (--rag_index)
     return server
 
 
@@ -598,6 +626,9 @@ def main(argv):
     for key in ("max_batch", "prefill_chunk", "max_connections"):
         if args[key] < 1:
             sys.exit(f"serve.py: --{key}={args[key]} must be at least 1")
+    if args.tp > 1 and args.rag_index:
+        sys.exit(f"serve.py: --rag_index with --tp={args.tp}: retrieval embeds on rank 0 alone, which a split model "
+                 "cannot do; serve retrieval without --tp")
     device, dtype = pick_device(args.device, args.dtype, inference=True)
     engine_class = Engine
     try:
@@ -624,6 +655,13 @@ def main(argv):
     if args.compile:
         print("compiling the decode step (--compile=false skips this)", file=sys.stderr, flush=True)
         warm_up(engine)
+    if args.rag_index:
+        from rag import Retriever
+
+        try:
+            rag = Retriever.sharing(args.rag_index, model, tokenizer, args.rag_k, device)
+        except (OSError, ValueError) as e:
+            sys.exit(f"serve.py: --rag_index: {e}")
     loop = EngineLoop(engine, tokenizer, args.max_waiting).start()
     name = args.model_name or os.path.basename(os.path.normpath(args.model))
     api_key = args.api_key or os.environ.get("ASTRAI_API_KEY", "")
@@ -631,6 +669,7 @@ def main(argv):
                          max_connections=args.max_connections, timeout=args.timeout, idle_timeout=args.idle_timeout,
                          allowed_hosts=[h for h in args.allowed_hosts.split(",") if h],
                          allowed_origins=[o for o in args.allowed_origins.split(",") if o])
+    server.rag = rag if args.rag_index else None
     stop = threading.Event()
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, lambda *_: stop.set())

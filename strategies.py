@@ -43,6 +43,7 @@ every strategy the same way. The interface (Strategy below has the defaults):
     dpo   direct preference optimisation against a frozen copy of the initial model (Rafailov et al. 2023),
           optionally plus the chosen replies' next-token loss (rpo_alpha)
     grpo  group relative policy optimisation (Shao et al. 2024): sampled groups, PPO clip, k3 KL
+    embed contrastive (InfoNCE, in-batch negatives) on query/passage pairs: pooled embeddings for retrieval (rag.py)
 """
 import copy
 import importlib
@@ -480,4 +481,26 @@ class GRPO(Strategy):
         self.ref_model.load_state_dict(model.state_dict())
 
 
-STRATEGIES = {"seq": NextToken, "sft": SFT, "dpo": DPO, "grpo": GRPO}
+class Embed(Strategy):
+    """Contrastive training of the pooled embeddings rag.py retrieves with: InfoNCE on query/passage pairs (data.py
+    prepare --stage=embed), each query's own passage against the micro-batch's other passages."""
+    data_stage = "embed"
+    settings = dict(
+        embed_temperature=0.05,  # divides the cosines before the softmax (0.05 as E5 and GTE train)
+        pooling="mean",  # mean or last: what data.py index --pooling will use
+    )
+
+    def normalizers(self, batch):
+        return {"pairs": batch["lengths"].size(0) // 2}
+
+    def loss(self, model, batch, step, micro_step=0, evaluating=False, totals=None):
+        from rag import Pooled, info_nce
+
+        totals = totals or self.normalizers(batch)
+        vectors = model(batch["ids"], Pooled(batch["lengths"], self.cfg.pooling))  # (2B, dim): queries, passages
+        B = vectors.size(0) // 2
+        loss, accuracy = info_nce(vectors[:B], vectors[B:], self.cfg.embed_temperature)
+        return loss * B / totals["pairs"], {"accuracy": accuracy, "tokens": float(batch["lengths"].sum())}
+
+
+STRATEGIES = {"seq": NextToken, "sft": SFT, "dpo": DPO, "grpo": GRPO, "embed": Embed}
