@@ -42,7 +42,9 @@ every strategy the same way. The interface (Strategy below has the defaults):
     sft   the same, only on assistant replies
     dpo   direct preference optimisation against a frozen copy of the initial model (Rafailov et al. 2023),
           optionally plus the chosen replies' next-token loss (rpo_alpha)
-    grpo  group relative policy optimisation (Shao et al. 2024): sampled groups, PPO clip, k3 KL
+    grpo  group relative policy optimisation (Shao et al. 2024): sampled groups, PPO clip, k3 KL; DAPO's dynamic
+          sampling, token-level loss and overlong shaping as settings
+    distill  a student trained on a teacher's token distributions (KL at a temperature; distill.py)
 """
 import copy
 import importlib
@@ -591,4 +593,53 @@ class GRPO(Strategy):
         self.ref_model.load_state_dict(model.state_dict())
 
 
-STRATEGIES = {"seq": NextToken, "sft": SFT, "dpo": DPO, "grpo": GRPO}
+# -----------------------------------------------------------------------------
+# distill: the student learns the teacher's token distributions over the replies (distill.py does the work)
+
+
+class Distill(Strategy):
+    """SFT data (targets -100 outside the replies); at each scored position, the KL between the teacher's and the
+    student's next-token distributions at a temperature (distill.py), plus ce_weight times the next-token loss. A
+    mean over the step's scored tokens, as sft's. The teacher is any model the project loads with the student's
+    tokenizer (checked at start); the student may be LoRA-adapted (--lora_rank)."""
+
+    data_stage = "sft"
+    settings = dict(
+        teacher="",  # the teacher: a MODELDIR, Hugging Face directory or .gguf file with the student's tokenizer
+        kl="forward",  # forward = KL(teacher || student), mass-covering; reverse = KL(student || teacher)
+        distill_temperature=1.0,  # both distributions softened by it; the KL is scaled by its square
+        ce_weight=0.0,  # weight of the next-token (sft) loss added to the KL (0 = the teacher's distributions only)
+    )
+
+    def __init__(self, cfg, model, tokenizer, rank=0, world_size=1):
+        super().__init__(cfg, model, tokenizer, rank, world_size)
+        from distill import KL_KINDS, load_teacher
+
+        checks = [(bool(cfg.teacher), "teacher= is required: the model whose distributions the student learns"),
+                  (cfg.kl in KL_KINDS, f"kl={cfg.kl!r}: choose from {', '.join(KL_KINDS)}"),
+                  (cfg.distill_temperature > 0, f"distill_temperature={cfg.distill_temperature} must be > 0"),
+                  (cfg.ce_weight >= 0, f"ce_weight={cfg.ce_weight} must be >= 0 (0 = KL only)")]
+        if problems := [message for ok, message in checks if not ok]:
+            raise ValueError("; ".join(problems))
+        try:
+            self.teacher = load_teacher(cfg.teacher, tokenizer, model.lm_head.weight.device)
+        except OSError as e:
+            raise ValueError(f"teacher={cfg.teacher}: {e}") from None
+
+    def normalizers(self, batch):
+        return {"tokens": scored_tokens(batch["targets"])}
+
+    def loss(self, model, batch, step, micro_step=0, evaluating=False, totals=None):
+        from distill import distill_losses
+
+        totals = totals or self.normalizers(batch)
+        cfg, n = self.cfg, max(1, totals["tokens"])
+        kl, ce = distill_losses(model, self.teacher, batch, self.tokenizer.vocab_size, cfg.kl,
+                                cfg.distill_temperature, cfg.ce_weight > 0) / n
+        metrics = {"kl": kl.item() * n / max(1, scored_tokens(batch["targets"]))}
+        if cfg.ce_weight:
+            metrics["ce"] = ce.item() * n / max(1, scored_tokens(batch["targets"]))
+        return kl + cfg.ce_weight * ce, metrics
+
+
+STRATEGIES = {"seq": NextToken, "sft": SFT, "dpo": DPO, "grpo": GRPO, "distill": Distill}
