@@ -125,9 +125,9 @@ def read_task(task_path, tokenizer, with_records=False):
     return (prompts, answers, records) if with_records else (prompts, answers)
 
 
-def task_accuracy(model, tokenizer, task_path, batch_size=32, max_new_tokens=EVAL_MAX_NEW_TOKENS, kv_memory="50%"):
-    """Fraction of a task file's records whose greedy completion holds the answer (answer_is_correct, the
-    check GRPO's reward uses), stopping at tokenizer.stop_ids. Prompts are batched shortest first to waste little
+def task_results(model, tokenizer, task_path, batch_size=32, max_new_tokens=EVAL_MAX_NEW_TOKENS, kv_memory="50%"):
+    """Per record of a task file, in file order: whether its greedy completion holds the answer (answer_is_correct,
+    the check GRPO's reward uses), stopping at tokenizer.stop_ids. Prompts are batched shortest first to waste little
     on padding."""
     prompts, answers = read_task(task_path, tokenizer)
     stop_ids = tokenizer.stop_ids
@@ -136,14 +136,30 @@ def task_accuracy(model, tokenizer, task_path, batch_size=32, max_new_tokens=EVA
             raise ValueError(f"{task_path}: record {i + 1} has a {len(p)}-token prompt; the model's context is "
                              f"{model.config.max_len}, leaving no room for an answer")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    correct = 0
+    correct = [False] * len(prompts)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         outputs = generate(model, [prompts[i] for i in batch], max_new_tokens, SamplingParams(temperature=0.0),
                            stop_ids, vocab_size=tokenizer.vocab_size, kv_memory=kv_memory)
         for i, tokens in zip(batch, outputs):
-            correct += answer_is_correct(tokenizer.decode(strip_stop(tokens, stop_ids)), answers[i])
-    return correct / len(prompts)
+            correct[i] = answer_is_correct(tokenizer.decode(strip_stop(tokens, stop_ids)), answers[i])
+    return correct
+
+
+def task_accuracy(model, tokenizer, task_path, batch_size=32, max_new_tokens=EVAL_MAX_NEW_TOKENS, kv_memory="50%"):
+    """The fraction of a task file's records answered right (task_results): what sample.py --eval prints."""
+    correct = task_results(model, tokenizer, task_path, batch_size, max_new_tokens, kv_memory)
+    return sum(correct) / len(correct)
+
+
+def interval95(correct, before=None):
+    """The 95% half-width (normal approximation) of an accuracy over per-problem results, or, with before (the same
+    problems' results of another model), of the change in accuracy: paired, so the problems' own difficulty cancels."""
+    diffs = [float(a) - float(b) for a, b in zip(correct, before)] if before is not None else [float(c) for c in correct]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    variance = sum((d - mean) ** 2 for d in diffs) / max(1, n - 1)
+    return 1.96 * (variance / n) ** 0.5
 
 
 # -----------------------------------------------------------------------------
@@ -158,6 +174,7 @@ PAIRS_DEFAULTS = dict(
     temperature=1.0,  # sampling temperature (top_p 1, top_k off: the model's own distribution)
     max_new_tokens=EVAL_MAX_NEW_TOKENS,  # a reply that has not ended by then is left out of every pair
     batch_size=16,  # prompts per generate() call (batch_size * k rows)
+    max_prompts=0,  # > 0: only the task file's first this many records
     seed=0,
     device="auto",
 )
@@ -211,7 +228,8 @@ def pairs_main(argv):
             sys.exit(f"tasks.py pairs: --{key} is required")
     problems = [f"--{key}={args[key]} must be {rule}" for key, ok, rule in [
         ("k", args.k >= 2, ">= 2: a pair needs two replies"), ("temperature", args.temperature > 0, "> 0"),
-        ("max_new_tokens", args.max_new_tokens >= 1, ">= 1"), ("batch_size", args.batch_size >= 1, ">= 1")] if not ok]
+        ("max_new_tokens", args.max_new_tokens >= 1, ">= 1"), ("batch_size", args.batch_size >= 1, ">= 1"),
+        ("max_prompts", args.max_prompts >= 0, ">= 0 (0 = all)")] if not ok]
     if problems:
         sys.exit("tasks.py pairs: " + "; ".join(problems))
     try:
@@ -221,6 +239,8 @@ def pairs_main(argv):
     device, dtype = pick_device(args.device, "auto", inference=True)
     model, tokenizer = load(args.model, device=device, dtype=dtype)
     prompts, _, records = read_task(args.data, tokenizer, with_records=True)
+    if args.max_prompts:
+        prompts, records = prompts[:args.max_prompts], records[:args.max_prompts]
     pairs, counts = make_pairs(model, tokenizer, records, prompts, reward_fn, args.k, args.temperature,
                                args.max_new_tokens, args.batch_size, args.seed)
     with open(args.out + ".tmp", "w", encoding="utf-8") as f:
