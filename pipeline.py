@@ -11,6 +11,7 @@ starting from the last one's final/ model, with greedy exact-answer accuracy on 
     python pipeline.py --lora_rank=8 --from_stage=lora-sft    # only the LoRA stages, on the pretrained model
     python pipeline.py --task=working           # the same four stages on another task: word problems with working
     python pipeline.py task --task=bilingual --out=DIR    # only write a task's data
+    python pipeline.py distill                  # a half-depth student distilled from out/grpo/final, beside SFT alone
 
 It runs the same commands a user would (printed as it goes); the accuracy is sample.py --eval's, printed with its
 95% interval and, from SFT on, the change from the stage before with the change's (paired) 95% interval.
@@ -189,7 +190,8 @@ def working_problems():
                 problems.append((f"{people} friends share {total} sweets equally, and each eats {eaten}. How many "
                                  "sweets does each friend have left?",
                                  f"Each friend gets {total} / {people} = {each} sweets. After eating {eaten}, each has "
-                                 f"{each} - {eaten} = {each - eaten}. The answer is {each - eaten}.", str(each - eaten)))
+                                 f"{each} - {eaten} = {each - eaten}. The answer is {each - eaten}.",
+                                 str(each - eaten)))
     return problems
 
 
@@ -228,8 +230,8 @@ def make_task(out_dir, task, seed=0, n_eval=200, pretrain_docs=4000, sft=4000, g
     paths = {name: os.path.join(out_dir, name) for name in ("pretrain.txt", "sft.jsonl", "grpo.jsonl", "eval.jsonl")}
     with open(paths["pretrain.txt"] + ".tmp", "w", encoding="utf-8") as f:
         for _ in range(pretrain_docs):
-            lines = [" ".join(rng.choice(train)[:2]) if rng.random() < 0.8 else rng.choice(SENTENCES)[rng.random() < 0.5]
-                     for _ in range(rng.randint(2, 6))]
+            lines = [" ".join(rng.choice(train)[:2]) if rng.random() < 0.8
+                     else rng.choice(SENTENCES)[rng.random() < 0.5] for _ in range(rng.randint(2, 6))]
             f.write("\n".join(lines) + "\n\n")
     os.replace(paths["pretrain.txt"] + ".tmp", paths["pretrain.txt"])
     records = {
@@ -377,11 +379,44 @@ def write_task(argv):
         print(f"wrote {path}: {os.path.getsize(path) / 1e6:.2f} MB")
 
 
+def distill_demo(argv):
+    """python pipeline.py distill: configs/distill.py's student (half the teacher's depth) distilled from the final
+    model of the pipeline, beside the same student trained on the same data by SFT alone, and the teacher."""
+    args = load_settings({"data": "data/demo", "out": "out", "teacher": "", "scale": 1.0}, argv, "pipeline.py distill")
+    from settings import run_config_file
+
+    config = run_config_file("configs/distill.py")
+    teacher = args.teacher or f"{args.out}/grpo/final"
+    same = [f"--data={args.data}/sft.h5", f"--tokenizer={args.data}/tokenizer", *scaled_iters("configs/distill.py",
+                                                                                              args.scale)]
+    t0 = time.time()
+    sh("train.py", "configs/distill.py", f"--teacher={teacher}", f"--out_dir={args.out}/distill", *same)
+    minutes = {"distill": (time.time() - t0) / 60}
+    student = [f"--{key}={config[key]}" for key in ("init_from", "model_config", "n_layers", "vocab_size", "max_iters",
+                                                       "batch_size", "block_size", "lr", "min_lr", "warmup_iters")]
+    t0 = time.time()
+    sh("train.py", "configs/sft.py", *student, f"--out_dir={args.out}/distill-sft", *same)  # scaled max_iters last
+    minutes["sft"] = (time.time() - t0) / 60
+    task = f"{args.data}/eval.jsonl"
+    models = [("teacher", teacher), ("sft", f"{args.out}/distill-sft/final"), ("distill", f"{args.out}/distill/final")]
+    results = {name: answer_results(path, task) for name, path in models}
+    print(f"\nexact-answer accuracy on {task} (greedy; ± its 95% interval):")
+    for name, correct in results.items():
+        note = ""
+        if name == "distill":
+            change = (sum(correct) - sum(results["sft"])) / len(correct)
+            note = f"  {change:+.3f} ± {interval95(correct, results['sft']):.3f} on sft"
+        shown = f"{minutes[name]:.1f}" if name in minutes else "-"
+        print(f"{name:<8} {sum(correct) / len(correct):.3f} ± {interval95(correct):.3f} {shown:>6} min{note}")
+
+
 def main(argv):
     if argv[:1] == ["demo"]:
         return write_demo(argv[1:])
     if argv[:1] == ["task"]:
         return write_task(argv[1:])
+    if argv[:1] == ["distill"]:
+        return distill_demo(argv[1:])
     if argv[:1] == ["quickstart"]:
         return quickstart(argv[1:])
     args = load_settings(DEFAULTS, argv, "pipeline.py")

@@ -155,7 +155,7 @@ def task_accuracy(model, tokenizer, task_path, batch_size=32, max_new_tokens=EVA
 def interval95(correct, before=None):
     """The 95% half-width (normal approximation) of an accuracy over per-problem results, or, with before (the same
     problems' results of another model), of the change in accuracy: paired, so the problems' own difficulty cancels."""
-    diffs = [float(a) - float(b) for a, b in zip(correct, before)] if before is not None else [float(c) for c in correct]
+    diffs = [float(c) for c in correct] if before is None else [float(a) - float(b) for a, b in zip(correct, before)]
     n = len(diffs)
     mean = sum(diffs) / n
     variance = sum((d - mean) ** 2 for d in diffs) / max(1, n - 1)

@@ -46,7 +46,7 @@ DEFAULTS = dict(
     log_to="",  # also log metrics.jsonl's figures to: tensorboard,wandb,swanlab (a comma list; loggers.py)
     project="astrai-nano",  # the wandb / SwanLab project
     run_name="",  # the wandb / SwanLab run; default: OUT_DIR's name
-    strategy="seq",  # seq | sft | dpo | grpo (strategies.py; each has settings of its own, --help lists them)
+    strategy="seq",  # seq | sft | dpo | grpo | distill (strategies.py; each has settings of its own, --help lists them)
     # schedule of work
     max_iters=1000,  # optimizer steps
     eval_interval=200,  # steps between val evaluations (0 = only at the end)
