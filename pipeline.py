@@ -393,9 +393,10 @@ def distill_demo(argv):
     sh("train.py", "configs/distill.py", f"--teacher={teacher}", f"--out_dir={args.out}/distill", *same)
     minutes = {"distill": (time.time() - t0) / 60}
     student = [f"--{key}={config[key]}" for key in ("init_from", "model_config", "n_layers", "vocab_size", "max_iters",
-                                                       "batch_size", "block_size", "lr", "min_lr", "warmup_iters")]
+                                                       "batch_size", "block_size", "lr", "min_lr", "warmup_iters")
+               if key != "max_iters" or args.scale == 1]  # scaled: in `same`
     t0 = time.time()
-    sh("train.py", "configs/sft.py", *student, f"--out_dir={args.out}/distill-sft", *same)  # scaled max_iters last
+    sh("train.py", "configs/sft.py", *student, f"--out_dir={args.out}/distill-sft", *same)
     minutes["sft"] = (time.time() - t0) / 60
     task = f"{args.data}/eval.jsonl"
     models = [("teacher", teacher), ("sft", f"{args.out}/distill-sft/final"), ("distill", f"{args.out}/distill/final")]

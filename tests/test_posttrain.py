@@ -320,3 +320,66 @@ def test_distill_refuses_another_tokenizer(tokenizer_dir, tmp_path):
         strategies.Distill(cfg, tiny_model(tokenizer.vocab_size), tokenizer)
     with pytest.raises(ValueError, match="teacher= is required"):
         strategies.Distill(Settings({**DEFAULTS, **strategies.Distill.settings}), teacher, tokenizer)
+
+
+# -----------------------------------------------------------------------------
+# pipeline.py's other tasks and the intervals it prints
+
+
+@pytest.mark.parametrize("task", ["working", "bilingual"])
+def test_task_data(tmp_path, task):
+    from pipeline import make_task
+
+    paths = make_task(tmp_path, task, pretrain_docs=50, sft=300, grpo=300, n_eval=50)
+    read = {name: [json.loads(line) for line in open(path, encoding="utf-8")] for name, path in paths.items()
+            if name.endswith(".jsonl")}
+    held_out = {r["messages"][0]["content"] for r in read["eval.jsonl"]}
+    assert len(held_out) == 50
+    assert not held_out & {r["messages"][0]["content"] for r in read["sft.jsonl"]}
+    assert not held_out & {r["prompt"] for r in read["grpo.jsonl"]}
+    assert not any(q in open(paths["pretrain.txt"], encoding="utf-8").read() for q in held_out)
+    for record in read["sft.jsonl"]:  # each reply holds its answer, as the checker reads it
+        question, reply = (m["content"] for m in record["messages"])
+        answer = next(r["answer"] for r in read["grpo.jsonl"] if r["prompt"] == question) \
+            if any(r["prompt"] == question for r in read["grpo.jsonl"]) else None
+        if answer is not None:
+            assert answer_is_correct(reply, answer), (reply, answer)
+    if task == "bilingual":
+        assert any("星期" in q for q in held_out) and any("?" in q for q in held_out)
+
+
+def test_interval95_against_statistics():
+    import random
+    import statistics
+
+    from tasks import interval95
+
+    rng = random.Random(0)
+    after, before = [rng.random() < 0.7 for _ in range(200)], [rng.random() < 0.5 for _ in range(200)]
+    assert interval95(after) == pytest.approx(1.96 * statistics.stdev(map(float, after)) / 200 ** 0.5)
+    diffs = [float(a) - float(b) for a, b in zip(after, before)]
+    assert interval95(after, before) == pytest.approx(1.96 * statistics.stdev(diffs) / 200 ** 0.5)
+
+
+def test_distill_through_train_py_with_a_lora_student(tokenizer_dir, tmp_path):
+    """train.py --strategy=distill, the student a LoRA-adapted model: the KL to the teacher falls."""
+    from data import prepare
+
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    for name, seed in (("teacher", 1), ("student", 2)):
+        tiny_model(tokenizer.vocab_size, seed=seed).save_pretrained(str(tmp_path / name))
+        tokenizer.save(str(tmp_path / name))
+    chats = [[{"role": "user", "content": f"{a} + {b}"}, {"role": "assistant", "content": f"{a} + {b} = {a + b}"}]
+             for a in range(10) for b in range(10)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats))
+    prepare("sft", [str(tmp_path / "sft.jsonl")], tokenizer_dir, str(tmp_path / "sft.h5"), val_fraction=0.1)
+    p = subprocess.run([sys.executable, "train.py", "--strategy=distill", f"--teacher={tmp_path}/teacher",
+                        f"--init_from={tmp_path}/student", f"--data={tmp_path}/sft.h5", f"--out_dir={tmp_path}/out",
+                        "--lora_rank=4", "--lr=1e-2", "--max_iters=12", "--batch_size=8", "--block_size=32",
+                        "--warmup_iters=1", "--log_interval=1", "--eval_interval=0", "--ckpt_interval=0",
+                        "--distill_temperature=2.0"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    kl = [row["kl"] for row in rows if "kl" in row]
+    assert len(kl) == 12 and sum(kl[-3:]) / 3 < 0.8 * sum(kl[:3]) / 3, kl
+    assert os.path.exists(tmp_path / "out" / "final" / "adapter_config.json")
