@@ -278,6 +278,10 @@ def on_policy_pairs(data, sft_dir, scale):
     """DPO's pairs from the SFT model's own replies (tasks.py pairs), prepared as data/dpo_onpolicy.h5."""
     sh("tasks.py", "pairs", f"--model={sft_dir}", f"--data={data}/grpo.jsonl", f"--out={data}/dpo_onpolicy.jsonl",
        "--k=8", f"--max_prompts={max(1, round(ON_POLICY_PROMPTS * scale))}")
+    with open(f"{data}/dpo_onpolicy.jsonl", encoding="utf-8") as f:
+        if not any(line.strip() for line in f):
+            sys.exit(f"pipeline.py: {sft_dir} gave no pair (its replies to each prompt all scored alike: all wrong, "
+                     "or all right); DPO has nothing to learn from: train SFT longer")
     sh("data.py", "prepare", "--stage=dpo", f"--input={data}/dpo_onpolicy.jsonl", f"--tokenizer={data}/tokenizer",
        f"--out={data}/dpo_onpolicy.h5")
     return f"{data}/dpo_onpolicy.h5"
