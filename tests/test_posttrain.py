@@ -383,3 +383,17 @@ def test_distill_through_train_py_with_a_lora_student(tokenizer_dir, tmp_path):
     kl = [row["kl"] for row in rows if "kl" in row]
     assert len(kl) == 12 and sum(kl[-3:]) / 3 < 0.8 * sum(kl[:3]) / 3, kl
     assert os.path.exists(tmp_path / "out" / "final" / "adapter_config.json")
+
+
+def test_dpo_cut_report(tokenizer_dir, tmp_path, capsys):
+    from data import load_dataset, prepare
+
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 3
+    pairs = [{"prompt": "Hi", "chosen": "68", "rejected": "67"}, {"prompt": long_prompt, "chosen": "68", "rejected": "6"}]
+    (tmp_path / "dpo.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    prepare("dpo", [str(tmp_path / "dpo.jsonl")], tokenizer_dir, str(tmp_path / "dpo.h5"), val_fraction=0)
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    ids, _ = tokenizer.render_chat([{"role": "user", "content": long_prompt}, {"role": "assistant", "content": "68"}])
+    load_dataset(str(tmp_path / "dpo.h5"), "train", 24, stage="dpo")
+    err = capsys.readouterr().err
+    assert "1 of 2 DPO pairs" in err and f"up to {len(ids) - 25:,} tokens" in err and "pairs 1" in err
