@@ -463,6 +463,10 @@ def main(argv):
         if parent is not None:
             change = accuracy - sum(results[parent]) / len(results[parent])
             note += f"; {change:+.3f} ± {interval95(results[name], results[parent]):.3f} on {parent.split('-')[-1]}"
+        if stage == "grpo" and name.replace("grpo", "sft") in results:  # the bar: GRPO against SFT as well
+            before = results[name.replace("grpo", "sft")]
+            change = accuracy - sum(before) / len(before)
+            note += f"; {change:+.3f} ± {interval95(results[name], before):.3f} on sft"
         if stage == "dpo" and not on_policy:
             pairs = preference_accuracy(model_dir, os.path.join(out, parent, "final"), f"{data}/dpo_eval.h5")
             note += f"; preference accuracy {pairs:.3f} on {data}/dpo_eval.jsonl"
