@@ -26,7 +26,6 @@ import sys
 import time
 
 from settings import Settings, load_settings
-from tasks import interval95
 
 DEFAULTS = dict(
     task="demo",  # demo | working (word problems, replies that show their working) | bilingual (short answers)
@@ -388,6 +387,7 @@ def distill_demo(argv):
     model of the pipeline, beside the same student trained on the same data by SFT alone, and the teacher."""
     args = load_settings({"data": "data/demo", "out": "out", "teacher": "", "scale": 1.0}, argv, "pipeline.py distill")
     from settings import run_config_file
+    from tasks import interval95
 
     config = run_config_file("configs/distill.py")
     teacher = args.teacher or f"{args.out}/grpo/final"
@@ -424,6 +424,8 @@ def main(argv):
         return distill_demo(argv[1:])
     if argv[:1] == ["quickstart"]:
         return quickstart(argv[1:])
+    from tasks import interval95  # torch with it: only the pipeline needs it
+
     args = load_settings(DEFAULTS, argv, "pipeline.py")
     problems = [f"--{key}={args[key]!r}: {rule}" for key, ok, rule in [
         ("task", args.task in ("demo", *TASKS), f"choose from demo, {', '.join(TASKS)}"),
