@@ -474,10 +474,7 @@ class SFTDataset(_Dataset):
         super().__init__(files, groups, attrs, block_size, first_offsets)
         lengths = np.concatenate([np.diff(g["offsets"][:]) for g in groups])  # tokens per conversation
         if (lengths > block_size + 1).any():
-            where = f"{files[0]}{' ...' if len(files) > 1 else ''} {groups[0].name}"
-            print(f"{where}: {int((lengths > block_size + 1).sum()):,} of {len(lengths):,} conversations are longer "
-                  f"than block_size + 1 = {block_size + 1} tokens (the longest: {int(lengths.max()):,}); each is cut "
-                  "to its first block_size + 1", file=sys.stderr)
+            self._report_cuts(lengths)
         self.pack, self._filled = pack, np.clip(lengths - 1, 0, block_size)  # positions each fills
         if pack:  # self._rows[r]: row r's first conversation (n_rows + 1 entries)
             rows, filled = [0], 0
@@ -491,6 +488,20 @@ class SFTDataset(_Dataset):
 
     def __len__(self):
         return len(self._rows) - 1 if self.pack else super().__len__()
+
+    def _report_cuts(self, lengths):
+        """Print how many conversations are cut at block_size + 1 tokens, which (record numbers of the split), and
+        how many reply tokens, those the loss would have learned, the cuts lose."""
+        cut = np.flatnonzero(lengths > self.block_size + 1)
+        masks = [self._record(int(i), "offsets", "loss_mask")[0] for i in cut]
+        lost = np.array([int(mask[self.block_size + 1:].sum()) for mask in masks])
+        scored = np.array([int(mask.sum()) for mask in masks])
+        where = f"{self.files[0]}{' ...' if len(self.files) > 1 else ''} {self.groups[0].name}"
+        print(f"{where}: {len(cut):,} of {len(lengths):,} conversations are longer than block_size + 1 = "
+              f"{self.block_size + 1} tokens (the longest: {int(lengths.max()):,}) and are cut there: records "
+              f"{', '.join(str(i) for i in cut[:5])}{' ...' if len(cut) > 5 else ''} (numbered from 0 in the split); "
+              f"they lose {int(lost.sum()):,} of their {int(scored.sum()):,} reply tokens, and "
+              f"{int((lost == scored).sum()):,} of them every reply token", file=sys.stderr)
 
     def padding_share(self, order, batch_size):
         """The share of padding among the row tokens of the batches that `order` (item indices, batch_size a batch,
@@ -534,6 +545,14 @@ class DPODataset(_Dataset):
                    - g["prompt_lengths"][:] for g in groups]  # 3 numbers a pair: 24 MB for a million pairs
         fits = np.concatenate(replies) <= block_size
         self._kept = np.flatnonzero(fits)  # the pairs this dataset's indices number
+        totals = np.concatenate([np.maximum(*(np.diff(g[f"{side}_offsets"][:]) for side in ("chosen", "rejected")))
+                                 for g in groups])
+        if (fits & (totals > block_size + 1)).any():
+            cut = np.flatnonzero(fits & (totals > block_size + 1))
+            print(f"{files[0]}{' ...' if len(files) > 1 else ''} {groups[0].name}: {len(cut):,} of {len(fits):,} "
+                  f"DPO pairs are longer than block_size + 1 = {block_size + 1} tokens and lose the start of their "
+                  f"prompt (up to {int((totals[cut] - block_size - 1).max()):,} tokens; replies whole): pairs "
+                  f"{', '.join(str(i) for i in cut[:5])}{' ...' if len(cut) > 5 else ''}", file=sys.stderr)
         if not fits.all():
             where = f"{files[0]}{' ...' if len(files) > 1 else ''} {groups[0].name}"
             print(f"{where}: dropped {len(fits) - len(self._kept):,} of {len(fits):,} DPO pairs whose reply alone "
@@ -570,6 +589,9 @@ class DPODataset(_Dataset):
 
 class GRPODataset(_Dataset):
     """Prompts (token lists, ending in the generation prompt) with their answers; offline files add responses."""
+
+    def longest_prompt(self):
+        return int(max(np.diff(g["prompt_offsets"][:]).max(initial=0) for g in self.groups))
 
     def get_batch(self, indices):
         batch = {"prompt_ids": [], "answers": [], "records": []}

@@ -27,7 +27,7 @@ DEFAULTS = dict(
     tokenizer="",  # the model (or tokenizer) directory whose chat template renders "messages" records
     out="",  # the directory to write: NAME.yaml, NAME.jsonl, utils.py
     name="",  # the lm-eval task name; default: astrai_ + the data file's name
-    max_new_tokens=64,  # tokens each reply may take: sample.py --eval's
+    max_new_tokens=0,  # tokens each reply may take; 0 = sample.EVAL_MAX_NEW_TOKENS, every accuracy's length
 )
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -81,11 +81,14 @@ def lm_eval_records(data, tokenizer):
     return records
 
 
-def write_tasks(data, tokenizer, out, name="", max_new_tokens=64):
+def write_tasks(data, tokenizer, out, name="", max_new_tokens=0):
     """Write an lm-eval task for a task file: OUT/NAME.yaml (generate_until, greedy, up to max_new_tokens, cut at the
     tokenizer's stop tokens), OUT/NAME.jsonl and OUT/utils.py, whose process_results is tasks.answer_is_correct:
     lm-eval's exact_match is then sample.py --eval's accuracy. Paths inside are absolute. -> the task name."""
-    name = name or "astrai_" + os.path.splitext(os.path.basename(data))[0]
+    from sample import EVAL_MAX_NEW_TOKENS
+
+    name, max_new_tokens = name or "astrai_" + os.path.splitext(os.path.basename(data))[0], max_new_tokens or \
+        EVAL_MAX_NEW_TOKENS
     records = lm_eval_records(data, tokenizer)
     os.makedirs(out, exist_ok=True)
     jsonl, stops = os.path.abspath(os.path.join(out, name + ".jsonl")), [tokenizer.decode([i]) for i in

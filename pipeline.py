@@ -9,8 +9,12 @@ starting from the last one's final/ model, with greedy exact-answer accuracy on 
     python pipeline.py --from_stage=dpo         # reuse data and the pretrain and sft models, run dpo and grpo again
     python pipeline.py --lora_rank=8            # then sft, dpo and grpo again as LoRA adapters: a column beside
     python pipeline.py --lora_rank=8 --from_stage=lora-sft    # only the LoRA stages, on the pretrained model
+    python pipeline.py --task=working           # the same four stages on another task: word problems with working
+    python pipeline.py task --task=bilingual --out=DIR    # only write a task's data
+    python pipeline.py distill                  # a half-depth student distilled from out/grpo/final, beside SFT alone
 
-It runs the same commands a user would (printed as it goes); the accuracy is sample.py --eval's.
+It runs the same commands a user would (printed as it goes); the accuracy is sample.py --eval's, printed with its
+95% interval and, from SFT on, the change from the stage before with the change's (paired) 95% interval.
 """
 import glob
 import json
@@ -24,8 +28,12 @@ import time
 from settings import Settings, load_settings
 
 DEFAULTS = dict(
-    data="data/demo",  # demo data, tokenizer and .h5 files
-    out="out",  # a directory per stage: OUT/demo (pretraining), OUT/sft, OUT/dpo, OUT/grpo
+    task="demo",  # demo | working (word problems, replies that show their working) | bilingual (short answers)
+    data="",  # the task's data, tokenizer and .h5 files; default data/TASK
+    out="",  # a directory per stage: OUT/demo (pretraining), OUT/sft, OUT/dpo, OUT/grpo; default out, or out/TASK
+    pairs="onpolicy",  # DPO's pairs: onpolicy (tasks.py pairs: the SFT model's own right and wrong replies to the
+    # grpo.jsonl prompts) | file (the demo's dpo.jsonl: right answers against their digits changed)
+    scale=1.0,  # every stage's max_iters (and the on-policy prompts) times this: < 1 for a quicker, weaker run
     from_stage="data",  # data | pretrain | sft | dpo | grpo (| lora-sft | lora-dpo | lora-grpo): earlier ones reused
     lora_rank=0,  # > 0: after grpo, sft -> dpo -> grpo again from the pretrained model with LoRA adapters of this rank
 )
@@ -143,6 +151,101 @@ def make_demo(out_dir, seed=0, max_operand=49, n_eval=200, pretrain_docs=8000, s
 
 
 # -----------------------------------------------------------------------------
+# two tasks unlike the demo, for post-training on a task it was not tuned to: word problems whose replies show their
+# working (~40-60 tokens, the final answer last), and short bilingual answers (a word or a number, English or Chinese)
+
+NAMES = ["Tom", "Ann", "Lee", "Mia", "Sam", "Kai"]
+ITEMS = ["apples", "pens", "stamps", "cards", "shells", "books"]
+DAYS = (["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"],
+        ["星期一", "星期二", "星期三", "星期四", "星期五", "星期六", "星期日"])
+
+
+def working_problems():
+    """(question, reply showing its working, answer) for every word problem of three kinds."""
+    problems = []
+    for a in range(10, 40):
+        for b in range(2, 6):
+            for c in range(2, 10):
+                d = (a + b + c) % 9 + 1
+                n, item = NAMES[(a + c) % 6], ITEMS[(a + b) % 6]
+                bc, total = b * c, a + b * c
+                problems.append((f"{n} has {a} {item}, buys {b} bags of {c} {item} each and gives away {d}. How many "
+                                 f"{item} does {n} have now?",
+                                 f"{n} starts with {a} {item}. {b} bags of {c} are {b} x {c} = {bc}, so {n} has "
+                                 f"{a} + {bc} = {total}. After giving away {d}, {n} has {total} - {d} = {total - d}. "
+                                 f"The answer is {total - d}.", str(total - d)))
+    for speed in range(20, 80, 5):
+        for hours in range(2, 6):
+            for extra in range(3, 30, 2):
+                far = speed * hours
+                problems.append((f"A bus goes {speed} km an hour for {hours} hours, then {extra} km more. How far does "
+                                 "it go in all?",
+                                 f"In {hours} hours it goes {speed} x {hours} = {far} km. Then {far} + {extra} = "
+                                 f"{far + extra} km. The answer is {far + extra}.", str(far + extra)))
+    for people in range(2, 7):
+        for each in range(3, 12):
+            for eaten in range(1, 3):
+                total = people * each
+                problems.append((f"{people} friends share {total} sweets equally, and each eats {eaten}. How many "
+                                 "sweets does each friend have left?",
+                                 f"Each friend gets {total} / {people} = {each} sweets. After eating {eaten}, each has "
+                                 f"{each} - {eaten} = {each - eaten}. The answer is {each - eaten}.",
+                                 str(each - eaten)))
+    return problems
+
+
+def bilingual_problems():
+    """(question, short reply, answer) for weekday arithmetic, the larger of two numbers and the next letter, each in
+    English and in Chinese; the answer is the reply without its full stop."""
+    problems = []
+    for chinese, days in enumerate(DAYS):
+        for start in range(7):
+            for later in range(1, 12):
+                q = (f"今天是{days[start]}，{later}天后是星期几？" if chinese else
+                     f"If today is {days[start]}, what day is it in {later} days?")
+                problems.append((q, days[(start + later) % 7]))
+        for a in range(10, 100, 3):
+            for b in range(11, 100, 7):
+                if a != b:
+                    problems.append((f"{a} 和 {b} 哪个大？" if chinese else f"Which is larger, {a} or {b}?",
+                                     str(max(a, b))))
+        for letter in "ABCDEFGHIJKLMNOPQRSTUVWXY":
+            problems.append((f"字母 {letter} 后面是哪个字母？" if chinese else f"Which letter comes after {letter}?",
+                             chr(ord(letter) + 1)))
+    return [(q, answer + ("。" if "？" in q else "."), answer) for q, answer in problems]
+
+
+TASKS = {"working": working_problems, "bilingual": bilingual_problems}
+
+
+def make_task(out_dir, task, seed=0, n_eval=200, pretrain_docs=4000, sft=4000, grpo=2000):
+    """Writes a task's pretrain.txt (solved problems and the demo's sentences), sft.jsonl, grpo.jsonl and eval.jsonl
+    (held-out problems, never in the others); DPO pairs come from the SFT model (tasks.py pairs). Returns the paths."""
+    rng = random.Random(seed)
+    problems = TASKS[task]()
+    rng.shuffle(problems)
+    held_out, train = problems[:n_eval], problems[n_eval:]
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {name: os.path.join(out_dir, name) for name in ("pretrain.txt", "sft.jsonl", "grpo.jsonl", "eval.jsonl")}
+    with open(paths["pretrain.txt"] + ".tmp", "w", encoding="utf-8") as f:
+        for _ in range(pretrain_docs):
+            lines = [" ".join(rng.choice(train)[:2]) if rng.random() < 0.8
+                     else rng.choice(SENTENCES)[rng.random() < 0.5] for _ in range(rng.randint(2, 6))]
+            f.write("\n".join(lines) + "\n\n")
+    os.replace(paths["pretrain.txt"] + ".tmp", paths["pretrain.txt"])
+    records = {
+        "sft.jsonl": ({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": reply}]}
+                      for q, reply, _ in (rng.choice(train) for _ in range(sft))),
+        "grpo.jsonl": ({"prompt": q, "answer": answer} for q, _, answer in (rng.choice(train) for _ in range(grpo))),
+        "eval.jsonl": ({"messages": [{"role": "user", "content": q}], "answer": answer} for q, _, answer in held_out)}
+    for name, lines in records.items():
+        with open(paths[name] + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in lines)
+        os.replace(paths[name] + ".tmp", paths[name])
+    return paths
+
+
+# -----------------------------------------------------------------------------
 # the pipeline
 
 
@@ -151,25 +254,52 @@ def sh(*args):
     subprocess.run([sys.executable, *args], check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def make_data(data):
-    sh("pipeline.py", "demo", f"--out={data}")
+def make_data(data, task):
+    if task == "demo":
+        sh("pipeline.py", "demo", f"--out={data}")
+    else:
+        sh("pipeline.py", "task", f"--task={task}", f"--out={data}")
     sh("data.py", "tokenizer", f"--input={data}/pretrain.txt", "--vocab_size=2048", f"--out={data}/tokenizer")
     for stage, source, name in [("seq", "pretrain.txt", "pretrain"), ("sft", "sft.jsonl", "sft"),
                                 ("dpo", "dpo.jsonl", "dpo"), ("grpo", "grpo.jsonl", "grpo")]:
-        sh("data.py", "prepare", f"--stage={stage}", f"--input={data}/{source}", f"--tokenizer={data}/tokenizer",
-           f"--out={data}/{name}.h5")
-    # held-out preference pairs (problems of eval.jsonl), all in one split, for DPO's preference accuracy
-    sh("data.py", "prepare", "--stage=dpo", f"--input={data}/dpo_eval.jsonl", f"--tokenizer={data}/tokenizer",
-       f"--out={data}/dpo_eval.h5", "--val_fraction=0")
+        if os.path.exists(f"{data}/{source}"):
+            sh("data.py", "prepare", f"--stage={stage}", f"--input={data}/{source}", f"--tokenizer={data}/tokenizer",
+               f"--out={data}/{name}.h5")
+    if task == "demo":  # held-out preference pairs (problems of eval.jsonl), all in one split, for DPO's accuracy
+        sh("data.py", "prepare", "--stage=dpo", f"--input={data}/dpo_eval.jsonl", f"--tokenizer={data}/tokenizer",
+           f"--out={data}/dpo_eval.h5", "--val_fraction=0")
 
 
-def answer_accuracy(model_dir, task):
-    """What `python sample.py --model=MODEL_DIR --eval=TASK` prints: greedy exact-answer accuracy."""
+ON_POLICY_PROMPTS = 2000  # grpo.jsonl prompts the SFT model answers k=8 times for DPO's on-policy pairs
+
+
+def on_policy_pairs(data, sft_dir, scale):
+    """DPO's pairs from the SFT model's own replies (tasks.py pairs), prepared as data/dpo_onpolicy.h5."""
+    sh("tasks.py", "pairs", f"--model={sft_dir}", f"--data={data}/grpo.jsonl", f"--out={data}/dpo_onpolicy.jsonl",
+       "--k=8", f"--max_prompts={max(1, round(ON_POLICY_PROMPTS * scale))}")
+    with open(f"{data}/dpo_onpolicy.jsonl", encoding="utf-8") as f:
+        if not any(line.strip() for line in f):
+            sys.exit(f"pipeline.py: {sft_dir} gave no pair (its replies to each prompt all scored alike: all wrong, "
+                     "or all right); DPO has nothing to learn from: train SFT longer")
+    sh("data.py", "prepare", "--stage=dpo", f"--input={data}/dpo_onpolicy.jsonl", f"--tokenizer={data}/tokenizer",
+       f"--out={data}/dpo_onpolicy.h5")
+    return f"{data}/dpo_onpolicy.h5"
+
+
+def scaled_iters(config, scale):
+    """--max_iters=N for a config's max_iters times scale (none at scale 1: the config as it is)."""
+    from settings import run_config_file
+
+    return [] if scale == 1 else [f"--max_iters={max(2, round(run_config_file(config)['max_iters'] * scale))}"]
+
+
+def answer_results(model_dir, task):
+    """Per problem, right or wrong: what `python sample.py --model=MODEL_DIR --eval=TASK` averages."""
     from sample import load
-    from tasks import task_accuracy
+    from tasks import task_results
 
     model, tokenizer = load(model_dir)
-    return task_accuracy(model, tokenizer, task)
+    return task_results(model, tokenizer, task, batch_size=256)  # 256 rows a generate() call: fewer decode steps
 
 
 def preference_accuracy(policy_dir, reference_dir, pairs_path):
@@ -242,40 +372,111 @@ def quickstart(argv):
           "(its data and pretraining again, then SFT, DPO and GRPO), or README.md's recipes for your own data.")
 
 
+def write_task(argv):
+    """python pipeline.py task --task=working|bilingual --out=DIR [--seed=0 ...]"""
+    args = load_settings({"task": "working", "out": "", "seed": 0, "n_eval": 200, "pretrain_docs": 4000, "sft": 4000,
+                          "grpo": 2000}, argv, "pipeline.py task")
+    if args.task not in TASKS:
+        sys.exit(f"pipeline.py task: --task={args.task!r}: choose from {', '.join(TASKS)}")
+    for name, path in make_task(args.pop("out") or f"data/{args.task}", **args).items():
+        print(f"wrote {path}: {os.path.getsize(path) / 1e6:.2f} MB")
+
+
+def distill_demo(argv):
+    """python pipeline.py distill: configs/distill.py's student (half the teacher's depth) distilled from the final
+    model of the pipeline, beside the same student trained on the same data by SFT alone, and the teacher."""
+    args = load_settings({"data": "data/demo", "out": "out", "teacher": "", "scale": 1.0}, argv, "pipeline.py distill")
+    from settings import run_config_file
+    from tasks import interval95
+
+    config = run_config_file("configs/distill.py")
+    teacher = args.teacher or f"{args.out}/grpo/final"
+    same = [f"--data={args.data}/sft.h5", f"--tokenizer={args.data}/tokenizer", *scaled_iters("configs/distill.py",
+                                                                                              args.scale)]
+    t0 = time.time()
+    sh("train.py", "configs/distill.py", f"--teacher={teacher}", f"--out_dir={args.out}/distill", *same)
+    minutes = {"distill": (time.time() - t0) / 60}
+    student = [f"--{key}={config[key]}" for key in ("init_from", "model_config", "n_layers", "vocab_size", "max_iters",
+                                                       "batch_size", "block_size", "lr", "min_lr", "warmup_iters")
+               if key != "max_iters" or args.scale == 1]  # scaled: in `same`
+    t0 = time.time()
+    sh("train.py", "configs/sft.py", *student, f"--out_dir={args.out}/distill-sft", *same)
+    minutes["sft"] = (time.time() - t0) / 60
+    task = f"{args.data}/eval.jsonl"
+    models = [("teacher", teacher), ("sft", f"{args.out}/distill-sft/final"), ("distill", f"{args.out}/distill/final")]
+    results = {name: answer_results(path, task) for name, path in models}
+    print(f"\nexact-answer accuracy on {task} (greedy; ± its 95% interval):")
+    for name, correct in results.items():
+        note = ""
+        if name == "distill":
+            change = (sum(correct) - sum(results["sft"])) / len(correct)
+            note = f"  {change:+.3f} ± {interval95(correct, results['sft']):.3f} on sft"
+        shown = f"{minutes[name]:.1f}" if name in minutes else "-"
+        print(f"{name:<8} {sum(correct) / len(correct):.3f} ± {interval95(correct):.3f} {shown:>6} min{note}")
+
+
 def main(argv):
     if argv[:1] == ["demo"]:
         return write_demo(argv[1:])
+    if argv[:1] == ["task"]:
+        return write_task(argv[1:])
+    if argv[:1] == ["distill"]:
+        return distill_demo(argv[1:])
     if argv[:1] == ["quickstart"]:
         return quickstart(argv[1:])
+    from tasks import interval95  # torch with it: only the pipeline needs it
+
     args = load_settings(DEFAULTS, argv, "pipeline.py")
+    problems = [f"--{key}={args[key]!r}: {rule}" for key, ok, rule in [
+        ("task", args.task in ("demo", *TASKS), f"choose from demo, {', '.join(TASKS)}"),
+        ("pairs", args.pairs in ("file", "onpolicy"), "choose from onpolicy, file"),
+        ("pairs", not (args.pairs == "file" and args.task != "demo"), "only the demo writes a dpo.jsonl"),
+        ("scale", 0 < args.scale <= 1, "must be in (0, 1]")] if not ok]
+    if problems:
+        sys.exit("pipeline.py: " + "; ".join(problems))
+    on_policy = args.pairs == "onpolicy"
     stages = stage_list(args.lora_rank)
     names = ["data"] + [label for label, *_ in stages]
     if args.from_stage not in names:
         sys.exit(f"pipeline.py: --from_stage={args.from_stage!r}: choose from {', '.join(names)}")
     first = names.index(args.from_stage)
-    data, out, task = args.data, args.out, os.path.join(args.data, "eval.jsonl")
-    rows, t_start = [], time.time()
+    data = args.data or f"data/{args.task}"
+    out = args.out or ("out" if args.task == "demo" else f"out/{args.task}")
+    task = os.path.join(data, "eval.jsonl")
+    rows, results, t_start = [], {}, time.time()
     if first == 0:
-        make_data(data)
+        make_data(data, args.task)
     for i, (label, stage, config, name, parent, extra) in enumerate(stages, 1):
         t0 = time.time()
         model_dir = os.path.join(out, name, "final")
         if i >= first:
-            data_file = "pretrain.h5" if stage == "pretrain" else f"{stage}.h5"
+            data_file = f"{data}/pretrain.h5" if stage == "pretrain" else f"{data}/{stage}.h5"
+            if stage == "dpo" and on_policy:
+                data_file = on_policy_pairs(data, f"{out}/{parent}/final", args.scale)
             start = [f"--tokenizer={data}/tokenizer"] if parent is None else [f"--init_from={out}/{parent}/final"]
-            sh("train.py", config, f"--data={data}/{data_file}", f"--out_dir={out}/{name}", *start, *extra)
+            sh("train.py", config, f"--data={data_file}", f"--out_dir={out}/{name}", *start, *extra,
+               *scaled_iters(config, args.scale))
         elif not os.path.isdir(model_dir):
             sys.exit(f"pipeline.py: --from_stage={args.from_stage} reuses {model_dir}, which does not exist")
         print(f"$ python sample.py --model={model_dir} --eval={task}", flush=True)
-        accuracy = answer_accuracy(model_dir, task)
-        note = ""
-        if stage == "dpo":
+        results[name] = answer_results(model_dir, task)
+        accuracy = sum(results[name]) / len(results[name])
+        note = f"± {interval95(results[name]):.3f}"
+        if parent is not None:
+            change = accuracy - sum(results[parent]) / len(results[parent])
+            note += f"; {change:+.3f} ± {interval95(results[name], results[parent]):.3f} on {parent.split('-')[-1]}"
+        if stage == "grpo" and name.replace("grpo", "sft") in results:  # the bar: GRPO against SFT as well
+            before = results[name.replace("grpo", "sft")]
+            change = accuracy - sum(before) / len(before)
+            note += f"; {change:+.3f} ± {interval95(results[name], before):.3f} on sft"
+        if stage == "dpo" and not on_policy:
             pairs = preference_accuracy(model_dir, os.path.join(out, parent, "final"), f"{data}/dpo_eval.h5")
-            note = f"preference accuracy {pairs:.3f} on {data}/dpo_eval.jsonl"
+            note += f"; preference accuracy {pairs:.3f} on {data}/dpo_eval.jsonl"
         rows.append((label, accuracy, (time.time() - t0) / 60 if i >= first else None, note))
         print(f"{label}: accuracy {accuracy:.3f} {note}", flush=True)
 
-    print(f"\nexact-answer accuracy on {task} (greedy), after each stage:")
+    print(f"\nexact-answer accuracy on {task} (greedy; ± its 95% interval; the change from the stage before ± its "
+          "paired 95% interval), after each stage:")
     print_table(rows, args.lora_rank)
     print(f"total {(time.time() - t_start) / 60:.1f} minutes")
 

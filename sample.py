@@ -93,13 +93,16 @@ def is_number(value, kind):
     return isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# replies generated for an accuracy: --eval, pipeline.py's and GRPO's val reward (tasks.py) all use this one length
+EVAL_MAX_NEW_TOKENS = 256
+
 DEFAULTS = dict(
     model="",  # MODELDIR (config.json + model.safetensors + tokenizer files) or a .gguf file
     adapter="",  # a LoRA adapter directory (train.py --lora_rank, or peft's) trained on --model: merged in on load
     prompt="",  # text, or FILE:path to read it from a file; empty: start a fresh document
     chat=False,  # wrap the prompt as a user message in the chat template; without --prompt: interactive chat
     num_samples=1,  # completions of the same prompt, generated as one batch
-    max_new_tokens=256,
+    max_new_tokens=EVAL_MAX_NEW_TOKENS,  # with --eval, every accuracy's length (README's answers are checked at it)
     # every SamplingParams field is an option (--temperature, --top_k, ..., --logit_bias); the CLI's own defaults:
     **SamplingParams(temperature=0.8, top_p=0.95).settings(),
     seed=1337,  # -1: a different sample every run

@@ -42,7 +42,9 @@ every strategy the same way. The interface (Strategy below has the defaults):
     sft   the same, only on assistant replies
     dpo   direct preference optimisation against a frozen copy of the initial model (Rafailov et al. 2023),
           optionally plus the chosen replies' next-token loss (rpo_alpha)
-    grpo  group relative policy optimisation (Shao et al. 2024): sampled groups, PPO clip, k3 KL
+    grpo  group relative policy optimisation (Shao et al. 2024): sampled groups, PPO clip, k3 KL; DAPO's dynamic
+          sampling, token-level loss and overlong shaping as settings
+    distill  a student trained on a teacher's token distributions (KL at a temperature; distill.py)
     embed contrastive (InfoNCE, in-batch negatives) on query/passage pairs: pooled embeddings for retrieval (rag.py)
 """
 import copy
@@ -197,13 +199,14 @@ class DPO(Strategy):
 # grpo: the loss on groups of completions of one prompt
 
 
-def group_advantages(rewards, eps=1e-4):
+def group_advantages(rewards, eps=1e-4, scale=True):
     """rewards (B, G): G completions of each of B prompts -> (r - group mean) / (group std + eps),
-    std with Bessel's correction (as TRL). A group whose rewards are all equal teaches nothing: 0."""
+    std with Bessel's correction (as TRL); scale=False: r - group mean (Dr. GRPO). A group whose rewards are all
+    equal teaches nothing: 0."""
     if rewards.size(-1) < 2:
         return torch.zeros_like(rewards)
-    mean, std = rewards.mean(-1, keepdim=True), rewards.std(-1, keepdim=True)
-    return (rewards - mean) / (std + eps)
+    centered = rewards - rewards.mean(-1, keepdim=True)
+    return centered / (rewards.std(-1, keepdim=True) + eps) if scale else centered
 
 
 def clipped_policy_loss(logprobs, old_logprobs, advantages, clip_eps):
@@ -222,15 +225,42 @@ def k3_kl(logprobs, ref_logprobs):
     return log_ratio.exp() - log_ratio - 1
 
 
-def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps, kl_coef):
+LOSS_NORMS = ("token", "sequence", "constant")
+
+
+def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps, kl_coef, norm="sequence",
+              max_tokens=None):
     """(N, T) per-token log-probs of N completions, advantages (N,), mask (N, T) 1 on completion tokens ->
-    (loss, kl per token (N, T), clipped (N, T)). Per token: clipped policy loss + kl_coef * k3 KL; averaged
-    over each completion's tokens, then over completions (the GRPO paper's 1/G sum_i 1/|o_i| sum_t)."""
+    (loss, kl per token (N, T), clipped (N, T)). Per token: clipped policy loss + kl_coef * k3 KL, then
+    norm="sequence": averaged over each completion's tokens, then over completions (the GRPO paper's
+    1/G sum_i 1/|o_i| sum_t: a token of a short completion weighs more than one of a long one); "token": summed
+    over every completion token and divided by their count (DAPO: each token weighs alike); "constant": summed and
+    divided by N * max_tokens (Dr. GRPO: no dependence on lengths at all)."""
     policy_loss, clipped = clipped_policy_loss(logprobs, old_logprobs, advantages[:, None], clip_eps)
     kl = k3_kl(logprobs, ref_logprobs)
     per_token = (policy_loss + kl_coef * kl) * mask
-    loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    if norm == "sequence":
+        loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    elif norm == "token":
+        loss = per_token.sum() / mask.sum().clamp(min=1)
+    elif norm == "constant":
+        loss = per_token.sum() / (mask.size(0) * max_tokens)
+    else:
+        raise ValueError(f"norm={norm!r}: choose from {', '.join(LOSS_NORMS)}")
     return loss, kl, clipped
+
+
+def overlong_rewards(rewards, lengths, finished, max_tokens, truncated, buffer, penalty):
+    """Rewards (N,) of completions of lengths (N,) tokens (stop token included), finished (N,) True where the
+    completion ended with a stop token before max_tokens. truncated="zero": an unfinished completion's reward is 0
+    (its last number so far is not its answer); "grade": kept as the reward function gave it. buffer > 0: DAPO's
+    soft overlong punishment, minus penalty * (length - (max_tokens - buffer)) / buffer over the last buffer
+    tokens, the full penalty for an unfinished completion."""
+    rewards = torch.where(finished, rewards, torch.zeros_like(rewards)) if truncated == "zero" else rewards.clone()
+    if buffer > 0:
+        over = ((lengths - (max_tokens - buffer)).clamp(min=0) / buffer).clamp(max=1)
+        rewards = rewards - penalty * torch.where(finished, over, torch.ones_like(over))
+    return rewards
 
 
 # -----------------------------------------------------------------------------
@@ -295,12 +325,16 @@ class GRPO(Strategy):
     """Online (the .h5 holds prompts and answers): every ppo_epochs steps, sample group_size completions of
     each prompt of the batch from the current policy, score them with the reward and keep them with their
     sampling log-probs; that step and the next ppo_epochs - 1 train on them (their own batches are not
-    used), so later epochs see a policy that has moved and the PPO clip matters. Offline (the .h5 also
-    holds responses and rewards): the same, on the stored responses, the old log-probs being the policy's
-    own at first use.
+    used), so later epochs see a policy that has moved and the PPO clip matters. With dynamic_sampling, groups
+    whose rewards are all equal (no advantage: every completion right, or every one wrong) are dropped and
+    refilled from further prompts of the train split (DAPO, Yu et al. 2025). A completion that has not ended
+    by the rollout length is rewarded 0 (truncated). Offline (the .h5 also holds responses and rewards): the same,
+    on the stored responses, the old log-probs being the policy's own at first use, with no importance
+    correction for the policy that wrote them.
 
-    Val loss: online, minus the mean reward of greedy completions of the val prompts; offline, the loss.
-    Resume is exact: a checkpoint holds each rank's cached rollouts and, once synced, the reference."""
+    Val loss: online, minus the mean reward of greedy completions of the val prompts, EVAL_MAX_NEW_TOKENS long
+    as every accuracy (tasks.py); offline, the loss. Resume is exact: a checkpoint holds each rank's cached
+    rollouts and, once synced, the reference."""
 
     data_stage = "grpo"
     settings = dict(
@@ -310,8 +344,15 @@ class GRPO(Strategy):
         kl_coef=0.04,  # weight of the k3 KL to the reference
         sync_interval=0,  # copy the policy into the reference every N steps (0 = never)
         reward="exact_answer",  # built-in name or module:function(prompt, completion, record) -> float
-        max_new_tokens=32,  # rollout length
+        max_new_tokens=0,  # rollout length; 0 = from the data: block_size minus the train split's longest prompt
         rollout_temperature=1.0,  # sampling temperature of rollouts
+        truncated="zero",  # a completion unfinished at max_new_tokens: zero = reward 0, grade = as the reward says
+        overlong_buffer=0,  # > 0: DAPO's soft penalty over the last this many tokens before max_new_tokens
+        overlong_penalty=1.0,  # that penalty at max_new_tokens (and on an unfinished completion)
+        dynamic_sampling=True,  # drop groups whose rewards are all equal and refill from further prompts (DAPO)
+        max_refills=2,  # extra rollouts of batch_size prompts a micro-batch may take to refill its groups
+        loss_norm="token",  # token (DAPO) | sequence (the GRPO paper) | constant (Dr. GRPO): see grpo_loss
+        scale_rewards=True,  # divide advantages by their group's std (false: Dr. GRPO's centred rewards)
     )
 
     def __init__(self, cfg, model, tokenizer, rank=0, world_size=1):
@@ -323,9 +364,15 @@ class GRPO(Strategy):
             (cfg.clip_eps > 0, f"clip_eps={cfg.clip_eps} must be > 0 (typical 0.2)"),
             (cfg.kl_coef >= 0, f"kl_coef={cfg.kl_coef} must be >= 0"),
             (cfg.sync_interval >= 0, f"sync_interval={cfg.sync_interval} must be >= 0 (0 = never)"),
-            (cfg.max_new_tokens >= 1, f"max_new_tokens={cfg.max_new_tokens} must be >= 1"),
+            (cfg.max_new_tokens >= 0, f"max_new_tokens={cfg.max_new_tokens} must be >= 1, or 0 = from the data"),
             (cfg.rollout_temperature > 0, f"rollout_temperature={cfg.rollout_temperature} must be > 0: greedy "
                                           "groups are all alike"),
+            (cfg.truncated in ("zero", "grade"), f"truncated={cfg.truncated!r}: choose zero or grade"),
+            (0 <= cfg.overlong_buffer < max(cfg.max_new_tokens, 1) or not cfg.max_new_tokens,
+             f"overlong_buffer={cfg.overlong_buffer} must be >= 0 and < max_new_tokens={cfg.max_new_tokens}"),
+            (cfg.overlong_penalty >= 0, f"overlong_penalty={cfg.overlong_penalty} must be >= 0"),
+            (cfg.max_refills >= 0, f"max_refills={cfg.max_refills} must be >= 0"),
+            (cfg.loss_norm in LOSS_NORMS, f"loss_norm={cfg.loss_norm!r}: choose from {', '.join(LOSS_NORMS)}"),
             (not (cfg.get("lora_rank") and cfg.sync_interval), f"sync_interval={cfg.sync_interval} with LoRA: the "
              "reference is the base model under the adapters, which never changes; use 0"),
             (world_size == 1 or cfg.parallel != "fsdp",
@@ -341,10 +388,13 @@ class GRPO(Strategy):
         self.ref_model = reference_model(model, cfg)
         self.rollouts = []  # one per micro-step of the step that made them
         self.synced_at = 0
+        self.max_new_tokens = cfg.max_new_tokens  # 0: check_data sets it from the data
+        self.dataset = None  # the train split (check_data): where dynamic sampling refills from
 
     def check_data(self, dataset):
         """Call the reward once on the first training record (its answer as the completion), so a reward
-        that fails or returns a non-number stops the run before training, not at its first step."""
+        that fails or returns a non-number stops the run before training, not at its first step. Sets the rollout
+        length when max_new_tokens=0: the room block_size leaves after the longest prompt."""
         batch = dataset.get_batch([0])
         prompt, record = self.tokenizer.decode(batch["prompt_ids"][0]), batch["records"][0]
         try:
@@ -353,45 +403,102 @@ class GRPO(Strategy):
             raise ValueError(f"reward {self.reward_name!r} raised {type(e).__name__}: {e} on the first record "
                              f"of {dataset.files[0]} ({record})") from None
         check_reward(value, self.reward_name, prompt, batch["answers"][0])
+        self.dataset = dataset
+        if not self.cfg.max_new_tokens:
+            longest = dataset.longest_prompt()
+            self.max_new_tokens = self.cfg.block_size - longest
+            if self.max_new_tokens <= self.cfg.overlong_buffer:
+                raise ValueError(f"max_new_tokens=0 takes block_size={self.cfg.block_size} minus the longest prompt "
+                                 f"of {dataset.files[0]} ({longest} tokens): {self.max_new_tokens} tokens, too few "
+                                 f"(overlong_buffer={self.cfg.overlong_buffer}); raise block_size")
 
     # --- rollouts -------------------------------------------------------------
 
     @torch.no_grad()
-    def rollout(self, batch, step, micro_step):
-        """Completions, rewards and advantages for one micro-batch, with the log-probs the loss compares to."""
+    def sample_groups(self, prompts, records, seed):
+        """group_size completions of each prompt -> (completions, sampling log-probs, rewards (B, G)). generate()
+        puts the policy in eval mode; its mode before is restored (training's: dropout, checkpointing)."""
         from sample import generate
 
+        if not self.max_new_tokens:
+            raise ValueError("max_new_tokens=0 (from the data) needs check_data(train split) before a rollout")
+        G, training = self.cfg.group_size, self.policy.training
+        rows = [p for p in prompts for _ in range(G)]  # (B * G) rows, a group adjacent
+        try:
+            completions, logprobs = generate(self.policy, rows, self.max_new_tokens, stop_ids=self.stop_ids,
+                                             temperature=self.cfg.rollout_temperature, seed=seed, return_logprobs=True)
+        finally:
+            self.policy.train(training)
+        scores = torch.tensor([self.reward(prompt, completion, records[i // G])
+                               for i, (prompt, completion) in enumerate(zip(rows, completions))])
+        finished = torch.tensor([bool(c) and c[-1] in self.stop_ids for c in completions])
+        lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
+        scores = overlong_rewards(scores, lengths, finished, self.max_new_tokens, self.cfg.truncated,
+                                  self.cfg.overlong_buffer, self.cfg.overlong_penalty)
+        return completions, logprobs, scores.view(-1, G), finished.float().mean().item()
+
+    def refill_batch(self, step, micro_batch, refill, size):
+        """A further batch of size prompts of the train split, picked by a generator seeded like the rollout."""
+        generator = torch.Generator().manual_seed(self.cfg.seed + 1_000_003 * step + 7919 * micro_batch + refill)
+        indices = torch.randint(len(self.dataset), (size,), generator=generator).tolist()
+        return self.dataset.get_batch(indices)
+
+    @torch.no_grad()
+    def rollout(self, batch, step, micro_step):
+        """Completions, rewards and advantages for one micro-batch, with the log-probs the loss compares to."""
         cfg, device = self.cfg, self.policy.lm_head.weight.device
+        metrics = {}
         if "responses" in batch:  # offline: stored responses (each ends with <|im_end|>) and rewards
             prompts = [p for p, group in zip(batch["prompt_ids"], batch["responses"]) for _ in group]
             completions = [c for group in batch["responses"] for c in group]
             rewards = [torch.tensor(group, dtype=torch.float32) for group in batch["rewards"]]
             sample_logprobs = None  # the policy's own become the old log-probs at first use
         else:
-            G = cfg.group_size
-            prompts = [p for p in batch["prompt_ids"] for _ in range(G)]  # (B * G) rows, a group adjacent
-            # seeded by step and global micro-batch: 2 ranks roll out what 1 rank does with grad_accum 2
-            micro_batch = self.rank * cfg.grad_accum + micro_step
-            seed = cfg.seed + 1_000_003 * step + 7919 * micro_batch
-            completions, sample_logprobs = generate(self.policy, prompts, cfg.max_new_tokens, stop_ids=self.stop_ids,
-                                                    temperature=cfg.rollout_temperature, seed=seed,
-                                                    return_logprobs=True)
-            scores = [self.reward(prompt, completion, batch["records"][i // G])
-                      for i, (prompt, completion) in enumerate(zip(prompts, completions))]
-            rewards = list(torch.tensor(scores).view(-1, G))
+            prompts, completions, sample_logprobs, rewards, metrics = self.online_groups(batch, step, micro_step)
         input_ids, targets = pack_completions(prompts, completions, self.tokenizer.eot_id or 0, device)
         old_logprobs = None
         if sample_logprobs is not None:
             old_logprobs = torch.zeros(targets.shape, device=device)  # (N, T), aligned with targets
             for i, (prompt, logprobs) in enumerate(zip(prompts, sample_logprobs)):
                 old_logprobs[i, len(prompt) - 1:len(prompt) - 1 + len(logprobs)] = torch.tensor(logprobs)
+        advantages = [group_advantages(r, scale=cfg.scale_rewards) for r in rewards]
         return {
             "input_ids": input_ids, "targets": targets, "old_logprobs": old_logprobs,
-            "advantages": torch.cat([group_advantages(r) for r in rewards]).to(device),  # (N,)
-            "reward_mean": torch.cat(rewards).mean().item(),
+            "advantages": torch.cat(advantages).to(device),  # (N,)
+            "reward_mean": metrics.pop("reward_mean", torch.cat(rewards).mean().item()),
             "reward_std": sum(r.std().item() if len(r) > 1 else 0.0 for r in rewards) / len(rewards),
             "tokens": sum(len(p) + len(c) - 1 for p, c in zip(prompts, completions)),
+            "metrics": metrics,
         }
+
+    def online_groups(self, batch, step, micro_step):
+        """Sampled groups of one micro-batch: with dynamic_sampling, all-equal groups dropped and refilled from
+        up to max_refills further batches, as many groups kept as the batch has prompts (all of them when none
+        differs: they still carry the KL term). -> (prompts, completions, log-probs, rewards per group, metrics)."""
+        cfg, G, B = self.cfg, self.cfg.group_size, len(batch["prompt_ids"])
+        # seeded by step and global micro-batch: 2 ranks roll out what 1 rank does with grad_accum 2
+        micro_batch = self.rank * cfg.grad_accum + micro_step
+        seed = cfg.seed + 1_000_003 * step + 7919 * micro_batch
+        groups, all_groups, refills, finished = [], [], 0, []
+        while True:
+            completions, logprobs, rewards, done = self.sample_groups(batch["prompt_ids"], batch["records"], seed)
+            finished.append(done)
+            for b, prompt in enumerate(batch["prompt_ids"]):
+                group = (prompt, completions[b * G:(b + 1) * G], logprobs[b * G:(b + 1) * G], rewards[b])
+                all_groups.append(group)
+                if not cfg.dynamic_sampling or rewards[b].max() > rewards[b].min():
+                    groups.append(group)
+            if not cfg.dynamic_sampling or len(groups) >= B or refills >= cfg.max_refills or self.dataset is None:
+                break
+            refills += 1
+            batch = self.refill_batch(step, micro_batch, refills, B)
+            seed += 104_729 * refills
+        sampled = torch.stack([g[3] for g in all_groups])  # (groups sampled, G)
+        metrics = {"reward_mean": sampled.mean().item(), "kept_groups": len(groups) / len(all_groups),
+                   "refills": refills, "finished": sum(finished) / len(finished)}
+        groups = groups[:B] or all_groups[:B]
+        return ([g[0] for g in groups for _ in range(G)], [c for g in groups for c in g[1]],
+                [lp for g in groups for lp in g[2]], [g[3] for g in groups], metrics)
 
     def reward(self, prompt_ids, completion_ids, record):
         from sample import strip_stop
@@ -405,8 +512,8 @@ class GRPO(Strategy):
     # --- the loss -------------------------------------------------------------
 
     def loss(self, model, batch, step, micro_step=0, evaluating=False, totals=None):
-        """Each micro-batch's loss is its own mean over completions (as many in each: batch_size x group_size
-        online), the step's the mean of these (totals: micro_batches)."""
+        """Each micro-batch's loss is its own mean (loss_norm: over its completion tokens, or completions), the
+        step's the mean of these (totals: micro_batches)."""
         if evaluating:
             return self.val_loss(model, batch, step)
         cfg = self.cfg
@@ -424,7 +531,8 @@ class GRPO(Strategy):
         if rollout["old_logprobs"] is None:
             rollout["old_logprobs"] = logprobs.detach()
         loss, kl, clipped = grpo_loss(logprobs, rollout["old_logprobs"], self.reference_logprobs(rollout),
-                                      rollout["advantages"], mask, cfg.clip_eps, cfg.kl_coef)
+                                      rollout["advantages"], mask, cfg.clip_eps, cfg.kl_coef, cfg.loss_norm,
+                                      self.max_new_tokens or mask.size(1))
         loss = loss / (totals or {"micro_batches": 1})["micro_batches"]
         n_tokens = mask.sum().clamp(min=1)
         return loss, {
@@ -434,6 +542,7 @@ class GRPO(Strategy):
             "clip_fraction": ((clipped.float() * mask).sum() / n_tokens).item(),
             "completion_tokens": (mask.sum() / mask.size(0)).item(),  # mean completion length
             "tokens": rollout["tokens"],
+            **rollout.get("metrics", {}),  # online: kept_groups, refills, finished (share that reached a stop)
         }
 
     @torch.no_grad()
@@ -443,17 +552,21 @@ class GRPO(Strategy):
 
     @torch.no_grad()
     def val_loss(self, model, batch, step):
-        from sample import generate
+        from sample import EVAL_MAX_NEW_TOKENS, generate
 
         if "responses" in batch:
             rollout = self.rollout(batch, step, 0)
             mask = (rollout["targets"] != -100).float()
             logprobs = model(rollout["input_ids"], TokenLogprobs(rollout["targets"], self.cfg.rollout_temperature))
             loss, _, _ = grpo_loss(logprobs, logprobs, self.reference_logprobs(rollout), rollout["advantages"], mask,
-                                   self.cfg.clip_eps, self.cfg.kl_coef)
+                                   self.cfg.clip_eps, self.cfg.kl_coef, self.cfg.loss_norm, mask.size(1))
             return loss, {}
-        completions = generate(self.policy, batch["prompt_ids"], self.cfg.max_new_tokens, temperature=0.0,
-                               stop_ids=self.stop_ids)
+        training = self.policy.training
+        try:  # the accuracy's greedy replies, as long as sample.py --eval's and pipeline.py's
+            completions = generate(self.policy, batch["prompt_ids"], EVAL_MAX_NEW_TOKENS, temperature=0.0,
+                                   stop_ids=self.stop_ids, vocab_size=self.tokenizer.vocab_size)
+        finally:
+            self.policy.train(training)
         rewards = [self.reward(*row) for row in zip(batch["prompt_ids"], completions, batch["records"])]
         return torch.tensor(-sum(rewards) / len(rewards)), {}
 
@@ -481,6 +594,59 @@ class GRPO(Strategy):
         self.ref_model.load_state_dict(model.state_dict())
 
 
+# -----------------------------------------------------------------------------
+# distill: the student learns the teacher's token distributions over the replies (distill.py does the work)
+
+
+class Distill(Strategy):
+    """SFT data (targets -100 outside the replies); at each scored position, the KL between the teacher's and the
+    student's next-token distributions at a temperature (distill.py), plus ce_weight times the next-token loss. A
+    mean over the step's scored tokens, as sft's. The teacher is any model the project loads with the student's
+    tokenizer (checked at start); the student may be LoRA-adapted (--lora_rank)."""
+
+    data_stage = "sft"
+    settings = dict(
+        teacher="",  # the teacher: a MODELDIR, Hugging Face directory or .gguf file with the student's tokenizer
+        kl="forward",  # forward = KL(teacher || student), mass-covering; reverse = KL(student || teacher)
+        distill_temperature=1.0,  # both distributions softened by it; the KL is scaled by its square
+        ce_weight=0.0,  # weight of the next-token (sft) loss added to the KL (0 = the teacher's distributions only)
+    )
+
+    def __init__(self, cfg, model, tokenizer, rank=0, world_size=1):
+        super().__init__(cfg, model, tokenizer, rank, world_size)
+        from distill import KL_KINDS, load_teacher
+
+        checks = [(bool(cfg.teacher), "teacher= is required: the model whose distributions the student learns"),
+                  (cfg.kl in KL_KINDS, f"kl={cfg.kl!r}: choose from {', '.join(KL_KINDS)}"),
+                  (cfg.distill_temperature > 0, f"distill_temperature={cfg.distill_temperature} must be > 0"),
+                  (cfg.ce_weight >= 0, f"ce_weight={cfg.ce_weight} must be >= 0 (0 = KL only)")]
+        if problems := [message for ok, message in checks if not ok]:
+            raise ValueError("; ".join(problems))
+        try:
+            self.teacher = load_teacher(cfg.teacher, tokenizer, model.lm_head.weight.device)
+        except OSError as e:
+            raise ValueError(f"teacher={cfg.teacher}: {e}") from None
+
+    def normalizers(self, batch):
+        return {"tokens": scored_tokens(batch["targets"])}
+
+    def loss(self, model, batch, step, micro_step=0, evaluating=False, totals=None):
+        from distill import distill_losses
+
+        totals = totals or self.normalizers(batch)
+        cfg, n = self.cfg, max(1, totals["tokens"])
+        kl, ce = distill_losses(model, self.teacher, batch, self.tokenizer.vocab_size, cfg.kl,
+                                cfg.distill_temperature, cfg.ce_weight > 0) / n
+        metrics = {"kl": kl.item() * n / max(1, scored_tokens(batch["targets"]))}
+        if cfg.ce_weight:
+            metrics["ce"] = ce.item() * n / max(1, scored_tokens(batch["targets"]))
+        return kl + cfg.ce_weight * ce, metrics
+
+
+# -----------------------------------------------------------------------------
+# embed: contrastive pairs for retrieval (rag.py does the work)
+
+
 class Embed(Strategy):
     """Contrastive training of the pooled embeddings rag.py retrieves with: InfoNCE on query/passage pairs (data.py
     prepare --stage=embed), each query's own passage against the micro-batch's other passages."""
@@ -503,4 +669,4 @@ class Embed(Strategy):
         return loss * B / totals["pairs"], {"accuracy": accuracy, "tokens": float(batch["lengths"].sum())}
 
 
-STRATEGIES = {"seq": NextToken, "sft": SFT, "dpo": DPO, "grpo": GRPO, "embed": Embed}
+STRATEGIES = {"seq": NextToken, "sft": SFT, "dpo": DPO, "grpo": GRPO, "distill": Distill, "embed": Embed}

@@ -1,41 +1,101 @@
 """
-Exact-answer tasks: a task file of prompts and answers, the answer check, and greedy accuracy over the file.
+Exact-answer tasks: a task file of prompts and answers, the final-answer check, greedy accuracy over the file, and
+on-policy preference pairs sampled from a model and graded by a reward.
 
     python sample.py --model=out/final --eval=task.jsonl      # prints the accuracy (task_accuracy)
+    python tasks.py pairs --model=out/sft/final --data=task.jsonl --k=8 --out=pairs.jsonl   # DPO pairs (make_pairs)
 
 A task file is jsonl: {"messages": [...]} (rendered with the chat template and its generation prompt) or
-{"prompt": "..."} (plain text), plus "answer". answer_is_correct is also GRPO's exact_answer reward (strategies.py).
+{"prompt": "..."} (plain text), plus "answer". answer_is_correct is also GRPO's exact_answer reward (strategies.py);
+every accuracy (pipeline.py, sample.py --eval, GRPO's val reward) generates up to EVAL_MAX_NEW_TOKENS greedily.
 """
 import json
+import os
+import random
+import sys
 import unicodedata
+from fractions import Fraction
 
 import regex
 
-from sample import SamplingParams, generate, strip_stop
+from sample import EVAL_MAX_NEW_TOKENS, SamplingParams, generate, strip_stop
 
-_NUMBER = regex.compile(r"(?:(?<![\w.])-)?\d+(?:\.\d+)?")
+# a number: -12, 3.5, 3/4 (a fraction compares by value: 3/4 is 0.75)
+_NUMBER = regex.compile(r"(?:(?<![\w.])-)?\d+(?:\.\d+)?(?:/\d+(?![.\d]))?")
 _TRAILING = " \t\r\n.。,，!！?？:：;；'\"”’)）]】"
+# what introduces a final answer: "The answer is 8 (5 + 3)." is 8, "Answer: 12 apples left after 3 days." 12
+# digits grouped by thousands with one separator throughout: 1,234 and 1 234 567 (a space or narrow space)
+_GROUPED = regex.compile(r"(?<![\d.,])\d{1,3}([, \u00a0\u202f])\d{3}(?:\1\d{3})*(?![\d]|[.,]\d)")
+_MARKER = regex.compile(r"(?i)(?:final answer|answer|答案|结果)\s*(?:is|was|:|=|是|为|：)\s*|####\s*")
+
+
+def _boxed(text):
+    """The contents of the last \\boxed{...} (braces nested), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, begin = 0, start + len("\\boxed{")
+    for i in range(begin, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth < 0:
+            return text[begin:i]
+    return None
+
+
+def _value(number):
+    try:
+        return Fraction(number)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def _final(completion):
+    """(the text that holds the final answer, whether a \\boxed{} or an answer marker picked it)."""
+    text = unicodedata.normalize("NFKC", completion)  # full-width digits and punctuation to ASCII
+    text = _GROUPED.sub(lambda m: regex.sub(r"\D", "", m.group()), text)  # 1,234 / 1 234 -> 1234
+    boxed = _boxed(text)
+    if boxed is not None:
+        return regex.sub(r"\\d?frac\{(-?\d+)\}\{(\d+)\}", r"\1/\2", boxed), True  # \\frac{3}{4} -> 3/4
+    markers = list(_MARKER.finditer(text))
+    return (text[markers[-1].end():], True) if markers else (text, False)
+
+
+def final_answer(completion: str) -> str:
+    """The part of a completion that holds its final answer: the last \\boxed{} if any, else what follows the last
+    "answer is" / "Answer:" / "答案是" / "####", else the whole completion; NFKC-normalized, thousands separators
+    ("1,234", "1 234") removed."""
+    return _final(completion)[0]
 
 
 def answer_is_correct(completion: str, answer: str) -> bool:
-    """True when the completion's final number (or, for a non-numeric answer, its ending) equals the answer."""
-    completion = unicodedata.normalize("NFKC", completion)  # full-width digits and punctuation to ASCII
+    """True when the completion's final answer equals the answer. A numeric answer: the first number of
+    final_answer's text when a \\boxed{} or an answer marker picked it, else the completion's last number, compared
+    by value (0.75 = 3/4). Otherwise final_answer's text ends with the answer, or (after a marker) starts with it,
+    as a whole word."""
     answer = " ".join(unicodedata.normalize("NFKC", str(answer)).split()).rstrip(_TRAILING).lstrip()
-    completion = regex.sub(r"(?<=\d),(?=\d{3}\b)", "", completion)  # 1,234 -> 1234
+    text, marked = _final(completion)
     if _NUMBER.fullmatch(answer.replace(",", "")):
-        numbers = _NUMBER.findall(completion)
-        return bool(numbers) and float(numbers[-1]) == float(answer.replace(",", ""))
-    completion = " ".join(completion.split()).rstrip(_TRAILING)
-    if not answer or not completion.lower().endswith(answer.lower()):
+        numbers = _NUMBER.findall(text)
+        expected = _value(answer.replace(",", ""))
+        return bool(numbers) and expected is not None and _value(numbers[0 if marked else -1]) == expected
+    text = " ".join(text.split()).rstrip(_TRAILING).lstrip()
+    if not answer:
         return False
-    before = completion[:-len(answer)][-1:]  # "Comparis" does not end with the answer "Paris"
+    if marked and text.lower().startswith(answer.lower()):
+        after = text[len(answer):][:1]
+        if not (after.isascii() and after.isalnum()):
+            return True
+    if not text.lower().endswith(answer.lower()):
+        return False
+    before = text[:-len(answer)][-1:]  # "Comparis" does not end with the answer "Paris"
     return not (before.isascii() and before.isalnum())
 
 
-def read_task(task_path, tokenizer):
+def read_task(task_path, tokenizer, with_records=False):
     """(prompt token ids, answer) per record of a jsonl task file: {"messages": [...]} or {"prompt": "..."}
-    plus "answer". Chat messages get the generation prompt; plain prompts are encoded as text."""
-    prompts, answers = [], []
+    plus "answer" (with_records: and the records). Chat messages get the generation prompt; plain prompts are
+    encoded as text."""
+    prompts, answers, records = [], [], []
     with open(task_path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -59,14 +119,15 @@ def read_task(task_path, tokenizer):
                 raise ValueError(f"{where}: {e}") from None
             prompts.append(list(ids))
             answers.append(str(record["answer"]))
+            records.append(record)
     if not prompts:
         raise ValueError(f"{task_path}: no records")
-    return prompts, answers
+    return (prompts, answers, records) if with_records else (prompts, answers)
 
 
-def task_accuracy(model, tokenizer, task_path, batch_size=32, max_new_tokens=64, kv_memory="50%"):
-    """Fraction of a task file's records whose greedy completion holds the answer (answer_is_correct, the
-    check GRPO's reward uses), stopping at tokenizer.stop_ids. Prompts are batched shortest first to waste little
+def task_results(model, tokenizer, task_path, batch_size=32, max_new_tokens=EVAL_MAX_NEW_TOKENS, kv_memory="50%"):
+    """Per record of a task file, in file order: whether its greedy completion holds the answer (answer_is_correct,
+    the check GRPO's reward uses), stopping at tokenizer.stop_ids. Prompts are batched shortest first to waste little
     on padding."""
     prompts, answers = read_task(task_path, tokenizer)
     stop_ids = tokenizer.stop_ids
@@ -75,11 +136,124 @@ def task_accuracy(model, tokenizer, task_path, batch_size=32, max_new_tokens=64,
             raise ValueError(f"{task_path}: record {i + 1} has a {len(p)}-token prompt; the model's context is "
                              f"{model.config.max_len}, leaving no room for an answer")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    correct = 0
+    correct = [False] * len(prompts)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         outputs = generate(model, [prompts[i] for i in batch], max_new_tokens, SamplingParams(temperature=0.0),
                            stop_ids, vocab_size=tokenizer.vocab_size, kv_memory=kv_memory)
         for i, tokens in zip(batch, outputs):
-            correct += answer_is_correct(tokenizer.decode(strip_stop(tokens, stop_ids)), answers[i])
-    return correct / len(prompts)
+            correct[i] = answer_is_correct(tokenizer.decode(strip_stop(tokens, stop_ids)), answers[i])
+    return correct
+
+
+def task_accuracy(model, tokenizer, task_path, batch_size=32, max_new_tokens=EVAL_MAX_NEW_TOKENS, kv_memory="50%"):
+    """The fraction of a task file's records answered right (task_results): what sample.py --eval prints."""
+    correct = task_results(model, tokenizer, task_path, batch_size, max_new_tokens, kv_memory)
+    return sum(correct) / len(correct)
+
+
+def interval95(correct, before=None):
+    """The 95% half-width (normal approximation) of an accuracy over per-problem results, or, with before (the same
+    problems' results of another model), of the change in accuracy: paired, so the problems' own difficulty cancels."""
+    diffs = [float(c) for c in correct] if before is None else [float(a) - float(b) for a, b in zip(correct, before)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    variance = sum((d - mean) ** 2 for d in diffs) / max(1, n - 1)
+    return 1.96 * (variance / n) ** 0.5
+
+
+# -----------------------------------------------------------------------------
+# on-policy preference pairs: the model's own right and wrong replies to each prompt
+
+PAIRS_DEFAULTS = dict(
+    model="",  # MODELDIR (or .gguf) to sample from: the model DPO will start from (its reference)
+    data="",  # a task file (jsonl, "messages" or "prompt" plus "answer"), as --eval and GRPO read
+    out="",  # the pairs, in DPO's jsonl format: {"prompt": str | messages, "chosen": str, "rejected": str}
+    k=8,  # replies sampled per prompt
+    reward="exact_answer",  # a built-in name or module:function(prompt, completion, record) -> float (as GRPO's)
+    temperature=1.0,  # sampling temperature (top_p 1, top_k off: the model's own distribution)
+    max_new_tokens=EVAL_MAX_NEW_TOKENS,  # a reply that has not ended by then is left out of every pair
+    batch_size=16,  # prompts per generate() call (batch_size * k rows)
+    max_prompts=0,  # > 0: only the task file's first this many records
+    seed=0,
+    device="auto",
+)
+
+
+def make_pairs(model, tokenizer, records, prompts, reward_fn, k=8, temperature=1.0,
+               max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=16, seed=0, kv_memory="50%"):
+    """Sample k replies to each prompt, score each with reward_fn(prompt, reply, record) and pair the
+    best-scored reply (chosen) with the worst (rejected), picked at random among ties, where they differ.
+    Replies that did not end (no stop token within max_new_tokens) are left out: their text is not a reply.
+    Returns (pairs as DPO jsonl records, counts {prompts, pairs, all_equal, unfinished})."""
+    from strategies import check_reward
+
+    rng, stop_ids = random.Random(seed), tokenizer.stop_ids
+    pairs, counts = [], {"prompts": len(prompts), "pairs": 0, "all_equal": 0, "unfinished": 0}
+    for start in range(0, len(prompts), batch_size):
+        batch = list(range(start, min(start + batch_size, len(prompts))))
+        rows = [prompts[i] for i in batch for _ in range(k)]
+        outputs = generate(model, rows, max_new_tokens, SamplingParams(temperature=temperature), stop_ids,
+                           seed=seed + start, vocab_size=tokenizer.vocab_size, kv_memory=kv_memory)
+        for n, i in enumerate(batch):
+            prompt_text, scored = tokenizer.decode(prompts[i]), []
+            for tokens in outputs[n * k:(n + 1) * k]:
+                if not (tokens and tokens[-1] in stop_ids):
+                    counts["unfinished"] += 1
+                    continue
+                reply = tokenizer.decode([t for t in strip_stop(tokens, stop_ids) if t < tokenizer.vocab_size])
+                scored.append((check_reward(reward_fn(prompt_text, reply, records[i]), "reward", prompt_text, reply),
+                               reply))
+            if not scored or min(scored)[0] == max(scored)[0]:
+                counts["all_equal"] += 1
+                continue
+            best, worst = max(r for r, _ in scored), min(r for r, _ in scored)
+            chosen = rng.choice([reply for r, reply in scored if r == best])
+            rejected = rng.choice([reply for r, reply in scored if r == worst])
+            prompt = records[i]["messages"] if "messages" in records[i] else records[i]["prompt"]
+            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+            counts["pairs"] += 1
+    return pairs, counts
+
+
+def pairs_main(argv):
+    """python tasks.py pairs --model=DIR --data=TASK.jsonl --out=PAIRS.jsonl [--k=8 --reward=exact_answer ...]"""
+    from sample import load
+    from settings import load_settings, pick_device
+    from strategies import load_reward
+
+    args = load_settings(PAIRS_DEFAULTS, argv, "tasks.py pairs")
+    for key in ("model", "data", "out"):
+        if not args[key]:
+            sys.exit(f"tasks.py pairs: --{key} is required")
+    problems = [f"--{key}={args[key]} must be {rule}" for key, ok, rule in [
+        ("k", args.k >= 2, ">= 2: a pair needs two replies"), ("temperature", args.temperature > 0, "> 0"),
+        ("max_new_tokens", args.max_new_tokens >= 1, ">= 1"), ("batch_size", args.batch_size >= 1, ">= 1"),
+        ("max_prompts", args.max_prompts >= 0, ">= 0 (0 = all)")] if not ok]
+    if problems:
+        sys.exit("tasks.py pairs: " + "; ".join(problems))
+    try:
+        reward_fn = load_reward(args.reward)
+    except ValueError as e:
+        sys.exit(f"tasks.py pairs: {e}")
+    device, dtype = pick_device(args.device, "auto", inference=True)
+    model, tokenizer = load(args.model, device=device, dtype=dtype)
+    prompts, _, records = read_task(args.data, tokenizer, with_records=True)
+    if args.max_prompts:
+        prompts, records = prompts[:args.max_prompts], records[:args.max_prompts]
+    pairs, counts = make_pairs(model, tokenizer, records, prompts, reward_fn, args.k, args.temperature,
+                               args.max_new_tokens, args.batch_size, args.seed)
+    with open(args.out + ".tmp", "w", encoding="utf-8") as f:
+        for pair in pairs:
+            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
+    os.replace(args.out + ".tmp", args.out)
+    print(f"wrote {args.out}: {counts['pairs']:,} pairs from {counts['prompts']:,} prompts x {args.k} replies "
+          f"({counts['all_equal']:,} prompts whose replies all scored alike, {counts['unfinished']:,} replies "
+          f"unfinished at max_new_tokens={args.max_new_tokens} left out)")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["pairs"]:
+        sys.exit("usage: python tasks.py pairs --model=MODELDIR --data=TASK.jsonl --out=PAIRS.jsonl [--k=8] "
+                 "[--reward=exact_answer|module:function] [--temperature=1.0] [--max_new_tokens=N] [--seed=0]")
+    pairs_main(sys.argv[2:])

@@ -46,7 +46,7 @@ DEFAULTS = dict(
     log_to="",  # also log metrics.jsonl's figures to: tensorboard,wandb,swanlab (a comma list; loggers.py)
     project="astrai-nano",  # the wandb / SwanLab project
     run_name="",  # the wandb / SwanLab run; default: OUT_DIR's name
-    strategy="seq",  # seq | sft | dpo | grpo (strategies.py; each has settings of its own, --help lists them)
+    strategy="seq",  # seq | sft | dpo | grpo | distill (strategies.py; each has settings of its own, --help lists them)
     # schedule of work
     max_iters=1000,  # optimizer steps
     eval_interval=200,  # steps between val evaluations (0 = only at the end)
@@ -367,8 +367,8 @@ def setting_problems(cfg):
                                            "plain weights; train LoRA adapters with tp=1"),
         (cfg.tp == 1 or cfg.optimizer != "muon", f"optimizer=muon with tp={cfg.tp}: torch.optim.Muon works on "
                                                  "whole matrices, not tensor-parallel shards; use optimizer=adamw"),
-        (cfg.tp == 1 or cfg.strategy != "grpo", f"strategy=grpo with tp={cfg.tp}: rollouts on a split model are "
-                                                "untried; use tp=1"),
+        (cfg.tp == 1 or cfg.strategy in ("seq", "sft", "dpo"), f"strategy={cfg.strategy} with tp={cfg.tp}: only seq, "
+         "sft and dpo run on a split model (grpo's rollouts, distill's teacher and embed's pooling are untried)"),
         (cfg.lora_rank > 0 or not cfg.lora_tokens, f"lora_tokens={cfg.lora_tokens!r} needs lora_rank > 0 (without "
                                                    "LoRA every embedding row trains)"),
     ]

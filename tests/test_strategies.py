@@ -237,7 +237,8 @@ def grpo_setup(tokenizer_dir, tmp_path, monkeypatch, reward_source, **settings):
     tokenizer = Tokenizer.load(tokenizer_dir)
     model = tiny_model(tokenizer.vocab_size)
     reward = "toy_reward:reward" if reward_source else "exact_answer"
-    cfg = run_settings(strategies.GRPO, reward=reward, **settings)
+    # an untrained model never samples <|im_end|>: its completions are graded as they stand (truncated="grade")
+    cfg = run_settings(strategies.GRPO, reward=reward, **{"truncated": "grade", **settings})
     prompts = [tokenizer.render_chat([{"role": "user", "content": q}], add_generation_prompt=True)[0]
                for q in ("Hello", "23 + 45", "fox", "你好")]
     batch = {"prompt_ids": prompts, "answers": [""] * 4, "records": [{}] * 4}
@@ -287,7 +288,9 @@ def test_grpo_reference_resyncs_every_sync_interval_steps(tokenizer_dir, tmp_pat
 
 
 def test_grpo_offline_moves_toward_rewarded_responses(tokenizer_dir, tmp_path, monkeypatch):
-    model, grpo, batch = grpo_setup(tokenizer_dir, tmp_path, monkeypatch, None, ppo_epochs=2, kl_coef=0.04)
+    # loss_norm="sequence": each completion's mean, so at step 0 the advantages' zero sum makes the loss 0
+    model, grpo, batch = grpo_setup(tokenizer_dir, tmp_path, monkeypatch, None, ppo_epochs=2, kl_coef=0.04,
+                                    loss_norm="sequence")
     tok = grpo.tokenizer
     prompts = batch["prompt_ids"][:2]
     responses = [[tok.encode(text) + [tok.im_end_id] for text in ("the lazy dog", "Hello, world!", "68")] for _ in prompts]
