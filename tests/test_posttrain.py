@@ -389,7 +389,8 @@ def test_dpo_cut_report(tokenizer_dir, tmp_path, capsys):
     from data import load_dataset, prepare
 
     long_prompt = "The quick brown fox jumps over the lazy dog. " * 3
-    pairs = [{"prompt": "Hi", "chosen": "68", "rejected": "67"}, {"prompt": long_prompt, "chosen": "68", "rejected": "6"}]
+    pairs = [{"prompt": "Hi", "chosen": "68", "rejected": "67"},
+             {"prompt": long_prompt, "chosen": "68", "rejected": "6"}]
     (tmp_path / "dpo.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     prepare("dpo", [str(tmp_path / "dpo.jsonl")], tokenizer_dir, str(tmp_path / "dpo.h5"), val_fraction=0)
     tokenizer = Tokenizer.load(tokenizer_dir)
