@@ -31,8 +31,9 @@ DEFAULTS = dict(
     task="demo",  # demo | working (word problems, replies that show their working) | bilingual (short answers)
     data="",  # the task's data, tokenizer and .h5 files; default data/TASK
     out="",  # a directory per stage: OUT/demo (pretraining), OUT/sft, OUT/dpo, OUT/grpo; default out, or out/TASK
-    pairs="onpolicy",  # DPO's pairs: onpolicy (tasks.py pairs: the SFT model's own right and wrong replies to the
-    # grpo.jsonl prompts) | file (the demo's dpo.jsonl: right answers against their digits changed)
+    pairs="auto",  # DPO's pairs: onpolicy (tasks.py pairs: the SFT model's own right and wrong replies to the
+    # grpo.jsonl prompts) | file (the demo's dpo.jsonl: right answers against their digits changed, trained with
+    # rpo_alpha=5) | auto = file for the demo (on-policy pairs lowered its accuracy: README), onpolicy for the others
     scale=1.0,  # every stage's max_iters (and the on-policy prompts) times this: < 1 for a quicker, weaker run
     from_stage="data",  # data | pretrain | sft | dpo | grpo (| lora-sft | lora-dpo | lora-grpo): earlier ones reused
     lora_rank=0,  # > 0: after grpo, sft -> dpo -> grpo again from the pretrained model with LoRA adapters of this rank
@@ -429,12 +430,12 @@ def main(argv):
     args = load_settings(DEFAULTS, argv, "pipeline.py")
     problems = [f"--{key}={args[key]!r}: {rule}" for key, ok, rule in [
         ("task", args.task in ("demo", *TASKS), f"choose from demo, {', '.join(TASKS)}"),
-        ("pairs", args.pairs in ("file", "onpolicy"), "choose from onpolicy, file"),
+        ("pairs", args.pairs in ("auto", "file", "onpolicy"), "choose from auto, onpolicy, file"),
         ("pairs", not (args.pairs == "file" and args.task != "demo"), "only the demo writes a dpo.jsonl"),
         ("scale", 0 < args.scale <= 1, "must be in (0, 1]")] if not ok]
     if problems:
         sys.exit("pipeline.py: " + "; ".join(problems))
-    on_policy = args.pairs == "onpolicy"
+    on_policy = args.pairs == "onpolicy" or (args.pairs == "auto" and args.task != "demo")
     stages = stage_list(args.lora_rank)
     names = ["data"] + [label for label, *_ in stages]
     if args.from_stage not in names:
@@ -454,6 +455,8 @@ def main(argv):
             if stage == "dpo" and on_policy:
                 data_file = on_policy_pairs(data, f"{out}/{parent}/final", args.scale)
             start = [f"--tokenizer={data}/tokenizer"] if parent is None else [f"--init_from={out}/{parent}/final"]
+            if stage == "dpo" and not on_policy:  # digit-changed pairs: the chosen replies' NLL keeps them likely
+                start.append("--rpo_alpha=5")
             sh("train.py", config, f"--data={data_file}", f"--out_dir={out}/{name}", *start, *extra,
                *scaled_iters(config, args.scale))
         elif not os.path.isdir(model_dir):
