@@ -81,15 +81,23 @@ def lm_eval_records(data, tokenizer):
     return records
 
 
-def write_tasks(data, tokenizer, out, name="", max_new_tokens=0):
+def write_tasks(data, tokenizer, out, name="", max_new_tokens=0, context=None):
     """Write an lm-eval task for a task file: OUT/NAME.yaml (generate_until, greedy, up to max_new_tokens, cut at the
     tokenizer's stop tokens), OUT/NAME.jsonl and OUT/utils.py, whose process_results is tasks.answer_is_correct:
-    lm-eval's exact_match is then sample.py --eval's accuracy. Paths inside are absolute. -> the task name."""
+    lm-eval's exact_match is then sample.py --eval's accuracy. Paths inside are absolute. context: the model's, when
+    known: max_new_tokens is then at most what the longest prompt leaves (lm-eval wants prompt + reply to fit, where
+    generate() stops at the context's end). -> the task name."""
     from sample import EVAL_MAX_NEW_TOKENS
 
     name, max_new_tokens = name or "astrai_" + os.path.splitext(os.path.basename(data))[0], max_new_tokens or \
         EVAL_MAX_NEW_TOKENS
     records = lm_eval_records(data, tokenizer)
+    if context:
+        longest = max(len(tokenizer.encode_with_special(r["prompt"])) for r in records)
+        if longest >= context:
+            raise ValueError(f"{data}: a prompt of {longest} tokens leaves no room for a reply in the {context}-token "
+                             "context")
+        max_new_tokens = min(max_new_tokens, context - longest)
     os.makedirs(out, exist_ok=True)
     jsonl, stops = os.path.abspath(os.path.join(out, name + ".jsonl")), [tokenizer.decode([i]) for i in
                                                                           tokenizer.stop_ids]
@@ -124,8 +132,11 @@ def main(argv):
     for key in ("data", "tokenizer", "out"):
         if not args[key]:
             raise SystemExit(f"--{key} is required; see python evaluate.py tasks --help")
+    config = os.path.join(args.tokenizer, "config.json")  # a model directory: its context bounds the replies
     try:
-        name = write_tasks(args.data, Tokenizer.load(args.tokenizer), args.out, args.name, args.max_new_tokens)
+        context = json.load(open(config)).get("max_position_embeddings") if os.path.isfile(config) else None
+        name = write_tasks(args.data, Tokenizer.load(args.tokenizer), args.out, args.name, args.max_new_tokens,
+                           context)
     except (ValueError, OSError) as e:
         raise SystemExit(f"evaluate.py: {e}") from None
     print(f"wrote the lm-eval task {name} to {args.out}; run it with --include_path={args.out} --tasks={name}")
