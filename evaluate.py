@@ -134,7 +134,10 @@ def main(argv):
             raise SystemExit(f"--{key} is required; see python evaluate.py tasks --help")
     config = os.path.join(args.tokenizer, "config.json")  # a model directory: its context bounds the replies
     try:
-        context = json.load(open(config)).get("max_position_embeddings") if os.path.isfile(config) else None
+        context = None
+        if os.path.isfile(config):
+            with open(config, encoding="utf-8") as f:
+                context = json.load(f).get("max_position_embeddings")
         name = write_tasks(args.data, Tokenizer.load(args.tokenizer), args.out, args.name, args.max_new_tokens,
                            context)
     except (ValueError, OSError) as e:
