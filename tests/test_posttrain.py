@@ -18,6 +18,8 @@ from tasks import answer_is_correct, final_answer
 from tokenizer import Tokenizer, train_tokenizer
 from train import DEFAULTS
 
+from test_strategies import tokenizer_dir  # noqa: F401 (a fixture: a tiny tokenizer directory)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -26,14 +28,6 @@ def tiny_model(vocab_size, seed=0, dim=32, n_layers=2):
     torch.manual_seed(seed)
     return Transformer(ModelConfig(vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=2, n_kv_heads=1,
                                    dim_ffn=64, max_len=64))
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok")
-    text = "The quick brown fox jumps over the lazy dog. 23 + 45 = 68. 你好，世界！Hello, world!\n" * 20
-    train_tokenizer([text], vocab_size=300, progress=False).save(path)
-    return str(path)
 
 
 # -----------------------------------------------------------------------------
