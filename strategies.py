@@ -187,6 +187,9 @@ class DPO(Strategy):
             "margin": margins.mean().item(),
             "pref_accuracy": (margins > 0).float().mean().item(),  # 0 at the start: policy == reference
             "chosen_reward": self.beta * (policy[:B] - ref[:B]).mean().item(),  # < 0: chosen replies unlearned too
+            "rejected_reward": self.beta * (policy[B:] - ref[B:]).mean().item(),
+            # both replies' log-probs falling while the margin grows: mass moves to replies in neither (displacement)
+            "chosen_logp": policy[:B].mean().item(), "rejected_logp": policy[B:].mean().item(),
         }
         if self.rpo_alpha:
             chosen_nll = -token_logprobs[:B].sum() / max(1, totals["chosen_tokens"])  # a token mean, as sft's

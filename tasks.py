@@ -4,6 +4,7 @@ on-policy preference pairs sampled from a model and graded by a reward.
 
     python sample.py --model=out/final --eval=task.jsonl      # prints the accuracy (task_accuracy)
     python tasks.py pairs --model=out/sft/final --data=task.jsonl --k=8 --out=pairs.jsonl   # DPO pairs (make_pairs)
+    python tasks.py replies --model=out/grpo/final --data=sft.jsonl --out=teacher.jsonl    # a model's replies as SFT
 
 A task file is jsonl: {"messages": [...]} (rendered with the chat template and its generation prompt) or
 {"prompt": "..."} (plain text), plus "answer". answer_is_correct is also GRPO's exact_answer reward (strategies.py);
@@ -180,16 +181,39 @@ PAIRS_DEFAULTS = dict(
 )
 
 
+def dpo_messages(record):
+    """A task record's prompt as DPO's data renders it (data.py prepare --stage=dpo): "messages" as given, a "prompt"
+    string as the user's message. Replies for DPO are sampled after these messages and the generation prompt, never
+    after the plain text: a reply sampled as a continuation of the text is not one the policy gives in the chat."""
+    prompt = record["messages"] if "messages" in record else record["prompt"]
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
+def dpo_prompts(tokenizer, records):
+    """Token ids of each record's prompt (dpo_messages) with the chat template's generation prompt."""
+    return [tokenizer.render_chat(dpo_messages(record), add_generation_prompt=True)[0] for record in records]
+
+
+def round_trips(tokenizer, messages, prompt_ids, reply_ids, reply):
+    """True when DPO's or SFT's data, rendering the messages and the reply's text, trains on exactly the tokens the
+    model sampled: the prompt's ids, then reply_ids, then the template's end of message. Decoding and encoding again
+    may not give back the ids sampled (a word sampled in two pieces comes back as one token)."""
+    ids, mask = tokenizer.render_chat(messages + [{"role": "assistant", "content": reply}])
+    scored = [token for token, m in zip(ids, mask) if m]
+    return ids[:len(prompt_ids)] == list(prompt_ids) and scored[:-1] == list(reply_ids)
+
+
 def make_pairs(model, tokenizer, records, prompts, reward_fn, k=8, temperature=1.0,
                max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=16, seed=0, kv_memory="50%"):
-    """Sample k replies to each prompt, score each with reward_fn(prompt, reply, record) and pair the
-    best-scored reply (chosen) with the worst (rejected), picked at random among ties, where they differ.
-    Replies that did not end (no stop token within max_new_tokens) are left out: their text is not a reply.
-    Returns (pairs as DPO jsonl records, counts {prompts, pairs, all_equal, unfinished})."""
+    """Sample k replies to each prompt (token ids: dpo_prompts'), score each with reward_fn(prompt, reply, record)
+    and pair the best-scored reply (chosen) with the worst (rejected), picked at random among ties, where they differ.
+    Replies that did not end (no stop token within max_new_tokens) are left out: their text is not a reply; so are
+    replies whose text DPO's data would not tokenize back to the ids sampled (round_trips).
+    Returns (pairs as DPO jsonl records, counts {prompts, pairs, all_equal, unfinished, not_round_trip})."""
     from strategies import check_reward
 
     rng, stop_ids = random.Random(seed), tokenizer.stop_ids
-    pairs, counts = [], {"prompts": len(prompts), "pairs": 0, "all_equal": 0, "unfinished": 0}
+    pairs, counts = [], {"prompts": len(prompts), "pairs": 0, "all_equal": 0, "unfinished": 0, "not_round_trip": 0}
     for start in range(0, len(prompts), batch_size):
         batch = list(range(start, min(start + batch_size, len(prompts))))
         rows = [prompts[i] for i in batch for _ in range(k)]
@@ -201,7 +225,11 @@ def make_pairs(model, tokenizer, records, prompts, reward_fn, k=8, temperature=1
                 if not (tokens and tokens[-1] in stop_ids):
                     counts["unfinished"] += 1
                     continue
-                reply = tokenizer.decode([t for t in strip_stop(tokens, stop_ids) if t < tokenizer.vocab_size])
+                reply_ids = strip_stop(tokens, stop_ids)
+                reply = tokenizer.decode(reply_ids)
+                if not round_trips(tokenizer, dpo_messages(records[i]), prompts[i], reply_ids, reply):
+                    counts["not_round_trip"] += 1
+                    continue
                 scored.append((check_reward(reward_fn(prompt_text, reply, records[i]), "reward", prompt_text, reply),
                                reply))
             if not scored or min(scored)[0] == max(scored)[0]:
@@ -238,9 +266,9 @@ def pairs_main(argv):
         sys.exit(f"tasks.py pairs: {e}")
     device, dtype = pick_device(args.device, "auto", inference=True)
     model, tokenizer = load(args.model, device=device, dtype=dtype)
-    prompts, _, records = read_task(args.data, tokenizer, with_records=True)
-    if args.max_prompts:
-        prompts, records = prompts[:args.max_prompts], records[:args.max_prompts]
+    _, _, records = read_task(args.data, tokenizer, with_records=True)
+    records = records[:args.max_prompts] if args.max_prompts else records
+    prompts = dpo_prompts(tokenizer, records)  # as DPO will see them: a "prompt" string as the user's message
     pairs, counts = make_pairs(model, tokenizer, records, prompts, reward_fn, args.k, args.temperature,
                                args.max_new_tokens, args.batch_size, args.seed)
     with open(args.out + ".tmp", "w", encoding="utf-8") as f:
@@ -249,11 +277,99 @@ def pairs_main(argv):
     os.replace(args.out + ".tmp", args.out)
     print(f"wrote {args.out}: {counts['pairs']:,} pairs from {counts['prompts']:,} prompts x {args.k} replies "
           f"({counts['all_equal']:,} prompts whose replies all scored alike, {counts['unfinished']:,} replies "
-          f"unfinished at max_new_tokens={args.max_new_tokens} left out)")
+          f"unfinished at max_new_tokens={args.max_new_tokens} and {counts['not_round_trip']:,} whose text does not "
+          "tokenize back to the ids sampled left out)")
 
+
+# -----------------------------------------------------------------------------
+# a model's own replies to SFT data's prompts, as SFT data (to distill a teacher over the replies it gives)
+
+REPLIES_DEFAULTS = dict(
+    model="",  # MODELDIR (or .gguf) whose replies to write: a teacher to distill
+    data="",  # SFT jsonl ({"messages": [...]}): each conversation up to its last assistant message is a prompt
+    out="",  # SFT jsonl: each prompt with the model's reply as the last assistant message
+    temperature=0.0,  # 0: greedy, the reply the model gives (a prompt repeated in data is answered once)
+    max_new_tokens=EVAL_MAX_NEW_TOKENS,  # a reply that has not ended by then is left out
+    batch_size=64,  # prompts per generate() call
+    seed=0,
+    device="auto",
+)
+
+
+def sft_prompt(messages):
+    """The messages before a conversation's last assistant message (all of them when none is last)."""
+    return messages[:-1] if messages and messages[-1].get("role") == "assistant" else messages
+
+
+def make_replies(model, tokenizer, conversations, temperature=0.0, max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=64,
+                 seed=0, kv_memory="50%"):
+    """Each conversation's prompt (sft_prompt) with the model's reply as its last message, where the reply ended with
+    a stop token within max_new_tokens and its text tokenizes back to the ids generated (round_trips). Returns
+    (conversations as SFT jsonl records, counts {conversations, written, unfinished, not_round_trip})."""
+    prompts = [sft_prompt(messages) for messages in conversations]
+    rows = [tokenizer.render_chat(prompt, add_generation_prompt=True)[0] for prompt in prompts]
+    todo = list({tuple(row): None for row in rows}) if temperature == 0 else rows  # greedy: each prompt once
+    outputs = []
+    for start in range(0, len(todo), batch_size):
+        outputs += generate(model, [list(row) for row in todo[start:start + batch_size]], max_new_tokens,
+                            SamplingParams(temperature=temperature), tokenizer.stop_ids, seed=seed + start,
+                            vocab_size=tokenizer.vocab_size, kv_memory=kv_memory)
+    reply_of = dict(zip(todo, outputs)) if temperature == 0 else None
+    written, counts = [], {"conversations": len(prompts), "written": 0, "unfinished": 0, "not_round_trip": 0}
+    for n, (prompt, row) in enumerate(zip(prompts, rows)):
+        tokens = reply_of[tuple(row)] if reply_of is not None else outputs[n]
+        if not (tokens and tokens[-1] in tokenizer.stop_ids):
+            counts["unfinished"] += 1
+            continue
+        reply_ids = strip_stop(tokens, tokenizer.stop_ids)
+        reply = tokenizer.decode(reply_ids)
+        if not round_trips(tokenizer, prompt, row, reply_ids, reply):
+            counts["not_round_trip"] += 1
+            continue
+        written.append({"messages": prompt + [{"role": "assistant", "content": reply}]})
+        counts["written"] += 1
+    return written, counts
+
+
+def replies_main(argv):
+    """python tasks.py replies --model=DIR --data=SFT.jsonl --out=SFT_REPLIES.jsonl [--temperature=0 ...]"""
+    from sample import load
+    from settings import load_settings, pick_device
+
+    args = load_settings(REPLIES_DEFAULTS, argv, "tasks.py replies")
+    problems = [f"--{key} is required" for key in ("model", "data", "out") if not args[key]]
+    problems += [f"--{key}={args[key]} must be {rule}" for key, ok, rule in [
+        ("temperature", args.temperature >= 0, ">= 0 (0 = greedy)"),
+        ("max_new_tokens", args.max_new_tokens >= 1, ">= 1"), ("batch_size", args.batch_size >= 1, ">= 1")] if not ok]
+    if problems:
+        sys.exit("tasks.py replies: " + "; ".join(problems))
+    conversations = []
+    with open(args.data, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                record = json.loads(line)
+                if not (isinstance(record, dict) and isinstance(record.get("messages"), list) and
+                        sft_prompt(record["messages"])):
+                    sys.exit(f'tasks.py replies: {args.data}:{line_no}: expected {{"messages": [...]}} with a prompt')
+                conversations.append(record["messages"])
+    device, dtype = pick_device(args.device, "auto", inference=True)
+    model, tokenizer = load(args.model, device=device, dtype=dtype)
+    written, counts = make_replies(model, tokenizer, conversations, args.temperature, args.max_new_tokens,
+                                   args.batch_size, args.seed)
+    with open(args.out + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in written)
+    os.replace(args.out + ".tmp", args.out)
+    print(f"wrote {args.out}: {counts['written']:,} of {counts['conversations']:,} conversations with {args.model}'s "
+          f"replies ({counts['unfinished']:,} unfinished at max_new_tokens={args.max_new_tokens} and "
+          f"{counts['not_round_trip']:,} whose text does not tokenize back to the ids generated left out)")
+
+
+COMMANDS = {"pairs": pairs_main, "replies": replies_main}
 
 if __name__ == "__main__":
-    if sys.argv[1:2] != ["pairs"]:
+    if sys.argv[1:2] not in ([name] for name in COMMANDS):
         sys.exit("usage: python tasks.py pairs --model=MODELDIR --data=TASK.jsonl --out=PAIRS.jsonl [--k=8] "
-                 "[--reward=exact_answer|module:function] [--temperature=1.0] [--max_new_tokens=N] [--seed=0]")
-    pairs_main(sys.argv[2:])
+                 "[--reward=exact_answer|module:function] [--temperature=1.0] [--max_new_tokens=N] [--seed=0]\n"
+                 "       python tasks.py replies --model=MODELDIR --data=SFT.jsonl --out=SFT_REPLIES.jsonl "
+                 "[--temperature=0] [--max_new_tokens=N]")
+    COMMANDS[sys.argv[1]](sys.argv[2:])

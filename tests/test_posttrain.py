@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import strategies
 from model import ModelConfig, Transformer
 from settings import Settings
+from sample import strip_stop
 from strategies import grpo_loss, overlong_rewards
 from tasks import answer_is_correct, final_answer
 from tokenizer import Tokenizer, train_tokenizer
@@ -196,38 +197,115 @@ def test_one_eval_length(tokenizer_dir, tmp_path, monkeypatch):
 # on-policy pairs
 
 
-def test_on_policy_pairs(tokenizer_dir, tmp_path, monkeypatch):
-    from data import load_dataset, prepare
-    from sample import EVAL_MAX_NEW_TOKENS
-    from tasks import make_pairs, read_task
+def test_pairs_sampled_in_the_chat_dpo_trains_on(tokenizer_dir, tmp_path, monkeypatch):
+    """tasks.py pairs samples each reply after the prompt as DPO's data renders it: a "prompt" string as the user's
+    message with the generation prompt (transformers' apply_chat_template), not the plain text continued."""
+    import transformers
+
+    import tasks
 
     tokenizer = Tokenizer.load(tokenizer_dir)
-    model = tiny_model(tokenizer.vocab_size).eval()
+    tiny_model(tokenizer.vocab_size).save_pretrained(str(tmp_path / "model"))
+    tokenizer.save(str(tmp_path / "model"))
     task = tmp_path / "task.jsonl"
     task.write_text(json.dumps({"prompt": "Hello", "answer": "x"}) + "\n" +
                     json.dumps({"messages": [{"role": "user", "content": "fox"}], "answer": "y"}) + "\n")
-    prompts, _, records = read_task(str(task), tokenizer, with_records=True)
+    rows, real_generate = [], tasks.generate
+    monkeypatch.setattr(tasks, "generate", lambda model, prompts, *a, **kw: rows.extend(prompts) or
+                        real_generate(model, prompts, *a, **kw))
+    tasks.pairs_main([f"--model={tmp_path}/model", f"--data={task}", f"--out={tmp_path}/pairs.jsonl", "--k=2",
+                      "--max_new_tokens=4", "--device=cpu"])
+    auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "model"))
+    expected = [auto.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                         tokenize=True, return_dict=False) for text in ("Hello", "fox")]
+    assert rows == [expected[0]] * 2 + [expected[1]] * 2
 
-    def reward(prompt, completion, record):
-        return float(len(completion) % 3)
 
-    # an untrained model rarely samples <|im_end|>: a tenth of the vocabulary stops its replies instead
+def test_pairs_train_on_the_tokens_sampled(tokenizer_dir, tmp_path, monkeypatch):
+    """DPO's prepared pairs hold, after the prompt, the very ids the model sampled (an untrained model's samples are
+    full of words in pieces, which decode and encode again to other ids: those replies are left out)."""
+    from data import load_dataset, prepare
+
+    import tasks
+
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    model = tiny_model(tokenizer.vocab_size).eval()
+    records = [{"prompt": "Hello", "answer": "x"}, {"messages": [{"role": "user", "content": "fox"}], "answer": "y"}]
+    prompts = tasks.dpo_prompts(tokenizer, records)
     monkeypatch.setattr(tokenizer, "stop_ids", list(range(0, tokenizer.vocab_size, 10)))
-    pairs, counts = make_pairs(model, tokenizer, records, prompts, reward, k=8, max_new_tokens=EVAL_MAX_NEW_TOKENS)
+    sampled, real_generate = {}, tasks.generate
+
+    def recording_generate(model, rows, *args, **kwargs):
+        outputs = real_generate(model, rows, *args, **kwargs)
+        for row, tokens in zip(rows, outputs):
+            reply_ids = strip_stop(tokens, tokenizer.stop_ids)
+            sampled.setdefault((tuple(row), tokenizer.decode(reply_ids)), reply_ids)
+        return outputs
+
+    monkeypatch.setattr(tasks, "generate", recording_generate)
+    pairs, counts = tasks.make_pairs(model, tokenizer, records, prompts, lambda p, c, r: float(len(c) % 3), k=16,
+                                     max_new_tokens=12)
     assert counts["prompts"] == 2 and counts["pairs"] == len(pairs) >= 1
+    assert counts["not_round_trip"] >= 1  # some samples do not tokenize back to themselves
     for pair in pairs:
-        assert reward("", pair["chosen"], None) > reward("", pair["rejected"], None)
+        assert len(pair["chosen"]) % 3 > len(pair["rejected"]) % 3
         assert pair["prompt"] in ("Hello", [{"role": "user", "content": "fox"}])
     out = tmp_path / "pairs.jsonl"
     out.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
-    prepare("dpo", [str(out)], tokenizer_dir, str(tmp_path / "pairs.h5"), val_fraction=0)  # DPO's format
-    assert len(load_dataset(str(tmp_path / "pairs.h5"), "train", 64, stage="dpo")) == len(pairs)
+    prepare("dpo", [str(out)], tokenizer_dir, str(tmp_path / "pairs.h5"), val_fraction=0)
+    dataset = load_dataset(str(tmp_path / "pairs.h5"), "train", 64, stage="dpo")
+    batch = dataset.get_batch(list(range(len(pairs))))
+    prompt_of = {json.dumps(tasks.dpo_messages(record)): prompt for record, prompt in zip(records, prompts)}
+    for n, pair in enumerate(pairs):
+        prompt = prompt_of[json.dumps(tasks.dpo_messages({"prompt": pair["prompt"]}))]
+        for side in ("chosen", "rejected"):
+            targets = batch[f"{side}_targets"][n]
+            scored = targets[targets != -100].tolist()  # the reply tokens DPO scores, the end of message last
+            assert scored[:-1] == sampled[(tuple(prompt), pair[side])]
+            assert batch[f"{side}_ids"][n, :len(prompt)].tolist() == prompt
 
 
 def test_pairs_command_refuses_bad_options(tmp_path):
     p = subprocess.run([sys.executable, "tasks.py", "pairs", "--model=x", "--data=y", f"--out={tmp_path}/p.jsonl",
                         "--k=1"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "--k=1" in p.stderr
+
+
+def test_teacher_replies_as_sft_data(tokenizer_dir, tmp_path, monkeypatch):
+    """tasks.make_replies: each SFT prompt with the model's greedy reply (transformers' generate on the saved model as
+    the reference), which SFT's data then scores token for token; replies that do not end are left out."""
+    import transformers
+
+    import tasks
+    from data import load_dataset, prepare
+
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    torch.manual_seed(1)  # untied: a tied untrained model repeats the prompt's last token ("\n") for ever
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                                    dim_ffn=64, max_len=64, tie_weight=False)).eval()
+    model.save_pretrained(str(tmp_path / "model"))
+    stop_ids = list(range(0, tokenizer.vocab_size, 5))  # an untrained model's replies end early enough
+    monkeypatch.setattr(tokenizer, "stop_ids", stop_ids)
+    conversations = [[{"role": "user", "content": text}, {"role": "assistant", "content": "68"}]
+                     for text in ("Hello", "fox", "23 + 45", "Hello")] + [[{"role": "user", "content": "dog"}]]
+    written, counts = tasks.make_replies(model, tokenizer, conversations, max_new_tokens=6)
+    assert counts["conversations"] == 5 and counts["written"] == len(written) >= 1 and counts["unfinished"] >= 1
+    assert counts["written"] + counts["unfinished"] + counts["not_round_trip"] == 5
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "model")).eval()
+    (tmp_path / "replies.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in written))
+    prepare("sft", [str(tmp_path / "replies.jsonl")], tokenizer_dir, str(tmp_path / "replies.h5"), val_fraction=0)
+    data = load_dataset(str(tmp_path / "replies.h5"), "train", 64, stage="sft")
+    for n, record in enumerate(written):
+        prompt = record["messages"][:-1]
+        assert prompt in [tasks.sft_prompt(c) for c in conversations]
+        ids = tokenizer.render_chat(prompt, add_generation_prompt=True)[0]
+        out = reference.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=stop_ids,
+                                 pad_token_id=0)[0, len(ids):].tolist()
+        assert out[-1] in stop_ids  # it ended: a written reply is a finished one
+        targets = data.get_batch([n])["targets"][0]
+        assert targets[targets != -100].tolist()[:-1] == out[:-1]  # SFT scores the ids generated, then <|im_end|>
+    hello = [r["messages"][-1]["content"] for r in written if r["messages"][0]["content"] == "Hello"]
+    assert len(set(hello)) <= 1  # a repeated prompt gets the one greedy reply
 
 
 # -----------------------------------------------------------------------------
