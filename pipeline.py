@@ -11,7 +11,8 @@ starting from the last one's final/ model, with greedy exact-answer accuracy on 
     python pipeline.py --lora_rank=8 --from_stage=lora-sft    # only the LoRA stages, on the pretrained model
     python pipeline.py --task=working           # the same four stages on another task: word problems with working
     python pipeline.py task --task=bilingual --out=DIR    # only write a task's data
-    python pipeline.py distill                  # a half-depth student distilled from out/grpo/final, beside SFT alone
+    python pipeline.py distill                  # a half-depth student distilled from out/grpo/final, beside SFT alone,
+                                                # both on out/grpo/final's replies to the SFT prompts (tasks.py replies)
 
 It runs the same commands a user would (printed as it goes); the accuracy is sample.py --eval's, printed with its
 95% interval and, from SFT on, the change from the stage before with the change's (paired) 95% interval.
@@ -303,9 +304,9 @@ def answer_results(model_dir, task):
     return task_results(model, tokenizer, task, batch_size=256)  # 256 rows a generate() call: fewer decode steps
 
 
-def preference_accuracy(policy_dir, reference_dir, pairs_path):
-    """Share of preference pairs where DPO's implicit reward, beta * log(policy / reference), is higher for
-    the chosen reply than for the rejected one."""
+def preference_accuracy(policy_dir, reference_dir, pairs_path, split="train"):
+    """Share of preference pairs (a split of a dpo .h5) where DPO's implicit reward, beta * log(policy / reference),
+    is higher for the chosen reply than for the rejected one."""
     import torch
 
     from data import load_dataset
@@ -314,7 +315,7 @@ def preference_accuracy(policy_dir, reference_dir, pairs_path):
 
     policy, _ = load(policy_dir)
     dpo = DPO(Settings(beta=1.0, rpo_alpha=0.0), load(reference_dir)[0], None)  # the margin's sign: any beta
-    pairs = load_dataset(pairs_path, "train", policy.config.max_len - 1, stage="dpo")
+    pairs = load_dataset(pairs_path, split, policy.config.max_len - 1, stage="dpo")
     correct = 0.0
     with torch.no_grad():
         for start in range(0, len(pairs), 64):
@@ -385,15 +386,27 @@ def write_task(argv):
 
 def distill_demo(argv):
     """python pipeline.py distill: configs/distill.py's student (half the teacher's depth) distilled from the final
-    model of the pipeline, beside the same student trained on the same data by SFT alone, and the teacher."""
-    args = load_settings({"data": "data/demo", "out": "out", "teacher": "", "scale": 1.0}, argv, "pipeline.py distill")
+    model of the pipeline, beside the same student trained on the same data by SFT alone, and the teacher. The data:
+    --replies=teacher (default), the SFT prompts with the teacher's greedy replies (tasks.py replies), so the teacher's
+    distributions are taken where it is on its own path; --replies=data, the SFT data's own replies."""
+    args = load_settings({"data": "data/demo", "out": "out", "teacher": "", "scale": 1.0, "replies": "teacher"}, argv,
+                         "pipeline.py distill")
+    if args.replies not in ("teacher", "data"):
+        sys.exit(f"pipeline.py distill: --replies={args.replies!r}: choose from teacher, data")
     from settings import run_config_file
     from tasks import interval95
 
     config = run_config_file("configs/distill.py")
     teacher = args.teacher or f"{args.out}/grpo/final"
-    same = [f"--data={args.data}/sft.h5", f"--tokenizer={args.data}/tokenizer", *scaled_iters("configs/distill.py",
-                                                                                              args.scale)]
+    sft_data = f"{args.data}/sft.h5"
+    if args.replies == "teacher":  # the teacher's own replies to the SFT prompts: what its distributions are about
+        os.makedirs(f"{args.out}/distill-data", exist_ok=True)
+        sft_data = f"{args.out}/distill-data/teacher_sft.h5"
+        sh("tasks.py", "replies", f"--model={teacher}", f"--data={args.data}/sft.jsonl",
+           f"--out={args.out}/distill-data/teacher_sft.jsonl")
+        sh("data.py", "prepare", "--stage=sft", f"--input={args.out}/distill-data/teacher_sft.jsonl",
+           f"--tokenizer={args.data}/tokenizer", f"--out={sft_data}")
+    same = [f"--data={sft_data}", f"--tokenizer={args.data}/tokenizer", *scaled_iters("configs/distill.py", args.scale)]
     t0 = time.time()
     sh("train.py", "configs/distill.py", f"--teacher={teacher}", f"--out_dir={args.out}/distill", *same)
     minutes = {"distill": (time.time() - t0) / 60}
@@ -472,9 +485,10 @@ def main(argv):
             before = results[name.replace("grpo", "sft")]
             change = accuracy - sum(before) / len(before)
             note += f"; {change:+.3f} ± {interval95(results[name], before):.3f} on sft"
-        if stage == "dpo" and not on_policy:
-            pairs = preference_accuracy(model_dir, os.path.join(out, parent, "final"), f"{data}/dpo_eval.h5")
-            note += f"; preference accuracy {pairs:.3f} on {data}/dpo_eval.jsonl"
+        if stage == "dpo":  # on-policy: the val split's pairs, from prompts DPO did not train on
+            pairs_file, split = (f"{data}/dpo_onpolicy.h5", "val") if on_policy else (f"{data}/dpo_eval.h5", "train")
+            pairs = preference_accuracy(model_dir, os.path.join(out, parent, "final"), pairs_file, split)
+            note += f"; preference accuracy {pairs:.3f} on {pairs_file}'s {split} split"
         rows.append((label, accuracy, (time.time() - t0) / 60 if i >= first else None, note))
         print(f"{label}: accuracy {accuracy:.3f} {note}", flush=True)
 
