@@ -305,8 +305,8 @@ def answer_results(model_dir, task):
 
 
 def preference_accuracy(policy_dir, reference_dir, pairs_path, split="train"):
-    """Share of preference pairs (a split of a dpo .h5) where DPO's implicit reward, beta * log(policy / reference),
-    is higher for the chosen reply than for the rejected one."""
+    """(share, count) of preference pairs (a split of a dpo .h5) where DPO's implicit reward, beta * log(policy /
+    reference), is higher for the chosen reply than for the rejected one."""
     import torch
 
     from data import load_dataset
@@ -322,7 +322,7 @@ def preference_accuracy(policy_dir, reference_dir, pairs_path, split="train"):
             indices = list(range(start, min(start + 64, len(pairs))))
             _, metrics = dpo.loss(policy, pairs.get_batch(indices), step=0, evaluating=True)
             correct += metrics["pref_accuracy"] * len(indices)
-    return correct / len(pairs)
+    return correct / len(pairs), len(pairs)
 
 
 def write_demo(argv):
@@ -469,7 +469,7 @@ def main(argv):
                 data_file = on_policy_pairs(data, f"{out}/{parent}/final", args.scale)
             start = [f"--tokenizer={data}/tokenizer"] if parent is None else [f"--init_from={out}/{parent}/final"]
             if stage == "dpo" and not on_policy:  # digit-changed pairs: the chosen replies' NLL keeps them likely
-                start.append("--rpo_alpha=5")
+                start += ["--rpo_alpha=5", "--lr=1e-4", "--min_lr=1e-5"]
             sh("train.py", config, f"--data={data_file}", f"--out_dir={out}/{name}", *start, *extra,
                *scaled_iters(config, args.scale))
         elif not os.path.isdir(model_dir):
@@ -487,8 +487,8 @@ def main(argv):
             note += f"; {change:+.3f} ± {interval95(results[name], before):.3f} on sft"
         if stage == "dpo":  # on-policy: the val split's pairs, from prompts DPO did not train on
             pairs_file, split = (f"{data}/dpo_onpolicy.h5", "val") if on_policy else (f"{data}/dpo_eval.h5", "train")
-            pairs = preference_accuracy(model_dir, os.path.join(out, parent, "final"), pairs_file, split)
-            note += f"; preference accuracy {pairs:.3f} on {pairs_file}'s {split} split"
+            share, n = preference_accuracy(model_dir, os.path.join(out, parent, "final"), pairs_file, split)
+            note += f"; preference accuracy {share:.3f} on {pairs_file}'s {split} split ({n} pairs)"
         rows.append((label, accuracy, (time.time() - t0) / 60 if i >= first else None, note))
         print(f"{label}: accuracy {accuracy:.3f} {note}", flush=True)
 
