@@ -1,9 +1,12 @@
 # Distillation of the demo's final model into a student half its depth (see README.md, Distillation):
 #   python train.py configs/distill.py
 # The student (configs/tiny.py with 2 blocks instead of 4: ~0.6M parameters to the teacher's 1.05M) starts from
-# scratch and learns, on the SFT conversations' replies, the teacher's whole next-token distribution at each position
-# instead of the one token the data holds: a softer, richer target than SFT's. `python pipeline.py distill` trains it
-# beside the same student on the same data by SFT alone (configs/sft.py with these model and schedule settings).
+# scratch and learns, on SFT conversations' replies, the teacher's whole next-token distribution at each position
+# instead of the one token the data holds: a softer, richer target than SFT's. The replies are best the teacher's own
+# (python tasks.py replies --model=TEACHER --data=sft.jsonl --out=teacher_sft.jsonl, then data.py prepare --stage=sft):
+# on replies it would not give, its distributions are about contexts it never reaches. `python pipeline.py distill`
+# does that and trains the same student on the same file by SFT alone (configs/sft.py with these model and schedule
+# settings) beside it.
 out_dir = "out/distill"
 teacher = "out/grpo/final"  # the teacher: any model this project loads with the same tokenizer (checked at start)
 init_from = "scratch"
