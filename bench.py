@@ -406,6 +406,9 @@ def dtypes(args):
     if args.dtypes != "auto":
         return args.dtypes.split(",")
     native = torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if torch.cuda.is_available():
+        print("(int4 skipped: torch's int4 kernel here is the CPU one)")
+        return ["float32", "bfloat16", "int8"]
     if not native:
         print("(bfloat16 skipped: this CPU has no native bfloat16 (AVX512-BF16 or AMX), where torch's bfloat16 "
               "matmuls are ~20x slower than float32; --dtypes=float32,bfloat16,int8,int4 runs it anyway)")
@@ -471,7 +474,9 @@ def bench_decode(args):
     P, N, batches, threads = args.prompt_len, args.decode_tokens, [int(b) for b in args.batches.split(",")], \
         torch.get_num_threads()
     print(f"== decode: greedy, no stop token, prompts of {P} tokens, {N} new tokens, {device}, {threads} threads; "
-          f"ours {'compiled' if args.compile else 'eager'}")
+          f"ours {'compiled' if args.compile else 'eager'}; weights GB/s = the bytes a step reads (all weights but "
+          f"the embedding table) x steps/s; memory read bandwidth (torch.sum over 512 MB): "
+          f"{memory_bandwidth(device) / 1e9:.1f} GB/s")
     rows = []
     for preset in args.presets.split(","):
         base, tokenizer = bench_model(preset, args.seed)
@@ -500,9 +505,30 @@ def bench_decode(args):
                     speed[f"llama.cpp {GGUF_TYPES[dtype]}"] = theirs[B]
                 for name, tokens_per_s in speed.items():
                     ratio = "" if name == "ours" else f"{speed['ours'] / tokens_per_s:.2f}x"
-                    rows.append([preset, dtype, B, name, f"{tokens_per_s:,.0f}", ratio])
+                    rate = f"{step_bytes(model) * tokens_per_s / B / 1e9:.1f}" if name == "ours" else ""
+                    rows.append([preset, dtype, B, name, f"{tokens_per_s:,.0f}", rate, ratio])
         del base, hf
-    table(rows, ["preset", "dtype", "batch", "impl", "decode tokens/s", "ours/theirs"])
+    table(rows, ["preset", "dtype", "batch", "impl", "decode tokens/s", "weights GB/s", "ours/theirs"])
+
+
+def step_bytes(model):
+    """The weight bytes one decode step reads: every parameter and buffer but the embedding table (a step gathers
+    a row of it), which a tied head reads whole."""
+    tied = model.lm_head.weight is model.embed_tokens.weight
+    tensors = dict(model.named_parameters(), **dict(model.named_buffers()))
+    return sum(t.nbytes for name, t in tensors.items() if name != "embed_tokens.weight" or tied)
+
+
+def memory_bandwidth(device, mb=512):
+    """Bytes/s torch.sum reads from a tensor much larger than the caches, with this process's threads (the best of
+    5): the machine's memory read bandwidth, a GEMV's ceiling."""
+    x = torch.ones(mb * 2**20 // 4, device=device)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum().item()
+        best = min(best, time.perf_counter() - t0)
+    return x.nbytes / best
 
 
 # -----------------------------------------------------------------------------

@@ -95,7 +95,9 @@ class Int4Linear(nn.Module):
             self.load_weight(linear.weight.detach(), linear.weight.device)
 
     def load_weight(self, weight, device):
-        self.weight, self.scales_zeros = (t.to(device) for t in int4_weights(weight))
+        if torch.device(device or "cpu").type != "cpu":
+            raise ValueError(f"--dtype=int4 runs on a CPU only (torch's _weight_int4pack_mm_for_cpu), not {device}")
+        self.weight, self.scales_zeros = int4_weights(weight.cpu())
 
     def forward(self, x):
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), self.weight, INT4_GROUP,

@@ -121,6 +121,8 @@ def pick_device(device="auto", dtype="auto", inference=False):
     choices = list(DTYPES) + (["int8", "int4"] if inference else [])
     if dtype not in choices:
         raise SystemExit(f"--dtype={dtype}: choose from auto, {', '.join(choices)}")
+    if dtype == "int4" and device != "cpu":
+        raise SystemExit(f"--dtype=int4 runs on a CPU only (torch's int4 CPU kernel), not --device={device}")
     return device, dtype
 
 
