@@ -25,7 +25,7 @@ DEFAULTS = dict(
     # model shapes for the decode and serve sections, each a preset with optional :key=value overrides; the tiny
     # preset takes its vocab from the tokenizer in train.py: here the demo tokenizer's 2,048
     presets="configs/tiny.py:vocab_size=2048,configs/bench82m.py",
-    dtypes="auto",  # decode/serve: float32,bfloat16,int8; auto = float32 and int8, bfloat16 too where native
+    dtypes="auto",  # decode/serve: float32,bfloat16,int8,int4; auto = all but bfloat16, bfloat16 too where native
     batches="1,8,16",  # decode batch sizes
     compile=True,  # ours with the compiled decode step (serve.py's default, --compile=auto); false = eager
     llamacpp="",  # DIR of a llama.cpp source tree with its tools built in build/bin (README: Benchmarks)
@@ -314,7 +314,8 @@ def hardware_in_child(dtype, spec, tokens, threads, queue):
     """In a fresh process: a random model of the preset in dtype, the resident memory it added, and its greedy
     decode tokens/s at batch 1 after a 32-token prompt (eager, sample.py's default)."""
     from kv_cache import BLOCK, KVCache
-    from model import quantize_int8, release_freed_memory
+    from model import QUANTIZED, release_freed_memory
+    from quant import quantize
     from sample import generate
 
     if threads:
@@ -323,7 +324,7 @@ def hardware_in_child(dtype, spec, tokens, threads, queue):
     before = memory_status("VmRSS")
     torch.manual_seed(0)
     model = Transformer(config).eval()
-    model = quantize_int8(model) if dtype == "int8" else model.to(DTYPES[dtype])
+    model = quantize(model, dtype) if dtype in QUANTIZED else model.to(DTYPES[dtype])
     release_freed_memory()  # the float32 weights it was made from
     weights = memory_status("VmRSS") - before
     prompt, seconds = list(range(32)), float("inf")
@@ -373,32 +374,55 @@ def bench_model(preset, seed):
 
 
 def in_dtype(model, dtype):
-    """The model as sample.load would give it in dtype (float32, bfloat16 or int8)."""
+    """The model as sample.load would give it in dtype (float32, bfloat16, int8 or int4)."""
     import copy
 
-    from model import quantize_int8
+    from model import QUANTIZED
+    from quant import quantize
 
     if dtype == "float32":
         return model
-    return quantize_int8(copy.deepcopy(model)) if dtype == "int8" else copy.deepcopy(model).to(DTYPES[dtype])
+    return quantize(copy.deepcopy(model), dtype) if dtype in QUANTIZED else copy.deepcopy(model).to(DTYPES[dtype])
+
+
+def cpu_features():
+    """The CPU's model name and which of the features our kernels and llama.cpp's pick between it has (Linux)."""
+    flags, name = set(), "unknown CPU"
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    wanted = {"AVX2": "avx2", "AVX512": "avx512f", "AVX512-BF16": "avx512_bf16", "AMX-BF16": "amx_bf16"}
+    return name, [label for label, flag in wanted.items() if flag in flags]
 
 
 def dtypes(args):
-    """--dtypes, with auto = float32 and int8, plus bfloat16 where this CPU computes it natively."""
+    """--dtypes, with auto = float32, int8 and int4, plus bfloat16 where this CPU computes it natively."""
     if args.dtypes != "auto":
         return args.dtypes.split(",")
     native = torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if torch.cuda.is_available():
+        print("(int4 skipped: torch's int4 kernel here is the CPU one)")
+        return ["float32", "bfloat16", "int8"]
     if not native:
-        print("(bfloat16 skipped: this CPU has no native bfloat16, where torch's bfloat16 matmuls are ~20x slower "
-              "than float32; --dtypes=float32,bfloat16,int8 runs it anyway)")
-    return ["float32", "bfloat16", "int8"] if native else ["float32", "int8"]
+        print("(bfloat16 skipped: this CPU has no native bfloat16 (AVX512-BF16 or AMX), where torch's bfloat16 "
+              "matmuls are ~20x slower than float32; --dtypes=float32,bfloat16,int8,int4 runs it anyway)")
+    return ["float32", "bfloat16", "int8", "int4"] if native else ["float32", "int8", "int4"]
 
 
-GGUF_TYPES = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0", "float16": "f16"}
+# the GGUF type closest to each dtype: export.py writes the first four, llama-quantize makes q4_0 from f32
+GGUF_TYPES = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0", "float16": "f16", "int4": "q4_0"}
 
 
-def gguf_file(model, tokenizer, dtype, directory):
-    """The model exported by export.py to GGUF in the type closest to dtype (int8: llama.cpp's q8_0)."""
+def gguf_file(model, tokenizer, dtype, directory, llamacpp=""):
+    """The model exported by export.py to GGUF in the type closest to dtype (int8: llama.cpp's q8_0; int4: q4_0,
+    made from the f32 file by llamacpp's build/bin/llama-quantize, as llama.cpp's users make theirs)."""
+    import subprocess
 
     from export import export
 
@@ -406,7 +430,15 @@ def gguf_file(model, tokenizer, dtype, directory):
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         model.save_pretrained(model_dir)
         tokenizer.save(model_dir)
-    if not os.path.exists(path):
+    if os.path.exists(path):
+        return path
+    if dtype == "int4":
+        quantize = os.path.join(llamacpp, "build", "bin", "llama-quantize")
+        if not os.path.isfile(quantize):
+            raise FileNotFoundError(f"{quantize}: needed to make a q4_0 GGUF (--llamacpp=DIR)")
+        f32 = gguf_file(model, tokenizer, "float32", directory)
+        subprocess.run([quantize, f32, path, "Q4_0"], check=True, capture_output=True)
+    else:
         export(model_dir, path, GGUF_TYPES[dtype])
     return path
 
@@ -414,14 +446,19 @@ def gguf_file(model, tokenizer, dtype, directory):
 def llamacpp_decode(llamacpp, gguf, batches, prompt_len, n_tokens, threads):
     """{batch: decode tokens/s} from llama-batched-bench (its tg speed: batch x new tokens / their time)."""
     import json
+    import signal
     import subprocess
 
     command = [os.path.join(llamacpp, "build", "bin", "llama-batched-bench"), "-m", gguf, "-npp", str(prompt_len),
                "-ntg", str(n_tokens), "-npl", ",".join(map(str, batches)), "-t", str(threads),
                "-c", str(max(batches) * (prompt_len + n_tokens)), "--output-format", "jsonl"]
     out = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    if out.returncode == -signal.SIGILL:  # llama.cpp's AMX int8 kernel runs tilezero before any ldtilecfg
+        print(f"(llama.cpp died of SIGILL on {os.path.basename(gguf)}, in its AMX kernels on this CPU: measured "
+              "again with --no-repack, which turns its AMX and repacked-weight kernels off)")
+        out = subprocess.run(command + ["--no-repack"], capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{out.stderr[-2000:]}")
+        raise RuntimeError(f"{' '.join(command)} failed (exit code {out.returncode}):\n{out.stderr[-2000:]}")
     rows = [json.loads(line) for line in (out.stdout + out.stderr).splitlines() if line.startswith('{"n_kv_max"')]
     return {r["pl"]: r["speed_tg"] for r in rows}
 
@@ -437,7 +474,9 @@ def bench_decode(args):
     P, N, batches, threads = args.prompt_len, args.decode_tokens, [int(b) for b in args.batches.split(",")], \
         torch.get_num_threads()
     print(f"== decode: greedy, no stop token, prompts of {P} tokens, {N} new tokens, {device}, {threads} threads; "
-          f"ours {'compiled' if args.compile else 'eager'}")
+          f"ours {'compiled' if args.compile else 'eager'}; weights GB/s = the bytes a step reads (all weights but "
+          f"the embedding table) x steps/s; memory read bandwidth (torch.sum over 512 MB): "
+          f"{memory_bandwidth(device) / 1e9:.1f} GB/s")
     rows = []
     for preset in args.presets.split(","):
         base, tokenizer = bench_model(preset, args.seed)
@@ -453,7 +492,7 @@ def bench_decode(args):
             theirs = {}
             if args.llamacpp and device == "cpu":
                 with tempfile.TemporaryDirectory() as d:
-                    gguf = gguf_file(base, tokenizer, dtype, d)
+                    gguf = gguf_file(base, tokenizer, dtype, d, args.llamacpp)
                     theirs = llamacpp_decode(args.llamacpp, gguf, batches, P, N, threads)
             for B in batches:
                 prompts = torch.randint(0, base.config.vocab_size, (B, P), device=device)
@@ -466,9 +505,30 @@ def bench_decode(args):
                     speed[f"llama.cpp {GGUF_TYPES[dtype]}"] = theirs[B]
                 for name, tokens_per_s in speed.items():
                     ratio = "" if name == "ours" else f"{speed['ours'] / tokens_per_s:.2f}x"
-                    rows.append([preset, dtype, B, name, f"{tokens_per_s:,.0f}", ratio])
+                    rate = f"{step_bytes(model) * tokens_per_s / B / 1e9:.1f}" if name == "ours" else ""
+                    rows.append([preset, dtype, B, name, f"{tokens_per_s:,.0f}", rate, ratio])
         del base, hf
-    table(rows, ["preset", "dtype", "batch", "impl", "decode tokens/s", "ours/theirs"])
+    table(rows, ["preset", "dtype", "batch", "impl", "decode tokens/s", "weights GB/s", "ours/theirs"])
+
+
+def step_bytes(model):
+    """The weight bytes one decode step reads: every parameter and buffer but the embedding table (a step gathers
+    a row of it), which a tied head reads whole."""
+    tied = model.lm_head.weight is model.embed_tokens.weight
+    tensors = dict(model.named_parameters(), **dict(model.named_buffers()))
+    return sum(t.nbytes for name, t in tensors.items() if name != "embed_tokens.weight" or tied)
+
+
+def memory_bandwidth(device, mb=512):
+    """Bytes/s torch.sum reads from a tensor much larger than the caches, with this process's threads (the best of
+    5): the machine's memory read bandwidth, a GEMV's ceiling."""
+    x = torch.ones(mb * 2**20 // 4, device=device)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum().item()
+        best = min(best, time.perf_counter() - t0)
+    return x.nbytes / best
 
 
 # -----------------------------------------------------------------------------
@@ -570,6 +630,9 @@ if __name__ == "__main__":
     args = load_settings(DEFAULTS, sys.argv[1:], "bench.py")
     if args.threads:
         torch.set_num_threads(args.threads)
+    cpu, features = cpu_features()
+    print(f"CPU: {cpu}, {os.cpu_count()} cores; features: {', '.join(features) or 'none of AVX2/AVX512/AMX'}; "
+          f"torch's oneDNN bfloat16: {'native' if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 'emulated'}\n")
     sections = {"train": bench_train, "train_memory": bench_train_memory, "decode": bench_decode,
                 "prepare": bench_prepare, "gguf_load": bench_gguf_load, "hardware": bench_hardware, "moe": bench_moe,
                 "serve": bench_serve.bench_serve, "serve_memory": bench_serve.bench_serve_memory,

@@ -211,7 +211,7 @@ def bench_serve(args):
                 theirs["transformers"] = generate_batch
             with tempfile.TemporaryDirectory() as d:
                 if args.llamacpp:
-                    gguf = gguf_file(base, tokenizer, dtype, d)
+                    gguf = gguf_file(base, tokenizer, dtype, d, args.llamacpp)
                     theirs[f"llama-server {GGUF_TYPES[dtype]}"] = lambda clients: llama_served(
                         args.llamacpp, gguf, prompts, n_tokens, clients, threads)
                 for clients in (1, 4, 16):

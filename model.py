@@ -10,10 +10,10 @@ body, and loading/saving Hugging Face style directories (config.json + model.saf
     loss = model(ids, CrossEntropy(targets), documents=doc_ids)       # packed rows: (B, T) ids, one per document
 
 This file runs on its own (torch only). Other files are imported where a feature needs them: kv_cache.py for
-cached decoding, moe.py for experts, rope.py for a scaled RoPE, hf.py and safetensors for checkpoints, lora.py for
-an adapter, gguf_in.py for a .gguf file. Parameter names are Hugging Face's (model.layers.0.self_attn.q_proj.weight,
-...), so a Llama, Qwen2, Qwen3, Qwen2/Qwen3-MoE, Mixtral or DeepseekV3 checkpoint loads (experts stacked on load:
-moe.py), and ours load in transformers.
+cached decoding, moe.py for experts, rope.py for a scaled RoPE, quant.py for int8/int4 weights, hf.py and
+safetensors for checkpoints, lora.py for an adapter, gguf_in.py for a .gguf file. Parameter names are Hugging
+Face's (model.layers.0.self_attn.q_proj.weight, ...), so a Llama, Qwen2, Qwen3, Qwen2/Qwen3-MoE, Mixtral or
+DeepseekV3 checkpoint loads (experts stacked on load: moe.py), and ours load in transformers.
 """
 import ctypes
 import json
@@ -25,6 +25,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+QUANTIZED = ("int8", "int4")  # weight-only dtypes from_pretrained takes (quant.py)
 
 # -----------------------------------------------------------------------------
 # config
@@ -307,56 +309,6 @@ class MLAttention(nn.Module):
                 enable_gqa=True)  # (B, H, T, r)
             y = torch.einsum("bhtr,hvr->bhtv", y, w_v)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.v_dim))
-
-
-# -----------------------------------------------------------------------------
-# weight-only int8 (the KV cache and the attention mask live in kv_cache.py: the layers above read and write it)
-
-
-class Int8Linear(nn.Module):
-    """Weight-only int8 (gpt-fast's CPU path): int8 weights with one scale per output channel, bfloat16
-    activations, through torch's int8-weight matmul. Half the bytes of bfloat16 to read per token."""
-
-    def __init__(self, linear):
-        super().__init__()
-        weight, scales = int8_weights(linear.weight.detach())
-        self.register_buffer("weight", weight)
-        self.register_buffer("scales", scales)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(torch.bfloat16))
-
-    def forward(self, x):
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scales)
-        y = y.view(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
-
-
-def int8_weights(weight, chunk_rows=1024):
-    """weight (out, in), any float dtype -> int8 (out, in) and bfloat16 scales (out,), a scale per output channel.
-    Each int8 value rounds weight / scale by the bfloat16 scale the matmul multiplies back with. In row chunks
-    through one float32 scratch buffer, so that neither a float32 copy of the weight nor a trail of freed
-    temporaries between the loaded weights (the C allocator keeps those) adds to the memory an int8 load takes."""
-    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-    scales = torch.empty(weight.shape[0], dtype=torch.bfloat16, device=weight.device)
-    scratch = torch.empty(min(chunk_rows, weight.shape[0]), weight.shape[1], device=weight.device)
-    for i in range(0, weight.shape[0], chunk_rows):
-        w = weight[i:i + chunk_rows]
-        low, high = torch.aminmax(w, dim=1)
-        scales[i:i + chunk_rows] = torch.maximum(-low, high).float().clamp_(min=1e-12) / 127
-        out = torch.div(w, scales[i:i + chunk_rows, None].float(), out=scratch[:len(w)])
-        q[i:i + chunk_rows] = out.round_().clamp_(-127, 127)
-    return q, scales
-
-
-def quantize_int8(model):
-    """The model in bfloat16 with every projection and the output head as an Int8Linear (MLA's kv_b_proj stays:
-    its weight is read whole, absorbed into the query and output). On a model on the meta device: the structure
-    that Transformer.from_pretrained(dtype="int8") fills tensor by tensor."""
-    model.to(torch.bfloat16)
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and name != "kv_b_proj":
-                setattr(module, name, Int8Linear(child))
-    return model
 
 
 # -----------------------------------------------------------------------------
@@ -648,12 +600,13 @@ class Transformer(nn.Module):
         """Load a directory of config.json + model.safetensors (or sharded safetensors with an index): ours, or
         Hugging Face Llama/Qwen2/Qwen3/Qwen2-MoE/Qwen3-MoE/Mixtral/DeepseekV3; or a .gguf file (gguf_in.py). Nothing
         is unpickled.
-        dtype: a torch dtype (default float32) or "int8" (quantize_int8's); adapter: a LoRA adapter directory
-        (lora.py) trained on this model, merged into each weight as it loads, before any quantization."""
+        dtype: a torch dtype (default float32), or "int8" or "int4" (weight-only: quant.py); adapter: a LoRA
+        adapter directory (lora.py) trained on this model, merged into each weight as it loads, before any
+        quantization."""
         if str(path).endswith(".gguf"):
             from gguf_in import read_model  # only a GGUF reader needs the gguf package
 
-            read = torch.bfloat16 if dtype == "int8" else dtype  # the dtype int8 is quantized from
+            read = torch.bfloat16 if dtype in QUANTIZED else dtype  # the dtype int8/int4 is quantized from
             return cls.from_tensors(*read_model(str(path), read), path, device, dtype, adapter)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: no such model directory")
@@ -689,10 +642,10 @@ class Transformer(nn.Module):
     @classmethod
     def from_tensors(cls, config, tensors, where, device=None, dtype=None, adapter=""):
         """A model from a config and [(Hugging Face name, shape, read)], names and shapes checked first. The model
-        is built on the meta device; each read() tensor is then converted (or quantized, for int8) into place and
+        is built on the meta device; each read() tensor is then converted (or quantized: quant.py) into place and
         dropped before the next is read: loading takes the final weights plus one tensor, never a float32 copy."""
-        if not (dtype in (None, "int8") or isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise ValueError(f"{where}: dtype={dtype!r}: expected a floating torch dtype or 'int8'")
+        if not (dtype is None or dtype in QUANTIZED or isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"{where}: dtype={dtype!r}: expected a floating torch dtype, 'int8' or 'int4'")
         with torch.device("meta"):
             model = cls(config)
         expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -712,20 +665,22 @@ class Transformer(nn.Module):
             from lora import merging
 
             merge = merging(adapter, where, expected)
-        int8 = dtype == "int8"
-        if int8:
-            quantize_int8(model)
-        dtype = torch.bfloat16 if int8 else dtype or torch.float32
+        quantized = dtype in QUANTIZED
+        if quantized:
+            from quant import quantize
+
+            quantize(model, dtype)
+        dtype = torch.bfloat16 if quantized else dtype or torch.float32
         for key, _, read in tensors:
             tensor = read()
             if adapter:
                 tensor = merge(key, tensor)
             place(model, key, tensor, device, dtype)
-            if int8 and config.tie_weight and key == "embed_tokens.weight":  # the head quantized, the embedding not
+            if quantized and config.tie_weight and key == "embed_tokens.weight":  # the head quantized, not the table
                 place(model, "lm_head.weight", tensor, device, dtype)
             del tensor  # the source (a converted copy's file pages) goes before the next one is read
             release_freed_memory()
-        if config.tie_weight and not int8:
+        if config.tie_weight and not quantized:
             model.lm_head.weight = model.embed_tokens.weight
         model.init_rope(device)
         return model
@@ -769,12 +724,12 @@ _libc = ctypes.CDLL("libc.so.6") if platform.libc_ver()[0] == "glibc" else None
 
 def place(model, key, tensor, device, dtype):
     """Put a loaded tensor in the model (on the meta device until then) as `key`, in dtype (integer tensors as they
-    are), or quantized where the model has an Int8Linear. A tensor already in dtype on the device is kept, not
-    copied."""
+    are), or quantized where the model has a quantized layer (quant.py's load_weight). A tensor already in dtype on
+    the device is kept, not copied."""
     module_name, _, attr = key.rpartition(".")
     module = model.get_submodule(module_name)
-    if isinstance(module, Int8Linear) and attr == "weight":
-        module.weight, module.scales = (t.to(device) for t in int8_weights(tensor))
+    if hasattr(module, "load_weight") and attr == "weight":
+        module.load_weight(tensor, device)
         return
     old = getattr(module, attr)
     new = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)

@@ -108,7 +108,7 @@ DEFAULTS = dict(
     seed=1337,  # -1: a different sample every run
     device="auto",  # auto = cuda when available, else cpu
     dtype="auto",  # auto = bfloat16 where the GPU or CPU has it natively, else float32; or float32, bfloat16,
-    # float16, int8 (weight-only int8 with bfloat16 activations)
+    # float16, int8 or int4 (weight-only int8 or int4 with bfloat16 activations: quant.py)
     compile="auto",  # decode steps through torch.compile: true, false, or auto = where it pays (compile_setting)
     eval="",  # TASK.jsonl: greedy generation over {"messages"|"prompt", "answer"} records, prints accuracy
     batch_size=32,  # rows per generate() call with --eval
@@ -657,14 +657,14 @@ class TextStream:
 
 def load(model_dir, device="cpu", dtype=None, adapter=""):
     """(model in eval mode, tokenizer) from a MODELDIR: ours or a Hugging Face one with tokenizer.json.
-    dtype: a torch dtype or its name (float32, bfloat16, float16), or "int8" (weight-only int8, bfloat16
-    activations: see model.Int8Linear); None keeps float32. adapter: a LoRA adapter directory (lora.py) trained
+    dtype: a torch dtype or its name (float32, bfloat16, float16), or "int8" or "int4" (weight-only, bfloat16
+    activations: quant.py); None keeps float32. adapter: a LoRA adapter directory (lora.py) trained
     on model_dir, merged into the weights (before any quantization): the base model's speed. tokenizer.stop_ids
     are every id the directory names as an end (Tokenizer.load)."""
     from settings import DTYPES
     from tokenizer import Tokenizer
 
-    model = Transformer.from_pretrained(model_dir, device, DTYPES.get(dtype, dtype), adapter).eval()  # "int8" as is
+    model = Transformer.from_pretrained(model_dir, device, DTYPES.get(dtype, dtype), adapter).eval()  # int8/4 as is
     tokenizer = Tokenizer.load(model_dir)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "

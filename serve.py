@@ -71,7 +71,7 @@ DEFAULTS = dict(
     shutdown_timeout=5.0,  # on SIGTERM/SIGINT: seconds running requests get to finish before they are ended
     device="auto",  # auto = cuda when available, else cpu
     dtype="auto",  # auto = bfloat16 where the GPU or CPU has it natively, else float32; or float32, bfloat16,
-    # float16, int8 (weight-only int8 with bfloat16 activations)
+    # float16, int8 or int4 (weight-only int8 or int4 with bfloat16 activations: quant.py)
     compile="auto",  # decode steps through torch.compile, compiled at startup (seconds to a minute): true, false,
     # or auto = true: a server decodes past the steps where it pays (sample.COMPILE_BREAK_EVEN_STEPS)
     tp=1,  # tensor parallel: the model split over tp processes (torchrun --nproc_per_node=tp); rank 0 serves HTTP

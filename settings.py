@@ -110,7 +110,7 @@ def load_settings(defaults, argv, where="settings", given=None):
 def pick_device(device="auto", dtype="auto", inference=False):
     """What "auto" means, for every script: (device, dtype name). auto device: cuda when available, else cpu;
     auto dtype: bfloat16 on a GPU that has it, and for inference also on a CPU that computes it natively
-    (AVX512-BF16 or AMX), else float32. inference: "int8" (weight-only) is a choice too."""
+    (AVX512-BF16 or AMX), else float32. inference: "int8" and "int4" (weight-only: quant.py) are choices too."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
@@ -118,9 +118,11 @@ def pick_device(device="auto", dtype="auto", inference=False):
             dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
         else:
             dtype = "bfloat16" if inference and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
-    choices = list(DTYPES) + (["int8"] if inference else [])
+    choices = list(DTYPES) + (["int8", "int4"] if inference else [])
     if dtype not in choices:
         raise SystemExit(f"--dtype={dtype}: choose from auto, {', '.join(choices)}")
+    if dtype == "int4" and device != "cpu":
+        raise SystemExit(f"--dtype=int4 runs on a CPU only (torch's int4 CPU kernel), not --device={device}")
     return device, dtype
 
 

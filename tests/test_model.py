@@ -268,7 +268,7 @@ def test_from_pretrained_errors(tmp_path):
 
 @pytest.mark.parametrize("file_dtype", ["float32", "bfloat16"])
 def test_loading_stays_within_the_weights_size(tmp_path, file_dtype):
-    """Loading as float32, bfloat16 and int8 from float32 and bfloat16 files takes at most the final weights, the
+    """Loading as float32, bfloat16, int8 and int4 from float32 and bfloat16 files takes at most the final weights, the
     largest tensor of the file and 10%: no float32 copy of the whole model on the way (peak resident memory of a
     fresh process, tests/load_memory.py). ~110 MB of float32 weights, so that Python's own noise is small."""
     config = ModelConfig(vocab_size=16384, dim=512, n_layers=6, n_heads=8, n_kv_heads=4, dim_ffn=1536, max_len=256)
@@ -281,7 +281,7 @@ def test_loading_stays_within_the_weights_size(tmp_path, file_dtype):
     model.save_pretrained(tmp_path)
     del model
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "load_memory.py")
-    for dtype in ("float32", "bfloat16", "int8"):
+    for dtype in ("float32", "bfloat16", "int8", "int4"):
         p = subprocess.run([sys.executable, script, str(tmp_path), dtype], capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr
         m = json.loads(p.stdout)

@@ -1,0 +1,122 @@
+"""
+Weight-only quantization for decoding: every projection's weight stored in int8 or int4, the activations in
+bfloat16, through torch's own weight-only matmuls (gpt-fast's CPU path). Imported only when a quantized dtype is
+asked for:
+
+    model = Transformer.from_pretrained(MODELDIR, dtype="int8")   # or "int4"; sample.py/serve.py/bench.py --dtype
+    model = quantize(Transformer(config), "int4")                 # a float model quantized in place
+
+int8: one scale per output channel (torch.ops.aten._weight_int8pack_mm); half the bytes of bfloat16 per token.
+int4: groups of 32 input channels with a scale and a zero point each (torch.ops.aten._weight_int4pack_mm_for_cpu),
+a quarter of bfloat16's bytes (5 bits a weight with the bfloat16 scales; llama.cpp's q4_0 takes 4.5). The output
+head stays int8 in an int4 model, as llama.cpp's q4_0 files keep theirs at 6 bits. MLA's kv_b_proj stays
+bfloat16 in both: its weight is read whole, absorbed into the query and output.
+"""
+import torch
+import torch.nn as nn
+
+from model import QUANTIZED
+INT4_GROUP = 32  # input channels per int4 scale and zero point (llama.cpp's q4_0 blocks are 32 too)
+
+
+def int8_weights(weight, chunk_rows=1024):
+    """weight (out, in), any float dtype -> int8 (out, in) and bfloat16 scales (out,), a scale per output channel.
+    Each int8 value rounds weight / scale by the bfloat16 scale the matmul multiplies back with. In row chunks
+    through one float32 scratch buffer, so that neither a float32 copy of the weight nor a trail of freed
+    temporaries between the loaded weights (the C allocator keeps those) adds to the memory an int8 load takes."""
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=torch.bfloat16, device=weight.device)
+    scratch = torch.empty(min(chunk_rows, weight.shape[0]), weight.shape[1], device=weight.device)
+    for i in range(0, weight.shape[0], chunk_rows):
+        w = weight[i:i + chunk_rows]
+        low, high = torch.aminmax(w, dim=1)
+        scales[i:i + chunk_rows] = torch.maximum(-low, high).float().clamp_(min=1e-12) / 127
+        out = torch.div(w, scales[i:i + chunk_rows, None].float(), out=scratch[:len(w)])
+        q[i:i + chunk_rows] = out.round_().clamp_(-127, 127)
+    return q, scales
+
+
+def int4_weights(weight, group=INT4_GROUP, chunk_rows=1024):
+    """weight (out, in) -> the packed int4 weight torch's CPU kernel reads (out, in / 2 uint8) and its bfloat16
+    scales and zero points (in / group, out, 2). Each group of `group` inputs of a row maps its [min, max] onto
+    0..15; the kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale. q rounds against the bfloat16
+    scale and zero the kernel multiplies back with. Row chunks, as int8_weights."""
+    rows, cols = weight.shape
+    packed = torch.empty(rows, cols // 2, dtype=torch.uint8, device=weight.device)  # rows pack independently
+    scales_zeros = torch.empty(cols // group, rows, 2, dtype=torch.bfloat16, device=weight.device)
+    scratch = torch.empty(min(chunk_rows, rows), cols // group, group, device=weight.device)
+    for i in range(0, rows, chunk_rows):
+        w = weight[i:i + chunk_rows].view(-1, cols // group, group)  # (r, groups, group)
+        low, high = torch.aminmax(w, dim=2)
+        scale = ((high.float() - low.float()) / 15).clamp_(min=1e-12).bfloat16()
+        zero = (low.float() + 8 * scale.float()).bfloat16()
+        scales_zeros[:, i:i + chunk_rows] = torch.stack([scale, zero], -1).transpose(0, 1)
+        codes = torch.sub(w, zero.float()[..., None], out=scratch[:len(w)])
+        codes = codes.div_(scale.float()[..., None]).round_().add_(8).clamp_(0, 15)
+        packed[i:i + chunk_rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.view(-1, cols).int(), 1)
+    return packed, scales_zeros
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8: int8 weights with one scale per output channel, bfloat16 activations."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.register_buffer("weight", torch.empty(linear.weight.shape, dtype=torch.int8, device="meta"))
+        self.register_buffer("scales", torch.empty(linear.weight.shape[0], dtype=torch.bfloat16, device="meta"))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(torch.bfloat16))
+        if linear.weight.device.type != "meta":
+            self.load_weight(linear.weight.detach(), linear.weight.device)
+
+    def load_weight(self, weight, device):
+        self.weight, self.scales = (t.to(device) for t in int8_weights(weight))
+
+    def forward(self, x):
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scales)
+        y = y.view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(nn.Module):
+    """Weight-only int4: 4-bit weights in groups of INT4_GROUP inputs with a scale and zero point each, bfloat16
+    activations. Needs in_features a multiple of INT4_GROUP and out_features a multiple of 16 (the kernel's)."""
+
+    def __init__(self, linear, where="a layer"):
+        super().__init__()
+        rows, cols = linear.weight.shape
+        if cols % INT4_GROUP or rows % 16:
+            raise ValueError(f"{where}: int4 needs in_features a multiple of {INT4_GROUP} and out_features a "
+                             f"multiple of 16, not {cols} and {rows}: use --dtype=int8")
+        self.register_buffer("weight", torch.empty(rows, cols // 2, dtype=torch.uint8, device="meta"))
+        self.register_buffer("scales_zeros", torch.empty(cols // INT4_GROUP, rows, 2, dtype=torch.bfloat16,
+                                                         device="meta"))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(torch.bfloat16))
+        if linear.weight.device.type != "meta":
+            self.load_weight(linear.weight.detach(), linear.weight.device)
+
+    def load_weight(self, weight, device):
+        if torch.device(device or "cpu").type != "cpu":
+            raise ValueError(f"--dtype=int4 runs on a CPU only (torch's _weight_int4pack_mm_for_cpu), not {device}")
+        self.weight, self.scales_zeros = int4_weights(weight.cpu())
+
+    def forward(self, x):
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), self.weight, INT4_GROUP,
+                                                       self.scales_zeros)
+        y = y.view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+def quantize(model, kind):
+    """The model in bfloat16 with every projection and the output head as an Int8Linear or Int4Linear (kind
+    "int8" or "int4"; see the top of this file for what stays). On a model on the meta device: the structure
+    that Transformer.from_pretrained(dtype=kind) fills tensor by tensor through each layer's load_weight."""
+    if kind not in QUANTIZED:
+        raise ValueError(f"dtype={kind!r}: expected one of {', '.join(QUANTIZED)}")
+    model.to(torch.bfloat16)
+    for prefix, module in list(model.named_modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and name != "kv_b_proj":
+                int4 = kind == "int4" and name != "lm_head"
+                where = f"{prefix}.{name}".lstrip(".")
+                setattr(module, name, Int4Linear(child, where) if int4 else Int8Linear(child))
+    return model
