@@ -284,7 +284,7 @@ def test_sample_chat_with_rag_prints_sources(chat_model_dir, kb, capsys):
     sample.main(argv)
     out = capsys.readouterr().out
     assert "sources: [1] " in out and "foxes.md" in out
-    with pytest.raises(SystemExit, match="--rag answers one chat"):
+    with pytest.raises(SystemExit, match="--rag retrieves for a chat or a task file"):
         sample.main(argv[:1] + argv[2:])
 
 
