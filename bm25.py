@@ -8,8 +8,8 @@ neighbours (Chinese has no spaces: 首都是 -> 首, 都, 是, 首都, 都是), 
 Scores (Lucene's BM25, k1 = 1.5, b = 0.75), for a query's terms t (a term twice counts twice) and a chunk d:
     sum_t ln(1 + (N - df_t + 0.5) / (df_t + 0.5)) * tf_td / (tf_td + k1 * (1 - b + b * len_d / mean len))
 with N chunks, df_t the chunks holding t, tf_td its count in d and len_d d's number of terms.
-Nothing is stored: the statistics are rebuilt from the index's chunk texts when a search first needs them
-(10,000 chunks of ~150 words in a few seconds on one CPU core: README.md, Retrieval).
+An index made with --retrieval=bm25 or hybrid keeps the score matrix (arrays, from_arrays); another one has it
+built from its chunks' texts when a search first asks (12 s for 10,000 chunks of 150 words on a shared CPU core).
 """
 import unicodedata
 
@@ -33,14 +33,33 @@ def terms(text):
 
 
 class BM25:
-    """BM25 scores of a query against every one of a list of texts (bm25s, method "lucene")."""
+    """BM25 scores of a query against every one of a list of texts (bm25s, method "lucene", k1 = 1.5, b = 0.75)."""
 
-    def __init__(self, texts, k1=1.5, b=0.75):
+    def __init__(self, texts):
         import bm25s  # lexical retrieval's library: imported when a search asks for it
 
         self.n = len(texts)
-        self.retriever = bm25s.BM25(k1=k1, b=b, method="lucene")
-        self.retriever.index([terms(t) for t in texts], show_progress=False)
+        self.retriever = bm25s.BM25(k1=1.5, b=0.75, method="lucene")
+        if texts:
+            self.retriever.index([terms(t) for t in texts], show_progress=False)
+
+    def arrays(self):
+        """What an index file keeps: the (term, chunk) scores in compressed sparse columns (a column a term) and the
+        terms in column order."""
+        scores, vocab = self.retriever.scores, self.retriever.vocab_dict
+        return {"bm25_data": scores["data"], "bm25_indices": scores["indices"], "bm25_indptr": scores["indptr"],
+                "bm25_terms": sorted(vocab, key=vocab.get)}
+
+    @classmethod
+    def from_arrays(cls, arrays, n):
+        """The BM25 of n texts from arrays() as an index file kept them."""
+        self = cls([])
+        self.n, names = n, arrays["bm25_terms"]
+        self.retriever.scores = {"data": arrays["bm25_data"], "indices": arrays["bm25_indices"],
+                                 "indptr": arrays["bm25_indptr"], "num_docs": n}
+        self.retriever.vocab_dict = {term: i for i, term in enumerate(names)}
+        self.retriever.unique_token_ids_set, self.retriever.nonoccurrence_array = set(range(len(names))), None
+        return self
 
     def scores(self, query):
         """(n,) float32: each text's score; 0 where no term of the query is in it."""

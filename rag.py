@@ -19,10 +19,12 @@ L2-normalized: a cosine is a dot product, and the exact top-k over the index is 
 ## Index layout (HDF5, format_version 1)
 Root attributes: `kind` = "astrai-rag-index", `format_version`, `model` (the MODELDIR it was made with),
 `model_identity` (sha256 of the tokenizer, the pooling and a sample of every weight: see model_identity),
-`pooling`, `chunk_tokens`, `overlap_tokens`, `merge_threshold`, `dim`. Datasets, one row a chunk: `vectors`
-(float32, n x dim), `text`, `source` (the file's path under --docs), `title` (its section's heading; utf-8 strings),
-`start`, `end` (character offsets into the file), `n_tokens`. One row a file: `files` and `file_sha256`, which
-the next build compares to re-embed only what changed. A query with another model is refused.
+`pooling`, `chunk_tokens`, `overlap_tokens`, `merge_threshold`, `dim`, `retrieval` (a query's default: dense,
+bm25 or hybrid). Datasets, one row a chunk: `vectors` (float32, n x dim), `text`, `source` (the file's path under
+--docs), `title` (its section's heading; utf-8 strings), `start`, `end` (character offsets into the file),
+`n_tokens`. One row a file: `files` and `file_sha256`, which the next build compares to re-embed only what changed.
+With retrieval bm25 or hybrid, BM25's scores (bm25.py: `bm25_data`, `bm25_indices`, `bm25_indptr`, `bm25_terms`),
+computed again over every chunk at each build. A dense query with another model is refused.
 """
 import hashlib
 import os
@@ -291,18 +293,19 @@ class Index:
     end, n_tokens; files and file_sha256."""
     COLUMNS = ("text", "source", "title", "start", "end", "n_tokens")
 
-    def __init__(self, attrs, vectors, columns, files):
+    def __init__(self, attrs, vectors, columns, files, bm25_arrays=None):
         self.attrs, self.vectors, self.files = attrs, vectors, files  # files: path -> sha256
         for name in self.COLUMNS:
             setattr(self, name, columns[name])
-        self.matrix, self._bm25 = torch.from_numpy(vectors), None
+        self.matrix, self._bm25, self._bm25_arrays = torch.from_numpy(vectors), None, bm25_arrays
 
     def bm25(self):
-        """BM25 over the chunks' texts (bm25.py), built when first asked for."""
+        """BM25 over the chunks' texts (bm25.py): as the file keeps it, else built when first asked for."""
         if self._bm25 is None:
             from bm25 import BM25
 
-            self._bm25 = BM25(self.text)
+            arrays = self._bm25_arrays
+            self._bm25 = BM25(self.text) if arrays is None else BM25.from_arrays(arrays, len(self))
         return self._bm25
 
     def __len__(self):
@@ -323,7 +326,11 @@ class Index:
             strings = lambda name: [s.decode() for s in f[name][:]]  # noqa: E731
             columns = {name: strings(name) if f[name].dtype.kind == "O" else f[name][:] for name in cls.COLUMNS}
             files = dict(zip(strings("files"), strings("file_sha256")))
-            return cls(attrs, f["vectors"][:].astype(np.float32), columns, files)
+            bm25_arrays = None
+            if "bm25_terms" in f:  # made with --retrieval=bm25 or hybrid
+                bm25_arrays = {name: f[name][:] for name in ("bm25_data", "bm25_indices", "bm25_indptr")}
+                bm25_arrays["bm25_terms"] = strings("bm25_terms")
+            return cls(attrs, f["vectors"][:].astype(np.float32), columns, files, bm25_arrays)
 
     def check_model(self, identity, model_name, where):
         if identity != self.attrs["model_identity"]:
@@ -377,6 +384,11 @@ def write_index(out, attrs, chunks, vectors, files):
                 f.create_dataset(name, data=np.array([getattr(c, name) for c in chunks], dtype=np.int64))
             f.create_dataset("files", data=list(files), dtype=strings)
             f.create_dataset("file_sha256", data=list(files.values()), dtype=strings)
+            if attrs.get("retrieval", "dense") != "dense":  # BM25's scores, as a query reads them (bm25.py)
+                from bm25 import BM25
+
+                for name, values in BM25([c.text for c in chunks]).arrays().items():
+                    f.create_dataset(name, data=values, dtype=strings if name == "bm25_terms" else None)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

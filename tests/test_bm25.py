@@ -86,10 +86,12 @@ def test_the_retrieval_choice_through_the_index(fact_index, tiny_model_dir):
     np.testing.assert_allclose([h["score"] for h in hits], sorted(expected[expected > 0], reverse=True), atol=1e-4)
 
     hybrid = rag.Retriever(fact_index, model, tokenizer)  # the index's own choice: data.py index --retrieval=hybrid
-    assert hybrid.retrieval == "hybrid"
+    assert hybrid.retrieval == "hybrid" and index._bm25_arrays is not None  # the file keeps BM25's scores
     cosines = index.vectors @ rag.embed(model, tokenizer, [query])[0]
     fused = bm25.fuse([bm25.ranks(cosines), bm25.ranks(expected, expected > 0)])
     assert [h["text"] for h in hybrid.search(query, k=3)] == [index.text[i] for i in np.argsort(-fused)[:3]]
+    rebuilt = rag.Index(index.attrs, index.vectors, {n: getattr(index, n) for n in index.COLUMNS}, index.files)
+    np.testing.assert_array_equal(rebuilt.bm25().scores(query), index.bm25().scores(query))  # as from the texts
     with pytest.raises(ValueError, match="--retrieval='sparse': choose from dense, bm25, hybrid"):
         rag.Retriever(fact_index, model, tokenizer, retrieval="sparse")
 
