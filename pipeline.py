@@ -15,6 +15,9 @@ starting from the last one's final/ model, with greedy exact-answer accuracy on 
 
 It runs the same commands a user would (printed as it goes); the accuracy is sample.py --eval's, printed with its
 95% interval and, from SFT on, the change from the stage before with the change's (paired) 95% interval.
+The demo also writes a knowledge base of made-up facts (kb/, kb_eval.jsonl) and SFT chats that answer from retrieved
+passages about other made-up facts (kb_sft.jsonl, mixed into SFT); after SFT and after the last stage a second table
+gives the accuracy on kb_eval.jsonl without retrieval and with dense, bm25 and hybrid retrieval, and recall@5.
 """
 import glob
 import json
@@ -148,6 +151,59 @@ def make_demo(out_dir, seed=0, max_operand=49, n_eval=200, pretrain_docs=8000, s
     write_jsonl("grpo.jsonl", (task(rng.choice(train), False) for _ in range(grpo)))
     write_jsonl("eval.jsonl", (task(problem, True) for problem in held_out))
     write_jsonl("dpo_eval.jsonl", (pair(problem) for problem in held_out))
+    return paths | make_kb(out_dir, seed)
+
+
+# -----------------------------------------------------------------------------
+# the knowledge base: made-up facts no pretraining text holds, answered from retrieved passages
+
+KB_SFT = ["--pack=true", "--block_size=256", "--batch_size=10"]  # the demo's SFT with its retrieval chats (~220
+# tokens, the arithmetic ones ~30): packed rows of the model's whole context, 10 a step, ~2,500 tokens as before
+KB_PLACES = 24  # made-up places in kb/, a file each; kb_eval.jsonl asks about each of their facts (240 questions)
+KB_K = 3  # chunks retrieved per question; 3 passages, the system prompt and a question are ~200 tokens of the demo
+# tokenizer (which never saw these words: ~30 tokens a passage); 4 would leave the demo model's 256 little room
+
+
+def make_kb(out_dir, seed=0, n_chats=1200):
+    """Writes kb/NN.md (a made-up place's facts, English then Chinese, a paragraph each), kb_eval.jsonl (a question
+    about each fact, in its language, with the answer and the passage that holds it) and kb_sft.jsonl: n_chats chats
+    about other made-up places whose system message carries KB_K passages as sample.py --rag hands them over
+    (rag.with_source_message), one holding the answer, the others the same place's other facts; the reply is the
+    answer. Returns their paths."""
+    from rag import FACTS, made_up_facts, with_source_message
+
+    rng, per_place = random.Random(seed + 1), 2 * len(FACTS)  # its own generator: the other files stay as they were
+    records = made_up_facts(KB_PLACES + n_chats // 4, seed + 1)
+    places = [records[i:i + per_place] for i in range(0, len(records), per_place)]
+    kb_dir = os.path.join(out_dir, "kb")
+    os.makedirs(kb_dir, exist_ok=True)
+    for old in glob.glob(os.path.join(kb_dir, "*.md")):
+        os.remove(old)
+    kb_eval = []
+    for number, facts in enumerate(places[:KB_PLACES]):
+        with open(os.path.join(kb_dir, f"{number:02d}.md"), "w", encoding="utf-8") as f:
+            f.write("\n\n".join([r["passage"] for r in facts if r["lang"] == "en"] +
+                                 [r["passage"] for r in facts if r["lang"] == "zh"]) + "\n")
+        kb_eval += [{"messages": [{"role": "user", "content": r["query"]}], "answer": r["answer"],
+                     "passage": r["passage"]} for r in facts]
+    chats = []
+    for _ in range(n_chats):
+        facts = rng.choice(places[KB_PLACES:])
+        asked = rng.choice(facts)
+        others = rng.sample([r for r in facts if r["passage"] != asked["passage"]], KB_K - 1)
+        if rng.random() < 0.5:  # the same question about another place: the answer is the asked place's
+            others[-1] = rng.choice(places[KB_PLACES:])[facts.index(asked)]
+        name = f"{rng.randrange(100):02d}.md"
+        sources = [{"source": name, "title": "", "text": r["passage"]} for r in rng.sample([asked] + others, KB_K)]
+        reply = asked["answer"] + ("。" if asked["lang"] == "zh" else ".")
+        chats.append({"messages": with_source_message([{"role": "user", "content": asked["query"]},
+                                                       {"role": "assistant", "content": reply}], sources)})
+    paths = {"kb": kb_dir}
+    for name, lines in (("kb_eval.jsonl", kb_eval), ("kb_sft.jsonl", chats)):
+        paths[name] = os.path.join(out_dir, name)
+        with open(paths[name] + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in lines)
+        os.replace(paths[name] + ".tmp", paths[name])
     return paths
 
 
@@ -261,10 +317,12 @@ def make_data(data, task):
     else:
         sh("pipeline.py", "task", f"--task={task}", f"--out={data}")
     sh("data.py", "tokenizer", f"--input={data}/pretrain.txt", "--vocab_size=2048", f"--out={data}/tokenizer")
-    for stage, source, name in [("seq", "pretrain.txt", "pretrain"), ("sft", "sft.jsonl", "sft"),
-                                ("dpo", "dpo.jsonl", "dpo"), ("grpo", "grpo.jsonl", "grpo")]:
-        if os.path.exists(f"{data}/{source}"):
-            sh("data.py", "prepare", f"--stage={stage}", f"--input={data}/{source}", f"--tokenizer={data}/tokenizer",
+    sft = "sft.jsonl,kb_sft.jsonl" if task == "demo" else "sft.jsonl"  # the demo's SFT: retrieval chats too
+    for stage, sources, name in [("seq", "pretrain.txt", "pretrain"), ("sft", sft, "sft"),
+                                 ("dpo", "dpo.jsonl", "dpo"), ("grpo", "grpo.jsonl", "grpo")]:
+        inputs = ",".join(f"{data}/{source}" for source in sources.split(","))
+        if os.path.exists(inputs.split(",")[0]):
+            sh("data.py", "prepare", f"--stage={stage}", f"--input={inputs}", f"--tokenizer={data}/tokenizer",
                f"--out={data}/{name}.h5")
     if task == "demo":  # held-out preference pairs (problems of eval.jsonl), all in one split, for DPO's accuracy
         sh("data.py", "prepare", "--stage=dpo", f"--input={data}/dpo_eval.jsonl", f"--tokenizer={data}/tokenizer",
@@ -324,11 +382,59 @@ def preference_accuracy(policy_dir, reference_dir, pairs_path):
     return correct / len(pairs)
 
 
+def kb_results(data, model_dir):
+    """[(retrieval, per-question results, per-question recall@5 or None)] on kb_eval.jsonl: without retrieval, then
+    each of dense, bm25 and hybrid retrieving KB_K chunks of an index of kb/ made with the model itself (what
+    `sample.py --eval=kb_eval.jsonl --rag=INDEX --rag_k=KB_K --retrieval=R` averages); recall@5: a question's
+    passage is in one of the 5 chunks retrieved for it."""
+    from rag import Retriever, last_user_text
+    from sample import load
+    from tasks import task_results
+
+    index = os.path.join(os.path.dirname(model_dir), "kb.h5")
+    sh("data.py", "index", f"--docs={data}/kb", f"--model={model_dir}", f"--out={index}", "--merge_threshold=2",
+       "--retrieval=hybrid")
+    model, tokenizer = load(model_dir)
+    task = f"{data}/kb_eval.jsonl"
+    with open(task, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    rows = [("none", task_results(model, tokenizer, task, batch_size=256), None)]
+    for retrieval in ("dense", "bm25", "hybrid"):
+        retriever = Retriever(index, model, tokenizer, KB_K, retrieval=retrieval)
+        recall = [any(r["passage"] in hit["text"] for hit in retriever.search(last_user_text(r["messages"]), 5))
+                  for r in records]
+        rows.append((retrieval, task_results(model, tokenizer, task, batch_size=256, retriever=retriever), recall))
+    return rows
+
+
+def print_kb(data, results):
+    """The knowledge-base table: a column of accuracy (± its 95% interval) per model, and recall@5."""
+    from tasks import interval95
+
+    names = list(results)
+    print(f"\nknowledge base: exact-answer accuracy on {data}/kb_eval.jsonl (questions about the made-up facts of "
+          f"{data}/kb/, greedy, {KB_K} chunks retrieved; ± its 95% interval) and the retriever's recall@5:")
+    print(f"{'retrieval':<10}" + "".join(f"{name:>16}" for name in names) +
+          "".join(f"{'recall@5 ' + name:>18}" for name in names))
+    for n, (retrieval, _, _) in enumerate(results[names[0]]):
+        line = f"{retrieval:<10}"
+        for name in names:
+            correct = results[name][n][1]
+            line += f"{f'{sum(correct) / len(correct):.3f} ± {interval95(correct):.3f}':>16}"
+        for name in names:
+            recall = results[name][n][2]
+            line += f"{'-' if recall is None else f'{sum(recall) / len(recall):.3f} ± {interval95(recall):.3f}':>18}"
+        print(line)
+
+
 def write_demo(argv):
     """python pipeline.py demo --out=DIR [--seed=0 ...]"""
     args = load_settings({"out": "data/demo", "seed": 0, "max_operand": 49, "n_eval": 200, "pretrain_docs": 8000,
                           "sft": 5000, "dpo": 3000, "grpo": 2000}, argv, "pipeline.py demo")
     for name, path in make_demo(args.pop("out"), **args).items():
+        if name == "kb":
+            print(f"wrote {path}: {len(os.listdir(path))} files")
+            continue
         with open(path, encoding="utf-8") as f:
             count = sum(1 for line in f if line.strip()) if name.endswith(".jsonl") else f.read().count("\n\n")
         print(f"wrote {path}: {count:,} {'records' if name.endswith('.jsonl') else 'documents'}, "
@@ -457,6 +563,8 @@ def main(argv):
             start = [f"--tokenizer={data}/tokenizer"] if parent is None else [f"--init_from={out}/{parent}/final"]
             if stage == "dpo" and not on_policy:  # digit-changed pairs: the chosen replies' NLL keeps them likely
                 start.append("--rpo_alpha=5")
+            if stage == "sft" and args.task == "demo":
+                start += KB_SFT
             sh("train.py", config, f"--data={data_file}", f"--out_dir={out}/{name}", *start, *extra,
                *scaled_iters(config, args.scale))
         elif not os.path.isdir(model_dir):
@@ -481,6 +589,8 @@ def main(argv):
     print(f"\nexact-answer accuracy on {task} (greedy; ± its 95% interval; the change from the stage before ± its "
           "paired 95% interval), after each stage:")
     print_table(rows, args.lora_rank)
+    if args.task == "demo":  # the knowledge base, after SFT (which trained on retrieval chats) and the last stage
+        print_kb(data, {name: kb_results(data, os.path.join(out, name, "final")) for name in ("sft", stages[-1][3])})
     print(f"total {(time.time() - t_start) / 60:.1f} minutes")
 
 

@@ -115,8 +115,8 @@ DEFAULTS = dict(
     kv_memory="50%",  # KV cache budget: GB (like 8), or a share of the memory left after the weights (like 50%);
     # taken as tokens are written on a CPU, up front on a GPU; rows that do not fit together wait their turn
     tp=1,  # tensor parallel: the model split over tp processes (torchrun --nproc_per_node=tp; parallel.py)
-    rag="",  # FILE.h5 (python data.py index): with --chat each user turn, with --eval each record, gets chunks as sources
-    rag_k=4,  # chunks retrieved a turn or record with --rag
+    rag="",  # FILE.h5 (python data.py index): each --chat turn or --eval record gets the rag_k best chunks as sources
+    rag_k=4,
     retrieval="",  # with --rag: dense, bm25 or hybrid (rag.py); "" = the index's own (data.py index --retrieval)
 )
 

@@ -2,6 +2,7 @@
 against Lucene's formula computed here by hand, reciprocal rank fusion by hand, and the retrieval choice through the
 index, its Retriever, recall@k and sample.py --eval --rag."""
 import math
+import os
 from collections import Counter
 
 import numpy as np
@@ -133,3 +134,24 @@ def test_eval_with_rag_renders_the_retrieved_sources(fact_index, tiny_model_dir,
     assert "accuracy 0.0000" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--rag retrieves for a chat or a task file"):
         main([f"--model={tiny_model_dir}", "--prompt=hi", f"--rag={fact_index}"])
+
+
+def test_the_demo_knowledge_base_is_unseen_elsewhere(tmp_path):
+    """pipeline.py's knowledge base: each question's passage is in kb/ once, no place asked about appears in the SFT
+    chats, and each chat's sources (a system message, as sample.py --rag renders them) hold its reply."""
+    import json
+
+    from pipeline import KB_K, make_kb
+
+    paths = make_kb(str(tmp_path), n_chats=200)
+    kb = {name: (tmp_path / "kb" / name).read_text(encoding="utf-8") for name in sorted(os.listdir(tmp_path / "kb"))}
+    questions = [json.loads(line) for line in open(paths["kb_eval.jsonl"], encoding="utf-8")]
+    chats = [json.loads(line)["messages"] for line in open(paths["kb_sft.jsonl"], encoding="utf-8")]
+    assert len(questions) == 10 * len(kb) and len(chats) == 200
+    assert all(sum(r["passage"] in text for text in kb.values()) == 1 and r["answer"] in r["passage"] for r in questions)
+    places = {r["passage"].split()[3].rstrip(".") for r in questions if r["passage"].startswith("The capital of")}
+    chat_text = json.dumps(chats, ensure_ascii=False)
+    assert len(places) == len(kb) and not [p for p in places if p in chat_text]
+    for system, user, reply in chats:
+        assert system["content"].startswith(rag.SYSTEM_PROMPT) and system["content"].count(".md:\n") == KB_K
+        assert reply["content"][:-1] in system["content"] and user["role"] == "user"
