@@ -157,24 +157,54 @@ def make_demo(out_dir, seed=0, max_operand=49, n_eval=200, pretrain_docs=8000, s
 # -----------------------------------------------------------------------------
 # the knowledge base: made-up facts no pretraining text holds, answered from retrieved passages
 
-KB_SFT = ["--pack=true", "--block_size=256", "--batch_size=10"]  # the demo's SFT with its retrieval chats (~220
+KB_SFT = ["--pack=true", "--block_size=256", "--batch_size=10"]  # the demo's SFT with its retrieval chats (~200
 # tokens, the arithmetic ones ~30): packed rows of the model's whole context, 10 a step, ~2,500 tokens as before
 KB_PLACES = 24  # made-up places in kb/, a file each; kb_eval.jsonl asks about each of their facts (240 questions)
 KB_K = 3  # chunks retrieved per question; 3 passages, the system prompt and a question are ~200 tokens of the demo
-# tokenizer (which never saw these words: ~30 tokens a passage); 4 would leave the demo model's 256 little room
+# tokenizer (which never saw these words: ~25 tokens a passage); 4 would leave the demo model's 256 little room
+KB_FACTS = [  # (English question, passage, Chinese question, passage): {e} a made-up place, {v} a number 10..98
+    ("How many lakes does {e} have?", "{e} has {v} lakes.", "{e} 有几个湖？", "{e} 有 {v} 个湖。"),
+    ("How tall is the tower of {e}?", "The tower of {e} is {v} meters tall.", "{e} 的塔有多高？", "{e} 的塔高 {v} 米。"),
+    ("How old is the bridge of {e}?", "The bridge of {e} is {v} years old.", "{e} 的桥有多少年了？",
+     "{e} 的桥有 {v} 年了。"),
+    ("How many schools does {e} have?", "The number of schools in {e} is {v}.", "{e} 有几所学校？",
+     "{e} 的学校有 {v} 所。"),
+    ("How far is {e} from the sea?", "{e} is {v} km from the sea.", "{e} 离海多远？", "{e} 离海 {v} 公里。"),
+]
+
+
+def kb_facts(rng, n_places):
+    """Per made-up place (names rag.made_up_word makes, none twice), its facts: {"query", "passage", "answer",
+    "lang"} for each KB_FACTS line in English and in Chinese. The answers are numbers, which the demo model already
+    copies from a prompt (its arithmetic replies repeat the question's numbers); the facts are in no other text."""
+    from rag import made_up_word
+
+    places, seen = [], set()
+    while len(places) < n_places:
+        place = made_up_word(rng)
+        if place in seen:
+            continue
+        seen.add(place)
+        facts = []
+        for question_en, passage_en, question_zh, passage_zh in KB_FACTS:
+            value = str(rng.randint(10, 98))
+            facts += [{"query": question.format(e=place), "passage": passage.format(e=place, v=value), "answer": value,
+                       "lang": lang} for lang, question, passage in (("en", question_en, passage_en),
+                                                                     ("zh", question_zh, passage_zh))]
+        places.append(facts)
+    return places
 
 
 def make_kb(out_dir, seed=0, n_chats=1200):
     """Writes kb/NN.md (a made-up place's facts, English then Chinese, a paragraph each), kb_eval.jsonl (a question
     about each fact, in its language, with the answer and the passage that holds it) and kb_sft.jsonl: n_chats chats
     about other made-up places whose system message carries KB_K passages as sample.py --rag hands them over
-    (rag.with_source_message), one holding the answer, the others the same place's other facts; the reply is the
-    answer. Returns their paths."""
-    from rag import FACTS, made_up_facts, with_source_message
+    (rag.with_source_message), one holding the answer, the others the same place's other facts or another place's
+    same fact; the reply is the answer. Returns their paths."""
+    from rag import with_source_message
 
-    rng, per_place = random.Random(seed + 1), 2 * len(FACTS)  # its own generator: the other files stay as they were
-    records = made_up_facts(KB_PLACES + n_chats // 4, seed + 1)
-    places = [records[i:i + per_place] for i in range(0, len(records), per_place)]
+    rng = random.Random(seed + 1)  # its own generator: the demo's other files stay as they were
+    places = kb_facts(rng, KB_PLACES + n_chats // 4)
     kb_dir = os.path.join(out_dir, "kb")
     os.makedirs(kb_dir, exist_ok=True)
     for old in glob.glob(os.path.join(kb_dir, "*.md")):

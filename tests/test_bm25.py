@@ -149,7 +149,7 @@ def test_the_demo_knowledge_base_is_unseen_elsewhere(tmp_path):
     chats = [json.loads(line)["messages"] for line in open(paths["kb_sft.jsonl"], encoding="utf-8")]
     assert len(questions) == 10 * len(kb) and len(chats) == 200
     assert all(sum(r["passage"] in text for text in kb.values()) == 1 and r["answer"] in r["passage"] for r in questions)
-    places = {r["passage"].split()[3].rstrip(".") for r in questions if r["passage"].startswith("The capital of")}
+    places = {r["passage"].split()[0] for r in questions if r["passage"].endswith(" lakes.")}
     chat_text = json.dumps(chats, ensure_ascii=False)
     assert len(places) == len(kb) and not [p for p in places if p in chat_text]
     for system, user, reply in chats:
