@@ -16,6 +16,9 @@ file and its character span: its text is exactly text[start:end] of the file.
 Embeddings: the model's last hidden states after the final norm, pooled (mean over the tokens, or the last token),
 L2-normalized: a cosine is a dot product, and the exact top-k over the index is one matmul.
 
+Retrieval (--retrieval): dense (those cosines), bm25 (bm25.py: word matches, no model needed) or hybrid (both rankings
+fused by reciprocal rank); an index holds its default, and a query may name another.
+
 ## Index layout (HDF5, format_version 1)
 Root attributes: `kind` = "astrai-rag-index", `format_version`, `model` (the MODELDIR it was made with),
 `model_identity` (sha256 of the tokenizer, the pooling and a sample of every weight: see model_identity),
