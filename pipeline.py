@@ -160,31 +160,33 @@ def make_demo(out_dir, seed=0, max_operand=49, n_eval=200, pretrain_docs=8000, s
 KB_SFT = ["--pack=true", "--block_size=256", "--batch_size=10"]  # the demo's SFT with its retrieval chats (~200
 # tokens, the arithmetic ones ~30): packed rows of the model's whole context, 10 a step, ~2,500 tokens as before
 KB_PLACES = 24  # made-up places in kb/, a file each; kb_eval.jsonl asks about each of their facts (240 questions)
-KB_K = 3  # chunks retrieved per question; 3 passages, the system prompt and a question are ~200 tokens of the demo
-# tokenizer (which never saw these words: ~25 tokens a passage); 4 would leave the demo model's 256 little room
+KB_K = 3  # chunks retrieved per question: the system prompt, 3 one-fact passages (~10 tokens each) and a question
+# are ~110 of the demo model's 256 positions
+# A fact is "place relation number": the number directly follows its keys, so the reply, which restates the fact,
+# has just written the keys when the number comes, and copying it is matching them in the sources (an induction
+# head's job); places are two tokens of the demo tokenizer, relations one (bar the Chinese 书)
+KB_NAME_PARTS = (["Bi", "Birds", "Co", "Comp", "He", "Mat", "Math", "My", "Nu", "Number", "She", "We"],
+                 ["al", "alks", "als", "at", "ater", "ber", "ch", "day", "ds", "gh", "gs", "he", "ien", "igh", "ik",
+                  "in", "ing", "inus", "is", "ises", "iv", "ks", "lee", "lp", "lus", "ogs", "ong", "oo", "ooks", "ool",
+                  "orn", "oun", "qu", "un", "up", "us"])  # 432 names
 KB_FACTS = [  # (English question, passage, Chinese question, passage): {e} a made-up place, {v} a number 10..98
-    ("How many lakes does {e} have?", "{e} has {v} lakes.", "{e} 有几个湖？", "{e} 有 {v} 个湖。"),
-    ("How tall is the tower of {e}?", "The tower of {e} is {v} meters tall.", "{e} 的塔有多高？", "{e} 的塔高 {v} 米。"),
-    ("How old is the bridge of {e}?", "The bridge of {e} is {v} years old.", "{e} 的桥有多少年了？",
-     "{e} 的桥有 {v} 年了。"),
-    ("How many schools does {e} have?", "The number of schools in {e} is {v}.", "{e} 有几所学校？",
-     "{e} 的学校有 {v} 所。"),
-    ("How far is {e} from the sea?", "{e} is {v} km from the sea.", "{e} 离海多远？", "{e} 离海 {v} 公里。"),
+    ("How long is the river of {e}?", "{e} river {v} km.", "{e} 这条河有多长？", "{e} 这条河 {v} 公里。"),
+    ("How many schools does {e} have?", "{e} school {v}.", "{e} 有几所学校？", "{e} 学校 {v} 所。"),
+    ("How many books does {e} have?", "{e} books {v}.", "{e} 有多少本书？", "{e} 书 {v} 本。"),
+    ("How much tea does {e} grow?", "{e} tea {v} tons.", "{e} 产多少吨茶？", "{e} 茶 {v} 吨。"),
+    ("How many cats live in {e}?", "{e} cat {v}.", "{e} 有几只猫？", "{e} 猫 {v} 只。"),
 ]
 
 
 def kb_facts(rng, n_places):
-    """Per made-up place (names rag.made_up_word makes, none twice), its facts: {"query", "passage", "answer",
-    "lang"} for each KB_FACTS line in English and in Chinese. The answers are numbers, which the demo model already
-    copies from a prompt (its arithmetic replies repeat the question's numbers); the facts are in no other text."""
-    from rag import made_up_word
-
-    places, seen = [], set()
-    while len(places) < n_places:
-        place = made_up_word(rng)
-        if place in seen:
-            continue
-        seen.add(place)
+    """Per made-up place (KB_NAME_PARTS joined, none twice), its facts: {"query", "passage", "answer", "lang"} for
+    each KB_FACTS line in English and in Chinese. The answers are numbers, which the demo model already copies from a
+    prompt (its arithmetic replies repeat the question's numbers); the facts are in no other text."""
+    names = [first + second for first in KB_NAME_PARTS[0] for second in KB_NAME_PARTS[1]]
+    if n_places > len(names):
+        raise ValueError(f"kb_facts: {n_places} places asked for, {len(names)} names to give them")
+    places = []
+    for place in rng.sample(names, n_places):
         facts = []
         for question_en, passage_en, question_zh, passage_zh in KB_FACTS:
             value = str(rng.randint(10, 98))
@@ -195,16 +197,16 @@ def kb_facts(rng, n_places):
     return places
 
 
-def make_kb(out_dir, seed=0, n_chats=1200):
+def make_kb(out_dir, seed=0, n_chats=4000, n_places=400, other_place=0.3):
     """Writes kb/NN.md (a made-up place's facts, English then Chinese, a paragraph each), kb_eval.jsonl (a question
     about each fact, in its language, with the answer and the passage that holds it) and kb_sft.jsonl: n_chats chats
-    about other made-up places whose system message carries KB_K passages as sample.py --rag hands them over
-    (rag.with_source_message), one holding the answer, the others the same place's other facts or another place's
-    same fact; the reply is the answer. Returns their paths."""
+    about n_places other made-up places whose system message carries KB_K passages as sample.py --rag hands them over
+    (rag.with_source_message), one holding the answer, the others the same place's other facts (what BM25 retrieves
+    beside it) or, at rate other_place, another place's same fact; the reply restates the fact. Returns the paths."""
     from rag import with_source_message
 
     rng = random.Random(seed + 1)  # its own generator: the demo's other files stay as they were
-    places = kb_facts(rng, KB_PLACES + n_chats // 4)
+    places = kb_facts(rng, KB_PLACES + n_places)
     kb_dir = os.path.join(out_dir, "kb")
     os.makedirs(kb_dir, exist_ok=True)
     for old in glob.glob(os.path.join(kb_dir, "*.md")):
@@ -220,14 +222,13 @@ def make_kb(out_dir, seed=0, n_chats=1200):
     for _ in range(n_chats):
         facts = rng.choice(places[KB_PLACES:])
         asked = rng.choice(facts)
-        others = rng.sample([r for r in facts if r["passage"] != asked["passage"]], KB_K - 1)
-        if rng.random() < 0.5:  # the same question about another place: the answer is the asked place's
+        others = rng.sample([r for r in facts if r["answer"] != asked["answer"]], KB_K - 1)
+        if rng.random() < other_place:  # the same question about another place: the answer is the asked place's
             others[-1] = rng.choice(places[KB_PLACES:])[facts.index(asked)]
         name = f"{rng.randrange(100):02d}.md"
         sources = [{"source": name, "title": "", "text": r["passage"]} for r in rng.sample([asked] + others, KB_K)]
-        reply = asked["answer"] + ("。" if asked["lang"] == "zh" else ".")
         chats.append({"messages": with_source_message([{"role": "user", "content": asked["query"]},
-                                                       {"role": "assistant", "content": reply}], sources)})
+                                                       {"role": "assistant", "content": asked["passage"]}], sources)})
     paths = {"kb": kb_dir}
     for name, lines in (("kb_eval.jsonl", kb_eval), ("kb_sft.jsonl", chats)):
         paths[name] = os.path.join(out_dir, name)
