@@ -157,11 +157,11 @@ def make_demo(out_dir, seed=0, max_operand=49, n_eval=200, pretrain_docs=8000, s
 # -----------------------------------------------------------------------------
 # the knowledge base: made-up facts no pretraining text holds, answered from retrieved passages
 
-KB_SFT = ["--pack=true", "--block_size=256", "--batch_size=10"]  # the demo's SFT with its retrieval chats (~200
+KB_SFT = ["--pack=true", "--block_size=256", "--batch_size=10"]  # the demo's SFT with its retrieval chats (~175
 # tokens, the arithmetic ones ~30): packed rows of the model's whole context, 10 a step, ~2,500 tokens as before
 KB_PLACES = 24  # made-up places in kb/, a file each; kb_eval.jsonl asks about each of their facts (240 questions)
-KB_K = 3  # chunks retrieved per question: the system prompt, 3 one-fact passages (~10 tokens each) and a question
-# are ~110 of the demo model's 256 positions
+KB_K = 3  # chunks retrieved per question: the system prompt, 3 one-fact passages (~10 tokens each, ~20 with their
+# source line) and a question are 150-167 of the demo model's 256 positions
 # A fact is "place relation number": the number directly follows its keys, so the reply, which restates the fact,
 # has just written the keys when the number comes, and copying it is matching them in the sources (an induction
 # head's job); places are two tokens of the demo tokenizer, relations one (bar the Chinese 书)
@@ -197,7 +197,7 @@ def kb_facts(rng, n_places):
     return places
 
 
-def make_kb(out_dir, seed=0, n_chats=4000, n_places=400, other_place=0.3):
+def make_kb(out_dir, seed=0, n_chats=1200, n_places=400, other_place=0.3):
     """Writes kb/NN.md (a made-up place's facts, English then Chinese, a paragraph each), kb_eval.jsonl (a question
     about each fact, in its language, with the answer and the passage that holds it) and kb_sft.jsonl: n_chats chats
     about n_places other made-up places whose system message carries KB_K passages as sample.py --rag hands them over
