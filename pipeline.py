@@ -16,6 +16,9 @@ starting from the last one's final/ model, with greedy exact-answer accuracy on 
 
 It runs the same commands a user would (printed as it goes); the accuracy is sample.py --eval's, printed with its
 95% interval and, from SFT on, the change from the stage before with the change's (paired) 95% interval.
+The demo also writes a knowledge base of made-up facts (kb/, kb_eval.jsonl) and SFT chats that answer from retrieved
+passages about other made-up facts (kb_sft.jsonl, mixed into SFT); after SFT and after the last stage a second table
+gives the accuracy on kb_eval.jsonl without retrieval and with dense, bm25 and hybrid retrieval, and recall@5.
 """
 import glob
 import json
@@ -149,6 +152,90 @@ def make_demo(out_dir, seed=0, max_operand=49, n_eval=200, pretrain_docs=8000, s
     write_jsonl("grpo.jsonl", (task(rng.choice(train), False) for _ in range(grpo)))
     write_jsonl("eval.jsonl", (task(problem, True) for problem in held_out))
     write_jsonl("dpo_eval.jsonl", (pair(problem) for problem in held_out))
+    return paths | make_kb(out_dir, seed)
+
+
+# -----------------------------------------------------------------------------
+# the knowledge base: made-up facts no pretraining text holds, answered from retrieved passages
+
+KB_SFT = ["--pack=true", "--block_size=256", "--batch_size=10"]  # the demo's SFT with its retrieval chats (~175
+# tokens, the arithmetic ones ~30): packed rows of the model's whole context, 10 a step, ~2,500 tokens as before
+KB_PLACES = 24  # made-up places in kb/, a file each; kb_eval.jsonl asks about each of their facts (240 questions)
+KB_K = 3  # chunks retrieved per question: the system prompt, 3 one-fact passages (~10 tokens each, ~20 with their
+# source line) and a question are 150-167 of the demo model's 256 positions
+# A fact is "place relation number": the number directly follows its keys, so the reply, which restates the fact,
+# has just written the keys when the number comes, and copying it is matching them in the sources (an induction
+# head's job); places are two tokens of the demo tokenizer, relations one (bar the Chinese 书)
+KB_NAME_PARTS = (["Bi", "Birds", "Co", "Comp", "He", "Mat", "Math", "My", "Nu", "Number", "She", "We"],
+                 ["al", "alks", "als", "at", "ater", "ber", "ch", "day", "ds", "gh", "gs", "he", "ien", "igh", "ik",
+                  "in", "ing", "inus", "is", "ises", "iv", "ks", "lee", "lp", "lus", "ogs", "ong", "oo", "ooks", "ool",
+                  "orn", "oun", "qu", "un", "up", "us"])  # 432 names
+KB_FACTS = [  # (English question, passage, Chinese question, passage): {e} a made-up place, {v} a number 10..98
+    ("How long is the river of {e}?", "{e} river {v} km.", "{e} 这条河有多长？", "{e} 这条河 {v} 公里。"),
+    ("How many schools does {e} have?", "{e} school {v}.", "{e} 有几所学校？", "{e} 学校 {v} 所。"),
+    ("How many books does {e} have?", "{e} books {v}.", "{e} 有多少本书？", "{e} 书 {v} 本。"),
+    ("How much tea does {e} grow?", "{e} tea {v} tons.", "{e} 产多少吨茶？", "{e} 茶 {v} 吨。"),
+    ("How many cats live in {e}?", "{e} cat {v}.", "{e} 有几只猫？", "{e} 猫 {v} 只。"),
+]
+
+
+def kb_facts(rng, n_places):
+    """Per made-up place (KB_NAME_PARTS joined, none twice), its facts: {"query", "passage", "answer", "lang"} for
+    each KB_FACTS line in English and in Chinese. The answers are numbers, which the demo model already copies from a
+    prompt (its arithmetic replies repeat the question's numbers); the facts are in no other text."""
+    names = [first + second for first in KB_NAME_PARTS[0] for second in KB_NAME_PARTS[1]]
+    if n_places > len(names):
+        raise ValueError(f"kb_facts: {n_places} places asked for, {len(names)} names to give them")
+    places = []
+    for place in rng.sample(names, n_places):
+        facts = []
+        for question_en, passage_en, question_zh, passage_zh in KB_FACTS:
+            value = str(rng.randint(10, 98))
+            facts += [{"query": question.format(e=place), "passage": passage.format(e=place, v=value), "answer": value,
+                       "lang": lang} for lang, question, passage in (("en", question_en, passage_en),
+                                                                     ("zh", question_zh, passage_zh))]
+        places.append(facts)
+    return places
+
+
+def make_kb(out_dir, seed=0, n_chats=1200, n_places=400, other_place=0.3):
+    """Writes kb/NN.md (a made-up place's facts, English then Chinese, a paragraph each), kb_eval.jsonl (a question
+    about each fact, in its language, with the answer and the passage that holds it) and kb_sft.jsonl: n_chats chats
+    about n_places other made-up places whose system message carries KB_K passages as sample.py --rag hands them over
+    (rag.with_source_message), one holding the answer, the others the same place's other facts (what BM25 retrieves
+    beside it) or, at rate other_place, another place's same fact; the reply restates the fact. Returns the paths."""
+    from rag import with_source_message
+
+    rng = random.Random(seed + 1)  # its own generator: the demo's other files stay as they were
+    places = kb_facts(rng, KB_PLACES + n_places)
+    kb_dir = os.path.join(out_dir, "kb")
+    os.makedirs(kb_dir, exist_ok=True)
+    for old in glob.glob(os.path.join(kb_dir, "*.md")):
+        os.remove(old)
+    kb_eval = []
+    for number, facts in enumerate(places[:KB_PLACES]):
+        with open(os.path.join(kb_dir, f"{number:02d}.md"), "w", encoding="utf-8") as f:
+            f.write("\n\n".join([r["passage"] for r in facts if r["lang"] == "en"] +
+                                 [r["passage"] for r in facts if r["lang"] == "zh"]) + "\n")
+        kb_eval += [{"messages": [{"role": "user", "content": r["query"]}], "answer": r["answer"],
+                     "passage": r["passage"]} for r in facts]
+    chats = []
+    for _ in range(n_chats):
+        facts = rng.choice(places[KB_PLACES:])
+        asked = rng.choice(facts)
+        others = rng.sample([r for r in facts if r["answer"] != asked["answer"]], KB_K - 1)
+        if rng.random() < other_place:  # the same question about another place: the answer is the asked place's
+            others[-1] = rng.choice(places[KB_PLACES:])[facts.index(asked)]
+        name = f"{rng.randrange(100):02d}.md"
+        sources = [{"source": name, "title": "", "text": r["passage"]} for r in rng.sample([asked] + others, KB_K)]
+        chats.append({"messages": with_source_message([{"role": "user", "content": asked["query"]},
+                                                       {"role": "assistant", "content": asked["passage"]}], sources)})
+    paths = {"kb": kb_dir}
+    for name, lines in (("kb_eval.jsonl", kb_eval), ("kb_sft.jsonl", chats)):
+        paths[name] = os.path.join(out_dir, name)
+        with open(paths[name] + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in lines)
+        os.replace(paths[name] + ".tmp", paths[name])
     return paths
 
 
@@ -262,10 +349,12 @@ def make_data(data, task):
     else:
         sh("pipeline.py", "task", f"--task={task}", f"--out={data}")
     sh("data.py", "tokenizer", f"--input={data}/pretrain.txt", "--vocab_size=2048", f"--out={data}/tokenizer")
-    for stage, source, name in [("seq", "pretrain.txt", "pretrain"), ("sft", "sft.jsonl", "sft"),
-                                ("dpo", "dpo.jsonl", "dpo"), ("grpo", "grpo.jsonl", "grpo")]:
-        if os.path.exists(f"{data}/{source}"):
-            sh("data.py", "prepare", f"--stage={stage}", f"--input={data}/{source}", f"--tokenizer={data}/tokenizer",
+    sft = "sft.jsonl,kb_sft.jsonl" if task == "demo" else "sft.jsonl"  # the demo's SFT: retrieval chats too
+    for stage, sources, name in [("seq", "pretrain.txt", "pretrain"), ("sft", sft, "sft"),
+                                 ("dpo", "dpo.jsonl", "dpo"), ("grpo", "grpo.jsonl", "grpo")]:
+        inputs = ",".join(f"{data}/{source}" for source in sources.split(","))
+        if os.path.exists(inputs.split(",")[0]):
+            sh("data.py", "prepare", f"--stage={stage}", f"--input={inputs}", f"--tokenizer={data}/tokenizer",
                f"--out={data}/{name}.h5")
     if task == "demo":  # held-out preference pairs (problems of eval.jsonl), all in one split, for DPO's accuracy
         sh("data.py", "prepare", "--stage=dpo", f"--input={data}/dpo_eval.jsonl", f"--tokenizer={data}/tokenizer",
@@ -325,11 +414,59 @@ def preference_accuracy(policy_dir, reference_dir, pairs_path, split="train"):
     return correct / len(pairs), len(pairs)
 
 
+def kb_results(data, model_dir):
+    """[(retrieval, per-question results, per-question recall@5 or None)] on kb_eval.jsonl: without retrieval, then
+    each of dense, bm25 and hybrid retrieving KB_K chunks of an index of kb/ made with the model itself (what
+    `sample.py --eval=kb_eval.jsonl --rag=INDEX --rag_k=KB_K --retrieval=R` averages); recall@5: a question's
+    passage is in one of the 5 chunks retrieved for it."""
+    from rag import Retriever, last_user_text
+    from sample import load
+    from tasks import task_results
+
+    index = os.path.join(os.path.dirname(model_dir), "kb.h5")
+    sh("data.py", "index", f"--docs={data}/kb", f"--model={model_dir}", f"--out={index}", "--merge_threshold=2",
+       "--retrieval=hybrid")
+    model, tokenizer = load(model_dir)
+    task = f"{data}/kb_eval.jsonl"
+    with open(task, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    rows = [("none", task_results(model, tokenizer, task, batch_size=256), None)]
+    for retrieval in ("dense", "bm25", "hybrid"):
+        retriever = Retriever(index, model, tokenizer, KB_K, retrieval=retrieval)
+        recall = [any(r["passage"] in hit["text"] for hit in retriever.search(last_user_text(r["messages"]), 5))
+                  for r in records]
+        rows.append((retrieval, task_results(model, tokenizer, task, batch_size=256, retriever=retriever), recall))
+    return rows
+
+
+def print_kb(data, results):
+    """The knowledge-base table: a column of accuracy (± its 95% interval) per model, and recall@5."""
+    from tasks import interval95
+
+    names = list(results)
+    print(f"\nknowledge base: exact-answer accuracy on {data}/kb_eval.jsonl (questions about the made-up facts of "
+          f"{data}/kb/, greedy, {KB_K} chunks retrieved; ± its 95% interval) and the retriever's recall@5:")
+    print(f"{'retrieval':<10}" + "".join(f"{name:>16}" for name in names) +
+          "".join(f"{'recall@5 ' + name:>18}" for name in names))
+    for n, (retrieval, _, _) in enumerate(results[names[0]]):
+        line = f"{retrieval:<10}"
+        for name in names:
+            correct = results[name][n][1]
+            line += f"{f'{sum(correct) / len(correct):.3f} ± {interval95(correct):.3f}':>16}"
+        for name in names:
+            recall = results[name][n][2]
+            line += f"{'-' if recall is None else f'{sum(recall) / len(recall):.3f} ± {interval95(recall):.3f}':>18}"
+        print(line)
+
+
 def write_demo(argv):
     """python pipeline.py demo --out=DIR [--seed=0 ...]"""
     args = load_settings({"out": "data/demo", "seed": 0, "max_operand": 49, "n_eval": 200, "pretrain_docs": 8000,
                           "sft": 5000, "dpo": 3000, "grpo": 2000}, argv, "pipeline.py demo")
     for name, path in make_demo(args.pop("out"), **args).items():
+        if name == "kb":
+            print(f"wrote {path}: {len(os.listdir(path))} files")
+            continue
         with open(path, encoding="utf-8") as f:
             count = sum(1 for line in f if line.strip()) if name.endswith(".jsonl") else f.read().count("\n\n")
         print(f"wrote {path}: {count:,} {'records' if name.endswith('.jsonl') else 'documents'}, "
@@ -470,6 +607,8 @@ def main(argv):
             start = [f"--tokenizer={data}/tokenizer"] if parent is None else [f"--init_from={out}/{parent}/final"]
             if stage == "dpo" and not on_policy:  # digit-changed pairs: the chosen replies' NLL keeps them likely
                 start += ["--rpo_alpha=5", "--lr=1e-4", "--min_lr=1e-5"]
+            if stage == "sft" and args.task == "demo":
+                start += KB_SFT
             sh("train.py", config, f"--data={data_file}", f"--out_dir={out}/{name}", *start, *extra,
                *scaled_iters(config, args.scale))
         elif not os.path.isdir(model_dir):
@@ -495,6 +634,8 @@ def main(argv):
     print(f"\nexact-answer accuracy on {task} (greedy; ± its 95% interval; the change from the stage before ± its "
           "paired 95% interval), after each stage:")
     print_table(rows, args.lora_rank)
+    if args.task == "demo":  # the knowledge base, after SFT (which trained on retrieval chats) and the last stage
+        print_kb(data, {name: kb_results(data, os.path.join(out, name, "final")) for name in ("sft", stages[-1][3])})
     print(f"total {(time.time() - t_start) / 60:.1f} minutes")
 
 

@@ -16,13 +16,18 @@ file and its character span: its text is exactly text[start:end] of the file.
 Embeddings: the model's last hidden states after the final norm, pooled (mean over the tokens, or the last token),
 L2-normalized: a cosine is a dot product, and the exact top-k over the index is one matmul.
 
+Retrieval (--retrieval): dense (those cosines), bm25 (bm25.py: word matches, no model needed) or hybrid (both rankings
+fused by reciprocal rank); an index holds its default, and a query may name another.
+
 ## Index layout (HDF5, format_version 1)
 Root attributes: `kind` = "astrai-rag-index", `format_version`, `model` (the MODELDIR it was made with),
 `model_identity` (sha256 of the tokenizer, the pooling and a sample of every weight: see model_identity),
-`pooling`, `chunk_tokens`, `overlap_tokens`, `merge_threshold`, `dim`. Datasets, one row a chunk: `vectors`
-(float32, n x dim), `text`, `source` (the file's path under --docs), `title` (its section's heading; utf-8 strings),
-`start`, `end` (character offsets into the file), `n_tokens`. One row a file: `files` and `file_sha256`, which
-the next build compares to re-embed only what changed. A query with another model is refused.
+`pooling`, `chunk_tokens`, `overlap_tokens`, `merge_threshold`, `dim`, `retrieval` (a query's default: dense,
+bm25 or hybrid). Datasets, one row a chunk: `vectors` (float32, n x dim), `text`, `source` (the file's path under
+--docs), `title` (its section's heading; utf-8 strings), `start`, `end` (character offsets into the file),
+`n_tokens`. One row a file: `files` and `file_sha256`, which the next build compares to re-embed only what changed.
+With retrieval bm25 or hybrid, BM25's scores (bm25.py: `bm25_data`, `bm25_indices`, `bm25_indptr`, `bm25_terms`),
+computed again over every chunk at each build. A dense query with another model is refused.
 """
 import hashlib
 import os
@@ -40,6 +45,7 @@ from data import _Dataset
 FORMAT_VERSION = 1
 KIND = "astrai-rag-index"
 POOLINGS = ("mean", "last")
+RETRIEVALS = ("dense", "bm25", "hybrid")  # cosine of pooled embeddings, BM25 (bm25.py), or both by rank fusion
 EXTENSIONS = (".md", ".markdown", ".txt")
 MARKDOWN = (".md", ".markdown")
 
@@ -290,11 +296,20 @@ class Index:
     end, n_tokens; files and file_sha256."""
     COLUMNS = ("text", "source", "title", "start", "end", "n_tokens")
 
-    def __init__(self, attrs, vectors, columns, files):
+    def __init__(self, attrs, vectors, columns, files, bm25_arrays=None):
         self.attrs, self.vectors, self.files = attrs, vectors, files  # files: path -> sha256
         for name in self.COLUMNS:
             setattr(self, name, columns[name])
-        self.matrix = torch.from_numpy(vectors)
+        self.matrix, self._bm25, self._bm25_arrays = torch.from_numpy(vectors), None, bm25_arrays
+
+    def bm25(self):
+        """BM25 over the chunks' texts (bm25.py): as the file keeps it, else built when first asked for."""
+        if self._bm25 is None:
+            from bm25 import BM25
+
+            arrays = self._bm25_arrays
+            self._bm25 = BM25(self.text) if arrays is None else BM25.from_arrays(arrays, len(self))
+        return self._bm25
 
     def __len__(self):
         return len(self.text)
@@ -314,7 +329,11 @@ class Index:
             strings = lambda name: [s.decode() for s in f[name][:]]  # noqa: E731
             columns = {name: strings(name) if f[name].dtype.kind == "O" else f[name][:] for name in cls.COLUMNS}
             files = dict(zip(strings("files"), strings("file_sha256")))
-            return cls(attrs, f["vectors"][:].astype(np.float32), columns, files)
+            bm25_arrays = None
+            if "bm25_terms" in f:  # made with --retrieval=bm25 or hybrid
+                bm25_arrays = {name: f[name][:] for name in ("bm25_data", "bm25_indices", "bm25_indptr")}
+                bm25_arrays["bm25_terms"] = strings("bm25_terms")
+            return cls(attrs, f["vectors"][:].astype(np.float32), columns, files, bm25_arrays)
 
     def check_model(self, identity, model_name, where):
         if identity != self.attrs["model_identity"]:
@@ -328,6 +347,28 @@ class Index:
         scores = torch.from_numpy(np.asarray(query_vectors, np.float32)) @ self.matrix.T  # (q, n)
         top = scores.topk(min(k, len(self)), dim=-1)
         return top.values.numpy(), top.indices.numpy()
+
+
+def check_retrieval(retrieval, where="--retrieval"):
+    if retrieval not in RETRIEVALS:
+        raise ValueError(f"{where}={retrieval!r}: choose from {', '.join(RETRIEVALS)}")
+    return retrieval
+
+
+def top_rows(retrieval, k, cosines=None, bm25_scores=None):
+    """One query's (scores, rows), best first, from its (n,) cosines (dense), its (n,) BM25 scores (bm25: only
+    chunks that share a term with it, so maybe fewer than k) or both (hybrid: reciprocal rank fusion, bm25.fuse)."""
+    if retrieval == "dense":
+        scores = np.asarray(cosines, np.float64)
+    elif retrieval == "bm25":
+        scores = np.where(bm25_scores > 0, bm25_scores, -np.inf)
+    else:
+        from bm25 import fuse, ranks
+
+        scores = fuse([ranks(cosines), ranks(bm25_scores, bm25_scores > 0)])
+    rows = np.argsort(-scores, kind="stable")[:k]
+    rows = rows[np.isfinite(scores[rows])]
+    return scores[rows], rows
 
 
 def write_index(out, attrs, chunks, vectors, files):
@@ -346,6 +387,11 @@ def write_index(out, attrs, chunks, vectors, files):
                 f.create_dataset(name, data=np.array([getattr(c, name) for c in chunks], dtype=np.int64))
             f.create_dataset("files", data=list(files), dtype=strings)
             f.create_dataset("file_sha256", data=list(files.values()), dtype=strings)
+            if attrs.get("retrieval", "dense") != "dense":  # BM25's scores, as a query reads them (bm25.py)
+                from bm25 import BM25
+
+                for name, values in BM25([c.text for c in chunks]).arrays().items():
+                    f.create_dataset(name, data=values, dtype=strings if name == "bm25_terms" else None)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -367,12 +413,14 @@ def segment_file(text, source, model, tokenizer, settings, notes):
 
 
 def build_index(docs, model_dir, out, chunk_tokens=256, overlap_tokens=32, merge_threshold=0.5, pooling="mean",
-                device="cpu", dtype=None, log=print):
+                device="cpu", dtype=None, log=print, retrieval="dense"):
     """Index the text files under docs with the model at model_dir into out; files whose sha256 the existing index
-    at out holds, made with the same model and settings, keep their chunks and vectors. Returns the Index."""
+    at out holds, made with the same model and settings, keep their chunks and vectors. retrieval: the queries'
+    default. Returns the Index."""
     from sample import load
 
     t0 = time.time()
+    check_retrieval(retrieval)
     if pooling not in POOLINGS:
         raise ValueError(f"--pooling={pooling}: choose from {', '.join(POOLINGS)}")
     paths = document_paths(docs)
@@ -412,7 +460,8 @@ def build_index(docs, model_dir, out, chunk_tokens=256, overlap_tokens=32, merge
         vectors.append(file_vectors)
     for note in notes:
         log(note)
-    write_index(out, attrs, chunks, np.concatenate(vectors), {p: d for p, (_, d) in texts.items()})
+    write_index(out, attrs | {"retrieval": retrieval}, chunks, np.concatenate(vectors),
+                {p: d for p, (_, d) in texts.items()})
     removed = len(set(old.files) - set(texts)) if old is not None else 0
     log(f"wrote {out}: {len(chunks)} chunks from {len(texts)} files ({len(texts) - kept} embedded, {kept} unchanged, "
         f"{removed} removed) in {time.time() - t0:.1f}s")
@@ -426,35 +475,44 @@ SYSTEM_PROMPT = "Answer from these sources where they hold the answer, and say w
 
 
 class Retriever:
-    """An index and the model that made it: search(question) -> the k nearest chunks as source dicts. model and
-    tokenizer: the one to query with (refused unless it is the index's); None loads the MODELDIR the index names."""
+    """An index and the model that made it: search(question) -> the k best chunks as source dicts (their "score":
+    a cosine, a BM25 score or a fused one). model and tokenizer: the one to embed queries with (refused unless it is
+    the index's); None loads the MODELDIR the index names. retrieval: dense, bm25 (no model needed) or hybrid;
+    "" = the index's own (data.py index --retrieval)."""
 
-    def __init__(self, path, model=None, tokenizer=None, k=4, device="cpu", dtype=None):
+    def __init__(self, path, model=None, tokenizer=None, k=4, device="cpu", dtype=None, retrieval=""):
         from sample import load
 
         self.index, self.k = Index.load(path), k
+        self.retrieval = check_retrieval(retrieval or self.index.attrs.get("retrieval", "dense"))
         name = "the given model"
-        if model is None:
+        if model is None and self.retrieval != "bm25":
             name = self.index.attrs["model"]
             model, tokenizer = load(name, device, dtype)
-        self.index.check_model(model_identity(model, tokenizer, self.index.attrs["pooling"]), name, path)
+        if self.retrieval != "bm25":
+            self.index.check_model(model_identity(model, tokenizer, self.index.attrs["pooling"]), name, path)
         self.model, self.tokenizer = model, tokenizer
 
     def search(self, question, k=None):
-        with forward_lock:
-            ids = self.tokenizer.encode(question)[-self.model.config.max_len:]
-            query = embed_ids(self.model, [ids or [0]], self.index.attrs["pooling"])
-        scores, rows = self.index.search(query, k or self.k)
+        cosines, bm25_scores = None, None
+        if self.retrieval != "bm25":
+            with forward_lock:
+                ids = self.tokenizer.encode(question)[-self.model.config.max_len:]
+                query = embed_ids(self.model, [ids or [0]], self.index.attrs["pooling"])
+            cosines = (torch.from_numpy(query) @ self.index.matrix.T)[0].numpy()  # (n,)
+        if self.retrieval != "dense":
+            bm25_scores = self.index.bm25().scores(question)
+        scores, rows = top_rows(self.retrieval, k or self.k, cosines, bm25_scores)
         ix = self.index
         return [{"source": ix.source[i], "title": ix.title[i], "start": int(ix.start[i]), "end": int(ix.end[i]),
-                 "score": round(float(s), 4), "text": ix.text[i]} for s, i in zip(scores[0], rows[0])]
+                 "score": round(float(s), 4), "text": ix.text[i]} for s, i in zip(scores, rows)]
 
     @classmethod
-    def sharing(cls, path, model, tokenizer, k=4, device="cpu"):
+    def sharing(cls, path, model, tokenizer, k=4, device="cpu", retrieval=""):
         """A server's retriever: the served model where the index was made with it, else the index's own."""
         index = Index.load(path)
         same = model_identity(model, tokenizer, index.attrs["pooling"]) == index.attrs["model_identity"]
-        return cls(path, model if same else None, tokenizer if same else None, k, device)
+        return cls(path, model if same else None, tokenizer if same else None, k, device, retrieval=retrieval)
 
     def augment(self, tokenizer, messages):
         """(tokenizer, sources) for a conversation: the chunks retrieved for its last user turn and a tokenizer that
@@ -482,6 +540,15 @@ def source_text(sources):
                        for n, s in enumerate(sources, 1))
 
 
+def with_source_message(messages, sources):
+    """The conversation with the sources as a system message (put before the conversation's own system message's
+    text): what a template without `documents` gets (WithSources), and what pipeline.py's retrieval chats train on."""
+    system = f"{SYSTEM_PROMPT}\n\n{source_text(sources)}"
+    if messages and messages[0].get("role") == "system":
+        return [{"role": "system", "content": f"{system}\n\n{messages[0]['content']}"}] + list(messages[1:])
+    return [{"role": "system", "content": system}] + list(messages)
+
+
 class WithSources:
     """A tokenizer whose render_chat hands `sources` to the chat template: as its `documents` argument
     ({"title", "text"} each) when the template reads one, else as a system message (the conversation's own system
@@ -498,12 +565,7 @@ class WithSources:
             documents = [{"title": s["source"] + (f" ({s['title']})" if s["title"] else ""), "text": s["text"]}
                          for s in self.sources]
             return self.tokenizer.render_chat(messages, add_generation_prompt, documents=documents, **kwargs)
-        system = f"{SYSTEM_PROMPT}\n\n{source_text(self.sources)}"
-        if messages and messages[0].get("role") == "system":
-            messages = [{"role": "system", "content": f"{system}\n\n{messages[0]['content']}"}] + messages[1:]
-        else:
-            messages = [{"role": "system", "content": system}] + list(messages)
-        return self.tokenizer.render_chat(messages, add_generation_prompt, **kwargs)
+        return self.tokenizer.render_chat(with_source_message(messages, self.sources), add_generation_prompt, **kwargs)
 
 
 def last_user_text(messages):
@@ -537,8 +599,8 @@ def made_up_word(rng, parts=3):
 
 
 def made_up_facts(n_entities, seed=0):
-    """Records {"query", "passage", "entity", "lang"}: every FACTS line for n_entities made-up places, in English
-    and in Chinese, with made-up values; the same seed gives the same facts."""
+    """Records {"query", "passage", "entity", "lang", "answer"}: every FACTS line for n_entities made-up places, in
+    English and in Chinese, with made-up values (the answer); the same seed gives the same facts."""
     import random
 
     rng, seen, records = random.Random(seed), set(), []
@@ -551,17 +613,25 @@ def made_up_facts(n_entities, seed=0):
             value = made_up_word(rng, 2)
             for lang, question, passage in (("en", question_en, passage_en), ("zh", question_zh, passage_zh)):
                 records.append({"query": question.format(e=entity), "passage": passage.format(e=entity, v=value),
-                                "entity": entity, "lang": lang})
+                                "entity": entity, "lang": lang, "answer": value})
     return records
 
 
-def recall_at_k(model, tokenizer, records, k=5, pooling="mean"):
-    """The share of records whose own passage is among the k nearest (cosine) to its query, all records' passages
-    competing."""
-    queries = embed(model, tokenizer, [r["query"] for r in records], pooling)
-    passages = embed(model, tokenizer, [r["passage"] for r in records], pooling)
-    rows = torch.from_numpy(queries @ passages.T).topk(k, dim=-1).indices.numpy()  # (n, k)
-    return float(np.mean([i in row for i, row in enumerate(rows)]))
+def recall_at_k(model, tokenizer, records, k=5, pooling="mean", retrieval="dense"):
+    """The share of records whose own passage is among the k best retrieved for its query (top_rows), all records'
+    passages competing. model and tokenizer: None for bm25."""
+    cosines, bm25_scores = None, None
+    if retrieval != "bm25":
+        queries = embed(model, tokenizer, [r["query"] for r in records], pooling)
+        cosines = queries @ embed(model, tokenizer, [r["passage"] for r in records], pooling).T  # (n, n)
+    if retrieval != "dense":
+        from bm25 import BM25
+
+        lexical = BM25([r["passage"] for r in records])
+        bm25_scores = [lexical.scores(r["query"]) for r in records]
+    found = [i in top_rows(retrieval, k, None if cosines is None else cosines[i],
+                           None if bm25_scores is None else bm25_scores[i])[1] for i in range(len(records))]
+    return float(np.mean(found))
 
 
 # -----------------------------------------------------------------------------
@@ -575,6 +645,7 @@ INDEX_DEFAULTS = dict(
     overlap_tokens=32,  # tokens consecutive chunks of one cut paragraph share (at most chunk_tokens // 2)
     merge_threshold=0.5,  # adjacent paragraphs merge (within chunk_tokens) at this cosine or more; >1: never
     pooling="mean",  # mean over the tokens, or last (the last token's state)
+    retrieval="dense",  # what a query uses unless it names its own: dense, bm25 or hybrid (stored in the index)
     device="cpu",
     dtype="float32",  # float32, bfloat16 or float16
 )
@@ -589,7 +660,7 @@ def index_main(argv):
             sys.exit(f"data.py index: --{key} is required; see python data.py index --help")
     try:
         build_index(args.docs, args.model, args.out, args.chunk_tokens, args.overlap_tokens, args.merge_threshold,
-                    args.pooling, args.device, args.dtype)
+                    args.pooling, args.device, args.dtype, retrieval=args.retrieval)
     except (OSError, ValueError) as e:
         sys.exit(f"data.py index: {e}")
 
@@ -598,6 +669,7 @@ DEFAULTS = dict(
     index="",  # search: FILE.h5 made by python data.py index
     query="",  # search: the question
     k=5,  # search: chunks to show; recall: recall@k
+    retrieval="",  # dense, bm25 or hybrid; "" = search: the index's own (data.py index --retrieval), recall: dense
     model="",  # search: the model to query with (default: the index's own; another is refused); recall: the model
     pooling="mean",  # recall: mean or last
     pairs="",  # recall: a jsonl file of {"query", "passage"} records
@@ -607,8 +679,8 @@ DEFAULTS = dict(
     device="cpu",
 )
 USAGE = """usage:
-  python rag.py search --index=FILE.h5 --query=TEXT [--k=5] [--model=MODELDIR]
-  python rag.py recall --model=MODELDIR --pairs=FILE.jsonl [--k=5] [--pooling=mean]
+  python rag.py search --index=FILE.h5 --query=TEXT [--k=5] [--model=MODELDIR] [--retrieval=dense|bm25|hybrid]
+  python rag.py recall --model=MODELDIR --pairs=FILE.jsonl [--k=5] [--pooling=mean] [--retrieval=dense|bm25|hybrid]
   python rag.py facts --out=DIR [--entities=400] [--seed=0]      (made-up query/passage pairs, English and Chinese)"""
 
 
@@ -621,7 +693,8 @@ def main(argv):
     if not argv or argv[0] not in ("search", "recall", "facts"):
         sys.exit(USAGE)
     command, args = argv[0], load_settings(DEFAULTS, argv[1:], f"rag.py {argv[0]}")
-    needed = {"search": ("index", "query"), "recall": ("model", "pairs"), "facts": ("out",)}[command]
+    needed = {"search": ("index", "query"), "recall": ("pairs",) + (("model",) if args.retrieval != "bm25" else ()),
+              "facts": ("out",)}[command]
     if not all(args[key] for key in needed):
         sys.exit(f"rag.py {command}: give " + " and ".join(f"--{key}" for key in needed))
     try:
@@ -639,10 +712,11 @@ def main(argv):
         if command == "recall":
             with open(args.pairs, encoding="utf-8") as f:
                 records = [json.loads(line) for line in f if line.strip()]
-            print(f"{args.pairs}: recall@{args.k} {recall_at_k(model, tokenizer, records, args.k, args.pooling):.4f} "
-                  f"over {len(records)} pairs")
+            retrieval = check_retrieval(args.retrieval or "dense")
+            recall = recall_at_k(model, tokenizer, records, args.k, args.pooling, retrieval)
+            print(f"{args.pairs}: recall@{args.k} {recall:.4f} ({retrieval}) over {len(records)} pairs")
             return
-        retriever = Retriever(args.index, model, tokenizer, args.k, args.device)
+        retriever = Retriever(args.index, model, tokenizer, args.k, args.device, retrieval=args.retrieval)
     except (OSError, ValueError) as e:
         sys.exit(f"rag.py: {e}")
     for n, hit in enumerate(retriever.search(args.query), 1):

@@ -115,7 +115,9 @@ DEFAULTS = dict(
     kv_memory="50%",  # KV cache budget: GB (like 8), or a share of the memory left after the weights (like 50%);
     # taken as tokens are written on a CPU, up front on a GPU; rows that do not fit together wait their turn
     tp=1,  # tensor parallel: the model split over tp processes (torchrun --nproc_per_node=tp; parallel.py)
-    rag="",  # FILE.h5 (python data.py index): with --chat, each user turn gets the 4 nearest chunks as its sources
+    rag="",  # FILE.h5 (python data.py index): each --chat turn or --eval record gets the rag_k best chunks as sources
+    rag_k=4,
+    retrieval="",  # with --rag: dense, bm25 or hybrid (rag.py); "" = the index's own (data.py index --retrieval)
 )
 
 # -----------------------------------------------------------------------------
@@ -753,13 +755,14 @@ def main(argv):
     if args.rag:
         from rag import Retriever
 
-        if not args.chat or args.num_samples != 1 or args.eval:
-            sys.exit("sample.py: --rag answers one chat: give --chat, and no --num_samples or --eval")
-        retriever = Retriever.sharing(args.rag, model, tokenizer, device=device)
+        if not (args.chat or args.eval) or args.num_samples != 1:
+            sys.exit("sample.py: --rag retrieves for a chat or a task file: give --chat or --eval, no --num_samples")
+        retriever = Retriever.sharing(args.rag, model, tokenizer, args.rag_k, device, args.retrieval)
     if args.eval:
         from tasks import task_accuracy
 
-        accuracy = task_accuracy(model, tokenizer, args.eval, args.batch_size, args.max_new_tokens, args.kv_memory)
+        accuracy = task_accuracy(model, tokenizer, args.eval, args.batch_size, args.max_new_tokens, args.kv_memory,
+                                 retriever)
         print(f"{args.eval}: accuracy {accuracy:.4f}")
         return
     prompt = args.prompt

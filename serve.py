@@ -77,6 +77,7 @@ DEFAULTS = dict(
     tp=1,  # tensor parallel: the model split over tp processes (torchrun --nproc_per_node=tp); rank 0 serves HTTP
     rag_index="",  # FILE.h5 (python data.py index): chats retrieve for their last user turn; replies carry "sources"
     rag_k=4,  # chunks retrieved per chat request with --rag_index
+    retrieval="",  # with --rag_index: dense, bm25 or hybrid (rag.py); "" = the index's own (data.py index --retrieval)
 )
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
 ROUTES = {"/": "GET", "/health": "GET", "/stats": "GET", "/metrics": "GET", "/v1/models": "GET",
@@ -659,7 +660,7 @@ def main(argv):
         from rag import Retriever
 
         try:
-            rag = Retriever.sharing(args.rag_index, model, tokenizer, args.rag_k, device)
+            rag = Retriever.sharing(args.rag_index, model, tokenizer, args.rag_k, device, args.retrieval)
         except (OSError, ValueError) as e:
             sys.exit(f"serve.py: --rag_index: {e}")
     loop = EngineLoop(engine, tokenizer, args.max_waiting).start()

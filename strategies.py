@@ -652,7 +652,8 @@ class Distill(Strategy):
 
 class Embed(Strategy):
     """Contrastive training of the pooled embeddings rag.py retrieves with: InfoNCE on query/passage pairs (data.py
-    prepare --stage=embed), each query's own passage against the micro-batch's other passages."""
+    prepare --stage=embed), each query's own passage against the other passages of the micro-batch, under DDP those
+    of every process's micro-batch (gathered with their gradients: the loss is one process's on the joined batch)."""
     data_stage = "embed"
     settings = dict(
         embed_temperature=0.05,  # divides the cosines before the softmax (0.05 as E5 and GTE train)
@@ -668,7 +669,12 @@ class Embed(Strategy):
         totals = totals or self.normalizers(batch)
         vectors = model(batch["ids"], Pooled(batch["lengths"], self.cfg.pooling))  # (2B, dim): queries, passages
         B = vectors.size(0) // 2
-        loss, accuracy = info_nce(vectors[:B], vectors[B:], self.cfg.embed_temperature)
+        queries, passages = vectors[:B], vectors[B:]
+        if self.world_size > 1 and not evaluating:  # (validation: every process has the same batch)
+            from torch.distributed.nn.functional import all_gather  # backward sums each rank's gradient to its own
+
+            queries, passages = torch.cat(all_gather(queries)), torch.cat(all_gather(passages))  # (world * B, dim)
+        loss, accuracy = info_nce(queries, passages, self.cfg.embed_temperature)
         return loss * B / totals["pairs"], {"accuracy": accuracy, "tokens": float(batch["lengths"].sum())}
 
 

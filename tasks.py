@@ -92,10 +92,11 @@ def answer_is_correct(completion: str, answer: str) -> bool:
     return not (before.isascii() and before.isalnum())
 
 
-def read_task(task_path, tokenizer, with_records=False):
+def read_task(task_path, tokenizer, with_records=False, retriever=None):
     """(prompt token ids, answer) per record of a jsonl task file: {"messages": [...]} or {"prompt": "..."}
-    plus "answer" (with_records: and the records). Chat messages get the generation prompt; plain prompts are
-    encoded as text."""
+    plus "answer" (with_records: and the records). Chat messages get the generation prompt (and with a retriever,
+    rag.py's, the chunks retrieved for their last user turn, as sample.py --chat --rag hands them over); plain
+    prompts are encoded as text."""
     prompts, answers, records = [], [], []
     with open(task_path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
@@ -111,7 +112,8 @@ def read_task(task_path, tokenizer, with_records=False):
                 raise ValueError(f'{where}: expected {{"messages": [...]}} or {{"prompt": "..."}} with "answer"')
             try:
                 if "messages" in record:
-                    ids, _ = tokenizer.render_chat(record["messages"], add_generation_prompt=True)
+                    chat = retriever.augment(tokenizer, record["messages"])[0] if retriever else tokenizer
+                    ids, _ = chat.render_chat(record["messages"], add_generation_prompt=True)
                 elif isinstance(record["prompt"], str):
                     ids = tokenizer.encode(record["prompt"])
                 else:
@@ -126,11 +128,12 @@ def read_task(task_path, tokenizer, with_records=False):
     return (prompts, answers, records) if with_records else (prompts, answers)
 
 
-def task_results(model, tokenizer, task_path, batch_size=32, max_new_tokens=EVAL_MAX_NEW_TOKENS, kv_memory="50%"):
+def task_results(model, tokenizer, task_path, batch_size=32, max_new_tokens=EVAL_MAX_NEW_TOKENS, kv_memory="50%",
+                 retriever=None):
     """Per record of a task file, in file order: whether its greedy completion holds the answer (answer_is_correct,
     the check GRPO's reward uses), stopping at tokenizer.stop_ids. Prompts are batched shortest first to waste little
-    on padding."""
-    prompts, answers = read_task(task_path, tokenizer)
+    on padding. retriever (rag.py): chat records get the chunks it retrieves (read_task)."""
+    prompts, answers = read_task(task_path, tokenizer, retriever=retriever)
     stop_ids = tokenizer.stop_ids
     for i, p in enumerate(prompts):
         if len(p) >= model.config.max_len:
@@ -147,9 +150,10 @@ def task_results(model, tokenizer, task_path, batch_size=32, max_new_tokens=EVAL
     return correct
 
 
-def task_accuracy(model, tokenizer, task_path, batch_size=32, max_new_tokens=EVAL_MAX_NEW_TOKENS, kv_memory="50%"):
+def task_accuracy(model, tokenizer, task_path, batch_size=32, max_new_tokens=EVAL_MAX_NEW_TOKENS, kv_memory="50%",
+                  retriever=None):
     """The fraction of a task file's records answered right (task_results): what sample.py --eval prints."""
-    correct = task_results(model, tokenizer, task_path, batch_size, max_new_tokens, kv_memory)
+    correct = task_results(model, tokenizer, task_path, batch_size, max_new_tokens, kv_memory, retriever)
     return sum(correct) / len(correct)
 
 

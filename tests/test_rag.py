@@ -284,7 +284,7 @@ def test_sample_chat_with_rag_prints_sources(chat_model_dir, kb, capsys):
     sample.main(argv)
     out = capsys.readouterr().out
     assert "sources: [1] " in out and "foxes.md" in out
-    with pytest.raises(SystemExit, match="--rag answers one chat"):
+    with pytest.raises(SystemExit, match="--rag retrieves for a chat or a task file"):
         sample.main(argv[:1] + argv[2:])
 
 
@@ -328,6 +328,68 @@ def test_embed_strategy_raises_recall(tiny_model_dir, tmp_path):
     model.eval()
     after = rag.recall_at_k(model, tokenizer, records, k=5)
     assert after > before + 0.2, (before, after)
+
+
+# each of 2 gloo processes takes its half of the pairs through DDP; rank 0 saves the loss and the averaged gradients
+DDP_WORKER = """
+import sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, {root!r})
+from types import SimpleNamespace
+from sample import load
+from strategies import STRATEGIES
+
+dist.init_process_group("gloo")
+rank, batch = dist.get_rank(), torch.load(sys.argv[2])
+model = load(sys.argv[1])[0].train()
+strategy = STRATEGIES["embed"](SimpleNamespace(**STRATEGIES["embed"].settings), model, None, rank, 2)
+half = batch["ids"].size(0) // 4  # this rank's queries and their passages
+rows = list(range(rank * half, (rank + 1) * half)) + list(range(2 * half + rank * half, 2 * half + (rank + 1) * half))
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+loss, _ = strategy.loss(ddp, {{"ids": batch["ids"][rows], "lengths": batch["lengths"][rows]}}, 0)
+loss.backward()
+if rank == 0:
+    torch.save({{"loss": loss.detach(), "grads": {{n: p.grad for n, p in model.named_parameters()}}}}, sys.argv[3])
+dist.destroy_process_group()
+"""
+
+
+def test_embed_in_batch_negatives_cross_processes(tiny_model_dir, tmp_path):
+    """--strategy=embed under DDP on 2 processes: each query's negatives are both processes' passages, so the loss
+    and the gradients are one process's on the joined batch (without the gather: the mean of two half-batch losses)."""
+    import subprocess
+    import sys
+
+    from data import load_dataset, prepare
+    from strategies import STRATEGIES
+    from types import SimpleNamespace
+
+    records = rag.made_up_facts(4, seed=2)
+    with open(tmp_path / "pairs.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    prepare("embed", [str(tmp_path / "pairs.jsonl")], tiny_model_dir, str(tmp_path / "embed.h5"), 0.0, progress=False)
+    batch = load_dataset(str(tmp_path / "embed.h5"), "train", 64, stage="embed").get_batch(list(range(8)))
+    torch.save(batch, tmp_path / "batch.pt")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "worker.py").write_text(DDP_WORKER.format(root=root))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(tmp_path / "worker.py"), tiny_model_dir, str(tmp_path / "batch.pt"),
+                        str(tmp_path / "out.pt")],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    two = torch.load(tmp_path / "out.pt")
+
+    model = load(tiny_model_dir)[0].train()
+    strategy = STRATEGIES["embed"](SimpleNamespace(**STRATEGIES["embed"].settings), model, None)
+    loss, _ = strategy.loss(model, batch, 0)  # the joined batch of 8 pairs in one process
+    loss.backward()
+    assert two["loss"].item() == pytest.approx(loss.item(), rel=1e-5)
+    halves = [strategy.loss(model, {"ids": batch["ids"][rows], "lengths": batch["lengths"][rows]}, 0)[0].item()
+              for rows in ([0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15])]
+    assert abs(sum(halves) / 2 - loss.item()) > 0.01  # in-batch negatives of one process alone: another loss
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(two["grads"][name], param.grad, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.skipif(bool(page.reason), reason=page.reason)
