@@ -88,6 +88,7 @@ def write_tasks(data, tokenizer, out, name="", max_new_tokens=0, context=None):
     known: max_new_tokens is then at most what the longest prompt leaves (lm-eval wants prompt + reply to fit, where
     generate() stops at the context's end). -> the task name."""
     from sample import EVAL_MAX_NEW_TOKENS
+    from settings import write_jsonl
 
     name, max_new_tokens = name or "astrai_" + os.path.splitext(os.path.basename(data))[0], max_new_tokens or \
         EVAL_MAX_NEW_TOKENS
@@ -101,9 +102,7 @@ def write_tasks(data, tokenizer, out, name="", max_new_tokens=0, context=None):
     os.makedirs(out, exist_ok=True)
     jsonl, stops = os.path.abspath(os.path.join(out, name + ".jsonl")), [tokenizer.decode([i]) for i in
                                                                           tokenizer.stop_ids]
-    with open(jsonl + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    os.replace(jsonl + ".tmp", jsonl)
+    write_jsonl(jsonl, records)
     yaml = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": jsonl}},
             "test_split": "test", "output_type": "generate_until", "doc_to_text": "{{prompt}}",
             "doc_to_target": "{{answer}}", "generation_kwargs": {"until": stops, "max_gen_toks": max_new_tokens,

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 
-from settings import Settings, load_settings
+from settings import Settings, load_settings, write_jsonl
 
 DEFAULTS = dict(
     task="demo",  # demo | working (word problems, replies that show their working) | bilingual (short answers)
@@ -124,12 +124,6 @@ def make_demo(out_dir, seed=0, max_operand=49, n_eval=200, pretrain_docs=8000, s
             f.write("\n".join(lines) + "\n\n")
     os.replace(paths["pretrain.txt"] + ".tmp", paths["pretrain.txt"])
 
-    def write_jsonl(name, records):
-        with open(paths[name] + ".tmp", "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(paths[name] + ".tmp", paths[name])
-
     def chat(problem):
         a, op, b, c, chinese = solved(problem)
         return {"messages": [{"role": "user", "content": _question(rng, a, op, b, chinese)},
@@ -147,11 +141,11 @@ def make_demo(out_dir, seed=0, max_operand=49, n_eval=200, pretrain_docs=8000, s
         record = {"messages": [{"role": "user", "content": prompt}]} if as_messages else {"prompt": prompt}
         return record | {"answer": str(c)}
 
-    write_jsonl("sft.jsonl", (chat(rng.choice(train)) for _ in range(sft)))
-    write_jsonl("dpo.jsonl", (pair(rng.choice(train)) for _ in range(dpo)))
-    write_jsonl("grpo.jsonl", (task(rng.choice(train), False) for _ in range(grpo)))
-    write_jsonl("eval.jsonl", (task(problem, True) for problem in held_out))
-    write_jsonl("dpo_eval.jsonl", (pair(problem) for problem in held_out))
+    write_jsonl(paths["sft.jsonl"], (chat(rng.choice(train)) for _ in range(sft)))
+    write_jsonl(paths["dpo.jsonl"], (pair(rng.choice(train)) for _ in range(dpo)))
+    write_jsonl(paths["grpo.jsonl"], (task(rng.choice(train), False) for _ in range(grpo)))
+    write_jsonl(paths["eval.jsonl"], (task(problem, True) for problem in held_out))
+    write_jsonl(paths["dpo_eval.jsonl"], (pair(problem) for problem in held_out))
     return paths | make_kb(out_dir, seed)
 
 
@@ -233,9 +227,7 @@ def make_kb(out_dir, seed=0, n_chats=1200, n_places=400, other_place=0.3):
     paths = {"kb": kb_dir}
     for name, lines in (("kb_eval.jsonl", kb_eval), ("kb_sft.jsonl", chats)):
         paths[name] = os.path.join(out_dir, name)
-        with open(paths[name] + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in lines)
-        os.replace(paths[name] + ".tmp", paths[name])
+        write_jsonl(paths[name], lines)
     return paths
 
 
@@ -328,9 +320,7 @@ def make_task(out_dir, task, seed=0, n_eval=200, pretrain_docs=4000, sft=4000, g
         "grpo.jsonl": ({"prompt": q, "answer": answer} for q, _, answer in (rng.choice(train) for _ in range(grpo))),
         "eval.jsonl": ({"messages": [{"role": "user", "content": q}], "answer": answer} for q, _, answer in held_out)}
     for name, lines in records.items():
-        with open(paths[name] + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in lines)
-        os.replace(paths[name] + ".tmp", paths[name])
+        write_jsonl(paths[name], lines)
     return paths
 
 

@@ -30,6 +30,13 @@ class Settings(dict):
         self[key] = value
 
 
+def write_jsonl(path, records):
+    """records as jsonl at path, written to path.tmp first and moved into place: a stopped run leaves no half file."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    os.replace(path + ".tmp", path)
+
+
 def run_config_file(path):
     """The assignments of a config file (a plain Python file): every name but modules and those starting with _."""
     if not os.path.isfile(path):

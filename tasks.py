@@ -11,7 +11,6 @@ A task file is jsonl: {"messages": [...]} (rendered with the chat template and i
 every accuracy (pipeline.py, sample.py --eval, GRPO's val reward) generates up to EVAL_MAX_NEW_TOKENS greedily.
 """
 import json
-import os
 import random
 import sys
 import unicodedata
@@ -207,6 +206,21 @@ def round_trips(tokenizer, messages, prompt_ids, reply_ids, reply):
     return ids[:len(prompt_ids)] == list(prompt_ids) and scored[:-1] == list(reply_ids)
 
 
+def reply_text(tokenizer, tokens, messages, prompt_ids, counts):
+    """The text of a sampled reply (tokens, its stop token last) that DPO's or SFT's data would train on exactly, or
+    None, counted in counts: "unfinished" (no stop token within max_new_tokens: its text is not a reply) or
+    "not_round_trip" (round_trips)."""
+    if not (tokens and tokens[-1] in tokenizer.stop_ids):
+        counts["unfinished"] += 1
+        return None
+    reply_ids = strip_stop(tokens, tokenizer.stop_ids)
+    reply = tokenizer.decode(reply_ids)
+    if not round_trips(tokenizer, messages, prompt_ids, reply_ids, reply):
+        counts["not_round_trip"] += 1
+        return None
+    return reply
+
+
 def make_pairs(model, tokenizer, records, prompts, reward_fn, k=8, temperature=1.0,
                max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=16, seed=0, kv_memory="50%"):
     """Sample k replies to each prompt (token ids: dpo_prompts'), score each with reward_fn(prompt, reply, record)
@@ -226,13 +240,8 @@ def make_pairs(model, tokenizer, records, prompts, reward_fn, k=8, temperature=1
         for n, i in enumerate(batch):
             prompt_text, scored = tokenizer.decode(prompts[i]), []
             for tokens in outputs[n * k:(n + 1) * k]:
-                if not (tokens and tokens[-1] in stop_ids):
-                    counts["unfinished"] += 1
-                    continue
-                reply_ids = strip_stop(tokens, stop_ids)
-                reply = tokenizer.decode(reply_ids)
-                if not round_trips(tokenizer, dpo_messages(records[i]), prompts[i], reply_ids, reply):
-                    counts["not_round_trip"] += 1
+                reply = reply_text(tokenizer, tokens, dpo_messages(records[i]), prompts[i], counts)
+                if reply is None:
                     continue
                 scored.append((check_reward(reward_fn(prompt_text, reply, records[i]), "reward", prompt_text, reply),
                                reply))
@@ -251,7 +260,7 @@ def make_pairs(model, tokenizer, records, prompts, reward_fn, k=8, temperature=1
 def pairs_main(argv):
     """python tasks.py pairs --model=DIR --data=TASK.jsonl --out=PAIRS.jsonl [--k=8 --reward=exact_answer ...]"""
     from sample import load
-    from settings import load_settings, pick_device
+    from settings import load_settings, pick_device, write_jsonl
     from strategies import load_reward
 
     args = load_settings(PAIRS_DEFAULTS, argv, "tasks.py pairs")
@@ -275,10 +284,7 @@ def pairs_main(argv):
     prompts = dpo_prompts(tokenizer, records)  # as DPO will see them: a "prompt" string as the user's message
     pairs, counts = make_pairs(model, tokenizer, records, prompts, reward_fn, args.k, args.temperature,
                                args.max_new_tokens, args.batch_size, args.seed)
-    with open(args.out + ".tmp", "w", encoding="utf-8") as f:
-        for pair in pairs:
-            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
-    os.replace(args.out + ".tmp", args.out)
+    write_jsonl(args.out, pairs)
     print(f"wrote {args.out}: {counts['pairs']:,} pairs from {counts['prompts']:,} prompts x {args.k} replies "
           f"({counts['all_equal']:,} prompts whose replies all scored alike, {counts['unfinished']:,} replies "
           f"unfinished at max_new_tokens={args.max_new_tokens} and {counts['not_round_trip']:,} whose text does not "
@@ -322,13 +328,8 @@ def make_replies(model, tokenizer, conversations, temperature=0.0, max_new_token
     written, counts = [], {"conversations": len(prompts), "written": 0, "unfinished": 0, "not_round_trip": 0}
     for n, (prompt, row) in enumerate(zip(prompts, rows)):
         tokens = reply_of[tuple(row)] if reply_of is not None else outputs[n]
-        if not (tokens and tokens[-1] in tokenizer.stop_ids):
-            counts["unfinished"] += 1
-            continue
-        reply_ids = strip_stop(tokens, tokenizer.stop_ids)
-        reply = tokenizer.decode(reply_ids)
-        if not round_trips(tokenizer, prompt, row, reply_ids, reply):
-            counts["not_round_trip"] += 1
+        reply = reply_text(tokenizer, tokens, prompt, row, counts)
+        if reply is None:
             continue
         written.append({"messages": prompt + [{"role": "assistant", "content": reply}]})
         counts["written"] += 1
@@ -338,7 +339,7 @@ def make_replies(model, tokenizer, conversations, temperature=0.0, max_new_token
 def replies_main(argv):
     """python tasks.py replies --model=DIR --data=SFT.jsonl --out=SFT_REPLIES.jsonl [--temperature=0 ...]"""
     from sample import load
-    from settings import load_settings, pick_device
+    from settings import load_settings, pick_device, write_jsonl
 
     args = load_settings(REPLIES_DEFAULTS, argv, "tasks.py replies")
     problems = [f"--{key} is required" for key in ("model", "data", "out") if not args[key]]
@@ -360,9 +361,7 @@ def replies_main(argv):
     model, tokenizer = load(args.model, device=device, dtype=dtype)
     written, counts = make_replies(model, tokenizer, conversations, args.temperature, args.max_new_tokens,
                                    args.batch_size, args.seed)
-    with open(args.out + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in written)
-    os.replace(args.out + ".tmp", args.out)
+    write_jsonl(args.out, written)
     print(f"wrote {args.out}: {counts['written']:,} of {counts['conversations']:,} conversations with {args.model}'s "
           f"replies ({counts['unfinished']:,} unfinished at max_new_tokens={args.max_new_tokens} and "
           f"{counts['not_round_trip']:,} whose text does not tokenize back to the ids generated left out)")
