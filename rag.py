@@ -342,12 +342,6 @@ class Index:
                              f"{model_name} (identity {identity[:12]}) is another model, whose vectors it cannot be "
                              "compared with: query with that model, or rebuild the index with this one")
 
-    def search(self, query_vectors, k):
-        """Exact top-k: (scores, rows), each (q, k), from one matmul of (q, dim) queries with the (n, dim) vectors."""
-        scores = torch.from_numpy(np.asarray(query_vectors, np.float32)) @ self.matrix.T  # (q, n)
-        top = scores.topk(min(k, len(self)), dim=-1)
-        return top.values.numpy(), top.indices.numpy()
-
 
 def check_retrieval(retrieval, where="--retrieval"):
     if retrieval not in RETRIEVALS:
