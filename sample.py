@@ -116,7 +116,7 @@ DEFAULTS = dict(
     # taken as tokens are written on a CPU, up front on a GPU; rows that do not fit together wait their turn
     tp=1,  # tensor parallel: the model split over tp processes (torchrun --nproc_per_node=tp; parallel.py)
     rag="",  # FILE.h5 (python data.py index): each --chat turn or --eval record gets the rag_k best chunks as sources
-    rag_k=4,
+    rag_k=4,  # chunks retrieved for each --chat turn or --eval record with --rag
     retrieval="",  # with --rag: dense, bm25 or hybrid (rag.py); "" = the index's own (data.py index --retrieval)
 )
 

@@ -125,7 +125,9 @@ def pick_device(device="auto", dtype="auto", inference=False):
             dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
         else:
             dtype = "bfloat16" if inference and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
-    choices = list(DTYPES) + (["int8", "int4"] if inference else [])
+    from model import QUANTIZED
+
+    choices = list(DTYPES) + (list(QUANTIZED) if inference else [])
     if dtype not in choices:
         raise SystemExit(f"--dtype={dtype}: choose from auto, {', '.join(choices)}")
     if dtype == "int4" and device != "cpu":
