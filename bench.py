@@ -28,6 +28,8 @@ DEFAULTS = dict(
     dtypes="auto",  # decode/serve: float32,bfloat16,int8,int4; auto = all but bfloat16, bfloat16 too where native
     batches="1,8,16",  # decode batch sizes
     compile=True,  # ours with the compiled decode step (serve.py's default, --compile=auto); false = eager
+    weight_layout="auto",  # decode: ours with float weights laid out as sample.py/serve.py would for each batch
+    # size (quant.pick_layout); plain, transposed or packed for all
     llamacpp="",  # DIR of a llama.cpp source tree with its tools built in build/bin (README: Benchmarks)
     # train section: model shapes, each a preset with optional :key=value overrides of its config, batch_size
     # or block_size; the 1B preset at 2 of its 24 layers keeps a CPU step to seconds (per-layer cost is the same)
@@ -373,16 +375,18 @@ def bench_model(preset, seed):
     return model, train_tokenizer([text], config.vocab_size, progress=False)
 
 
-def in_dtype(model, dtype):
-    """The model as sample.load would give it in dtype (float32, bfloat16, int8 or int4)."""
+def in_dtype(model, dtype, layout="plain"):
+    """The model as sample.load would give it in dtype (float32, bfloat16, int8 or int4) and layout (quant.py)."""
     import copy
 
     from model import QUANTIZED
-    from quant import quantize
+    from quant import quantize, relayout
 
-    if dtype == "float32":
+    if dtype == "float32" and layout == "plain":
         return model
-    return quantize(copy.deepcopy(model), dtype) if dtype in QUANTIZED else copy.deepcopy(model).to(DTYPES[dtype])
+    if dtype in QUANTIZED:
+        return quantize(copy.deepcopy(model), dtype)
+    return relayout(copy.deepcopy(model).to(DTYPES[dtype]), layout)
 
 
 def cpu_features():
@@ -468,6 +472,7 @@ def bench_decode(args):
     transformers' generate (float32) vs llama-batched-bench on the same weights as GGUF."""
     import tempfile
 
+    from quant import pick_layout
     from sample import generate
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -485,16 +490,19 @@ def bench_decode(args):
             hf.generation_config.eos_token_id = None  # a fixed number of new tokens on both sides
             hf.generation_config.pad_token_id = 0
         for dtype in dtypes(args):
-            model = in_dtype(base, dtype).to(device)
-            impls = {"ours": lambda p, n: generate(model, p.tolist(), n, temperature=0.0, compile=args.compile)}
-            if hf is not None and dtype == "float32":
-                impls["transformers"] = lambda p, n: hf.generate(p, do_sample=False, max_new_tokens=n)
-            theirs = {}
+            theirs, models = {}, {}
             if args.llamacpp and device == "cpu":
                 with tempfile.TemporaryDirectory() as d:
                     gguf = gguf_file(base, tokenizer, dtype, d, args.llamacpp)
                     theirs = llamacpp_decode(args.llamacpp, gguf, batches, P, N, threads)
-            for B in batches:
+            for B in batches:  # the weights laid out as sample.py/serve.py would for B rows (--weight_layout)
+                layout = pick_layout(args.weight_layout, device, dtype, B)
+                if layout not in models:
+                    models = {layout: in_dtype(base, dtype, layout).to(device)}  # one model of the dtype at a time
+                model = models[layout]
+                impls = {"ours": lambda p, n: generate(model, p.tolist(), n, temperature=0.0, compile=args.compile)}
+                if hf is not None and dtype == "float32":
+                    impls["transformers"] = lambda p, n: hf.generate(p, do_sample=False, max_new_tokens=n)
                 prompts = torch.randint(0, base.config.vocab_size, (B, P), device=device)
                 # decode alone: N new tokens minus the prefill and first token that 1 new token costs
                 with torch.no_grad():
@@ -506,9 +514,10 @@ def bench_decode(args):
                 for name, tokens_per_s in speed.items():
                     ratio = "" if name == "ours" else f"{speed['ours'] / tokens_per_s:.2f}x"
                     rate = f"{step_bytes(model) * tokens_per_s / B / 1e9:.1f}" if name == "ours" else ""
-                    rows.append([preset, dtype, B, name, f"{tokens_per_s:,.0f}", rate, ratio])
+                    rows.append([preset, dtype, B, name, layout if name == "ours" else "", f"{tokens_per_s:,.0f}",
+                                 rate, ratio])
         del base, hf
-    table(rows, ["preset", "dtype", "batch", "impl", "decode tokens/s", "weights GB/s", "ours/theirs"])
+    table(rows, ["preset", "dtype", "batch", "impl", "layout", "decode tokens/s", "weights GB/s", "ours/theirs"])
 
 
 def step_bytes(model):

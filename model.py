@@ -574,6 +574,8 @@ class Transformer(nn.Module):
 
     def num_params(self, embedding=True):
         n = sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once
+        n += sum(m.in_features * m.out_features for name, m in self.named_modules()  # quant.py's layers hold buffers
+                 if getattr(m, "reformatted", False) and not (name == "lm_head" and self.config.tie_weight))
         return n if embedding else n - self.embed_tokens.weight.numel()
 
     def flops_per_token(self, seq_len):

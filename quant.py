@@ -1,7 +1,7 @@
 """
-Weight-only quantization for decoding: every projection's weight stored in int8 or int4, the activations in
-bfloat16, through torch's own weight-only matmuls (gpt-fast's CPU path). Imported only when a quantized dtype is
-asked for:
+Weights stored for decoding: weight-only quantization (every projection's weight in int8 or int4, the activations
+in bfloat16, through torch's own weight-only matmuls: gpt-fast's CPU path), and float32/bfloat16 weights laid out
+for a CPU's matmuls (at the end). Imported by sample.py and serve.py, never by training:
 
     model = Transformer.from_pretrained(MODELDIR, dtype="int8")   # or "int4"; sample.py/serve.py/bench.py --dtype
     model = quantize(Transformer(config), "int4")                 # a float model quantized in place
@@ -11,6 +11,11 @@ int4: groups of 32 input channels with a scale and a zero point each (torch.ops.
 a quarter of bfloat16's bytes (5 bits a weight with the bfloat16 scales; llama.cpp's q4_0 takes 4.5). The output
 head stays int8 in an int4 model, as llama.cpp's q4_0 files keep theirs at 6 bits. MLA's kv_b_proj stays
 bfloat16 in both: its weight is read whole, absorbed into the query and output.
+
+float32 and bfloat16 weights laid out for a CPU's matmuls (relayout, --weight_layout): "transposed" (in, out), which a
+one-row matmul streams fastest, or "packed" in oneDNN's blocked layout, never repacked per call. bench.py's 82M model,
+one thread, its projections alone against nn.Linear's layout: float32 transposed 1.06x at 1 row, packed 1.27-1.65x at
+4-16 rows (0.95x at 1); bfloat16 packed 1.37-1.44x at 1 and 16 rows.
 """
 import torch
 import torch.nn as nn
@@ -59,9 +64,11 @@ def int4_weights(weight, group=INT4_GROUP, chunk_rows=1024):
 
 class Int8Linear(nn.Module):
     """Weight-only int8: int8 weights with one scale per output channel, bfloat16 activations."""
+    reformatted = True  # Transformer.num_params counts in_features x out_features for it
 
     def __init__(self, linear):
         super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("weight", torch.empty(linear.weight.shape, dtype=torch.int8, device="meta"))
         self.register_buffer("scales", torch.empty(linear.weight.shape[0], dtype=torch.bfloat16, device="meta"))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(torch.bfloat16))
@@ -80,9 +87,11 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """Weight-only int4: 4-bit weights in groups of INT4_GROUP inputs with a scale and zero point each, bfloat16
     activations. Needs in_features a multiple of INT4_GROUP and out_features a multiple of 16 (the kernel's)."""
+    reformatted = True
 
     def __init__(self, linear, where="a layer"):
         super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
         rows, cols = linear.weight.shape
         if cols % INT4_GROUP or rows % 16:
             raise ValueError(f"{where}: int4 needs in_features a multiple of {INT4_GROUP} and out_features a "
@@ -119,4 +128,78 @@ def quantize(model, kind):
                 int4 = kind == "int4" and name != "lm_head"
                 where = f"{prefix}.{name}".lstrip(".")
                 setattr(module, name, Int4Linear(child, where) if int4 else Int8Linear(child))
+    return model
+
+
+
+# -----------------------------------------------------------------------------
+# float32 and bfloat16 weights in a layout a CPU matmul reads faster (weight_layout)
+
+LAYOUTS = ("auto", "plain", "transposed", "packed")
+
+
+@torch.library.custom_op("astrai::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x (rows, in) @ weight.T with weight in oneDNN's packed layout: a custom op, which torch.compile calls as it
+    stands (Inductor lowers mkldnn's linear only for a frozen constant weight, and these are the model's)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x, weight, out_features):
+    return x.new_empty(x.shape[0], out_features)
+
+
+class LaidOutLinear(nn.Module):
+    """A float32 or bfloat16 projection for decoding on a CPU, its weight (out, in) held as `stored`: "transposed"
+    (in, out) contiguous, which a one-row matmul streams fastest, or "packed" (oneDNN's blocked layout, an opaque
+    tensor: never repacked per call, fastest from 4 rows). Not for training (no gradient) nor saving."""
+    reformatted = True  # Transformer.num_params counts in_features x out_features for it
+
+    def __init__(self, linear, layout):
+        super().__init__()
+        self.in_features, self.out_features, self.layout, self.bias = \
+            linear.in_features, linear.out_features, layout, linear.bias
+        weight = linear.weight.detach()
+        stored = weight.t().contiguous() if layout == "transposed" else \
+            torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        self.register_buffer("stored", stored, persistent=False)
+
+    def forward(self, x):
+        rows = x.reshape(-1, self.in_features)
+        y = rows @ self.stored if self.layout == "transposed" else packed_linear(rows, self.stored, self.out_features)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def pick_layout(setting, device, dtype, rows, tp=1):
+    """--weight_layout's value -> the layout the weights load in. auto: on a CPU (oneDNN), bfloat16 packed where the
+    CPU computes it natively, float32 packed when rows (the batch a call runs: serve.py's max_batch, sample.py's
+    --num_samples or --batch_size with --eval) is 4 or more, else transposed; plain elsewhere (a GPU, int8/int4,
+    float16, tp > 1). An explicit layout a path cannot take is an error naming it."""
+    if setting not in LAYOUTS:
+        raise ValueError(f"--weight_layout={setting!r}: choose from {', '.join(LAYOUTS)}")
+    cpu = torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
+    if setting == "auto":
+        if not cpu or tp > 1 or dtype not in ("float32", "bfloat16"):
+            return "plain"
+        if dtype == "bfloat16":
+            return "packed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "plain"
+        return "packed" if rows >= 4 else "transposed"
+    if setting != "plain" and not (cpu and tp == 1 and dtype in ("float32", "bfloat16")):
+        raise ValueError(f"--weight_layout={setting}: for float32 or bfloat16 weights on a CPU with torch's oneDNN, "
+                         f"one process; not --dtype={dtype} on {device}" + (f" with --tp={tp}" if tp > 1 else ""))
+    return setting
+
+
+def relayout(model, layout):
+    """The model with every projection of its layers a LaidOutLinear in layout ("plain": as it is). The output head
+    stays as it is (scoring reads its weight in row chunks; a tied one is the embedding table), and so does MLA's
+    kv_b_proj (read whole, absorbed into the query)."""
+    if layout == "plain":
+        return model
+    for module in list(model.layers.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear and name != "kv_b_proj":
+                setattr(module, name, LaidOutLinear(child, layout))
     return model

@@ -110,6 +110,7 @@ DEFAULTS = dict(
     dtype="auto",  # auto = bfloat16 where the GPU or CPU has it natively, else float32; or float32, bfloat16,
     # float16, int8 or int4 (weight-only int8 or int4 with bfloat16 activations: quant.py)
     compile="auto",  # decode steps through torch.compile: true, false, or auto = where it pays (compile_setting)
+    weight_layout="auto",  # float32/bfloat16 on a CPU: plain, transposed, packed; auto: quant.py's pick_layout
     eval="",  # TASK.jsonl: greedy generation over {"messages"|"prompt", "answer"} records, prints accuracy
     batch_size=32,  # rows per generate() call with --eval
     kv_memory="50%",  # KV cache budget: GB (like 8), or a share of the memory left after the weights (like 50%);
@@ -153,9 +154,7 @@ def sample_tokens(logits, params, generators=None, want_logprobs=True):
     greedy = [t < 1e-5 for t in temperature]
     if all(greedy):
         tokens = logits.argmax(-1)
-        if not want_logprobs:
-            return tokens, None
-        return tokens, torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0]
+        return tokens, torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0] if want_logprobs else None
 
     # greedy rows go through the same arithmetic untransformed (temperature 1, nothing cut); the settings
     # reach the device in one copy. keep_p 2: never reached (a float cumulative sum can reach 1.0)
@@ -657,16 +656,20 @@ class TextStream:
 # loading a model directory
 
 
-def load(model_dir, device="cpu", dtype=None, adapter=""):
+def load(model_dir, device="cpu", dtype=None, adapter="", layout="plain"):
     """(model in eval mode, tokenizer) from a MODELDIR: ours or a Hugging Face one with tokenizer.json.
     dtype: a torch dtype or its name (float32, bfloat16, float16), or "int8" or "int4" (weight-only, bfloat16
     activations: quant.py); None keeps float32. adapter: a LoRA adapter directory (lora.py) trained
     on model_dir, merged into the weights (before any quantization): the base model's speed. tokenizer.stop_ids
-    are every id the directory names as an end (Tokenizer.load)."""
+    are every id the directory names as an end (Tokenizer.load). layout: the projections' weights "transposed" or
+    "packed" for a CPU's matmuls (quant.py, for decoding only), or "plain"."""
     from settings import DTYPES
     from tokenizer import Tokenizer
 
     model = Transformer.from_pretrained(model_dir, device, DTYPES.get(dtype, dtype), adapter).eval()  # int8/4 as is
+    if layout != "plain":
+        from quant import relayout
+        relayout(model, layout)
     tokenizer = Tokenizer.load(model_dir)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
@@ -726,6 +729,7 @@ def chat_loop(model, tokenizer, args, params, seed, retriever=None, turns=None):
 
 
 def main(argv):
+    from quant import pick_layout
     from settings import load_settings, pick_device
 
     if "-h" in argv or "--help" in argv:
@@ -743,11 +747,12 @@ def main(argv):
         if args.chat and not args.prompt:
             sys.exit(f"sample.py: tp={args.tp}: the interactive chat reads one terminal; give --prompt")
         device, mesh = start_inference(args.tp, device, "sample.py")
-    model, tokenizer = load(args.model, device=device, dtype=dtype, adapter=args.adapter)
+    rows = args.batch_size if args.eval else args.num_samples
+    layout = pick_layout(args.weight_layout, device, dtype, rows, args.tp)  # quant.py: a bad value is a ValueError
+    model, tokenizer = load(args.model, device=device, dtype=dtype, adapter=args.adapter, layout=layout)
     seed = None if args.seed < 0 else args.seed
     if args.tp > 1:
         model, seed, args.kv_memory = split_for_inference(model, mesh["tp"], seed, args.kv_memory, device)
-    rows = args.batch_size if args.eval else args.num_samples
     budget = budget_blocks(args.kv_memory, model.config, model.embed_tokens.weight.dtype, device, rows,
                            model.config.max_len, model.tp_size)
     print(budget_text(args.kv_memory, *budget, device), file=sys.stderr)
@@ -772,12 +777,10 @@ def main(argv):
     if args.chat and (retriever or not prompt):
         chat_loop(model, tokenizer, args, params, seed, retriever, [prompt] if prompt else None)
         return
-    if args.chat:
-        prompt_ids, _ = tokenizer.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    else:
-        if not prompt and tokenizer.eot_id is None:
-            sys.exit("sample.py: this tokenizer has no <|endoftext|> to start a fresh document: give --prompt")
-        prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
+    if not args.chat and not prompt and tokenizer.eot_id is None:
+        sys.exit("sample.py: this tokenizer has no <|endoftext|> to start a fresh document: give --prompt")
+    prompt_ids = tokenizer.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)[0] \
+        if args.chat else tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
     if args.num_samples == 1:
         stream_completion(model, tokenizer, list(prompt_ids), args, params, seed)
         return

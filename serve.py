@@ -43,6 +43,7 @@ from api import (ApiError, anthropic_blocks, choice_json, embeddings_json, event
                  message_json, parse_anthropic, parse_detokenize, parse_embeddings, parse_json, parse_openai,
                  parse_tokenize, reply_choice_json, tokenizer_info_json, usage_json)
 from kv_cache import BLOCK, budget_text
+from quant import pick_layout
 from sample import Engine, Sequence, TextStream, compile_setting, load
 from httpd import ClientGone, Connection, dumps
 from settings import load_settings, pick_device
@@ -74,6 +75,7 @@ DEFAULTS = dict(
     # float16, int8 or int4 (weight-only int8 or int4 with bfloat16 activations: quant.py)
     compile="auto",  # decode steps through torch.compile, compiled at startup (seconds to a minute): true, false,
     # or auto = true: a server decodes past the steps where it pays (sample.COMPILE_BREAK_EVEN_STEPS)
+    weight_layout="auto",  # float32/bfloat16 on a CPU: plain, transposed, packed; auto: quant.py's pick_layout
     tp=1,  # tensor parallel: the model split over tp processes (torchrun --nproc_per_node=tp); rank 0 serves HTTP
     rag_index="",  # FILE.h5 (python data.py index): chats retrieve for their last user turn; replies carry "sources"
     rag_k=4,  # chunks retrieved per chat request with --rag_index
@@ -639,7 +641,8 @@ def main(argv):
 
             device, mesh = start_inference(args.tp, device, "serve.py")
             engine_class = SplitEngine
-        model, tokenizer = load(args.model, device=device, dtype=dtype, adapter=args.adapter)  # adapter: merged in
+        layout = pick_layout(args.weight_layout, device, dtype, args.max_batch, args.tp)
+        model, tokenizer = load(args.model, device, dtype, args.adapter, layout)  # adapter: merged in
         if args.tp > 1:
             model, _, args.kv_memory = split_for_inference(model, mesh["tp"], None, args.kv_memory, device)
     except (OSError, ValueError) as e:

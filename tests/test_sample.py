@@ -527,6 +527,52 @@ def test_quantized_follow_float32_greedy(tiny_model_dir, dtype, resolution, most
     assert agree >= most_agree  # bfloat16 and int8: most prompts follow float32 all the way
 
 
+@pytest.mark.parametrize("dtype,layout,resolution", [("float32", "transposed", 1e-3), ("float32", "packed", 1e-3),
+                                                     ("bfloat16", "packed", 0.1)])
+def test_weight_layouts_follow_float32_greedy(tiny_model_dir, dtype, layout, resolution):
+    """quant.py's transposed and packed (oneDNN's blocked layout) weights: the logits are torch's float32 nn.Linear
+    model's within what the dtype resolves (float32: only the order of a dot product's sums differs), the greedy
+    tokens float32's or first differing where its two best logits are closer than that; the compiled decode step
+    (packed: the custom op inside the graph) as the eager one; the parameter count unchanged."""
+    from sample import load
+
+    model32, tokenizer = load(tiny_model_dir)
+    laid, _ = load(tiny_model_dir, dtype=dtype, layout=layout)
+    up = laid.layers[0].mlp.up_proj
+    assert type(up).__name__ == "LaidOutLinear" and up.layout == layout and up.stored.is_mkldnn == (layout == "packed")
+    assert laid.num_params() == model32.num_params()
+    x = torch.tensor([tokenizer.encode("The quick brown fox jumps")])
+    with torch.no_grad():
+        assert (laid(x).float() - model32(x)).abs().max() < (resolution / 10 if dtype == "float32" else resolution)
+    for prompt in [tokenizer.encode(t) for t in ("The quick brown fox", "你好，世界！", "23 + 45 =")]:
+        expected, gaps = greedy_with_gaps(model32, prompt, 16)
+        for compile in (False, True) if layout == "packed" and dtype == "float32" else (False,):
+            got = generate(laid, [prompt], 16, temperature=0.0, compile=compile)[0]
+            first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+            assert first is None or gaps[first] < resolution, f"{layout} {dtype} left float32's path at {first}"
+
+
+def test_weight_layout_choice_and_refusals():
+    """pick_layout: auto lays float32 out transposed for one-row calls and packed from 4 rows, bfloat16 packed where
+    the CPU computes it natively, nothing on a GPU, for int8/int4 or a split model; an explicit layout a path
+    cannot take, or an unknown one, is an error naming it."""
+    from quant import pick_layout
+
+    assert pick_layout("auto", "cpu", "float32", 1) == "transposed"
+    assert pick_layout("auto", "cpu", "float32", 8) == "packed"
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert pick_layout("auto", "cpu", "bfloat16", 1) == ("packed" if native else "plain")
+    assert pick_layout("auto", "cuda", "float32", 8) == pick_layout("auto", "cpu", "int8", 8) == "plain"
+    assert pick_layout("auto", "cpu", "float32", 8, tp=2) == "plain"
+    assert pick_layout("packed", "cpu", "bfloat16", 1) == "packed"
+    for setting, device, dtype, tp, named in [("packed", "cpu", "int8", 1, "--dtype=int8"),
+                                              ("transposed", "cuda", "float32", 1, "on cuda"),
+                                              ("packed", "cpu", "float32", 2, "--tp=2"), ("fast", "cpu", "float32", 1,
+                                                                                        "'fast'")]:
+        with pytest.raises(ValueError, match=named):
+            pick_layout(setting, device, dtype, 1, tp)
+
+
 # -----------------------------------------------------------------------------
 # one source of stop ids; sample.py copied alone
 
