@@ -514,7 +514,8 @@ def bench_decode(args):
                 for name, tokens_per_s in speed.items():
                     ratio = "" if name == "ours" else f"{speed['ours'] / tokens_per_s:.2f}x"
                     rate = f"{step_bytes(model) * tokens_per_s / B / 1e9:.1f}" if name == "ours" else ""
-                    rows.append([preset, dtype, B, name, layout if name == "ours" else "", f"{tokens_per_s:,.0f}",
+                    laid = "+".join(sorted({m.layout for m in model.modules() if hasattr(m, "layout")})) or "plain"
+                    rows.append([preset, dtype, B, name, laid if name == "ours" else "", f"{tokens_per_s:,.0f}",
                                  rate, ratio])
         del base, hf
     table(rows, ["preset", "dtype", "batch", "impl", "layout", "decode tokens/s", "weights GB/s", "ours/theirs"])

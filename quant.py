@@ -15,7 +15,7 @@ bfloat16 in both: its weight is read whole, absorbed into the query and output.
 float32 and bfloat16 weights laid out for a CPU's matmuls (relayout, --weight_layout): "transposed" (in, out), which a
 one-row matmul streams fastest, or "packed" in oneDNN's blocked layout, never repacked per call. bench.py's 82M model,
 one thread, its projections alone against nn.Linear's layout: float32 transposed 1.06x at 1 row, packed 1.27-1.65x at
-4-16 rows (0.95x at 1); bfloat16 packed 1.37-1.44x at 1 and 16 rows.
+4-16 rows (0.95x at 1); bfloat16 packed 1.37-1.44x at 1 and 16 rows. Small weights stay transposed (PACK_MIN_WEIGHTS).
 """
 import torch
 import torch.nn as nn
@@ -136,6 +136,8 @@ def quantize(model, kind):
 # float32 and bfloat16 weights in a layout a CPU matmul reads faster (weight_layout)
 
 LAYOUTS = ("auto", "plain", "transposed", "packed")
+PACK_MIN_WEIGHTS = 2 ** 17  # a smaller weight is laid out transposed even when packed is asked for: a packed call
+# costs a fixed ~30 us (one thread), more than a 384 x 128 matmul's whole time transposed (3-6 us at 1-8 rows)
 
 
 @torch.library.custom_op("astrai::packed_linear", mutates_args=())
@@ -153,7 +155,8 @@ def _(x, weight, out_features):
 class LaidOutLinear(nn.Module):
     """A float32 or bfloat16 projection for decoding on a CPU, its weight (out, in) held as `stored`: "transposed"
     (in, out) contiguous, which a one-row matmul streams fastest, or "packed" (oneDNN's blocked layout, an opaque
-    tensor: never repacked per call, fastest from 4 rows). Not for training (no gradient) nor saving."""
+    tensor: never repacked per call, fastest from 4 rows; weights under PACK_MIN_WEIGHTS elements are transposed
+    instead). Not for training (no gradient) nor saving."""
     reformatted = True  # Transformer.num_params counts in_features x out_features for it
 
     def __init__(self, linear, layout):
@@ -161,6 +164,8 @@ class LaidOutLinear(nn.Module):
         self.in_features, self.out_features, self.layout, self.bias = \
             linear.in_features, linear.out_features, layout, linear.bias
         weight = linear.weight.detach()
+        if weight.numel() < PACK_MIN_WEIGHTS:
+            self.layout = layout = "transposed"
         stored = weight.t().contiguous() if layout == "transposed" else \
             torch.ops.mkldnn._reorder_linear_weight(weight, None)
         self.register_buffer("stored", stored, persistent=False)

@@ -529,12 +529,16 @@ def test_quantized_follow_float32_greedy(tiny_model_dir, dtype, resolution, most
 
 @pytest.mark.parametrize("dtype,layout,resolution", [("float32", "transposed", 1e-3), ("float32", "packed", 1e-3),
                                                      ("bfloat16", "packed", 0.1)])
-def test_weight_layouts_follow_float32_greedy(tiny_model_dir, dtype, layout, resolution):
+def test_weight_layouts_follow_float32_greedy(tiny_model_dir, dtype, layout, resolution, monkeypatch):
     """quant.py's transposed and packed (oneDNN's blocked layout) weights: the logits are torch's float32 nn.Linear
     model's within what the dtype resolves (float32: only the order of a dot product's sums differs), the greedy
     tokens float32's or first differing where its two best logits are closer than that; the compiled decode step
-    (packed: the custom op inside the graph) as the eager one; the parameter count unchanged."""
+    (packed: the custom op inside the graph) as the eager one; the parameter count unchanged. The fixture's weights
+    are below PACK_MIN_WEIGHTS, which is lowered here so that they are packed."""
+    import quant
     from sample import load
+
+    monkeypatch.setattr(quant, "PACK_MIN_WEIGHTS", 0)
 
     model32, tokenizer = load(tiny_model_dir)
     laid, _ = load(tiny_model_dir, dtype=dtype, layout=layout)
@@ -555,8 +559,13 @@ def test_weight_layouts_follow_float32_greedy(tiny_model_dir, dtype, layout, res
 def test_weight_layout_choice_and_refusals():
     """pick_layout: auto lays float32 out transposed for one-row calls and packed from 4 rows, bfloat16 packed where
     the CPU computes it natively, nothing on a GPU, for int8/int4 or a split model; an explicit layout a path
-    cannot take, or an unknown one, is an error naming it."""
-    from quant import pick_layout
+    cannot take, or an unknown one, is an error naming it. A weight under PACK_MIN_WEIGHTS is transposed when packed
+    is asked for."""
+    from quant import PACK_MIN_WEIGHTS, LaidOutLinear, pick_layout
+
+    small, large = torch.nn.Linear(128, 384, bias=False), torch.nn.Linear(512, PACK_MIN_WEIGHTS // 512, bias=False)
+    assert LaidOutLinear(small, "packed").layout == "transposed" and not LaidOutLinear(small, "packed").stored.is_mkldnn
+    assert LaidOutLinear(large, "packed").layout == "packed" and LaidOutLinear(large, "packed").stored.is_mkldnn
 
     assert pick_layout("auto", "cpu", "float32", 1) == "transposed"
     assert pick_layout("auto", "cpu", "float32", 8) == "packed"
