@@ -400,7 +400,7 @@ def test_distill_refuses_another_tokenizer(tokenizer_dir, tmp_path):
 
 @pytest.mark.parametrize("task", ["working", "bilingual"])
 def test_task_data(tmp_path, task):
-    from pipeline import make_task
+    from pipeline import TASKS, make_task
 
     paths = make_task(tmp_path, task, pretrain_docs=50, sft=300, grpo=300, n_eval=50)
     read = {name: [json.loads(line) for line in open(path, encoding="utf-8")] for name, path in paths.items()
@@ -409,15 +409,25 @@ def test_task_data(tmp_path, task):
     assert len(held_out) == 50
     assert not held_out & {r["messages"][0]["content"] for r in read["sft.jsonl"]}
     assert not held_out & {r["prompt"] for r in read["grpo.jsonl"]}
-    assert not any(q in open(paths["pretrain.txt"], encoding="utf-8").read() for q in held_out)
+    pretrain = open(paths["pretrain.txt"], encoding="utf-8").read()
+    assert not any(q in pretrain for q in held_out)
+    prompts_only = {r["prompt"] for r in read["grpo.jsonl"]}  # no worked solution anywhere: new to the SFT model
+    assert not prompts_only & {r["messages"][0]["content"] for r in read["sft.jsonl"]}
+    assert not any(q in pretrain for q in prompts_only)
+    answers = {q: answer for q, _, answer in TASKS[task]()}
     for record in read["sft.jsonl"]:  # each reply holds its answer, as the checker reads it
         question, reply = (m["content"] for m in record["messages"])
-        answer = next(r["answer"] for r in read["grpo.jsonl"] if r["prompt"] == question) \
-            if any(r["prompt"] == question for r in read["grpo.jsonl"]) else None
-        if answer is not None:
-            assert answer_is_correct(reply, answer), (reply, answer)
+        assert answer_is_correct(reply, answers[question]), (reply, answers[question])
+    assert all(answers[r["prompt"]] == r["answer"] for r in read["grpo.jsonl"])
     if task == "bilingual":
         assert any("星期" in q for q in held_out) and any("?" in q for q in held_out)
+
+
+def test_task_data_refuses_no_prompts_only(tmp_path):
+    from pipeline import make_task
+
+    with pytest.raises(ValueError, match="demonstrated=1"):
+        make_task(tmp_path, "working", demonstrated=1)
 
 
 def test_interval95_against_statistics():
