@@ -412,7 +412,7 @@ def passk_main(argv):
     device, dtype = pick_device(args.device, "auto", inference=True)
     model, tokenizer = load(args.model, device=device, dtype=dtype)
     _, answers, records = read_task(args.data, tokenizer, with_records=True)
-    n = args.max_prompts or len(records)
+    n = min(args.max_prompts, len(records)) if args.max_prompts else len(records)
     prompts, answers = dpo_prompts(tokenizer, records[:n]), answers[:n]
     greedy = sampled_results(model, tokenizer, prompts, answers, 1, 0.0, args.max_new_tokens, args.batch_size * 8)
     right = sampled_results(model, tokenizer, prompts, answers, args.k, args.temperature, args.max_new_tokens,
