@@ -271,6 +271,38 @@ def test_pairs_command_refuses_bad_options(tmp_path):
     assert p.returncode != 0 and "--k=1" in p.stderr
 
 
+def test_passk_counts_what_the_samples_hold(tokenizer_dir, tmp_path, monkeypatch, capsys):
+    """tasks.py passk: pass@1 from the greedy replies, pass@k and "partly right" from k samples a prompt, each graded
+    by answer_is_correct (here a reply is right when its text's length is even), counted again from the replies recorded."""
+    import tasks
+
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    tiny_model(tokenizer.vocab_size).save_pretrained(str(tmp_path / "model"))
+    tokenizer.save(str(tmp_path / "model"))
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"prompt": word, "answer": "x"}) + "\n" for word in ("Hello", "fox", "cat")))
+    replies, real_generate = [], tasks.generate
+
+    def recording_generate(model, rows, max_new_tokens, params, *args, **kwargs):
+        outputs = real_generate(model, rows, max_new_tokens, params, *args, **kwargs)
+        replies.append((params.temperature, [tokenizer.decode(strip_stop(t, tokenizer.stop_ids)) for t in outputs]))
+        return outputs
+
+    monkeypatch.setattr(tasks, "generate", recording_generate)
+    monkeypatch.setattr(tasks, "answer_is_correct", lambda completion, _: len(completion) % 2 == 0)
+    monkeypatch.setattr(tokenizer, "stop_ids", list(range(0, tokenizer.vocab_size, 7)))
+    monkeypatch.setattr(Tokenizer, "load", lambda *a, **kw: tokenizer)
+    tasks.passk_main([f"--model={tmp_path}/model", f"--data={task}", "--k=4", "--max_new_tokens=9", "--device=cpu"])
+    greedy = [len(text) % 2 == 0 for t, texts in replies if t == 0 for text in texts]
+    sampled = [len(text) % 2 == 0 for t, texts in replies if t > 0 for text in texts]
+    groups = [sampled[i:i + 4] for i in range(0, 12, 4)]
+    assert len(greedy) == 3 and len(sampled) == 12
+    partly = sum(any(g) and not all(g) for g in groups) / 3
+    expected = (f"greedy pass@1 {sum(greedy) / 3:.3f}, sampled accuracy {sum(sampled) / 12:.3f}, pass@4 "
+                f"{sum(any(g) for g in groups) / 3:.3f}, partly right {partly:.3f}")
+    assert expected in capsys.readouterr().out
+
+
 def test_teacher_replies_as_sft_data(tokenizer_dir, tmp_path, monkeypatch):
     """tasks.make_replies: each SFT prompt with the model's greedy reply (transformers' generate on the saved model as
     the reference), which SFT's data then scores token for token; replies that do not end are left out."""
