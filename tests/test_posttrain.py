@@ -273,7 +273,7 @@ def test_pairs_command_refuses_bad_options(tmp_path):
 
 def test_passk_counts_what_the_samples_hold(tokenizer_dir, tmp_path, monkeypatch, capsys):
     """tasks.py passk: pass@1 from the greedy replies, pass@k and "partly right" from k samples a prompt, each graded
-    by answer_is_correct (here a reply is right when its text's length is even), counted again from the replies recorded."""
+    by answer_is_correct (here: right when the text's length is even), counted again from the replies recorded."""
     import tasks
 
     tokenizer = Tokenizer.load(tokenizer_dir)
