@@ -5,6 +5,7 @@ on-policy preference pairs sampled from a model and graded by a reward.
     python sample.py --model=out/final --eval=task.jsonl      # prints the accuracy (task_accuracy)
     python tasks.py pairs --model=out/sft/final --data=task.jsonl --k=8 --out=pairs.jsonl   # DPO pairs (make_pairs)
     python tasks.py replies --model=out/grpo/final --data=sft.jsonl --out=teacher.jsonl    # a model's replies as SFT
+    python tasks.py passk --model=out/sft/final --data=grpo.jsonl --k=8    # greedy pass@1 against sampled pass@8
 
 A task file is jsonl: {"messages": [...]} (rendered with the chat template and its generation prompt) or
 {"prompt": "..."} (plain text), plus "answer". answer_is_correct is also GRPO's exact_answer reward (strategies.py);
@@ -385,15 +386,18 @@ PASSK_DEFAULTS = dict(
 
 def sampled_results(model, tokenizer, prompts, answers, k, temperature, max_new_tokens=EVAL_MAX_NEW_TOKENS,
                     batch_size=16, seed=0):
-    """Per prompt (token ids), how many of k sampled completions hold the answer (answer_is_correct)."""
-    stop_ids, right = tokenizer.stop_ids, []
-    for start in range(0, len(prompts), batch_size):
-        batch = range(start, min(start + batch_size, len(prompts)))
+    """Per prompt (token ids), how many of k sampled completions hold the answer (answer_is_correct). Prompts go
+    shortest first, as in task_results (the same batches give the same greedy replies)."""
+    stop_ids, right = tokenizer.stop_ids, [0] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
         outputs = generate(model, [prompts[i] for i in batch for _ in range(k)], max_new_tokens,
                            SamplingParams(temperature=temperature), stop_ids, seed=seed + start,
                            vocab_size=tokenizer.vocab_size)
-        right += [sum(answer_is_correct(tokenizer.decode(strip_stop(tokens, stop_ids)), answers[i])
-                      for tokens in outputs[n * k:(n + 1) * k]) for n, i in enumerate(batch)]
+        for n, i in enumerate(batch):
+            right[i] = sum(answer_is_correct(tokenizer.decode(strip_stop(tokens, stop_ids)), answers[i])
+                           for tokens in outputs[n * k:(n + 1) * k])
     return right
 
 
@@ -414,7 +418,7 @@ def passk_main(argv):
     _, answers, records = read_task(args.data, tokenizer, with_records=True)
     n = min(args.max_prompts, len(records)) if args.max_prompts else len(records)
     prompts, answers = dpo_prompts(tokenizer, records[:n]), answers[:n]
-    greedy = sampled_results(model, tokenizer, prompts, answers, 1, 0.0, args.max_new_tokens, args.batch_size * 8)
+    greedy = sampled_results(model, tokenizer, prompts, answers, 1, 0.0, args.max_new_tokens, 256)  # as pipeline.py
     right = sampled_results(model, tokenizer, prompts, answers, args.k, args.temperature, args.max_new_tokens,
                             args.batch_size, args.seed)
     print(f"{args.data}, {n} prompts: greedy pass@1 {sum(greedy) / n:.3f}, sampled accuracy "
