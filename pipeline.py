@@ -299,25 +299,33 @@ def bilingual_problems():
 TASKS = {"working": working_problems, "bilingual": bilingual_problems}
 
 
-def make_task(out_dir, task, seed=0, n_eval=200, pretrain_docs=4000, sft=4000, grpo=2000):
+def make_task(out_dir, task, seed=0, n_eval=200, demonstrated=0.5, pretrain_docs=4000, sft=4000, grpo=2000):
     """Writes a task's pretrain.txt (solved problems and the demo's sentences), sft.jsonl, grpo.jsonl and eval.jsonl
-    (held-out problems, never in the others); DPO pairs come from the SFT model (tasks.py pairs). Returns the paths."""
+    (held-out problems, never in the others); DPO pairs come from the SFT model (tasks.py pairs). Returns the paths.
+    The setting post-training is for: of the training problems, the share `demonstrated` has worked solutions
+    (pretrain.txt and sft.jsonl draw from these), the rest are prompts with a checkable answer only (grpo.jsonl),
+    which the SFT model answers as it would a new problem: where GRPO and on-policy DPO have something to learn."""
+    if not 0 < demonstrated < 1:
+        raise ValueError(f"make_task: demonstrated={demonstrated}: the share of training problems with worked "
+                         "solutions must be in (0, 1), leaving some for grpo.jsonl's prompts")
     rng = random.Random(seed)
     problems = TASKS[task]()
     rng.shuffle(problems)
     held_out, train = problems[:n_eval], problems[n_eval:]
+    shown, prompts_only = train[:round(len(train) * demonstrated)], train[round(len(train) * demonstrated):]
     os.makedirs(out_dir, exist_ok=True)
     paths = {name: os.path.join(out_dir, name) for name in ("pretrain.txt", "sft.jsonl", "grpo.jsonl", "eval.jsonl")}
     with open(paths["pretrain.txt"] + ".tmp", "w", encoding="utf-8") as f:
         for _ in range(pretrain_docs):
-            lines = [" ".join(rng.choice(train)[:2]) if rng.random() < 0.8
+            lines = [" ".join(rng.choice(shown)[:2]) if rng.random() < 0.8
                      else rng.choice(SENTENCES)[rng.random() < 0.5] for _ in range(rng.randint(2, 6))]
             f.write("\n".join(lines) + "\n\n")
     os.replace(paths["pretrain.txt"] + ".tmp", paths["pretrain.txt"])
     records = {
         "sft.jsonl": ({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": reply}]}
-                      for q, reply, _ in (rng.choice(train) for _ in range(sft))),
-        "grpo.jsonl": ({"prompt": q, "answer": answer} for q, _, answer in (rng.choice(train) for _ in range(grpo))),
+                      for q, reply, _ in (rng.choice(shown) for _ in range(sft))),
+        "grpo.jsonl": ({"prompt": q, "answer": answer} for q, _, answer in
+                       (rng.choice(prompts_only) for _ in range(grpo))),
         "eval.jsonl": ({"messages": [{"role": "user", "content": q}], "answer": answer} for q, _, answer in held_out)}
     for name, lines in records.items():
         write_jsonl(paths[name], lines)
@@ -503,8 +511,8 @@ def quickstart(argv):
 
 def write_task(argv):
     """python pipeline.py task --task=working|bilingual --out=DIR [--seed=0 ...]"""
-    args = load_settings({"task": "working", "out": "", "seed": 0, "n_eval": 200, "pretrain_docs": 4000, "sft": 4000,
-                          "grpo": 2000}, argv, "pipeline.py task")
+    args = load_settings({"task": "working", "out": "", "seed": 0, "n_eval": 200, "demonstrated": 0.5,
+                          "pretrain_docs": 4000, "sft": 4000, "grpo": 2000}, argv, "pipeline.py task")
     if args.task not in TASKS:
         sys.exit(f"pipeline.py task: --task={args.task!r}: choose from {', '.join(TASKS)}")
     for name, path in make_task(args.pop("out") or f"data/{args.task}", **args).items():

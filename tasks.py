@@ -5,6 +5,7 @@ on-policy preference pairs sampled from a model and graded by a reward.
     python sample.py --model=out/final --eval=task.jsonl      # prints the accuracy (task_accuracy)
     python tasks.py pairs --model=out/sft/final --data=task.jsonl --k=8 --out=pairs.jsonl   # DPO pairs (make_pairs)
     python tasks.py replies --model=out/grpo/final --data=sft.jsonl --out=teacher.jsonl    # a model's replies as SFT
+    python tasks.py passk --model=out/sft/final --data=grpo.jsonl --k=8    # greedy pass@1 against sampled pass@8
 
 A task file is jsonl: {"messages": [...]} (rendered with the chat template and its generation prompt) or
 {"prompt": "..."} (plain text), plus "answer". answer_is_correct is also GRPO's exact_answer reward (strategies.py);
@@ -367,12 +368,71 @@ def replies_main(argv):
           f"{counts['not_round_trip']:,} whose text does not tokenize back to the ids generated left out)")
 
 
-COMMANDS = {"pairs": pairs_main, "replies": replies_main}
+# -----------------------------------------------------------------------------
+# pass@1 against pass@k: whether a model's samples hold right answers its greedy reply misses (what GRPO learns from)
+
+PASSK_DEFAULTS = dict(
+    model="",  # MODELDIR (or .gguf): best the model GRPO would start from
+    data="",  # task jsonl ({"messages": [...]} or {"prompt": "..."} with "answer"), prompts rendered as in pairs
+    k=8,  # samples a prompt: configs/grpo.py's group_size
+    temperature=1.0,  # configs/grpo.py's rollout_temperature
+    max_new_tokens=EVAL_MAX_NEW_TOKENS,
+    batch_size=16,
+    max_prompts=0,  # > 0: only the task file's first this many records
+    seed=0,
+    device="auto",
+)
+
+
+def sampled_results(model, tokenizer, prompts, answers, k, temperature, max_new_tokens=EVAL_MAX_NEW_TOKENS,
+                    batch_size=16, seed=0):
+    """Per prompt (token ids), how many of k sampled completions hold the answer (answer_is_correct). Prompts go
+    shortest first, as in task_results (the same batches give the same greedy replies)."""
+    stop_ids, right = tokenizer.stop_ids, [0] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        outputs = generate(model, [prompts[i] for i in batch for _ in range(k)], max_new_tokens,
+                           SamplingParams(temperature=temperature), stop_ids, seed=seed + start,
+                           vocab_size=tokenizer.vocab_size)
+        for n, i in enumerate(batch):
+            right[i] = sum(answer_is_correct(tokenizer.decode(strip_stop(tokens, stop_ids)), answers[i])
+                           for tokens in outputs[n * k:(n + 1) * k])
+    return right
+
+
+def passk_main(argv):
+    """python tasks.py passk --model=DIR --data=TASK.jsonl [--k=8 --temperature=1.0]: greedy pass@1, the sampled
+    accuracy, pass@k and the share of prompts whose k samples are partly right (GRPO's groups with an advantage)."""
+    from sample import load
+    from settings import load_settings, pick_device
+
+    args = load_settings(PASSK_DEFAULTS, argv, "tasks.py passk")
+    for key in ("model", "data"):
+        if not args[key]:
+            sys.exit(f"tasks.py passk: --{key} is required")
+    if args.k < 1 or args.temperature <= 0:
+        sys.exit(f"tasks.py passk: --k={args.k} must be >= 1 and --temperature={args.temperature} > 0")
+    device, dtype = pick_device(args.device, "auto", inference=True)
+    model, tokenizer = load(args.model, device=device, dtype=dtype)
+    _, answers, records = read_task(args.data, tokenizer, with_records=True)
+    n = min(args.max_prompts, len(records)) if args.max_prompts else len(records)
+    prompts, answers = dpo_prompts(tokenizer, records[:n]), answers[:n]
+    greedy = sampled_results(model, tokenizer, prompts, answers, 1, 0.0, args.max_new_tokens, 256)  # as pipeline.py
+    right = sampled_results(model, tokenizer, prompts, answers, args.k, args.temperature, args.max_new_tokens,
+                            args.batch_size, args.seed)
+    print(f"{args.data}, {n} prompts: greedy pass@1 {sum(greedy) / n:.3f}, sampled accuracy "
+          f"{sum(right) / (n * args.k):.3f}, pass@{args.k} {sum(r > 0 for r in right) / n:.3f}, partly right "
+          f"{sum(0 < r < args.k for r in right) / n:.3f} (temperature {args.temperature})")
+
+
+COMMANDS = {"pairs": pairs_main, "replies": replies_main, "passk": passk_main}
 
 if __name__ == "__main__":
     if sys.argv[1:2] not in ([name] for name in COMMANDS):
         sys.exit("usage: python tasks.py pairs --model=MODELDIR --data=TASK.jsonl --out=PAIRS.jsonl [--k=8] "
                  "[--reward=exact_answer|module:function] [--temperature=1.0] [--max_new_tokens=N] [--seed=0]\n"
                  "       python tasks.py replies --model=MODELDIR --data=SFT.jsonl --out=SFT_REPLIES.jsonl "
-                 "[--temperature=0] [--max_new_tokens=N]")
+                 "[--temperature=0] [--max_new_tokens=N]\n"
+                 "       python tasks.py passk --model=MODELDIR --data=TASK.jsonl [--k=8] [--temperature=1.0]")
     COMMANDS[sys.argv[1]](sys.argv[2:])

@@ -271,6 +271,38 @@ def test_pairs_command_refuses_bad_options(tmp_path):
     assert p.returncode != 0 and "--k=1" in p.stderr
 
 
+def test_passk_counts_what_the_samples_hold(tokenizer_dir, tmp_path, monkeypatch, capsys):
+    """tasks.py passk: pass@1 from the greedy replies, pass@k and "partly right" from k samples a prompt, each graded
+    by answer_is_correct (here: right when the text's length is even), counted again from the replies recorded."""
+    import tasks
+
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    tiny_model(tokenizer.vocab_size).save_pretrained(str(tmp_path / "model"))
+    tokenizer.save(str(tmp_path / "model"))
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"prompt": word, "answer": "x"}) + "\n" for word in ("Hello", "fox", "cat")))
+    replies, real_generate = [], tasks.generate
+
+    def recording_generate(model, rows, max_new_tokens, params, *args, **kwargs):
+        outputs = real_generate(model, rows, max_new_tokens, params, *args, **kwargs)
+        replies.append((params.temperature, [tokenizer.decode(strip_stop(t, tokenizer.stop_ids)) for t in outputs]))
+        return outputs
+
+    monkeypatch.setattr(tasks, "generate", recording_generate)
+    monkeypatch.setattr(tasks, "answer_is_correct", lambda completion, _: len(completion) % 2 == 0)
+    monkeypatch.setattr(tokenizer, "stop_ids", list(range(0, tokenizer.vocab_size, 7)))
+    monkeypatch.setattr(Tokenizer, "load", lambda *a, **kw: tokenizer)
+    tasks.passk_main([f"--model={tmp_path}/model", f"--data={task}", "--k=4", "--max_new_tokens=9", "--device=cpu"])
+    greedy = [len(text) % 2 == 0 for t, texts in replies if t == 0 for text in texts]
+    sampled = [len(text) % 2 == 0 for t, texts in replies if t > 0 for text in texts]
+    groups = [sampled[i:i + 4] for i in range(0, 12, 4)]
+    assert len(greedy) == 3 and len(sampled) == 12
+    partly = sum(any(g) and not all(g) for g in groups) / 3
+    expected = (f"greedy pass@1 {sum(greedy) / 3:.3f}, sampled accuracy {sum(sampled) / 12:.3f}, pass@4 "
+                f"{sum(any(g) for g in groups) / 3:.3f}, partly right {partly:.3f}")
+    assert expected in capsys.readouterr().out
+
+
 def test_teacher_replies_as_sft_data(tokenizer_dir, tmp_path, monkeypatch):
     """tasks.make_replies: each SFT prompt with the model's greedy reply (transformers' generate on the saved model as
     the reference), which SFT's data then scores token for token; replies that do not end are left out."""
@@ -400,7 +432,7 @@ def test_distill_refuses_another_tokenizer(tokenizer_dir, tmp_path):
 
 @pytest.mark.parametrize("task", ["working", "bilingual"])
 def test_task_data(tmp_path, task):
-    from pipeline import make_task
+    from pipeline import TASKS, make_task
 
     paths = make_task(tmp_path, task, pretrain_docs=50, sft=300, grpo=300, n_eval=50)
     read = {name: [json.loads(line) for line in open(path, encoding="utf-8")] for name, path in paths.items()
@@ -409,15 +441,25 @@ def test_task_data(tmp_path, task):
     assert len(held_out) == 50
     assert not held_out & {r["messages"][0]["content"] for r in read["sft.jsonl"]}
     assert not held_out & {r["prompt"] for r in read["grpo.jsonl"]}
-    assert not any(q in open(paths["pretrain.txt"], encoding="utf-8").read() for q in held_out)
+    pretrain = open(paths["pretrain.txt"], encoding="utf-8").read()
+    assert not any(q in pretrain for q in held_out)
+    prompts_only = {r["prompt"] for r in read["grpo.jsonl"]}  # no worked solution anywhere: new to the SFT model
+    assert not prompts_only & {r["messages"][0]["content"] for r in read["sft.jsonl"]}
+    assert not any(q in pretrain for q in prompts_only)
+    answers = {q: answer for q, _, answer in TASKS[task]()}
     for record in read["sft.jsonl"]:  # each reply holds its answer, as the checker reads it
         question, reply = (m["content"] for m in record["messages"])
-        answer = next(r["answer"] for r in read["grpo.jsonl"] if r["prompt"] == question) \
-            if any(r["prompt"] == question for r in read["grpo.jsonl"]) else None
-        if answer is not None:
-            assert answer_is_correct(reply, answer), (reply, answer)
+        assert answer_is_correct(reply, answers[question]), (reply, answers[question])
+    assert all(answers[r["prompt"]] == r["answer"] for r in read["grpo.jsonl"])
     if task == "bilingual":
         assert any("星期" in q for q in held_out) and any("?" in q for q in held_out)
+
+
+def test_task_data_refuses_no_prompts_only(tmp_path):
+    from pipeline import make_task
+
+    with pytest.raises(ValueError, match="demonstrated=1"):
+        make_task(tmp_path, "working", demonstrated=1)
 
 
 def test_interval95_against_statistics():
