@@ -218,7 +218,7 @@ def make_kb(out_dir, seed=0, n_chats=1200, n_places=400, other_place=0.3):
         facts = rng.choice(places[KB_PLACES:])
         asked = rng.choice(facts)
         others = rng.sample([r for r in facts if r["answer"] != asked["answer"]], KB_K - 1)
-        if others and rng.random() < other_place:  # the same question about another place: the answer is the asked place's
+        if others and rng.random() < other_place:  # the same question about another place (the answer: the asked's)
             others[-1] = rng.choice(places[KB_PLACES:])[facts.index(asked)]
         name = f"{rng.randrange(100):02d}.md"
         sources = [{"source": name, "title": "", "text": r["passage"]} for r in rng.sample([asked] + others, KB_K)]
