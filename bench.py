@@ -490,16 +490,16 @@ def bench_decode(args):
             hf.generation_config.eos_token_id = None  # a fixed number of new tokens on both sides
             hf.generation_config.pad_token_id = 0
         for dtype in dtypes(args):
-            theirs, models = {}, {}
+            theirs, model, laid_out = {}, None, None
             if args.llamacpp and device == "cpu":
                 with tempfile.TemporaryDirectory() as d:
                     gguf = gguf_file(base, tokenizer, dtype, d, args.llamacpp)
                     theirs = llamacpp_decode(args.llamacpp, gguf, batches, P, N, threads)
             for B in batches:  # the weights laid out as sample.py/serve.py would for B rows (--weight_layout)
                 layout = pick_layout(args.weight_layout, device, dtype, B)
-                if layout not in models:
-                    models = {layout: in_dtype(base, dtype, layout).to(device)}  # one model of the dtype at a time
-                model = models[layout]
+                if layout != laid_out:  # one model of the dtype at a time
+                    model, laid_out = in_dtype(base, dtype, layout).to(device), layout
+                    laid = "+".join(sorted({m.layout for m in model.modules() if hasattr(m, "layout")})) or "plain"
                 impls = {"ours": lambda p, n: generate(model, p.tolist(), n, temperature=0.0, compile=args.compile)}
                 if hf is not None and dtype == "float32":
                     impls["transformers"] = lambda p, n: hf.generate(p, do_sample=False, max_new_tokens=n)
@@ -514,7 +514,6 @@ def bench_decode(args):
                 for name, tokens_per_s in speed.items():
                     ratio = "" if name == "ours" else f"{speed['ours'] / tokens_per_s:.2f}x"
                     rate = f"{step_bytes(model) * tokens_per_s / B / 1e9:.1f}" if name == "ours" else ""
-                    laid = "+".join(sorted({m.layout for m in model.modules() if hasattr(m, "layout")})) or "plain"
                     rows.append([preset, dtype, B, name, laid if name == "ours" else "", f"{tokens_per_s:,.0f}",
                                  rate, ratio])
         del base, hf

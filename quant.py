@@ -184,14 +184,15 @@ def pick_layout(setting, device, dtype, rows, tp=1):
     float16, tp > 1). An explicit layout a path cannot take is an error naming it."""
     if setting not in LAYOUTS:
         raise ValueError(f"--weight_layout={setting!r}: choose from {', '.join(LAYOUTS)}")
-    cpu = torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
+    able = torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available() and tp == 1 \
+        and dtype in ("float32", "bfloat16")
     if setting == "auto":
-        if not cpu or tp > 1 or dtype not in ("float32", "bfloat16"):
+        if not able:
             return "plain"
         if dtype == "bfloat16":
             return "packed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "plain"
         return "packed" if rows >= 4 else "transposed"
-    if setting != "plain" and not (cpu and tp == 1 and dtype in ("float32", "bfloat16")):
+    if setting != "plain" and not able:
         raise ValueError(f"--weight_layout={setting}: for float32 or bfloat16 weights on a CPU with torch's oneDNN, "
                          f"one process; not --dtype={dtype} on {device}" + (f" with --tp={tp}" if tp > 1 else ""))
     return setting

@@ -134,20 +134,30 @@ def task_results(model, tokenizer, task_path, batch_size=32, max_new_tokens=EVAL
     the check GRPO's reward uses), stopping at tokenizer.stop_ids. Prompts are batched shortest first to waste little
     on padding. retriever (rag.py): chat records get the chunks it retrieves (read_task)."""
     prompts, answers = read_task(task_path, tokenizer, retriever=retriever)
-    stop_ids = tokenizer.stop_ids
     for i, p in enumerate(prompts):
         if len(p) >= model.config.max_len:
             raise ValueError(f"{task_path}: record {i + 1} has a {len(p)}-token prompt; the model's context is "
                              f"{model.config.max_len}, leaving no room for an answer")
+    right = sampled_results(model, tokenizer, prompts, answers, 1, 0.0, max_new_tokens, batch_size,
+                            kv_memory=kv_memory)
+    return [r > 0 for r in right]
+
+
+def sampled_results(model, tokenizer, prompts, answers, k, temperature, max_new_tokens=EVAL_MAX_NEW_TOKENS,
+                    batch_size=16, seed=0, kv_memory="50%"):
+    """Per prompt (token ids), how many of k sampled completions hold the answer (answer_is_correct). Prompts go
+    shortest first, to waste little on padding; task_results is its greedy case (k=1, temperature 0)."""
+    stop_ids, right = tokenizer.stop_ids, [0] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    correct = [False] * len(prompts)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        outputs = generate(model, [prompts[i] for i in batch], max_new_tokens, SamplingParams(temperature=0.0),
-                           stop_ids, vocab_size=tokenizer.vocab_size, kv_memory=kv_memory)
-        for i, tokens in zip(batch, outputs):
-            correct[i] = answer_is_correct(tokenizer.decode(strip_stop(tokens, stop_ids)), answers[i])
-    return correct
+        outputs = generate(model, [prompts[i] for i in batch for _ in range(k)], max_new_tokens,
+                           SamplingParams(temperature=temperature), stop_ids, seed=seed + start,
+                           vocab_size=tokenizer.vocab_size, kv_memory=kv_memory)
+        for n, i in enumerate(batch):
+            right[i] = sum(answer_is_correct(tokenizer.decode(strip_stop(tokens, stop_ids)), answers[i])
+                           for tokens in outputs[n * k:(n + 1) * k])
+    return right
 
 
 def task_accuracy(model, tokenizer, task_path, batch_size=32, max_new_tokens=EVAL_MAX_NEW_TOKENS, kv_memory="50%",
@@ -382,23 +392,6 @@ PASSK_DEFAULTS = dict(
     seed=0,
     device="auto",
 )
-
-
-def sampled_results(model, tokenizer, prompts, answers, k, temperature, max_new_tokens=EVAL_MAX_NEW_TOKENS,
-                    batch_size=16, seed=0):
-    """Per prompt (token ids), how many of k sampled completions hold the answer (answer_is_correct). Prompts go
-    shortest first, as in task_results (the same batches give the same greedy replies)."""
-    stop_ids, right = tokenizer.stop_ids, [0] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        outputs = generate(model, [prompts[i] for i in batch for _ in range(k)], max_new_tokens,
-                           SamplingParams(temperature=temperature), stop_ids, seed=seed + start,
-                           vocab_size=tokenizer.vocab_size)
-        for n, i in enumerate(batch):
-            right[i] = sum(answer_is_correct(tokenizer.decode(strip_stop(tokens, stop_ids)), answers[i])
-                           for tokens in outputs[n * k:(n + 1) * k])
-    return right
 
 
 def passk_main(argv):
