@@ -628,11 +628,7 @@ def strip_stop(tokens, stop_ids):
 
 def common_prefix(a, b):
     """How many leading items a and b share."""
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 class TextStream:
@@ -796,3 +792,6 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except (OSError, ValueError) as e:  # bad input: the message names the file, key or value
         sys.exit(f"sample.py: {e}")
+    from settings import exit_torchrun
+
+    exit_torchrun()  # with --tp (settings.py says why)

@@ -46,7 +46,7 @@ from kv_cache import BLOCK, budget_text
 from quant import pick_layout
 from sample import Engine, Sequence, TextStream, compile_setting, load
 from httpd import ClientGone, Connection, dumps
-from settings import load_settings, pick_device
+from settings import exit_torchrun, load_settings, pick_device
 from structured import gather
 
 DEFAULTS = dict(
@@ -690,3 +690,4 @@ def main(argv):
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    exit_torchrun()  # with --tp (settings.py says why)

@@ -12,6 +12,7 @@ came from.
 """
 import json
 import os
+import sys
 import types
 
 import torch
@@ -136,3 +137,15 @@ def pick_device(device="auto", dtype="auto", inference=False):
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def exit_torchrun():
+    """A command's last call: under torchrun (WORLD_SIZE > 1), with its work done and saved, the process exits now
+    (code 0, stdout and stderr flushed), without the interpreter's teardown. There, freeing the last object that
+    holds the gloo process group (DDP's reducer, a split model's mesh) joins gloo's worker threads while holding the
+    GIL, and a worker that needs the GIL to free a tensor of a collective waits for it forever: train.py's exit hung
+    so about once in 100 runs. One process: nothing happens."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

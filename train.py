@@ -29,7 +29,7 @@ from checkpoint import checkpoint_steps, load_checkpoint, save_checkpoint
 from data import ResumableSampler, load_dataset
 from lora import TrainingAdapter
 from model import ModelConfig, Transformer
-from settings import Settings, load_settings, pick_device
+from settings import Settings, exit_torchrun, load_settings, pick_device
 from strategies import STRATEGIES
 from tokenizer import Tokenizer
 
@@ -779,10 +779,4 @@ def measure_peak_flops(device, n=1024, rounds=5):
 
 if __name__ == "__main__":
     train(read_settings(sys.argv[1:]))
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        # Everything is saved and the process group destroyed: exit without the interpreter's teardown. There, freeing
-        # DDP's reducer (the last holder of the gloo process group) joins gloo's worker threads while holding the GIL,
-        # and a worker that needs the GIL to free a tensor of a collective waits for it forever (about 1 run in 100).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    exit_torchrun()  # settings.py says why
