@@ -8,7 +8,8 @@ One type rule: a value takes its default's type. A config file may give an int w
 the command line converts text (true/false/1/0/yes/no for booleans, a bare --flag is true). A None default is
 an optional table (ModelConfig.rope_scaling): None or a dict, given on the command line as JSON; its owner checks
 what is in it. An unknown key or a value of the wrong type is an error naming the key, the value and the file it
-came from.
+came from. Beside them, what every command shares: the device and dtype it runs on (pick_device) and how it ends
+under torchrun (exit_torchrun).
 """
 import json
 import os
