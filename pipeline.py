@@ -165,17 +165,20 @@ KB_K = 3  # chunks retrieved per question: the system prompt, 3 one-fact passage
 # source line) and a question are 150-167 of the demo model's 256 positions
 # A fact is "place relation number": the number directly follows its keys, so the reply, which restates the fact,
 # has just written the keys when the number comes, and copying it is matching them in the sources (an induction
-# head's job); places are two tokens of the demo tokenizer, relations one (bar the Chinese 书)
+# head's job); places are two tokens of the demo tokenizer, relations one (bar the Chinese 书 and English schools, cats).
+# An English passage has its question's noun ("schools", not "school"), so BM25 ranks it above the place's other facts:
+# with "cat" each question about cats had its passage third of 3 (recall@1 0.900), and a demo model that copies the
+# first source's number answered 0.904 of kb_eval with bm25 (1 of the 24); with "cats" and "schools" 1.000
 KB_NAME_PARTS = (["Bi", "Birds", "Co", "Comp", "He", "Mat", "Math", "My", "Nu", "Number", "She", "We"],
                  ["al", "alks", "als", "at", "ater", "ber", "ch", "day", "ds", "gh", "gs", "he", "ien", "igh", "ik",
                   "in", "ing", "inus", "is", "ises", "iv", "ks", "lee", "lp", "lus", "ogs", "ong", "oo", "ooks", "ool",
                   "orn", "oun", "qu", "un", "up", "us"])  # 432 names
 KB_FACTS = [  # (English question, passage, Chinese question, passage): {e} a made-up place, {v} a number 10..98
     ("How long is the river of {e}?", "{e} river {v} km.", "{e} 这条河有多长？", "{e} 这条河 {v} 公里。"),
-    ("How many schools does {e} have?", "{e} school {v}.", "{e} 有几所学校？", "{e} 学校 {v} 所。"),
+    ("How many schools does {e} have?", "{e} schools {v}.", "{e} 有几所学校？", "{e} 学校 {v} 所。"),
     ("How many books does {e} have?", "{e} books {v}.", "{e} 有多少本书？", "{e} 书 {v} 本。"),
     ("How much tea does {e} grow?", "{e} tea {v} tons.", "{e} 产多少吨茶？", "{e} 茶 {v} 吨。"),
-    ("How many cats live in {e}?", "{e} cat {v}.", "{e} 有几只猫？", "{e} 猫 {v} 只。"),
+    ("How many cats live in {e}?", "{e} cats {v}.", "{e} 有几只猫？", "{e} 猫 {v} 只。"),
 ]
 
 
