@@ -17,7 +17,8 @@ starting from the last one's final/ model, with greedy exact-answer accuracy on 
 It runs the same commands a user would (printed as it goes); the accuracy is sample.py --eval's, printed with its
 95% interval and, from SFT on, the change from the stage before with the change's (paired) 95% interval.
 The demo also writes a knowledge base of made-up facts (kb/, kb_eval.jsonl) and SFT chats that answer from retrieved
-passages about other made-up facts (kb_sft.jsonl, mixed into SFT); after SFT and after the last stage a second table
+passages about other made-up facts (kb_sft.jsonl: SFT trains on the arithmetic chats into
+sft-arith/, then on them mixed with these into sft/); after SFT and after the last stage a second table
 gives the accuracy on kb_eval.jsonl without retrieval and with dense, bm25 and hybrid retrieval, and recall@5.
 """
 import glob
@@ -155,12 +156,16 @@ def make_demo(out_dir, seed=0, max_operand=49, n_eval=200, pretrain_docs=8000, s
 KB_SFT = ["--pack=true", "--block_size=256", "--batch_size=10"]  # the demo's SFT with its retrieval chats (~175
 # tokens, the arithmetic ones ~30): packed rows of the model's whole context, 10 a step, ~2,500 tokens as before
 KB_CHATS = 10_000  # kb_sft.jsonl's chats, ~13 a step: 1,000 steps see each ~1.3 times
-KB_SFT_ITERS = 1000  # the demo's SFT steps (configs/sft.py's 300 without the chats). The model learns to copy the
-# first source's number suddenly, at a step that varies from run to run: after the demo's pretraining (kb_eval with
-# bm25; arithmetic 0.84-0.94 at the end of each) it did by 1,000 steps in 1 of 3 runs (0.104 at 500 steps, 0.892 at
-# 750, 0.904 at 1,000; the others 0.113 and 0.004), 0.158 after 2,000 in a fourth, and at --lr=2e-3 in 1 of 2 (0.892;
-# 0.100); the 0.113 run copied the second digit, not the first. The answer anywhere among the sources (fresh numbers, up
-# to 1,500 steps; fixed ones, up to 2,400), or first only beside another place's fact (1,000 steps): 0.004-0.025
+KB_SFT_ITERS = 1000  # the demo's SFT steps on its mixture (sft_kb.h5), after configs/sft.py's 300 on the arithmetic
+# chats alone (sft.h5). The model learns to copy the first source's number suddenly, at a step that varies from run to
+# run. kb_eval with bm25 (240 questions), from the demo's pretraining, --seed=0,1,2: arithmetic first (0.985 after it),
+# then the mixture: 1.000, 1.000, 1.000 (arithmetic 0.955, 0.965, 0.920), 0.996-1.000 already at 750 steps (the val loss
+# fell between 400 and 600); with a 700-step schedule, 0.258 (seed 0). Perhaps the arithmetic replies, which restate the
+# question's numbers, teach the copy the retrieval chats then build on: the mixture alone, 1,000 steps, copied in 2 of 6
+# runs (0.904, 0.892; the others 0.004-0.158), and the retrieval chats alone, 400-500 steps at 1e-3 or 2e-3, in none of
+# 4 (0.008-0.021; one given only the answer's passage: 0.008; arithmetic 0.005-0.025, and 0.020 after 300 mixture steps
+# more). The answer anywhere among the sources (fresh numbers, up to 1,500 steps; fixed ones, up to 2,400), or first
+# only beside another place's fact: 0.004-0.025
 KB_PLACES = 24  # made-up places in kb/, a file each; kb_eval.jsonl asks about each of their facts (240 questions)
 KB_K = 3  # chunks retrieved per question: the system prompt, 3 one-fact passages (~10 tokens each, ~20 with their
 # source line) and a question are 150-167 of the demo model's 256 positions
@@ -363,8 +368,9 @@ def make_data(data, task):
     else:
         sh("pipeline.py", "task", f"--task={task}", f"--out={data}")
     sh("data.py", "tokenizer", f"--input={data}/pretrain.txt", "--vocab_size=2048", f"--out={data}/tokenizer")
-    sft = "sft.jsonl,kb_sft.jsonl" if task == "demo" else "sft.jsonl"  # the demo's SFT: retrieval chats too
-    for stage, sources, name in [("seq", "pretrain.txt", "pretrain"), ("sft", sft, "sft"),
+    # the demo's SFT trains on the arithmetic chats (sft.h5), then on them with the retrieval chats (sft_kb.h5)
+    kb = [("sft", "sft.jsonl,kb_sft.jsonl", "sft_kb")] if task == "demo" else []
+    for stage, sources, name in [("seq", "pretrain.txt", "pretrain"), ("sft", "sft.jsonl", "sft"), *kb,
                                  ("dpo", "dpo.jsonl", "dpo"), ("grpo", "grpo.jsonl", "grpo")]:
         inputs = ",".join(f"{data}/{source}" for source in sources.split(","))
         if os.path.exists(inputs.split(",")[0]):
@@ -625,8 +631,11 @@ def main(argv):
             if stage == "dpo" and not on_policy:  # digit-changed pairs: the chosen replies' NLL keeps them likely
                 start += ["--rpo_alpha=5", "--lr=1e-4", "--min_lr=1e-5"]
             iters = None  # the config's max_iters
-            if stage == "sft" and args.task == "demo":  # with its retrieval chats: packed rows, more steps
-                start, iters = start + KB_SFT, KB_SFT_ITERS
+            if stage == "sft" and args.task == "demo":  # the arithmetic chats alone, then with the retrieval chats
+                sh("train.py", config, f"--data={data_file}", f"--out_dir={out}/{name}-arith", *start, *extra,
+                   *scaled_iters(config, args.scale))
+                data_file, start = f"{data}/sft_kb.h5", [f"--init_from={out}/{name}-arith/final", *KB_SFT]
+                iters = KB_SFT_ITERS
             sh("train.py", config, f"--data={data_file}", f"--out_dir={out}/{name}", *start, *extra,
                *scaled_iters(config, args.scale, iters))
         elif not os.path.isdir(model_dir):
