@@ -158,14 +158,14 @@ KB_SFT = ["--pack=true", "--block_size=256", "--batch_size=10"]  # the demo's SF
 KB_CHATS = 10_000  # kb_sft.jsonl's chats, ~13 a step: 1,000 steps see each ~1.3 times
 KB_SFT_ITERS = 1000  # the demo's SFT steps on its mixture (sft_kb.h5), after configs/sft.py's 300 on the arithmetic
 # chats alone (sft.h5). The model learns to copy the first source's number suddenly, at a step that varies from run to
-# run. kb_eval with bm25 (240 questions), from the demo's pretraining, --seed=0,1,2: arithmetic first (0.985 after it),
-# then the mixture: 1.000, 1.000, 1.000 (arithmetic 0.955, 0.965, 0.920), 0.996-1.000 already at 750 steps (the val loss
-# fell between 400 and 600); with a 700-step schedule, 0.258 (seed 0). Perhaps the arithmetic replies, which restate the
-# question's numbers, teach the copy the retrieval chats then build on: the mixture alone, 1,000 steps, copied in 2 of 6
-# runs (0.904, 0.892; the others 0.004-0.158), and the retrieval chats alone, 400-500 steps at 1e-3 or 2e-3, in none of
-# 4 (0.008-0.021; one given only the answer's passage: 0.008; arithmetic 0.005-0.025, and 0.020 after 300 mixture steps
-# more). The answer anywhere among the sources (fresh numbers, up to 1,500 steps; fixed ones, up to 2,400), or first
-# only beside another place's fact: 0.004-0.025
+# run. kb_eval with bm25 (240 questions), from the demo's pretraining, --seed=0,1,2,3: arithmetic first (0.960-0.985
+# after it), then the mixture: 1.000 in each (arithmetic 0.955, 0.965, 0.920, 0.955), 0.996-1.000 already at 750 steps
+# (the val loss fell between 400 and 600); with a 700-step schedule, 0.258 (seed 0). Perhaps the arithmetic replies,
+# which restate the question's numbers, teach the copy the retrieval chats then build on: the mixture alone, 1,000
+# steps, copied in 2 of 6 runs (0.904, 0.892; the others 0.004-0.158), and the retrieval chats alone, 400-500 steps at
+# 1e-3 or 2e-3, in none of 4 (0.008-0.021; one given only the answer's passage: 0.008; arithmetic 0.005-0.025, and 0.020
+# after 300 mixture steps more). The answer anywhere among the sources (fresh numbers, up to 1,500 steps; fixed ones, up
+# to 2,400), or first only beside another place's fact: 0.004-0.025
 KB_PLACES = 24  # made-up places in kb/, a file each; kb_eval.jsonl asks about each of their facts (240 questions)
 KB_K = 3  # chunks retrieved per question: the system prompt, 3 one-fact passages (~10 tokens each, ~20 with their
 # source line) and a question are 150-167 of the demo model's 256 positions
