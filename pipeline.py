@@ -17,7 +17,8 @@ starting from the last one's final/ model, with greedy exact-answer accuracy on 
 It runs the same commands a user would (printed as it goes); the accuracy is sample.py --eval's, printed with its
 95% interval and, from SFT on, the change from the stage before with the change's (paired) 95% interval.
 The demo also writes a knowledge base of made-up facts (kb/, kb_eval.jsonl) and SFT chats that answer from retrieved
-passages about other made-up facts (kb_sft.jsonl, mixed into SFT); after SFT and after the last stage a second table
+passages about other made-up facts (kb_sft.jsonl: SFT trains on the arithmetic chats into
+sft-arith/, then on them mixed with these into sft/); after SFT and after the last stage a second table
 gives the accuracy on kb_eval.jsonl without retrieval and with dense, bm25 and hybrid retrieval, and recall@5.
 """
 import glob
@@ -154,22 +155,36 @@ def make_demo(out_dir, seed=0, max_operand=49, n_eval=200, pretrain_docs=8000, s
 
 KB_SFT = ["--pack=true", "--block_size=256", "--batch_size=10"]  # the demo's SFT with its retrieval chats (~175
 # tokens, the arithmetic ones ~30): packed rows of the model's whole context, 10 a step, ~2,500 tokens as before
+KB_CHATS = 10_000  # kb_sft.jsonl's chats, ~13 a step: 1,000 steps see each ~1.3 times
+KB_SFT_ITERS = 1000  # the demo's SFT steps on its mixture (sft_kb.h5), after configs/sft.py's 300 on the arithmetic
+# chats alone (sft.h5). The model learns to copy the first source's number suddenly, at a step that varies from run to
+# run. kb_eval with bm25 (240 questions), from the demo's pretraining, --seed=0,1,2,3: arithmetic first (0.960-0.985
+# after it), then the mixture: 1.000 in each (arithmetic 0.955, 0.965, 0.920, 0.955), 0.996-1.000 already at 750 steps
+# (the val loss fell between 400 and 600); with a 700-step schedule, 0.258 (seed 0). Perhaps the arithmetic replies,
+# which restate the question's numbers, teach the copy the retrieval chats then build on: the mixture alone, 1,000
+# steps, copied in 2 of 6 runs (0.904, 0.892; the others 0.004-0.158), and the retrieval chats alone, 400-500 steps at
+# 1e-3 or 2e-3, in none of 4 (0.008-0.021; one given only the answer's passage: 0.008; arithmetic 0.005-0.025, and 0.020
+# after 300 mixture steps more). The answer anywhere among the sources (fresh numbers, up to 1,500 steps; fixed ones, up
+# to 2,400), or first only beside another place's fact: 0.004-0.025
 KB_PLACES = 24  # made-up places in kb/, a file each; kb_eval.jsonl asks about each of their facts (240 questions)
 KB_K = 3  # chunks retrieved per question: the system prompt, 3 one-fact passages (~10 tokens each, ~20 with their
 # source line) and a question are 150-167 of the demo model's 256 positions
 # A fact is "place relation number": the number directly follows its keys, so the reply, which restates the fact,
 # has just written the keys when the number comes, and copying it is matching them in the sources (an induction
-# head's job); places are two tokens of the demo tokenizer, relations one (bar the Chinese 书)
+# head's job); places are two tokens of the demo tokenizer, relations one (bar the Chinese 书 and English schools, cats).
+# An English passage has its question's noun ("schools", not "school"), so BM25 ranks it above the place's other facts:
+# with "cat" each question about cats had its passage third of 3 (recall@1 0.900), and a demo model that copies the
+# first source's number answered 0.904 of kb_eval with bm25 (1 of the 24); with "cats" and "schools" 1.000
 KB_NAME_PARTS = (["Bi", "Birds", "Co", "Comp", "He", "Mat", "Math", "My", "Nu", "Number", "She", "We"],
                  ["al", "alks", "als", "at", "ater", "ber", "ch", "day", "ds", "gh", "gs", "he", "ien", "igh", "ik",
                   "in", "ing", "inus", "is", "ises", "iv", "ks", "lee", "lp", "lus", "ogs", "ong", "oo", "ooks", "ool",
                   "orn", "oun", "qu", "un", "up", "us"])  # 432 names
 KB_FACTS = [  # (English question, passage, Chinese question, passage): {e} a made-up place, {v} a number 10..98
     ("How long is the river of {e}?", "{e} river {v} km.", "{e} 这条河有多长？", "{e} 这条河 {v} 公里。"),
-    ("How many schools does {e} have?", "{e} school {v}.", "{e} 有几所学校？", "{e} 学校 {v} 所。"),
+    ("How many schools does {e} have?", "{e} schools {v}.", "{e} 有几所学校？", "{e} 学校 {v} 所。"),
     ("How many books does {e} have?", "{e} books {v}.", "{e} 有多少本书？", "{e} 书 {v} 本。"),
     ("How much tea does {e} grow?", "{e} tea {v} tons.", "{e} 产多少吨茶？", "{e} 茶 {v} 吨。"),
-    ("How many cats live in {e}?", "{e} cat {v}.", "{e} 有几只猫？", "{e} 猫 {v} 只。"),
+    ("How many cats live in {e}?", "{e} cats {v}.", "{e} 有几只猫？", "{e} 猫 {v} 只。"),
 ]
 
 
@@ -180,28 +195,32 @@ def kb_facts(rng, n_places):
     names = [first + second for first in KB_NAME_PARTS[0] for second in KB_NAME_PARTS[1]]
     if n_places > len(names):
         raise ValueError(f"kb_facts: {n_places} places asked for, {len(names)} names to give them")
-    places = []
-    for place in rng.sample(names, n_places):
-        facts = []
-        for question_en, passage_en, question_zh, passage_zh in KB_FACTS:
-            value = str(rng.randint(10, 98))
-            facts += [{"query": question.format(e=place), "passage": passage.format(e=place, v=value), "answer": value,
-                       "lang": lang} for lang, question, passage in (("en", question_en, passage_en),
-                                                                     ("zh", question_zh, passage_zh))]
-        places.append(facts)
-    return places
+    return [place_facts(rng, place) for place in rng.sample(names, n_places)]
 
 
-def make_kb(out_dir, seed=0, n_chats=1200, n_places=400, other_place=0.3):
+def place_facts(rng, place):
+    """A place's facts, one number drawn for each KB_FACTS line and used in both its languages."""
+    facts = []
+    for question_en, passage_en, question_zh, passage_zh in KB_FACTS:
+        value = str(rng.randint(10, 98))
+        facts += [{"query": question.format(e=place), "passage": passage.format(e=place, v=value), "answer": value,
+                   "lang": lang} for lang, question, passage in (("en", question_en, passage_en),
+                                                                 ("zh", question_zh, passage_zh))]
+    return facts
+
+
+def make_kb(out_dir, seed=0, n_chats=KB_CHATS, n_places=400, other_place=0.3):
     """Writes kb/NN.md (a made-up place's facts, English then Chinese, a paragraph each), kb_eval.jsonl (a question
     about each fact, in its language, with the answer and the passage that holds it) and kb_sft.jsonl: n_chats chats
     about n_places other made-up places whose system message carries KB_K passages as sample.py --rag hands them over
-    (rag.with_source_message), one holding the answer, the others the same place's other facts (what BM25 retrieves
-    beside it) or, at rate other_place, another place's same fact; the reply restates the fact. Returns the paths."""
+    (rag.with_source_message): first the one holding the answer (where a ranking retriever puts the best match), then
+    the same place's other facts (what BM25 retrieves beside it) or, at rate other_place, another place's same fact;
+    the reply restates the fact. Each chat draws its place's numbers afresh, so only the sources answer it (with fixed
+    numbers a model can learn them instead). Returns the paths."""
     from rag import with_source_message
 
     rng = random.Random(seed + 1)  # its own generator: the demo's other files stay as they were
-    places = kb_facts(rng, KB_PLACES + n_places)
+    places = kb_facts(rng, KB_PLACES + n_places)  # kb/'s places, then the chats' (whose numbers are redrawn)
     kb_dir = os.path.join(out_dir, "kb")
     os.makedirs(kb_dir, exist_ok=True)
     for old in glob.glob(os.path.join(kb_dir, "*.md")):
@@ -213,15 +232,17 @@ def make_kb(out_dir, seed=0, n_chats=1200, n_places=400, other_place=0.3):
                                  [r["passage"] for r in facts if r["lang"] == "zh"]) + "\n")
         kb_eval += [{"messages": [{"role": "user", "content": r["query"]}], "answer": r["answer"],
                      "passage": r["passage"]} for r in facts]
+    names = [facts[0]["passage"].split()[0] for facts in places[KB_PLACES:]]
     chats = []
     for _ in range(n_chats):
-        facts = rng.choice(places[KB_PLACES:])
+        place = rng.choice(names)
+        facts = place_facts(rng, place)
         asked = rng.choice(facts)
         others = rng.sample([r for r in facts if r["answer"] != asked["answer"]], KB_K - 1)
         if others and rng.random() < other_place:  # the same question about another place (the answer: the asked's)
-            others[-1] = rng.choice(places[KB_PLACES:])[facts.index(asked)]
+            others[-1] = place_facts(rng, rng.choice([name for name in names if name != place]))[facts.index(asked)]
         name = f"{rng.randrange(100):02d}.md"
-        sources = [{"source": name, "title": "", "text": r["passage"]} for r in rng.sample([asked] + others, KB_K)]
+        sources = [{"source": name, "title": "", "text": r["passage"]} for r in [asked] + rng.sample(others, KB_K - 1)]
         chats.append({"messages": with_source_message([{"role": "user", "content": asked["query"]},
                                                        {"role": "assistant", "content": asked["passage"]}], sources)})
     paths = {"kb": kb_dir}
@@ -347,8 +368,9 @@ def make_data(data, task):
     else:
         sh("pipeline.py", "task", f"--task={task}", f"--out={data}")
     sh("data.py", "tokenizer", f"--input={data}/pretrain.txt", "--vocab_size=2048", f"--out={data}/tokenizer")
-    sft = "sft.jsonl,kb_sft.jsonl" if task == "demo" else "sft.jsonl"  # the demo's SFT: retrieval chats too
-    for stage, sources, name in [("seq", "pretrain.txt", "pretrain"), ("sft", sft, "sft"),
+    # the demo's SFT trains on the arithmetic chats (sft.h5), then on them with the retrieval chats (sft_kb.h5)
+    kb = [("sft", "sft.jsonl,kb_sft.jsonl", "sft_kb")] if task == "demo" else []
+    for stage, sources, name in [("seq", "pretrain.txt", "pretrain"), ("sft", "sft.jsonl", "sft"), *kb,
                                  ("dpo", "dpo.jsonl", "dpo"), ("grpo", "grpo.jsonl", "grpo")]:
         inputs = ",".join(f"{data}/{source}" for source in sources.split(","))
         if os.path.exists(inputs.split(",")[0]):
@@ -375,11 +397,14 @@ def on_policy_pairs(data, sft_dir, scale):
     return f"{data}/dpo_onpolicy.h5"
 
 
-def scaled_iters(config, scale):
-    """--max_iters=N for a config's max_iters times scale (none at scale 1: the config as it is)."""
+def scaled_iters(config, scale, max_iters=None):
+    """--max_iters=N for max_iters (default: the config's) times scale (none at scale 1 without max_iters: the
+    config as it is)."""
     from settings import run_config_file
 
-    return [] if scale == 1 else [f"--max_iters={max(2, round(run_config_file(config)['max_iters'] * scale))}"]
+    if scale == 1 and max_iters is None:
+        return []
+    return [f"--max_iters={max(2, round((max_iters or run_config_file(config)['max_iters']) * scale))}"]
 
 
 def answer_results(model_dir, task):
@@ -605,10 +630,14 @@ def main(argv):
             start = [f"--tokenizer={data}/tokenizer"] if parent is None else [f"--init_from={out}/{parent}/final"]
             if stage == "dpo" and not on_policy:  # digit-changed pairs: the chosen replies' NLL keeps them likely
                 start += ["--rpo_alpha=5", "--lr=1e-4", "--min_lr=1e-5"]
-            if stage == "sft" and args.task == "demo":
-                start += KB_SFT
+            iters = None  # the config's max_iters
+            if stage == "sft" and args.task == "demo":  # the arithmetic chats alone, then with the retrieval chats
+                sh("train.py", config, f"--data={data_file}", f"--out_dir={out}/{name}-arith", *start, *extra,
+                   *scaled_iters(config, args.scale))
+                data_file, start = f"{data}/sft_kb.h5", [f"--init_from={out}/{name}-arith/final", *KB_SFT]
+                iters = KB_SFT_ITERS
             sh("train.py", config, f"--data={data_file}", f"--out_dir={out}/{name}", *start, *extra,
-               *scaled_iters(config, args.scale))
+               *scaled_iters(config, args.scale, iters))
         elif not os.path.isdir(model_dir):
             sys.exit(f"pipeline.py: --from_stage={args.from_stage} reuses {model_dir}, which does not exist")
         print(f"$ python sample.py --model={model_dir} --eval={task}", flush=True)

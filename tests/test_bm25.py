@@ -139,7 +139,8 @@ def test_eval_with_rag_renders_the_retrieved_sources(fact_index, tiny_model_dir,
 
 def test_the_demo_knowledge_base_is_unseen_elsewhere(tmp_path):
     """pipeline.py's knowledge base: each question's passage is in kb/ once, no place asked about appears in the SFT
-    chats, and each chat's sources (a system message, as sample.py --rag renders them) hold its reply."""
+    chats, and each chat's sources (a system message, as sample.py --rag renders them) hold its reply first; a
+    place's numbers differ from chat to chat (only the sources answer)."""
     import json
 
     from pipeline import KB_K, make_kb
@@ -154,6 +155,11 @@ def test_the_demo_knowledge_base_is_unseen_elsewhere(tmp_path):
     places = {r["passage"].split()[0] for r in questions}  # a passage is "place relation number ..."
     chat_text = json.dumps(chats, ensure_ascii=False)
     assert len(places) == len(kb) and not [p for p in places if re.search(rf"\b{p}\b", chat_text)]
+    numbers = {}  # (place, relation) -> the numbers the chats' sources give it
     for system, user, reply in chats:
         assert system["content"].startswith(rag.SYSTEM_PROMPT) and system["content"].count(".md:\n") == KB_K
-        assert reply["content"][:-1] in system["content"] and user["role"] == "user"
+        assert system["content"].split(".md:\n")[1].startswith(reply["content"]) and user["role"] == "user"
+        for passage in re.findall(r"\.md:\n(.*)", system["content"]):
+            place, relation, number = passage.split()[:3]
+            numbers.setdefault((place, relation), set()).add(number)
+    assert max(len(found) for found in numbers.values()) > 1
