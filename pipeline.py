@@ -5,7 +5,7 @@ starting from the last one's final/ model, with greedy exact-answer accuracy on 
 
     python pipeline.py quickstart               # demo data, tokenizer, pretraining, a sample: README's quickstart
     python pipeline.py demo --out=data/demo     # only write the demo data (pretrain.txt, sft/dpo/grpo.jsonl, ...)
-    python pipeline.py                          # everything from scratch: ~8 minutes on 2 CPU cores
+    python pipeline.py                          # everything from scratch: ~15 minutes on 2 CPU cores
     python pipeline.py --from_stage=dpo         # reuse data and the pretrain and sft models, run dpo and grpo again
     python pipeline.py --lora_rank=8            # then sft, dpo and grpo again as LoRA adapters: a column beside
     python pipeline.py --lora_rank=8 --from_stage=lora-sft    # only the LoRA stages, on the pretrained model
@@ -35,7 +35,8 @@ from settings import Settings, load_settings, write_jsonl
 DEFAULTS = dict(
     task="demo",  # demo | working (word problems, replies that show their working) | bilingual (short answers)
     data="",  # the task's data, tokenizer and .h5 files; default data/TASK
-    out="",  # a directory per stage: OUT/demo (pretraining), OUT/sft, OUT/dpo, OUT/grpo; default out, or out/TASK
+    out="",  # a directory per stage: OUT/demo (pretraining), OUT/sft (the demo's after OUT/sft-arith), OUT/dpo,
+    # OUT/grpo; default out, or out/TASK
     pairs="auto",  # DPO's pairs: onpolicy (tasks.py pairs: the SFT model's own right and wrong replies to the
     # grpo.jsonl prompts) | file (the demo's dpo.jsonl: right answers against their digits changed, trained with
     # rpo_alpha=5) | auto = file for the demo (on-policy pairs lowered its accuracy: README), onpolicy for the others
