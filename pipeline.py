@@ -5,7 +5,7 @@ starting from the last one's final/ model, with greedy exact-answer accuracy on 
 
     python pipeline.py quickstart               # demo data, tokenizer, pretraining, a sample: README's quickstart
     python pipeline.py demo --out=data/demo     # only write the demo data (pretrain.txt, sft/dpo/grpo.jsonl, ...)
-    python pipeline.py                          # everything from scratch: ~15 minutes on 2 CPU cores
+    python pipeline.py                          # everything from scratch: ~11 minutes on 2 CPU cores
     python pipeline.py --from_stage=dpo         # reuse data and the pretrain and sft models, run dpo and grpo again
     python pipeline.py --lora_rank=8            # then sft, dpo and grpo again as LoRA adapters: a column beside
     python pipeline.py --lora_rank=8 --from_stage=lora-sft    # only the LoRA stages, on the pretrained model
