@@ -176,6 +176,15 @@ class CacheIndex:
         self.flat, self.last = (flat, last) if ragged else (None, None)
         self.aligned = not always_mask and seq_len == 1 and min(self.ends) == self.length
 
+    @classmethod
+    def of_tensors(cls, positions, slots, read_slots):
+        """One new token per row, from the tensors a compiled step (compiled.py) takes as its inputs: masked."""
+        index = cls.__new__(cls)
+        index.positions, index.slots, index.read_slots = positions, slots, read_slots
+        index.flat = index.last = None
+        index.aligned = False
+        return index
+
     def new_entries(self, x):
         # x (b, T, ...) -> (n, ...) the entries of valid tokens, in `slots` order
         x = x.reshape(-1, *x.shape[2:])

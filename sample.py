@@ -17,7 +17,6 @@ exactly as one written by train.py.
 """
 import codecs
 import dataclasses
-import functools
 import math
 import numbers
 import sys
@@ -109,7 +108,7 @@ DEFAULTS = dict(
     device="auto",  # auto = cuda when available, else cpu
     dtype="auto",  # auto = bfloat16 where the GPU or CPU has it natively, else float32; or float32, bfloat16,
     # float16, int8 or int4 (weight-only int8 or int4 with bfloat16 activations: quant.py)
-    compile="auto",  # decode steps through torch.compile: true, false, or auto = where it pays (compile_setting)
+    compile="auto",  # decode steps through the compiled step (compiled.py): true, false, or auto = where it pays
     weight_layout="auto",  # float32/bfloat16 on a CPU: plain, transposed, packed; auto: quant.py's pick_layout
     eval="",  # TASK.jsonl: greedy generation over {"messages"|"prompt", "answer"} records, prints accuracy
     batch_size=32,  # rows per generate() call with --eval
@@ -250,59 +249,6 @@ class Sequence:
         self.finish, self.cancelled = None, False  # finish: "stop" | "length" | "error" once done
 
 
-# decode steps after which compiling pays on a CPU, measured on configs/tiny.py's shape with one thread: compiling
-# took 17 s, and saved 0.44 ms a step for 1 row, 0.68 ms for 8 (eager 1.18 / 1.86 ms, compiled 0.74 / 1.18 ms):
-# 17 s / 0.68 ms = 25,000 steps. A server (serve.py) gets there; one sample.py call rarely does.
-COMPILE_BREAK_EVEN_STEPS = 25_000
-
-
-def compile_setting(setting, decode_steps, where="sample.py", tp=1):
-    """--compile's value -> whether to compile the decode step: "true" or "false" as said, "auto" when the call
-    decodes at least COMPILE_BREAK_EVEN_STEPS steps. Compiling needs a C++ compiler (torch.compile's generated code,
-    on a GPU too for its C++ wrapper): without a working one, eager, said in one line on stderr. A model split over
-    tp > 1 processes decodes eager: the compiled step does not trace its DTensor layers (true is refused)."""
-    choice = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False, "auto": "auto"}.get(
-        str(setting).lower())
-    if choice is None:
-        raise ValueError(f"--compile={setting!r}: expected auto, true or false")
-    if tp > 1:
-        if choice is True:
-            raise ValueError(f"--compile=true with --tp={tp}: a tensor-parallel model decodes eager (torch.compile "
-                             "does not trace its DTensor layers here); use --compile=false or auto")
-        return False
-    if choice == "auto":
-        choice = decode_steps >= COMPILE_BREAK_EVEN_STEPS
-    if choice and cpp_compiler() is None:
-        from torch._inductor import config
-
-        print(f"{where}: no working C++ compiler for torch.compile (tried {config.cpp.cxx}): decoding eager",
-              file=sys.stderr, flush=True)
-        return False
-    return choice
-
-
-@functools.cache
-def cpp_compiler():
-    """The C++ compiler torch.compile would use (torch's own search: each name of its cpp.cxx setting run with
-    --version), or None."""
-    from torch._inductor.cpp_builder import get_cpp_compiler
-    from torch._inductor.exc import InvalidCxxCompiler
-
-    try:
-        return get_cpp_compiler()
-    except (InvalidCxxCompiler, OSError):
-        return None
-
-
-@functools.cache
-def compiled_run(cls):
-    """cls.run (model, input_ids, cache_layers, index) through torch.compile, made once: every model and engine
-    shares it (dynamo guards on the model, so each model compiles its graphs at its first steps). The unbound
-    function, so that the cache holds no model: a compiled bound method would keep its model alive."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(cls.run, fullgraph=True, options={"cpp_wrapper": True})
-
-
 class Engine:
     """Continuous batching over one paged KV cache (kv_cache.py) of max_batch rows. Sequences wait in a FIFO queue;
     step() admits them into free rows while the cache has blocks for their prompts, runs the model once (a prefill
@@ -312,8 +258,8 @@ class Engine:
     recomputed later. A finished row is free for the next sequence at the next step, and keeps its keys and
     values: a sequence whose prompt starts with a free row's tokens takes that row and prefills only the rest
     (prefix reuse: a chat's next turn). add() may be called from other threads (serve.py's). compile: decode steps
-    run through torch.compile (one graph whatever the batch and length; the first steps compile it), prefill stays
-    eager. kv_memory: the cache's budget, GB or a share of the memory left ("50%": see kv_cache.kv_budget_bytes);
+    run through compiled.CompiledStep (one library whatever the batch and length, compiled at the first decode
+    step unless one fits already), prefill stays eager. kv_memory: the cache's budget, GB or a share of the memory left ("50%": see kv_cache.kv_budget_bytes);
     a row holds at most min(max_len, the tokens the budget holds)."""
 
     def __init__(self, model, max_batch, max_len=None, prefill_chunk=256, stop_ids=(), vocab_size=None,
@@ -331,10 +277,10 @@ class Engine:
             self.cache = KVCache(model.config, max_batch, self.max_len, self.device, weight.dtype, n_blocks,
                                  model.tp_size)
         self.compiled, self.decode = compile, model.run
-        if compile:  # every engine of a model (generate() makes one a call) shares its graphs
-            self.decode = functools.partial(compiled_run(type(model)), model)
-            for tensor in (t for layer in self.cache.layers for t in layer):  # any pool size: the same graph
-                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        if compile:  # models of one structure share the compiled library (compiled.py)
+            from compiled import CompiledStep
+
+            self.decode = CompiledStep(model, self.cache.layers)
         self.free_slots = list(range(max_batch))  # least recently freed first
         self.cached = [[] for _ in range(max_batch)]  # the tokens whose keys and values each free row holds
         self.waiting, self.running = deque(), []  # running: sequences holding a row, oldest first
@@ -469,11 +415,6 @@ class Engine:
             ids = torch.tensor([[s.tokens[-1]] for s in decoding], device=self.device)  # (b, 1)
             index = CacheIndex(self.cache, 1, [s.slot for s in decoding], device=self.device,
                                always_mask=self.compiled)
-            if self.compiled:  # one graph for every length and batch size (but 1)
-                for tensor, dims in ((index.read_slots, (0, 1)), (index.slots, (0,)), (index.positions, (0,)),
-                                     (ids, (0,))):
-                    for dim in dims:
-                        torch._dynamo.maybe_mark_dynamic(tensor, dim)
             out = self.decode(ids, self.cache.layers, index)[:, -1]  # (b, V)
             index.advance(self.cache)
             if not batch:
@@ -576,7 +517,7 @@ def generate(model, prompts, max_new_tokens, params=SamplingParams(), stop_ids=(
     distribution (see sample_tokens). on_token(row, token_id), when given, sees each token as it is sampled
     (streaming). vocab_size: the tokenizer's; ids at or past it (the padded embedding rows many models have)
     are never sampled, since they have no text. seed: one generator shared by the batch. compile: decode
-    steps through torch.compile (see Engine). kv_memory: the KV cache's budget (see Engine): rows that do not
+    steps through the compiled step (see Engine). kv_memory: the KV cache's budget (see Engine): rows that do not
     fit together wait or are recomputed, with the same tokens. params: the SamplingParams of every row; sampling:
     SamplingParams fields by name, over params's (generate(model, prompts, n, temperature=0.0) is greedy).
     json_schema (a dict; True: any JSON object), regex or lark (llguidance's Lark): every row's reply follows it
@@ -736,6 +677,8 @@ def main(argv):
                  "tokenizer, or a .gguf file)")
     params = SamplingParams.from_settings(args)  # a bad value stops here, before the model loads
     device, dtype = pick_device(args.device, args.dtype, inference=True)
+    from compiled import compile_setting
+
     args.compile = compile_setting(args.compile, args.max_new_tokens, tp=args.tp)  # one generate() call's steps
     if args.tp > 1:  # one model split over tp processes, each running the same steps (parallel.py)
         from parallel import split_for_inference, start_inference

@@ -42,9 +42,10 @@ import httpd
 from api import (ApiError, anthropic_blocks, choice_json, embeddings_json, event_delta, flag, logprobs_json,
                  message_json, parse_anthropic, parse_detokenize, parse_embeddings, parse_json, parse_openai,
                  parse_tokenize, reply_choice_json, tokenizer_info_json, usage_json)
+from compiled import compile_setting
 from kv_cache import BLOCK, budget_text
 from quant import pick_layout
-from sample import Engine, Sequence, TextStream, compile_setting, load
+from sample import Engine, Sequence, TextStream, load
 from httpd import ClientGone, Connection, dumps
 from settings import exit_torchrun, load_settings, pick_device
 from structured import gather
@@ -73,8 +74,8 @@ DEFAULTS = dict(
     device="auto",  # auto = cuda when available, else cpu
     dtype="auto",  # auto = bfloat16 where the GPU or CPU has it natively, else float32; or float32, bfloat16,
     # float16, int8 or int4 (weight-only int8 or int4 with bfloat16 activations: quant.py)
-    compile="auto",  # decode steps through torch.compile, compiled at startup (seconds to a minute): true, false,
-    # or auto = true: a server decodes past the steps where it pays (sample.COMPILE_BREAK_EVEN_STEPS)
+    compile="auto",  # decode steps through the compiled step (compiled.py), compiled at startup (seconds to a
+    # minute): true, false, or auto = true: a server decodes past the steps where it pays (COMPILE_BREAK_EVEN_STEPS)
     weight_layout="auto",  # float32/bfloat16 on a CPU: plain, transposed, packed; auto: quant.py's pick_layout
     tp=1,  # tensor parallel: the model split over tp processes (torchrun --nproc_per_node=tp); rank 0 serves HTTP
     rag_index="",  # FILE.h5 (python data.py index): chats retrieve for their last user turn; replies carry "sources"
@@ -588,8 +589,8 @@ def metrics(server):
 
 
 def warm_up(engine):
-    """Decode a batch of one row, of two, then of every row: torch.compile's graphs for every batch size exist
-    before the first request (batch 1, and a dynamic batch for any more rows)."""
+    """Decode a batch of one row, of two, then of every row: the compiled step's libraries for every batch size
+    exist before the first request (one library, or an MoE model's two)."""
     for rows in sorted({1, min(2, engine.max_batch), engine.max_batch}):
         engine.add([Sequence([0], 3) for _ in range(rows)])
         while engine.has_work():

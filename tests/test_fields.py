@@ -156,10 +156,10 @@ def test_prefix_reuse_equals_a_full_recompute(field, i):
 def test_compiled_decode_equals_a_full_recompute(changes):
     """Every GQA option at once, then MLA, then experts (2 rows choose 6 of 4: the compiled step runs every expert):
     the compiled decode step is the same code as the eager one."""
-    from sample import cpp_compiler
+    from compiled import cpp_compiler
 
     if cpp_compiler() is None:
-        pytest.skip("no C++ compiler for torch.compile")
+        pytest.skip("no C++ compiler for the compiled decode step")
     torch.manual_seed(0)
     model = randomize(Transformer(ModelConfig(**{**BASE, **changes}))).eval()
     prompts = [[5, 6, 7], list(range(10, 21))]

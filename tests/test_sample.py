@@ -282,7 +282,7 @@ def test_compile_auto_where_it_pays_and_eager_without_a_compiler(monkeypatch, ca
     obeyed; without a working C++ compiler (torch's own search finds none) it decodes eager and says so once."""
     import torch._inductor.config
 
-    from sample import COMPILE_BREAK_EVEN_STEPS, compile_setting, cpp_compiler
+    from compiled import COMPILE_BREAK_EVEN_STEPS, compile_setting, cpp_compiler
 
     cpp_compiler.cache_clear()
     assert cpp_compiler() is not None  # the test machine has one: g++
@@ -296,7 +296,7 @@ def test_compile_auto_where_it_pays_and_eager_without_a_compiler(monkeypatch, ca
     cpp_compiler.cache_clear()
     try:
         assert compile_setting("true", 1) is False
-        assert capsys.readouterr().err == ("sample.py: no working C++ compiler for torch.compile (tried "
+        assert capsys.readouterr().err == ("sample.py: no working C++ compiler for the compiled decode step (tried "
                                            "('no-such-c++',)): decoding eager\n")
         assert compile_setting("auto", 256) is False and capsys.readouterr().err == ""  # eager anyway: nothing said
     finally:
@@ -439,9 +439,8 @@ def test_tokenizer_stop_ids_read_hf_configs(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("name", ["llama", "deepseek_v3_q_lora"])
 def test_compiled_decode_equals_eager(tmp_path, name):
-    """torch.compile's decode step against the eager one: the same greedy tokens and log-probs within 1e-4, over
-    ragged prompts (a gathered, masked batch), rows that stop early (the batch shrinks: a recompile with a
-    dynamic batch size) and a full batch (rows in order: the cache slices)."""
+    """The compiled decode step against the eager one: the same greedy tokens and log-probs within 1e-4, over
+    ragged prompts (a gathered, masked batch), rows that stop early (the batch shrinks) and a full batch."""
     _, ours = hf_and_ours(tmp_path, name)
     prompts = ragged_prompts()
     free = generate(ours, prompts, 24, temperature=0.0)
