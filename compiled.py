@@ -8,8 +8,9 @@ the tiny preset, more than llama.cpp's whole step). sample.Engine decodes throug
     logits = step(ids, cache.layers, index)      # (b, 1, vocab_size), any batch size and cache length
 
 The weights, the cache's pools and the index are the library's inputs: it holds no copy of the weights, and models
-of one structure (class, config, every tensor's name, shape, dtype and layout) share one library in a process. A
-model changed in place (another dtype or layout) has another structure: the next engine compiles for it.
+of one structure (config, modules and their settings, every tensor's name, shape, dtype and layout) share one
+library in a process. A model changed in place (another dtype, layout, an adapter switched off) has another
+structure: the next engine compiles for it.
 One library serves every batch size, but an MoE model takes two: its layers compute a few rows otherwise than many
 (moe.Experts.forward), so rows up to n_experts // n_active_experts get one library and more rows the other.
 """
@@ -98,14 +99,17 @@ def model_tensors(model):
 
 
 def structure(model, layers):
-    """What a library is compiled for: the model's class and config, its tensors and the cache pools' shapes past
+    """What a library is compiled for: the model's config, its modules with their plain settings (a LoRA layer's
+    `enabled` and scaling, a layout: what the traced code branched on), its tensors, and the cache pools' shapes past
     the slots (their count is an input), with dtypes, layouts and devices."""
     def describe(t):
         return t.dtype, t.layout, t.device, t.stride() if t.layout == torch.strided else None
 
+    modules = tuple((name, type(m), tuple((k, v) for k, v in vars(m).items() if isinstance(v, (bool, int, float, str))))
+                    for name, m in model.named_modules())
     tensors = tuple((name, tuple(t.shape), *describe(t)) for name, t in model_tensors(model).items())
     pools = tuple((tuple(t.shape[1:]), *describe(t)[:3]) for layer in layers for t in layer)
-    return type(model), repr(model.config), tensors, pools
+    return repr(model.config), modules, tensors, pools
 
 
 def batch_ranges(config):

@@ -142,8 +142,9 @@ PACK_MIN_WEIGHTS = 2 ** 17  # a smaller weight is laid out transposed even when 
 
 @torch.library.custom_op("astrai::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, out_features: int) -> torch.Tensor:
-    """x (rows, in) @ weight.T with weight in oneDNN's packed layout: a custom op, which torch.compile calls as it
-    stands (Inductor lowers mkldnn's linear only for a frozen constant weight, and these are the model's)."""
+    """x (rows, in) @ weight.T with weight in oneDNN's packed layout: a custom op, which the compiled decode step
+    (compiled.py) calls as it stands (Inductor lowers mkldnn's linear only for a frozen constant weight, and the
+    step takes the weights as inputs)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
