@@ -26,9 +26,10 @@ import torch.nn as nn
 from kv_cache import BLOCK, CacheIndex
 
 # decode steps after which compiling pays on a CPU, measured on configs/tiny.py's shape with one thread: compiling
-# took 17 s, and saved 0.44 ms a step for 1 row, 0.68 ms for 8 (eager 1.18 / 1.86 ms, compiled 0.74 / 1.18 ms):
-# 17 s / 0.68 ms = 25,000 steps. A server (serve.py) gets there; one sample.py call rarely does.
-COMPILE_BREAK_EVEN_STEPS = 25_000
+# took 23 s (15 s with Inductor's cache warm), and saved 0.78 ms a step for 1 row, 0.86 ms for 8 (eager 1.15 /
+# 1.65 ms, compiled 0.37 / 0.79 ms): 23 s / 0.86 ms = 27,000 steps. A server (serve.py) gets there; one sample.py
+# call rarely does.
+COMPILE_BREAK_EVEN_STEPS = 27_000
 
 
 def compile_setting(setting, decode_steps, where="sample.py", tp=1):
@@ -105,7 +106,8 @@ def structure(model, layers):
     def describe(t):
         return t.dtype, t.layout, t.device, t.stride() if t.layout == torch.strided else None
 
-    modules = tuple((name, type(m), tuple((k, v) for k, v in vars(m).items() if isinstance(v, (bool, int, float, str))))
+    plain = (bool, int, float, str)
+    modules = tuple((name, type(m), tuple((k, v) for k, v in vars(m).items() if isinstance(v, plain)))
                     for name, m in model.named_modules())
     tensors = tuple((name, tuple(t.shape), *describe(t)) for name, t in model_tensors(model).items())
     pools = tuple((tuple(t.shape[1:]), *describe(t)[:3]) for layer in layers for t in layer)
@@ -127,19 +129,17 @@ _libraries = {}  # (structure, (first, last)) -> the loaded library's run (a lis
 @torch.no_grad()
 def compile_library(model, layers, first, last):
     """Export model.run on example inputs of the step's shapes (batch and slot counts left free) and compile it."""
-    device, rows = model.embed_tokens.weight.device, first if first == last else max(first, 2)  # 1 would be fixed
-    ids, positions = torch.zeros(rows, 1, dtype=torch.long, device=device), torch.zeros(rows, 1, dtype=torch.long,
-                                                                                          device=device)
-    slots, read_slots = torch.arange(rows, device=device), torch.zeros(rows, 2 * BLOCK, dtype=torch.long,
-                                                                          device=device)
+    rows = first if first == last else max(first, 2)  # an example of 1 row would fix the batch size at 1
+    zeros = functools.partial(torch.zeros, dtype=torch.long, device=model.embed_tokens.weight.device)
+    ids, positions, slots, read_slots = zeros(rows, 1), zeros(rows, 1), zeros(rows), zeros(rows, 2 * BLOCK)
     pools = [tuple(t.new_zeros(4 * BLOCK, *t.shape[1:]) for t in layer) for layer in layers]
     tensors = model_tensors(model)
     batch = None if first == last else torch.export.Dim("rows", min=first, max=last)
     keys, slot_count = torch.export.Dim("keys", min=1), torch.export.Dim("slots", min=BLOCK)
-    dynamic = ({0: batch}, {0: batch}, {0: batch}, {0: batch, 1: keys}, [tuple({0: slot_count} for _ in layer)
-                                                                          for layer in pools], {n: None for n in tensors})
+    dynamic = ({0: batch}, {0: batch}, {0: batch}, {0: batch, 1: keys},
+               [tuple({0: slot_count} for _ in layer) for layer in pools], {name: None for name in tensors})
     with warnings.catch_warnings(), tempfile.TemporaryDirectory() as directory:
-        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)  # torch's
+        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
         program = torch.export.export(_Step(model), (ids, positions, slots, read_slots, pools, tensors),
                                       dynamic_shapes=dynamic)
         path = torch._inductor.aoti_compile_and_package(program, package_path=os.path.join(directory, "step.pt2"))

@@ -259,8 +259,8 @@ class Engine:
     values: a sequence whose prompt starts with a free row's tokens takes that row and prefills only the rest
     (prefix reuse: a chat's next turn). add() may be called from other threads (serve.py's). compile: decode steps
     run through compiled.CompiledStep (one library whatever the batch and length, compiled at the first decode
-    step unless one fits already), prefill stays eager. kv_memory: the cache's budget, GB or a share of the memory left ("50%": see kv_cache.kv_budget_bytes);
-    a row holds at most min(max_len, the tokens the budget holds)."""
+    step unless one fits already), prefill stays eager. kv_memory: the cache's budget, GB or a share of the memory
+    left ("50%": see kv_cache.kv_budget_bytes); a row holds at most min(max_len, the tokens the budget holds)."""
 
     def __init__(self, model, max_batch, max_len=None, prefill_chunk=256, stop_ids=(), vocab_size=None,
                  compile=False, kv_memory="50%"):
