@@ -501,11 +501,11 @@ def greedy_with_gaps(model, prompt, n):
 
 @pytest.mark.parametrize("dtype,resolution,most_agree", [("bfloat16", 0.1, 2), ("int8", 0.2, 2), ("int4", 1.0, 0)])
 def test_quantized_follow_float32_greedy(tiny_model_dir, dtype, resolution, most_agree):
-    """On the tiny preset's shape, bfloat16, int8 and int4 weights give float32's greedy tokens, or first differ
-    where float32's two best logits are closer than the lower precision resolves (bfloat16 keeps 8 bits of
-    mantissa: ~0.4% per rounding, a few hundredths on logits of this size over a few layers; int8 per-channel
-    weights twice that; int4 in groups of 32 errs ten times int8 per weight (tests/test_quant.py), several tenths
-    on these logits, where few rows of 24 tokens meet no near-tie)."""
+    """On the tiny preset's shape, bfloat16, int8 and int4 weights, eager and through the compiled step, give
+    float32's greedy tokens, or first differ where float32's two best logits are closer than the lower precision
+    resolves (bfloat16 keeps 8 bits of mantissa: ~0.4% per rounding, a few hundredths on logits of this size over a
+    few layers; int8 per-channel weights twice that; int4 in groups of 32 errs ten times int8 per weight
+    (tests/test_quant.py), several tenths on these logits, where few rows of 24 tokens meet no near-tie)."""
     from sample import load
 
     model32, tokenizer = load(tiny_model_dir)
@@ -514,16 +514,17 @@ def test_quantized_follow_float32_greedy(tiny_model_dir, dtype, resolution, most
     if dtype in ("int8", "int4"):
         assert low.layers[0].mlp.up_proj.weight.dtype == (torch.int8 if dtype == "int8" else torch.uint8)
     prompts = [tokenizer.encode(t) for t in ("The quick brown fox", "你好，世界！", "23 + 45 =", "Numbers: 0 1")]
-    agree = 0
-    for prompt in prompts:
-        expected, gaps = greedy_with_gaps(model32, prompt, 24)
-        got = generate(low, [prompt], 24, temperature=0.0)[0]
-        first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
-        if first is None:
-            agree += 1
-        else:
-            assert gaps[first] < resolution, f"{dtype} left float32's greedy path at a gap of {gaps[first]:.3f}"
-    assert agree >= most_agree  # bfloat16 and int8: most prompts follow float32 all the way
+    for compile in (False, True):  # eager, and the compiled step (compiled.py) on the same weights
+        agree = 0
+        for prompt in prompts:
+            expected, gaps = greedy_with_gaps(model32, prompt, 24)
+            got = generate(low, [prompt], 24, temperature=0.0, compile=compile)[0]
+            first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+            if first is None:
+                agree += 1
+            else:
+                assert gaps[first] < resolution, f"{dtype} left float32's greedy path at a gap of {gaps[first]:.3f}"
+        assert agree >= most_agree  # bfloat16 and int8: most prompts follow float32 all the way
 
 
 @pytest.mark.parametrize("dtype,layout,resolution", [("float32", "transposed", 1e-3), ("float32", "packed", 1e-3),
