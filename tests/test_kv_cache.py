@@ -182,3 +182,35 @@ def test_compiled_decode_compiles_once_under_a_budget(shape):
         eager = generate(model, asked, new, temperature=0.0, kv_memory=memory)
         assert generate(model, asked, new, temperature=0.0, kv_memory=memory, compile=True) == eager
     assert compiled._libraries == libraries
+
+
+def test_compiled_decode_follows_a_model_changed_in_place():
+    """A library is keyed on the model's structure: the same model object with LoRA adapters added, one switched
+    off, then its other weights laid out transposed (quant.relayout) decodes each time through a library of its own
+    (never one compiled before the change), with the eager step's tokens."""
+    import compiled
+    from lora import add_adapters, adapter_layers
+    from quant import relayout
+
+    torch.manual_seed(0)
+    model = tiny("gqa")
+    asked = prompts([5, 9])
+    results = []
+
+    def both():
+        eager = generate(model, asked, 12, temperature=0.0)
+        assert generate(model, asked, 12, temperature=0.0, compile=True) == eager
+        results.append(eager)
+
+    both()
+    add_adapters(model, ["layers.0.self_attn.q_proj", "layers.1.mlp.down_proj"], rank=4, scaling=2.0)
+    for layer in adapter_layers(model):
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.5)  # adapters that change the output
+    both()
+    before = len(compiled._libraries)
+    adapter_layers(model)[1].enabled = False
+    both()
+    assert len(compiled._libraries) == before + 1
+    relayout(model, "transposed")  # the layers without an adapter
+    both()
+    assert results[0] != results[1] != results[2]  # the adapters moved the greedy tokens
