@@ -99,19 +99,19 @@ def model_tensors(model):
     return {f"model.{name}": t.detach() for name, t in named}
 
 
-def structure(model, layers):
+def structure(model, tensors, layers):
     """What a library is compiled for: the model's config, its modules with their plain settings (a LoRA layer's
     `enabled` and scaling, a layout: what the traced code branched on), its tensors, and the cache pools' shapes past
-    the slots (their count is an input), with dtypes, layouts and devices."""
+    the slots (their count is an input), with dtypes, layouts and devices. tensors: model_tensors(model)."""
     def describe(t):
         return t.dtype, t.layout, t.device, t.stride() if t.layout == torch.strided else None
 
     plain = (bool, int, float, str)
     modules = tuple((name, type(m), tuple((k, v) for k, v in vars(m).items() if isinstance(v, plain)))
                     for name, m in model.named_modules())
-    tensors = tuple((name, tuple(t.shape), *describe(t)) for name, t in model_tensors(model).items())
+    shapes = tuple((name, tuple(t.shape), *describe(t)) for name, t in tensors.items())
     pools = tuple((tuple(t.shape[1:]), *describe(t)[:3]) for layer in layers for t in layer)
-    return repr(model.config), modules, tensors, pools
+    return repr(model.config), modules, shapes, pools
 
 
 def batch_ranges(config):
@@ -152,8 +152,10 @@ class CompiledStep:
     engine, so a model whose tensors are replaced between engines is seen by the next)."""
 
     def __init__(self, model, cache_layers):
-        self.model, self.tensors = model, list(model_tensors(model).values())
-        self.structure, self.runs = structure(model, cache_layers), {}  # runs: (first, last) -> the library
+        tensors = model_tensors(model)
+        self.model, self.tensors = model, list(tensors.values())
+        self.structure = structure(model, tensors, cache_layers)
+        self.runs = {}  # (first, last) -> the library
         self.ranges = batch_ranges(model.config)
 
     def __call__(self, input_ids, cache_layers, index):

@@ -589,9 +589,11 @@ def metrics(server):
 
 
 def warm_up(engine):
-    """Decode a batch of one row, of two, then of every row: the compiled step's libraries for every batch size
-    exist before the first request (one library, or an MoE model's two)."""
-    for rows in sorted({1, min(2, engine.max_batch), engine.max_batch}):
+    """Decode a batch of each library's fewest rows that the engine holds: the compiled step's libraries exist
+    before the first request (one, or an MoE model's two: compiled.batch_ranges)."""
+    from compiled import batch_ranges
+
+    for rows in [first for first, _ in batch_ranges(engine.model.config) if first <= engine.max_batch]:
         engine.add([Sequence([0], 3) for _ in range(rows)])
         while engine.has_work():
             engine.step()
